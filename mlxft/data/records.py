@@ -1,0 +1,161 @@
+"""Rows from JSON arrays, JSONL and CSV files, each remembering where it came from.
+
+Every row carries its origin ("train.jsonl:12") so that any later complaint about it (a missing
+field, a placeholder the CSV lacks) can name the file and line.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from mlxft.errors import UserError
+
+
+@dataclass(frozen=True)
+class Record:
+    fields: dict
+    origin: str  # "path:line" for JSONL/CSV, "path[item]" for a JSON array
+
+    def __getitem__(self, key):
+        return self.fields[key]
+
+    def get(self, key, default=None):
+        return self.fields.get(key, default)
+
+
+# Each schema: the fields a row must have, and the optional ones it may have.
+# Order matters: the first whose required fields a row has wins (preference rows also have
+# a "prompt", so they are checked before prompt/completion rows).
+SCHEMAS = {
+    "preference": ({"prompt", "chosen", "rejected"}, {"system"}),
+    "opposing": ({"prompt", "support", "oppose"}, {"id"}),
+    "alpaca": ({"instruction", "output"}, {"input"}),
+    "completion": ({"prompt", "completion"}, set()),
+    "chat": ({"messages"}, {"tools"}),
+    "text": ({"text"}, set()),
+}
+
+SCHEMA_HELP = (
+    "alpaca (instruction, input?, output), completion (prompt, completion), chat (messages), "
+    "text (text), preference (prompt, chosen, rejected), opposing (prompt, support, oppose)"
+)
+
+
+def load_records(path: str | Path) -> list[Record]:
+    """Read every row of a .json (array), .jsonl or .csv file; raise UserError naming file:line."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"{path}: no such file")
+    if path.is_dir():
+        raise UserError(f"{path}: is a folder; name a .json, .jsonl or .csv file")
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        records = _read_jsonl(path)
+    elif suffix == ".json":
+        records = _read_json(path)
+    elif suffix == ".csv":
+        records = _read_csv(path)
+    else:
+        raise UserError(f"{path}: unknown file type '{suffix}'; use .json, .jsonl or .csv")
+    if not records:
+        raise UserError(f"{path}: no rows")
+    return records
+
+
+def _read_jsonl(path: Path) -> list[Record]:
+    records = []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UserError(f"{path}:{number}: not valid JSON ({e.msg})") from None
+            if not isinstance(row, dict):
+                raise UserError(f"{path}:{number}: expected a JSON object, got {type(row).__name__}")
+            records.append(Record(row, f"{path}:{number}"))
+    return records
+
+
+def _read_json(path: Path) -> list[Record]:
+    text = path.read_text(encoding="utf-8")
+    if not text.strip():
+        return []
+    try:
+        rows = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+    if isinstance(rows, dict) and len(rows) == 1 and isinstance(next(iter(rows.values())), list):
+        rows = next(iter(rows.values()))  # {"train": [...]} style files
+    if not isinstance(rows, list):
+        raise UserError(f"{path}: expected a JSON array of objects (or use .jsonl)")
+    records = []
+    for i, row in enumerate(rows):
+        if not isinstance(row, dict):
+            raise UserError(f"{path}[{i}]: expected a JSON object, got {type(row).__name__}")
+        records.append(Record(row, f"{path}[{i}]"))
+    return records
+
+
+def _read_csv(path: Path) -> list[Record]:
+    records = []
+    with open(path, encoding="utf-8", newline="") as f:
+        reader = csv.DictReader(f)
+        if reader.fieldnames is None:
+            return []
+        if len(set(reader.fieldnames)) != len(reader.fieldnames):
+            raise UserError(f"{path}:1: repeated column names in the header")
+        for row in reader:
+            if None in row:  # more cells than header columns
+                raise UserError(
+                    f"{path}:{reader.line_num}: {len(reader.fieldnames) + len(row[None])} cells "
+                    f"but the header has {len(reader.fieldnames)} columns"
+                )
+            records.append(Record(dict(row), f"{path}:{reader.line_num}"))
+    return records
+
+
+def detect_schema(records: list[Record]) -> str:
+    """Name the schema of the rows from the first one, then check that every row fits it."""
+    first = records[0]
+    keys = set(first.fields)
+    schema = next((name for name, (required, _) in SCHEMAS.items() if required <= keys), None)
+    if schema is None:
+        raise UserError(
+            f"{first.origin}: unknown row schema with fields {sorted(keys)}; expected one of: "
+            f"{SCHEMA_HELP}, or give a prompt format string for CSV-like rows"
+        )
+    for record in records:
+        check_fields(record, schema)
+    return schema
+
+
+def check_fields(record: Record, schema: str) -> None:
+    required, _ = SCHEMAS[schema]
+    missing = sorted(required - set(record.fields))
+    if missing:
+        raise UserError(
+            f"{record.origin}: missing field {', '.join(repr(m) for m in missing)} "
+            f"({schema} rows need {', '.join(sorted(required))})"
+        )
+    if schema == "chat":
+        _check_messages(record)
+        return
+    for name in required:
+        if not isinstance(record.fields[name], str):
+            raise UserError(f"{record.origin}: field '{name}' must be a string")
+
+
+def _check_messages(record: Record) -> None:
+    messages = record.fields["messages"]
+    if not isinstance(messages, list) or not messages:
+        raise UserError(f"{record.origin}: 'messages' must be a non-empty list")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or "role" not in m or "content" not in m:
+            raise UserError(f"{record.origin}: messages[{i}] needs 'role' and 'content'")
+    if messages[-1]["role"] != "assistant":
+        raise UserError(f"{record.origin}: the last message must be the assistant's answer")
