@@ -1,0 +1,119 @@
+"""The built-in model: what every command uses when no --model is named, so mlxft runs offline.
+
+Its tokenizer is a sentencepiece BPE model trained on the bundled samples and the prompt
+templates, saved as a Hugging Face `LlamaTokenizer` folder (tokenizer.model +
+tokenizer_config.json + tokenizer.json), so transformers and mlx-lm load it like any model's.
+It is built on first use into the cache folder (MLXFT_HOME, default ~/.cache/mlxft), from a
+fixed seed and single-threaded training, so every machine builds the same files. The folder
+name carries a hash of everything it is built from: editing a sample builds a new one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from mlxft.resources import bundled
+
+BUILTIN_VERSION = "1"
+VOCAB_SIZE = 2048
+# Plain text files under data/ whose every line feeds the tokenizer (and, later, pre-training).
+CORPUS_FILES = ("data/mind-sample/news.tsv", "data/alpaca-sample.json", "data/products.csv",
+                "data/preference-sample.jsonl", "data/opposing-sample.json")
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|' + message['role'] + '|>\n' + message['content'] + '<|end|>\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
+)
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("MLXFT_HOME", Path.home() / ".cache" / "mlxft")).expanduser()
+
+
+def corpus_lines() -> list[str]:
+    """Every text the built-in tokenizer should cover: the templates and the bundled samples."""
+    from mlxft.data.sources.mind import INSTRUCTION as MIND_INSTRUCTION
+    from mlxft.data.templates import ALPACA_NO_INPUT, ALPACA_WITH_INPUT, PHI3_WITH_INPUT
+
+    lines = [ALPACA_WITH_INPUT, ALPACA_NO_INPUT, PHI3_WITH_INPUT, MIND_INSTRUCTION,
+             "User Preference: User Unpreference: Whether the user will like the target news Yes. No."]
+    for name in CORPUS_FILES:
+        lines += bundled(name).read_text(encoding="utf-8").splitlines()
+    return [line for line in lines if line.strip()]
+
+
+def builtin_dir() -> Path:
+    digest = hashlib.sha256(BUILTIN_VERSION.encode())
+    for line in corpus_lines():
+        digest.update(line.encode())
+    return cache_root() / f"builtin-{digest.hexdigest()[:12]}"
+
+
+def ensure_builtin() -> Path:
+    """The built-in model folder, built first if it is not in the cache yet."""
+    target = builtin_dir()
+    if (target / "tokenizer_config.json").exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Build in a temporary sibling and rename: a killed build never leaves half a model,
+    # and two processes building at once both end with a complete folder.
+    staging = Path(tempfile.mkdtemp(prefix=".building-", dir=target.parent))
+    try:
+        write_tokenizer(staging, corpus_lines())
+        try:
+            staging.rename(target)
+        except OSError:
+            if not (target / "tokenizer_config.json").exists():
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def write_tokenizer(folder: Path, lines: list[str]) -> None:
+    import sentencepiece as spm
+
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines),
+        model_writer=model,
+        vocab_size=VOCAB_SIZE,
+        model_type="bpe",
+        byte_fallback=True,  # any text encodes; nothing becomes <unk>
+        split_digits=True,
+        character_coverage=1.0,
+        hard_vocab_limit=False,
+        num_threads=1,  # deterministic
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=-1,
+        minloglevel=2,
+    )
+    (folder / "tokenizer.model").write_bytes(model.getvalue())
+    config = {
+        "tokenizer_class": "LlamaTokenizer",
+        "bos_token": "<s>",
+        "eos_token": "</s>",
+        "unk_token": "<unk>",
+        "add_bos_token": True,
+        "add_eos_token": False,
+        "legacy": False,
+        "model_max_length": 2048,
+        "chat_template": CHAT_TEMPLATE,
+    }
+    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+    # Round-trip through transformers so tokenizer.json exists too: mlx-lm and the Rust
+    # tokenizers library read that file, and it makes loading fast.
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    tokenizer.save_pretrained(str(folder))
+    (folder / "tokenizer.model").write_bytes(model.getvalue())

@@ -1,0 +1,196 @@
+"""Prompt templates: a row becomes a prompt (not scored by default) and a completion (scored).
+
+Templates by name:
+  alpaca   the alpaca-lora texts, with and without input (exact strings below)
+  phi3     "<|user|>\n{instruction}\n{input}\n<|assistant|>\n"
+  chat     the tokenizer's own chat template (rows become user/assistant messages)
+  plain    the prompt exactly as the row gives it (prompt/completion and text rows)
+  any string with {field} placeholders: a format string over the row's fields, e.g.
+           "Generate a product description for the following item:\nFeatures: {features}\n\nDescription:"
+  auto     alpaca for Alpaca rows, chat for messages, plain for the rest
+"""
+
+from __future__ import annotations
+
+import string
+from dataclasses import dataclass
+
+from mlxft.data.records import Record
+from mlxft.errors import UserError
+
+ALPACA_WITH_INPUT = (
+    "Below is an instruction that describes a task, paired with an input that provides further "
+    "context. Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+)
+ALPACA_NO_INPUT = (
+    "Below is an instruction that describes a task. Write a response that appropriately "
+    "completes the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n"
+)
+PHI3_WITH_INPUT = "<|user|>\n{instruction}\n{input}\n<|assistant|>\n"
+PHI3_NO_INPUT = "<|user|>\n{instruction}\n<|assistant|>\n"
+
+NAMED_TEMPLATES = ("auto", "alpaca", "phi3", "chat", "plain")
+
+# Where the answer lives for each schema when a format string is used without naming it.
+DEFAULT_COMPLETION_FIELD = {"alpaca": "output", "completion": "completion"}
+
+
+@dataclass(frozen=True)
+class Prompted:
+    prompt: str  # context the model reads; scored only with train_on_inputs
+    completion: str  # the answer the model learns to write
+
+
+@dataclass(frozen=True)
+class PreferencePrompted:
+    prompt: str
+    chosen: str
+    rejected: str
+
+
+def is_format_string(template: str) -> bool:
+    return template not in NAMED_TEMPLATES
+
+
+def format_fields(template: str) -> list[str]:
+    """The {field} names a format string uses, in order; a malformed one is a UserError."""
+    try:
+        parsed = list(string.Formatter().parse(template))
+    except ValueError as e:
+        raise UserError(f"prompt format string {template!r} is malformed ({e})") from None
+    fields = [name for _, name, _, _ in parsed if name is not None]
+    if not fields:
+        raise UserError(
+            f"unknown template {template!r}: use one of {', '.join(NAMED_TEMPLATES)} "
+            "or a format string with {field} placeholders"
+        )
+    if any(name == "" or not name.isidentifier() for name in fields):
+        raise UserError(f"prompt format string {template!r}: placeholders must be named, like {{features}}")
+    return fields
+
+
+def resolve_template(template: str, schema: str | None) -> str:
+    """Pick the concrete template for 'auto' and check that it fits the schema."""
+    if template == "auto":
+        return {"alpaca": "alpaca", "chat": "chat"}.get(schema or "", "plain")
+    if is_format_string(template):
+        format_fields(template)
+        return template
+    if schema == "chat" and template != "chat":
+        raise UserError(f"chat (messages) rows need the chat template, not {template!r}")
+    if template in ("alpaca", "phi3") and schema not in ("alpaca", None):
+        raise UserError(f"the {template} template needs Alpaca rows (instruction, input, output), got {schema} rows")
+    return template
+
+
+def check_format_columns(template: str, record: Record, completion_field: str | None) -> None:
+    """Fail once, up front, naming the first row, when a column the format string uses is absent."""
+    needed = format_fields(template) + ([completion_field] if completion_field else [])
+    missing = [name for name in needed if name not in record.fields]
+    if missing:
+        raise UserError(
+            f"{record.origin}: no column {', '.join(repr(m) for m in missing)} "
+            f"(the prompt format uses it; columns: {', '.join(record.fields)})"
+        )
+
+
+def render(
+    record: Record,
+    schema: str | None,
+    template: str,
+    tokenizer=None,
+    *,
+    completion_field: str | None = None,
+    system_prompt: str | None = None,
+) -> Prompted:
+    """One row -> (prompt, completion) under a resolved template (see resolve_template)."""
+    fields = record.fields
+    if is_format_string(template):
+        field = completion_field or DEFAULT_COMPLETION_FIELD.get(schema or "")
+        if field is None:
+            raise UserError("a prompt format string needs the answer's column: set completion_field")
+        try:
+            prompt = template.format(**{k: _text(v) for k, v in fields.items()})
+        except KeyError as e:
+            raise UserError(f"{record.origin}: no field {e.args[0]!r} for the prompt format") from None
+        if field not in fields:
+            raise UserError(f"{record.origin}: no field {field!r} for the answer")
+        return Prompted(prompt, _text(fields[field]))
+    if template == "alpaca":
+        return Prompted(alpaca_prompt(fields["instruction"], fields.get("input", "")), fields["output"])
+    if template == "phi3":
+        return Prompted(phi3_prompt(fields["instruction"], fields.get("input", "")), fields["output"])
+    if template == "chat":
+        return _render_chat(record, schema, tokenizer, system_prompt)
+    # plain
+    if schema == "text":
+        return Prompted("", fields["text"])
+    if schema == "completion":
+        return Prompted(fields["prompt"], fields["completion"])
+    raise UserError(f"{record.origin}: the plain template takes prompt/completion or text rows, not {schema} rows")
+
+
+def alpaca_prompt(instruction: str, input: str = "") -> str:
+    if input:
+        return ALPACA_WITH_INPUT.format(instruction=instruction, input=input)
+    return ALPACA_NO_INPUT.format(instruction=instruction)
+
+
+def phi3_prompt(instruction: str, input: str = "") -> str:
+    if input:
+        return PHI3_WITH_INPUT.format(instruction=instruction, input=input)
+    return PHI3_NO_INPUT.format(instruction=instruction)
+
+
+def _user_message(fields: dict, schema: str | None) -> str:
+    if schema == "alpaca":
+        extra = fields.get("input", "")
+        return fields["instruction"] + (f"\n\n{extra}" if extra else "")
+    return fields["prompt"]
+
+
+def _render_chat(record: Record, schema, tokenizer, system_prompt) -> Prompted:
+    if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+        raise UserError("this tokenizer has no chat template; use --template alpaca, phi3, plain or a format string")
+    if schema == "chat":
+        messages = list(record.fields["messages"])
+        answer = messages.pop()
+    else:
+        answer_field = {"alpaca": "output", "completion": "completion"}.get(schema or "")
+        if answer_field is None:
+            raise UserError(f"{record.origin}: the chat template cannot render {schema} rows")
+        messages = [{"role": "user", "content": _user_message(record.fields, schema)}]
+        answer = {"role": "assistant", "content": record.fields[answer_field]}
+    if system_prompt and messages[0]["role"] != "system":
+        messages.insert(0, {"role": "system", "content": system_prompt})
+    prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    full = tokenizer.apply_chat_template(messages + [answer], tokenize=False)
+    if not full.startswith(prompt):
+        raise UserError(f"{record.origin}: the chat template renders the history differently with the answer; cannot mask the prompt")
+    return Prompted(prompt, full[len(prompt) :])
+
+
+def render_preference(record: Record, template: str, tokenizer=None, *, system_prompt=None) -> PreferencePrompted:
+    """A {prompt, chosen, rejected} row -> texts; the prompt is wrapped by the template."""
+    fields = record.fields
+    system_prompt = fields.get("system") or system_prompt
+    if template == "chat":
+        as_chat = Record({"prompt": fields["prompt"], "completion": fields["chosen"]}, record.origin)
+        chosen = _render_chat(as_chat, "completion", tokenizer, system_prompt)
+        as_chat = Record({"prompt": fields["prompt"], "completion": fields["rejected"]}, record.origin)
+        rejected = _render_chat(as_chat, "completion", tokenizer, system_prompt)
+        return PreferencePrompted(chosen.prompt, chosen.completion, rejected.completion)
+    if template == "alpaca":
+        prompt = alpaca_prompt(fields["prompt"])
+    elif template == "phi3":
+        prompt = phi3_prompt(fields["prompt"])
+    elif template in ("plain", "auto"):
+        prompt = fields["prompt"]
+    else:
+        prompt = template.format(**{k: _text(v) for k, v in fields.items()})
+    return PreferencePrompted(prompt, fields["chosen"], fields["rejected"])
+
+
+def _text(value) -> str:
+    return "" if value is None else str(value)

@@ -1,0 +1,61 @@
+"""Model folders and tokenizers: the built-in model, a local Hugging Face folder, or a hub id.
+
+Both backends load from the folder this returns, so they see the same files and the same
+tokenizer ids. Nothing here runs code from a model repository unless trust_remote_code is set.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from mlxft.errors import UserError
+
+BUILTIN = "builtin"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
+HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
+
+
+def resolve_model_dir(name: str) -> Path:
+    """'builtin', a local folder, or a hub id (downloaded or taken from the hub cache)."""
+    if name == BUILTIN:
+        from mlxft.builtin import ensure_builtin
+
+        return ensure_builtin()
+    path = Path(name).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise UserError(f"model {name}: is a file; name the folder that holds config.json and the weights")
+        return path
+    if name.startswith((".", "/", "~")) or name.count("/") != 1:
+        raise UserError(f"model {name}: no such folder, and not a hub id of the form owner/name")
+    return _download(name)
+
+
+def _download(repo_id: str) -> Path:
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=HUB_PATTERNS))
+    except Exception as e:  # network, auth, missing repo: all mean "cannot get this model"
+        raise UserError(f"model {repo_id}: could not get it from the Hugging Face hub ({type(e).__name__}: {e})".splitlines()[0]) from None
+
+
+def load_tokenizer(name_or_dir: str | Path, *, trust_remote_code: bool = False):
+    """A transformers tokenizer for a model name or folder; a clear error when there is none."""
+    folder = resolve_model_dir(str(name_or_dir))
+    if not any((folder / f).exists() for f in TOKENIZER_FILES):
+        raise UserError(f"model folder {folder} has no tokenizer (none of {', '.join(TOKENIZER_FILES)})")
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
+    except ValueError as e:  # e.g. a tokenizer class that needs remote code
+        raise UserError(f"model folder {folder}: cannot load its tokenizer ({e})".splitlines()[0]) from None
+
+
+def pad_id(tokenizer) -> int:
+    """Padding carries no loss, so any id works; prefer the tokenizer's own pad, then EOS."""
+    for candidate in (getattr(tokenizer, "pad_token_id", None), tokenizer.eos_token_id):
+        if candidate is not None:
+            return int(candidate)
+    return 0

@@ -1,0 +1,55 @@
+"""Shared test fixtures. Everything here is offline and small."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+
+class CharTokenizer:
+    """A character-level tokenizer with the Hugging Face methods the data layer uses.
+
+    One character is one token (id = code point + 3), so a prompt of n characters is exactly
+    n tokens after BOS and masks can be written out literally in tests.
+    """
+
+    pad_token_id = 0
+    bos_token_id = 1
+    eos_token_id = 2
+    bos_token = "<s>"
+    eos_token = "</s>"
+    chat_template = "<|role|>\\ncontent<|end|>\\n"  # marker only; rendering below
+
+    def encode(self, text, add_special_tokens=True):
+        ids = [ord(c) + 3 for c in text]
+        if add_special_tokens:
+            ids = [self.bos_token_id] + ids
+        return ids
+
+    def decode(self, ids):
+        specials = {0: "<pad>", 1: "<s>", 2: "</s>"}
+        return "".join(specials.get(i, chr(i - 3) if i > 2 else "") for i in ids)
+
+    def convert_ids_to_tokens(self, ids):
+        return [self.decode([i]) for i in ids]
+
+    def apply_chat_template(self, messages, tokenize=False, add_generation_prompt=False):
+        text = "".join(f"<|{m['role']}|>\n{m['content']}<|end|>\n" for m in messages)
+        return text + ("<|assistant|>\n" if add_generation_prompt else "")
+
+
+@pytest.fixture
+def char_tokenizer():
+    return CharTokenizer()
+
+
+@pytest.fixture(scope="session")
+def builtin_tokenizer(tmp_path_factory):
+    """The real built-in tokenizer, built once per test session into a temporary cache."""
+    os.environ["MLXFT_HOME"] = str(tmp_path_factory.mktemp("mlxft-home"))
+    from mlxft.model_files import load_tokenizer
+
+    return load_tokenizer("builtin")

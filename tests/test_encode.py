@@ -1,0 +1,148 @@
+"""Masks written out literally: a shifted prompt/answer boundary or a scored pad fails here."""
+
+import pytest
+
+from mlxft.data.batching import collate
+from mlxft.data.encode import answer_token_ids, encode_prompted, encode_records, encode_preference
+from mlxft.data.records import Record
+from mlxft.data.templates import (ALPACA_NO_INPUT, ALPACA_WITH_INPUT, PreferencePrompted, Prompted, render,
+                                  resolve_template)
+from mlxft.errors import UserError
+
+BOS, EOS = 1, 2
+
+
+def chars(text):
+    return [ord(c) + 3 for c in text]
+
+
+def test_format_string_example_literal(char_tokenizer):
+    record = Record({"q": "hi", "a": "ok"}, "t.csv:2")
+    prompted = render(record, None, "Q:{q}\nA:", completion_field="a")
+    assert prompted == Prompted("Q:hi\nA:", "ok")
+    example, truncated = encode_prompted(prompted, char_tokenizer)
+    assert example.input_ids == [BOS] + chars("Q:hi\nA:") + chars("ok") + [EOS]
+    assert example.loss_mask == [0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1]
+    assert not truncated
+
+
+def test_train_on_inputs_scores_everything_but_the_first_token(char_tokenizer):
+    example, _ = encode_prompted(Prompted("ab", "c"), char_tokenizer, train_on_inputs=True)
+    assert example.input_ids == [BOS] + chars("abc") + [EOS]
+    assert example.loss_mask == [0, 1, 1, 1, 1]
+
+
+def test_alpaca_texts_are_the_alpaca_lora_ones():
+    with_input = render(Record({"instruction": "Add.", "input": "2 3", "output": "5"}, "x"), "alpaca", "alpaca")
+    assert with_input.prompt == (
+        "Below is an instruction that describes a task, paired with an input that provides further context. "
+        "Write a response that appropriately completes the request.\n\n### Instruction:\nAdd.\n\n### Input:\n2 3"
+        "\n\n### Response:\n"
+    )
+    no_input = render(Record({"instruction": "Greet.", "input": "", "output": "Hi"}, "x"), "alpaca", "alpaca")
+    assert no_input.prompt == (
+        "Below is an instruction that describes a task. Write a response that appropriately completes the "
+        "request.\n\n### Instruction:\nGreet.\n\n### Response:\n"
+    )
+    assert no_input.completion == "Hi"
+
+
+def test_alpaca_mask_literal(char_tokenizer):
+    record = Record({"instruction": "Is it?", "input": "", "output": "Yes."}, "x")
+    example, _ = encode_prompted(render(record, "alpaca", "alpaca"), char_tokenizer)
+    n_prompt = 1 + len(ALPACA_NO_INPUT.format(instruction="Is it?"))
+    assert n_prompt == 147
+    assert example.loss_mask == [0] * 147 + [1, 1, 1, 1, 1]
+    assert example.input_ids[147:] == chars("Yes.") + [EOS]
+
+
+def test_phi3_mask_literal(char_tokenizer):
+    record = Record({"instruction": "Hi", "input": "x", "output": "Yo"}, "x")
+    prompted = render(record, "alpaca", "phi3")
+    assert prompted.prompt == "<|user|>\nHi\nx\n<|assistant|>\n"
+    example, _ = encode_prompted(prompted, char_tokenizer)
+    assert example.loss_mask == [0] * 29 + [1, 1, 1]
+
+
+def test_chat_template_masks_all_but_the_last_answer(char_tokenizer):
+    messages = [
+        {"role": "user", "content": "a"},
+        {"role": "assistant", "content": "b"},
+        {"role": "user", "content": "c"},
+        {"role": "assistant", "content": "d"},
+    ]
+    prompted = render(Record({"messages": messages}, "x"), "chat", "chat", char_tokenizer)
+    assert prompted.completion == "d<|end|>\n"
+    example, _ = encode_prompted(prompted, char_tokenizer)
+    assert sum(example.loss_mask) == len("d<|end|>\n") + 1  # + EOS
+    assert example.loss_mask[-10:] == [1] * 10 and example.loss_mask[-11] == 0
+
+
+def test_chat_template_with_system_prompt(char_tokenizer):
+    record = Record({"prompt": "q", "completion": "a"}, "x")
+    prompted = render(record, "completion", "chat", char_tokenizer, system_prompt="Be brief.")
+    assert prompted.prompt == "<|system|>\nBe brief.<|end|>\n<|user|>\nq<|end|>\n<|assistant|>\n"
+
+
+def test_chat_needs_a_template():
+    class NoTemplate:
+        chat_template = None
+
+    with pytest.raises(UserError, match="no chat template"):
+        render(Record({"prompt": "q", "completion": "a"}, "x"), "completion", "chat", NoTemplate())
+
+
+def test_truncation_keeps_the_start_and_is_reported(char_tokenizer):
+    rows = [
+        Record({"prompt": "abcdef", "completion": "gh"}, "f:1"),  # 1 + 6 + 2 + 1 = 10 tokens
+        Record({"prompt": "abcdefghijkl", "completion": "m"}, "f:2"),  # answer entirely cut away
+        Record({"prompt": "a", "completion": "b"}, "f:3"),
+    ]
+    examples, report = encode_records(rows, "completion", "plain", char_tokenizer, cutoff=8)
+    assert report.truncated == 2 and report.dropped == 1 and report.kept == 2
+    assert examples[0].input_ids == [BOS] + chars("abcdefg")
+    assert examples[0].loss_mask == [0, 0, 0, 0, 0, 0, 0, 1]
+    assert "1 dropped" in report.summary()
+
+
+def test_no_usable_rows_is_an_error(char_tokenizer):
+    rows = [Record({"prompt": "abcdefgh", "completion": "x"}, "f:1")]
+    with pytest.raises(UserError, match="no usable rows"):
+        encode_records(rows, "completion", "plain", char_tokenizer, cutoff=4)
+
+
+def test_padding_never_carries_loss(char_tokenizer):
+    a, _ = encode_prompted(Prompted("ab", "c"), char_tokenizer)
+    b, _ = encode_prompted(Prompted("abcdef", "gh"), char_tokenizer)
+    batch = collate([a, b], pad_id=0)
+    assert batch.input_ids.tolist()[0] == [BOS] + chars("abc") + [EOS, 0, 0, 0, 0, 0]
+    assert batch.loss_mask.tolist() == [[0, 0, 0, 1, 1, 0, 0, 0, 0, 0], [0, 0, 0, 0, 0, 0, 0, 1, 1, 1]]
+    assert batch.lengths.tolist() == [5, 10]
+    assert batch.tokens == 15 and batch.supervised_tokens == 5
+    assert batch.padding_fraction == pytest.approx(0.25)
+
+
+def test_format_string_resolution_errors():
+    with pytest.raises(UserError, match="unknown template 'alpacca'"):
+        resolve_template("alpacca", "alpaca")
+    with pytest.raises(UserError, match="placeholders must be named"):
+        resolve_template("Q: {}", None)
+    with pytest.raises(UserError, match="need the chat template"):
+        resolve_template("alpaca", "chat")
+
+
+def test_answer_token_ids_come_from_the_tokenizer(char_tokenizer):
+    assert answer_token_ids(char_tokenizer, ["Yes.", "No."]) == [ord("Y") + 3, ord("N") + 3]
+    with pytest.raises(UserError, match="start with the same token"):
+        answer_token_ids(char_tokenizer, ["Yes", "Yeah"])
+
+
+def test_preference_truncation(char_tokenizer):
+    prompted = PreferencePrompted("abcdef", "xyz", "uv")
+    example, truncated = encode_preference(prompted, char_tokenizer, max_prompt_length=4, max_length=6)
+    assert example.prompt_ids == chars("cdef")  # keep_end drops BOS and the start
+    assert example.chosen_ids == chars("xy") and example.rejected_ids == chars("uv")
+    assert truncated
+    example, truncated = encode_preference(PreferencePrompted("ab", "x", "y"), char_tokenizer)
+    assert example.prompt_ids == [BOS] + chars("ab") and example.chosen_ids == chars("x") + [EOS]
+    assert not truncated
