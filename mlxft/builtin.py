@@ -23,6 +23,7 @@ from mlxft.resources import bundled
 BUILTIN_VERSION = "1"
 VOCAB_SIZE = 2048
 # Plain text files under data/ whose every line feeds the tokenizer (and, later, pre-training).
+MIND_SAMPLE = "data/mind-sample"
 CORPUS_FILES = ("data/mind-sample/news.tsv", "data/alpaca-sample.json", "data/products.csv",
                 "data/preference-sample.jsonl", "data/opposing-sample.json")
 CHAT_TEMPLATE = (
@@ -38,21 +39,25 @@ def cache_root() -> Path:
 
 
 def corpus_lines() -> list[str]:
-    """Every text the built-in tokenizer should cover: the templates and the bundled samples."""
-    from mlxft.data.sources.mind import INSTRUCTION as MIND_INSTRUCTION
-    from mlxft.data.templates import ALPACA_NO_INPUT, ALPACA_WITH_INPUT, PHI3_WITH_INPUT
+    """Every text the built-in tokenizer should cover: the templates, the bundled samples, and
+    the bundled MIND sample rendered as TALLRec prompts (so "Yes" and "No" are whole pieces)."""
+    from mlxft.data.sources.mind import iter_tallrec_rows
+    from mlxft.data.templates import ALPACA_NO_INPUT, ALPACA_WITH_INPUT, PHI3_WITH_INPUT, alpaca_prompt
 
-    lines = [ALPACA_WITH_INPUT, ALPACA_NO_INPUT, PHI3_WITH_INPUT, MIND_INSTRUCTION,
-             "User Preference: User Unpreference: Whether the user will like the target news Yes. No."]
+    lines = [ALPACA_WITH_INPUT, ALPACA_NO_INPUT, PHI3_WITH_INPUT]
     for name in CORPUS_FILES:
         lines += bundled(name).read_text(encoding="utf-8").splitlines()
+    for row in iter_tallrec_rows(bundled(MIND_SAMPLE)):
+        lines.append(alpaca_prompt(row["instruction"], row["input"]) + row["output"])
     return [line for line in lines if line.strip()]
 
 
 def builtin_dir() -> Path:
+    """The cache folder, named by a hash of the files the model is built from."""
     digest = hashlib.sha256(BUILTIN_VERSION.encode())
-    for line in corpus_lines():
-        digest.update(line.encode())
+    for name in CORPUS_FILES + (f"{MIND_SAMPLE}/behaviors.tsv", "mlxft/builtin.py"):
+        path = bundled(name) if not name.startswith("mlxft/") else Path(__file__)
+        digest.update(path.read_bytes())
     return cache_root() / f"builtin-{digest.hexdigest()[:12]}"
 
 

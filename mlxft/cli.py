@@ -68,7 +68,7 @@ def convert_mind_command(mind_dir, out_dir, max_history, use_history, min_impres
 
     stats = convert_mind(mind_dir, out_dir, fractions=parse_fractions(fractions), seed=seed,
                          max_history=max_history, use_history=use_history, min_impressions=min_impressions)
-    click.echo(stats.summary() if hasattr(stats, "summary") else str(stats))
+    click.echo(stats.summary())
     click.echo(f"wrote {out_dir}/train.jsonl, valid.jsonl, test.jsonl")
 
 
@@ -78,13 +78,13 @@ def convert_mind_command(mind_dir, out_dir, max_history, use_history, min_impres
 @click.option("--support-ratio", type=click.FloatRange(0, 1), required=True,
               help="The first ratio x N rows prefer the supporting answer, the rest the opposing one.")
 @click.option("--max-rows", type=click.IntRange(min=1), default=None, help="Use only the first N rows.")
-@click.option("--prompt-field", default="prompt", show_default=True)
-@click.option("--support-field", default="support", show_default=True)
-@click.option("--oppose-field", default="oppose", show_default=True)
+@click.option("--prompt-field", default="prompt", show_default=True, help="Column holding the prompt.")
+@click.option("--support-field", default="support", show_default=True, help="Column holding the supporting answer.")
+@click.option("--oppose-field", default="oppose", show_default=True, help="Column holding the opposing answer.")
 def convert_pairs_command(file, out_file, support_ratio, max_rows, prompt_field, support_field, oppose_field):
     """Rows with two opposing answers -> DPO preference pairs (prompt, chosen, rejected)."""
-    from mlxft.data.records import load_records
-    from mlxft.data.sources.pairs import opposing_to_preference, write_jsonl
+    from mlxft.data.records import load_records, write_jsonl
+    from mlxft.data.sources.pairs import opposing_to_preference
 
     rows = opposing_to_preference(load_records(file), support_ratio, max_rows, prompt_field=prompt_field,
                                   support_field=support_field, oppose_field=oppose_field)
@@ -96,12 +96,11 @@ def convert_pairs_command(file, out_file, support_ratio, max_rows, prompt_field,
 @click.argument("file", type=click.Path(path_type=Path))
 @click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path), help="Folder for train/valid/test.jsonl.")
 @click.option("--split", "fractions", default="0.85,0.10,0.05", show_default=True, help="Train, validation and test fractions.")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the split and of the K-shot draw.")
 @click.option("--k-shot", type=click.IntRange(min=1), default=None, help="Keep only K training rows, sampled with the seed.")
 def split_command(file, out_dir, fractions, seed, k_shot):
     """Split a JSON/JSONL/CSV file into seeded train / validation / test JSONL files."""
-    from mlxft.data.records import load_records
-    from mlxft.data.sources.pairs import write_jsonl
+    from mlxft.data.records import load_records, write_jsonl
     from mlxft.data.splits import parse_fractions, sample_k_shot, split_items
 
     rows = [r.fields for r in load_records(file)]
@@ -131,11 +130,13 @@ def inspect_command(file, tokenizer_name, template, completion_field, cutoff, tr
     FILE is a .json/.jsonl/.csv file, or a MIND folder (converted on the fly).
     """
     from mlxft.data.inspect import format_inspection, inspect_records
+    from mlxft.data.templates import schema_and_template
     from mlxft.model_files import load_tokenizer
 
     records = _load_any(file)
+    schema, template = schema_and_template(records, template, completion_field)  # fail before loading
     tokenizer = load_tokenizer(tokenizer_name, trust_remote_code=trust_remote_code)
-    info = inspect_records(records, tokenizer, source=str(file), template=template,
+    info = inspect_records(records, tokenizer, source=str(file), schema=schema, template=template,
                            completion_field=completion_field, cutoff=cutoff, train_on_inputs=train_on_inputs)
     click.echo(json.dumps(info.to_dict(), indent=2) if as_json else format_inspection(info))
 

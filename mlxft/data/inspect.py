@@ -8,9 +8,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from mlxft.data.encode import encode_preference_records, encode_prompted, encode_records
-from mlxft.data.records import Record, detect_schema
-from mlxft.data.templates import check_format_columns, is_format_string, render, resolve_template
+from mlxft.data.encode import encode_preference_records, encode_records
+from mlxft.data.records import Record
+from mlxft.data.templates import render
 
 MAX_LABELS = 10  # more distinct answers than this is free text, not labels
 
@@ -48,19 +48,15 @@ def inspect_records(
     tokenizer,
     *,
     source: str,
-    template: str = "auto",
+    schema: str | None,
+    template: str,
     completion_field: str | None = None,
     cutoff: int | None = None,
     train_on_inputs: bool = False,
 ) -> Inspection:
-    if is_format_string(template):
-        check_format_columns(template, records[0], completion_field)
-        schema = _schema_or_none(records)
-    else:
-        schema = detect_schema(records)
+    """Describe rows whose schema and template were resolved by schema_and_template."""
     if schema == "opposing":
         return Inspection(source, schema, "-", len(records))
-    template = resolve_template(template, schema)
     if schema == "preference":
         return _inspect_preference(records, tokenizer, source, template, cutoff)
 
@@ -68,8 +64,7 @@ def inspect_records(
                                       train_on_inputs=train_on_inputs, completion_field=completion_field)
     completions = Counter(render(r, schema, template, tokenizer, completion_field=completion_field).completion
                           for r in records)
-    prompted = render(records[0], schema, template, tokenizer, completion_field=completion_field)
-    example, _ = encode_prompted(prompted, tokenizer, cutoff=cutoff, train_on_inputs=train_on_inputs)
+    example = examples[0]
     return Inspection(
         source, schema or "columns", template, len(records),
         lengths=describe_lengths(report.lengths),
@@ -77,15 +72,8 @@ def inspect_records(
         truncated=report.truncated,
         cutoff=cutoff,
         labels=dict(completions.most_common()) if len(completions) <= MAX_LABELS else None,
-        example=_show_example(records[0].origin, example.input_ids, example.loss_mask, tokenizer),
+        example=_show_example(example.origin, example.input_ids, example.loss_mask, tokenizer),
     )
-
-
-def _schema_or_none(records):
-    try:
-        return detect_schema(records)
-    except Exception:
-        return None  # CSV columns under a format string need no known schema
 
 
 def _inspect_preference(records, tokenizer, source, template, cutoff) -> Inspection:
@@ -134,7 +122,7 @@ def format_inspection(info: Inspection) -> str:
     lines.append(f"tokens per row:         {stats(info.lengths)}")
     lines.append(f"scored tokens per row:  {stats(info.supervised)}")
     if info.cutoff:
-        lines.append(f"over the cutoff ({info.cutoff}): {info.truncated} rows (truncated)")
+        lines.append(f"rows over the cutoff of {info.cutoff} tokens (truncated): {info.truncated}")
     if info.labels:
         total = sum(info.labels.values())
         balance = ", ".join(f"{k!r} {v} ({100 * v / total:.1f}%)" for k, v in info.labels.items())

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -159,3 +161,20 @@ def _check_messages(record: Record) -> None:
             raise UserError(f"{record.origin}: messages[{i}] needs 'role' and 'content'")
     if messages[-1]["role"] != "assistant":
         raise UserError(f"{record.origin}: the last message must be the assistant's answer")
+
+
+def write_jsonl(rows: list[dict], path: str | Path) -> None:
+    """Write rows as JSONL under a temporary name, then rename: never a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(
+        "w", encoding="utf-8", dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False
+    ) as f:
+        try:
+            for row in rows:
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        except BaseException:
+            f.close()
+            Path(f.name).unlink(missing_ok=True)
+            raise
+    os.replace(f.name, path)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import string
 from dataclasses import dataclass
 
-from mlxft.data.records import Record
+from mlxft.data.records import SCHEMAS, Record, detect_schema
 from mlxft.errors import UserError
 
 ALPACA_WITH_INPUT = (
@@ -82,6 +82,22 @@ def resolve_template(template: str, schema: str | None) -> str:
     if template in ("alpaca", "phi3") and schema not in ("alpaca", None):
         raise UserError(f"the {template} template needs Alpaca rows (instruction, input, output), got {schema} rows")
     return template
+
+
+def schema_and_template(records: list[Record], template: str, completion_field: str | None = None):
+    """Check rows against a template before any tokenizer or model is loaded.
+
+    Returns (schema, concrete template); schema is None for CSV-like rows under a format
+    string, which need only the columns the string names.
+    """
+    if is_format_string(template):
+        check_format_columns(template, records[0], completion_field)
+        required_sets = [req for req, _ in SCHEMAS.values()]
+        keys = set(records[0].fields)
+        schema = detect_schema(records) if any(req <= keys for req in required_sets) else None
+        return schema, resolve_template(template, schema)
+    schema = detect_schema(records)
+    return schema, resolve_template(template, schema)
 
 
 def check_format_columns(template: str, record: Record, completion_field: str | None) -> None:

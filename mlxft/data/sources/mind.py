@@ -46,6 +46,13 @@ class ConvertStats:
     valid: int = 0
     test: int = 0
 
+    def summary(self) -> str:
+        return (
+            f"{self.rows_read} behaviors rows read, {self.rows_written} rows written "
+            f"({self.yes} Yes / {self.no} No; {self.train} train, {self.valid} valid, {self.test} test), "
+            f"{self.skipped_few_impressions} skipped with too few impressions"
+        )
+
 
 def iter_tallrec_rows(
     mind_dir: str | Path,

@@ -10,11 +10,6 @@ teach a model either stance, or a mix, by changing a single number.
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
-from pathlib import Path
-
 from mlxft.data.records import Record
 from mlxft.errors import UserError
 
@@ -50,23 +45,6 @@ def opposing_to_preference(
             row["id"] = record["id"]
         rows.append(row)
     return rows
-
-
-def write_jsonl(rows: list[dict], path: str | Path) -> None:
-    """Write rows as JSONL under a temporary name, then rename: never a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(
-        "w", encoding="utf-8", dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False
-    ) as f:
-        try:
-            for row in rows:
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
-        except BaseException:
-            f.close()
-            Path(f.name).unlink(missing_ok=True)
-            raise
-    os.replace(f.name, path)
 
 
 def _text(record: Record, name: str) -> str:
