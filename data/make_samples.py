@@ -17,7 +17,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))  # run from a checkout without installing mlxft
 
-from mlxft.data.sources.synthetic import DEFAULT_SEED, mind_signal_report, write_samples  # noqa: E402
+from mlxft.data.sources.synthetic import write_samples  # noqa: E402
+from mlxft.data.sources.synthetic_mind import DEFAULT_SEED, mind_signal_report  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

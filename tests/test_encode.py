@@ -5,7 +5,7 @@ import pytest
 from mlxft.data.batching import collate
 from mlxft.data.encode import answer_token_ids, encode_prompted, encode_records, encode_preference
 from mlxft.data.records import Record
-from mlxft.data.templates import (ALPACA_NO_INPUT, ALPACA_WITH_INPUT, PreferencePrompted, Prompted, render,
+from mlxft.data.templates import (ALPACA_NO_INPUT, PreferencePrompted, Prompted, render,
                                   resolve_template)
 from mlxft.errors import UserError
 

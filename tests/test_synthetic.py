@@ -13,15 +13,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mlxft.data.sources import synthetic
-from mlxft.data.sources.synthetic import (
-    DEFAULT_SEED,
-    SAMPLE_FILES,
-    TOPICS,
-    _roc_auc,
-    mind_signal_report,
-    write_samples,
-)
+from mlxft.data.sources import synthetic, synthetic_mind
+from mlxft.data.sources.synthetic import SAMPLE_FILES, write_samples
+from mlxft.data.sources.synthetic_mind import DEFAULT_SEED, TOPICS, mind_signal_report
+from mlxft.eval.metrics import roc_auc
 
 DATA = Path(__file__).resolve().parent.parent / "data"
 MIND = DATA / "mind-sample"
@@ -85,7 +80,7 @@ def test_news_rows_have_mind_columns_and_topical_titles():
     assert 300 <= len(rows) <= 500
     ids = [r[0] for r in rows]
     assert len(set(ids)) == len(ids)
-    fillers = set(synthetic._PREFIXES) | set(synthetic._LINKS)
+    fillers = set(synthetic_mind._PREFIXES) | set(synthetic_mind._LINKS)
     categories = set()
     for row in rows:
         assert len(row) == 8, row
@@ -163,10 +158,10 @@ def test_signal_report_sees_no_signal_when_clicks_are_shuffled(tmp_path):
 
 
 def test_roc_auc_counts_ties_as_half():
-    assert _roc_auc([0.1, 0.4, 0.35, 0.8], [0, 0, 1, 1]) == 0.75
-    assert _roc_auc([1, 1, 0], [1, 0, 0]) == 0.75
-    assert _roc_auc([3, 2, 1], [0, 0, 1]) == 0.0
-    assert np.isnan(_roc_auc([1, 2], [1, 1]))
+    assert roc_auc([0.1, 0.4, 0.35, 0.8], [0, 0, 1, 1]) == 0.75
+    assert roc_auc([1, 1, 0], [1, 0, 0]) == 0.75
+    assert roc_auc([3, 2, 1], [0, 0, 1]) == 0.0
+    assert np.isnan(roc_auc([1, 2], [1, 1]))
 
 
 # --- instruction, preference, opposing and product rows ----------------------------------------

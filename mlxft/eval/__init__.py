@@ -1,0 +1,1 @@
+"""Evaluation: AUC from Yes/No probabilities, ranking metrics, generation dumps."""
