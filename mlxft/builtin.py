@@ -1,5 +1,8 @@
 """The built-in model: what every command uses when no --model is named, so mlxft runs offline.
 
+It is a tiny Llama (config.json + model.safetensors, Hugging Face names) whose weights are drawn
+from a fixed seed with numpy, so both backends load the same folder through their usual loaders.
+
 Its tokenizer is a sentencepiece BPE model trained on the bundled samples and the prompt
 templates, saved as a Hugging Face `LlamaTokenizer` folder (tokenizer.model +
 tokenizer_config.json + tokenizer.json), so transformers and mlx-lm load it like any model's.
@@ -64,22 +67,98 @@ def builtin_dir() -> Path:
 def ensure_builtin() -> Path:
     """The built-in model folder, built first if it is not in the cache yet."""
     target = builtin_dir()
-    if (target / "tokenizer_config.json").exists():
+    if (target / "model.safetensors").exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     # Build in a temporary sibling and rename: a killed build never leaves half a model,
     # and two processes building at once both end with a complete folder.
     staging = Path(tempfile.mkdtemp(prefix=".building-", dir=target.parent))
+    staging.chmod(0o755)  # mkdtemp makes it private; the cache may be shared
     try:
         write_tokenizer(staging, corpus_lines())
+        write_model(staging)
         try:
             staging.rename(target)
         except OSError:
-            if not (target / "tokenizer_config.json").exists():
+            if not (target / "model.safetensors").exists():
                 raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target
+
+
+# Small enough to train in minutes on two CPU cores, large enough to learn the bundled tasks.
+ARCHITECTURE = {
+    "hidden_size": 128,
+    "intermediate_size": 384,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 4,
+    "max_position_embeddings": 1024,
+}
+WEIGHTS_SEED = 0
+
+
+def model_config(vocab_size: int, architecture: dict | None = None) -> dict:
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        **(architecture or ARCHITECTURE),
+        "vocab_size": vocab_size,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 10000.0,
+        "tie_word_embeddings": True,
+        "attention_bias": False,
+        "mlp_bias": False,
+        "hidden_act": "silu",
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "torch_dtype": "float32",
+    }
+
+
+def initial_weights(config: dict, seed: int = WEIGHTS_SEED) -> dict:
+    """GPT-2-style initialisation: normal(0, 0.02), residual outputs scaled by 1/sqrt(2 * layers)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    d, f, n = config["hidden_size"], config["intermediate_size"], config["num_hidden_layers"]
+    heads, kv = config["num_attention_heads"], config["num_key_value_heads"]
+    kv_dim = d // heads * kv
+    std, out_std = 0.02, 0.02 / (2 * n) ** 0.5
+
+    def normal(shape, scale=std):
+        return (rng.standard_normal(shape) * scale).astype(np.float32)
+
+    weights = {"model.embed_tokens.weight": normal((config["vocab_size"], d)),
+               "model.norm.weight": np.ones(d, np.float32)}
+    for i in range(n):
+        p = f"model.layers.{i}."
+        weights.update({
+            p + "self_attn.q_proj.weight": normal((d, d)),
+            p + "self_attn.k_proj.weight": normal((kv_dim, d)),
+            p + "self_attn.v_proj.weight": normal((kv_dim, d)),
+            p + "self_attn.o_proj.weight": normal((d, d), out_std),
+            p + "mlp.gate_proj.weight": normal((f, d)),
+            p + "mlp.up_proj.weight": normal((f, d)),
+            p + "mlp.down_proj.weight": normal((d, f), out_std),
+            p + "input_layernorm.weight": np.ones(d, np.float32),
+            p + "post_attention_layernorm.weight": np.ones(d, np.float32),
+        })
+    return weights
+
+
+def write_model(folder: Path, architecture: dict | None = None, seed: int = WEIGHTS_SEED) -> None:
+    """config.json, model.safetensors and generation_config.json next to the tokenizer.
+    Tests pass a smaller `architecture` to get a model that trains in a blink."""
+    from safetensors.numpy import save_file
+    from transformers import AutoTokenizer
+
+    vocab_size = len(AutoTokenizer.from_pretrained(str(folder)))
+    config = model_config(vocab_size, architecture)
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    (folder / "generation_config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": 2}))
+    save_file(initial_weights(config, seed), str(folder / "model.safetensors"), metadata={"format": "pt"})
 
 
 def write_tokenizer(folder: Path, lines: list[str]) -> None:

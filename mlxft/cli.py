@@ -141,6 +141,106 @@ def inspect_command(file, tokenizer_name, template, completion_field, cutoff, tr
     click.echo(json.dumps(info.to_dict(), indent=2) if as_json else format_inspection(info))
 
 
+def _run_options(function):
+    """Options shared by the commands that train: recipe, model, data, run folder, overrides."""
+    options = [
+        click.option("--recipe", default=None, help="A bundled recipe name (see `mlxft recipes`) or a .yaml path."),
+        click.option("--model", default=None, help="'builtin' (default), a local Hugging Face folder or a hub id; quantized MLX models train as QLoRA."),
+        click.option("--data", "data_source", default=None, help="A MIND folder, a .json/.jsonl/.csv file, or a folder of train/valid/test.jsonl. Default: the recipe's bundled sample."),
+        click.option("--out", "out_dir", default=None, type=click.Path(path_type=Path), help="Run folder. Default: runs/<recipe>-<time>."),
+        click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a recipe setting, e.g. --set train.steps=100 (repeatable)."),
+        click.option("--quantize", type=click.Choice(["4", "8"]), default=None, help="Quantize the model on load (QLoRA)."),
+        click.option("--backend", default="auto", show_default=True, type=click.Choice(["auto", "mlx", "torch"]), help="auto: MLX (Metal on Apple Silicon, CPU elsewhere)."),
+        click.option("--trust-remote-code", is_flag=True, help="Allow a hub model to run its own code (off by default)."),
+    ]
+    for option in reversed(options):
+        function = option(function)
+    return function
+
+
+def _resolve_config(recipe, model, data_source, out_dir, overrides, quantize, trust_remote_code):
+    from mlxft.config import load_config
+
+    settings = list(overrides)
+    if model:
+        settings.append(f"model.name={model}")
+    if data_source:
+        settings.append(f"data.source={data_source}")
+    if quantize:
+        settings.append(f"model.quantize={quantize}")
+    if trust_remote_code:
+        settings.append("model.trust_remote_code=true")
+    config = load_config(recipe, settings)
+    if out_dir:
+        config.out = str(out_dir)
+    return config
+
+
+@cli.command("lora")
+@_run_options
+@click.option("--resume", "resume_dir", default=None, type=click.Path(path_type=Path), help="Continue a stopped run from its last checkpoint.")
+@click.option("--adapter", default=None, type=click.Path(path_type=Path), help="Start from an existing adapter (PEFT layout) instead of a new one.")
+def lora_command(recipe, model, data_source, out_dir, overrides, quantize, backend, trust_remote_code, resume_dir, adapter):
+    """Fine-tune with LoRA (or full fine-tuning: --set lora.full_finetune=true).
+
+    Prints validation loss (and AUC for Yes/No data) before and after, and writes the run folder:
+    config.yaml, metrics.jsonl, summary.json, best/ and last/ adapters, checkpoint/.
+    """
+    from mlxft.backends import resolve_backend
+    from mlxft.config import load_config
+    from mlxft.runs import Run, default_run_dir
+
+    resolve_backend(backend)
+    if resume_dir:
+        if recipe or model or data_source or overrides or quantize:
+            raise UserError("--resume continues a run with its own config.yaml; give no other settings")
+        config = load_config(str(resume_dir / "config.yaml"))
+        run = Run.open_for_resume(resume_dir)
+    else:
+        if recipe is None:
+            raise UserError("name a recipe: --recipe tallrec (see `mlxft recipes`)")
+        config = _resolve_config(recipe, model, data_source, out_dir, overrides, quantize, trust_remote_code)
+        folder = Path(config.out) if config.out else default_run_dir(config.recipe)
+        config.out = str(folder)
+        run = Run.create(folder, config)
+    from mlxft.backends.mlx.sft import train
+
+    click.echo(f"run folder: {run.folder}")
+    summary = train(config, run, resume=resume_dir is not None, adapter=str(adapter) if adapter else None, echo=click.echo)
+    _print_outcome(summary)
+
+
+def _print_outcome(summary: dict) -> None:
+    before, after = summary.get("before") or {}, summary.get("after") or {}
+    for key in ("eval_auc", "eval_loss"):
+        if key in before and key in after:
+            click.echo(f"validation {key[5:]}: {before[key]:.4f} -> {after[key]:.4f}")
+    if summary.get("generations"):
+        for item in summary["generations"]:
+            click.echo(f"--- {item['origin']}\nprompt: {item['prompt']!r}\nanswer: {item['answer']!r}\nexpected: {item['expected']!r}")
+    click.echo(f"adapter: {summary['adapter']}")
+
+
+@cli.group(cls=Group, invoke_without_command=True)
+@click.pass_context
+def recipes(ctx):
+    """List the bundled recipes; `mlxft recipes show NAME` prints one."""
+    if ctx.invoked_subcommand is None:
+        from mlxft.config import list_recipes
+
+        for name, description in list_recipes():
+            click.echo(f"{name:14s} {description}")
+
+
+@recipes.command("show")
+@click.argument("name")
+def recipes_show(name):
+    """Print a recipe with its comments."""
+    from mlxft.config import recipe_path
+
+    click.echo(recipe_path(name).read_text(), nl=False)
+
+
 def _load_any(path: Path):
     """Rows from a file, or TALLRec rows from a MIND folder."""
     from mlxft.data.records import Record, load_records
@@ -153,6 +253,9 @@ def _load_any(path: Path):
 
 
 def main():
+    from mlxft.blas import reexec_with_fast_blas
+
+    reexec_with_fast_blas(sys.argv[1:])  # Linux: MLX's CPU products through OpenBLAS (see mlxft.blas)
     cli(prog_name="mlxft")
 
 

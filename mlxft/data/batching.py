@@ -138,3 +138,42 @@ def pack(examples: Sequence[Example], max_length: int) -> list[PackedExample]:
             segments += [segment] * len(examples[i])
         packed.append(PackedExample(ids, mask, ",".join(examples[i].origin for i in members), segments))
     return packed
+
+
+@dataclass
+class Targets:
+    """Where a batch is scored, so a backend runs the LM head only there.
+
+    With completion-only loss a TALLRec row has ~3 scored tokens out of ~150; computing logits
+    over the vocabulary at every position would spend most of the head's work on nothing.
+    `positions[b, k]` is the input position whose output predicts `tokens[b, k]`; `weights`
+    is 1 for real targets and 0 for the padding that evens out rows.
+    """
+
+    positions: np.ndarray  # [B, K] int32, into input_ids[:, :-1]
+    tokens: np.ndarray  # [B, K] int32
+    weights: np.ndarray  # [B, K] float32
+
+
+def scored_targets(batch: Batch, pad_to_multiple: int = 4) -> Targets:
+    mask = batch.loss_mask[:, 1:].astype(bool)  # target t is predicted at position t - 1
+    counts = mask.sum(axis=1)
+    k = max(1, -(-int(counts.max()) // pad_to_multiple) * pad_to_multiple)
+    positions = np.zeros((len(mask), k), dtype=np.int32)
+    tokens = np.zeros((len(mask), k), dtype=np.int32)
+    weights = np.zeros((len(mask), k), dtype=np.float32)
+    for row in range(len(mask)):
+        where = np.flatnonzero(mask[row])
+        positions[row, : len(where)] = where
+        tokens[row, : len(where)] = batch.input_ids[row, where + 1]
+        weights[row, : len(where)] = 1.0
+    return Targets(positions, tokens, weights)
+
+
+def answer_positions(batch: Batch) -> np.ndarray:
+    """Per row, the position whose output is the first answer token (TALLRec's AUC reads the
+    Yes/No probabilities there). Needs examples encoded without train_on_inputs."""
+    first_scored = batch.loss_mask.argmax(axis=1)
+    if (batch.loss_mask.sum(axis=1) == 0).any():
+        raise ValueError("a row without scored tokens has no answer position")
+    return (first_scored - 1).astype(np.int32)

@@ -15,3 +15,15 @@ def roc_auc(scores, labels) -> float:
     mean_rank = np.cumsum(counts) - (counts - 1) / 2.0  # 1-based, ties share their mean rank
     ranks = mean_rank[inverse]
     return float((ranks[labels].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
+
+
+def binary_report(probabilities, labels) -> dict:
+    """AUC, accuracy at 0.5 and label balance for P(positive) scores."""
+    probabilities, labels = np.asarray(probabilities, dtype=float), np.asarray(labels).astype(int)
+    return {
+        "auc": roc_auc(probabilities, labels),
+        "accuracy": float(((probabilities >= 0.5) == (labels == 1)).mean()),
+        "positive_rate": float(labels.mean()),
+        "rows": int(len(labels)),
+        "probabilities": probabilities.tolist(),
+    }

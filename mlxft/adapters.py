@@ -1,0 +1,175 @@
+"""The one adapter format on disk: PEFT's layout, shared by both backends.
+
+    adapter_config.json          peft_type LORA, task_type CAUSAL_LM, r, lora_alpha, ...
+    adapter_model.safetensors    base_model.model.<module>.lora_A.weight [r, in]
+                                 base_model.model.<module>.lora_B.weight [out, r]
+
+Tensors here are numpy arrays keyed by module path ("model.layers.0.self_attn.q_proj"); each
+backend converts to and from its own arrays. Reading checks what users trip over: a path that
+is a file, an empty folder, a Git LFS pointer instead of weights, a config that is not LoRA.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from mlxft.errors import UserError
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+PREFIX = "base_model.model."
+LFS_MAGIC = b"version https://git-lfs"
+
+
+@dataclass
+class AdapterSpec:
+    r: int
+    alpha: float
+    dropout: float
+    target_modules: list[str]
+    base_model: str
+    layers: list[int] | None = None  # None: every block
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / self.r
+
+    def to_peft(self) -> dict:
+        config = {
+            "peft_type": "LORA",
+            "task_type": "CAUSAL_LM",
+            "r": self.r,
+            "lora_alpha": self.alpha,
+            "lora_dropout": self.dropout,
+            "target_modules": list(self.target_modules),
+            "bias": "none",
+            "base_model_name_or_path": self.base_model,
+            "fan_in_fan_out": False,
+            "use_rslora": False,
+            "use_dora": False,
+            "inference_mode": True,
+        }
+        if self.layers is not None:
+            config["layers_to_transform"] = list(self.layers)
+            config["layers_pattern"] = "layers"
+        return config
+
+    @classmethod
+    def from_peft(cls, config: dict, where: str) -> AdapterSpec:
+        if config.get("peft_type", "LORA") != "LORA":
+            raise UserError(f"{where}: a {config['peft_type']} adapter; mlxft reads LoRA adapters")
+        for unsupported in ("use_dora", "use_rslora"):
+            if config.get(unsupported):
+                raise UserError(f"{where}: {unsupported} adapters are not supported yet")
+        try:
+            layers = config.get("layers_to_transform")
+            return cls(
+                r=int(config["r"]),
+                alpha=float(config["lora_alpha"]),
+                dropout=float(config.get("lora_dropout", 0.0)),
+                target_modules=list(config["target_modules"]),
+                base_model=str(config.get("base_model_name_or_path") or ""),
+                layers=[layers] if isinstance(layers, int) else layers,
+            )
+        except (KeyError, TypeError, ValueError) as e:
+            raise UserError(f"{where}: not a LoRA adapter config ({type(e).__name__}: {e})") from None
+
+
+def save_adapter(folder: str | Path, spec: AdapterSpec, weights: dict[str, tuple[np.ndarray, np.ndarray]]) -> Path:
+    """Write {module path: (A [r, in], B [out, r])} atomically: a temporary folder, then a rename."""
+    from safetensors.numpy import save_file
+
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {}
+    for module, (a, b) in weights.items():
+        tensors[f"{PREFIX}{module}.lora_A.weight"] = np.ascontiguousarray(a, dtype=np.float32)
+        tensors[f"{PREFIX}{module}.lora_B.weight"] = np.ascontiguousarray(b, dtype=np.float32)
+    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    save_file(tensors, str(staging / WEIGHTS_FILE), metadata={"format": "pt"})
+    (staging / CONFIG_FILE).write_text(json.dumps(spec.to_peft(), indent=2))
+    replace_folder(staging, folder)
+    return folder
+
+
+def replace_folder(staging: Path, folder: Path) -> None:
+    """Put a finished folder in place of an old one without a moment where neither is whole."""
+    old = None
+    if folder.exists():
+        old = folder.with_name(f".{folder.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.rename(folder, old)
+    os.rename(staging, folder)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def adapter_folder(path: str | Path) -> Path:
+    """The folder holding an adapter, given it or a run folder; one-line errors otherwise."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"adapter {path}: no such folder")
+    if path.is_file():
+        raise UserError(f"adapter {path}: is a file; name the folder that holds {CONFIG_FILE} and {WEIGHTS_FILE}")
+    if not (path / CONFIG_FILE).exists():
+        for candidate in (path / "adapter", path / "best", path / "last"):
+            if (candidate / CONFIG_FILE).exists():
+                return candidate
+        if not any(path.iterdir()):
+            raise UserError(f"adapter {path}: the folder is empty")
+        raise UserError(f"adapter {path}: no {CONFIG_FILE} in this folder")
+    return path
+
+
+def load_adapter(path: str | Path) -> tuple[AdapterSpec, dict[str, tuple[np.ndarray, np.ndarray]]]:
+    from safetensors import SafetensorError
+    from safetensors.numpy import load_file
+
+    folder = adapter_folder(path)
+    weights_path = folder / WEIGHTS_FILE
+    if not weights_path.exists():
+        raise UserError(f"adapter {folder}: no {WEIGHTS_FILE}")
+    with open(weights_path, "rb") as f:
+        if f.read(len(LFS_MAGIC)) == LFS_MAGIC:
+            raise UserError(f"adapter {weights_path}: a Git LFS pointer, not the weights; run `git lfs pull` in that repository")
+    try:
+        config = json.loads((folder / CONFIG_FILE).read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(f"adapter {folder / CONFIG_FILE}: not valid JSON ({e.msg})") from None
+    spec = AdapterSpec.from_peft(config, str(folder / CONFIG_FILE))
+    try:
+        tensors = load_file(str(weights_path))
+    except (SafetensorError, OSError) as e:
+        raise UserError(f"adapter {weights_path}: unreadable safetensors file ({e})") from None
+    weights: dict[str, list] = {}
+    for key, value in tensors.items():
+        if not key.startswith(PREFIX) or not key.endswith((".lora_A.weight", ".lora_B.weight")):
+            raise UserError(f"adapter {weights_path}: unexpected tensor '{key}'")
+        module, part = key[len(PREFIX):].rsplit(".lora_", 1)
+        weights.setdefault(module, [None, None])["AB".index(part[0])] = value
+    incomplete = [m for m, (a, b) in weights.items() if a is None or b is None]
+    if incomplete:
+        raise UserError(f"adapter {weights_path}: '{incomplete[0]}' lacks its lora_A or lora_B tensor")
+    return spec, {m: (a, b) for m, (a, b) in weights.items()}
+
+
+def check_modules(adapter_modules, model_modules: dict[str, tuple[int, int]], where: str) -> None:
+    """Compare an adapter with a model's linear layers ({path: (out, in)}); name what differs."""
+    missing = sorted(set(adapter_modules) - set(model_modules))
+    if missing:
+        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+        raise UserError(f"adapter {where} does not fit this base model: it adapts '{missing[0]}'{more}, which the model lacks")
+    for module, (a, b) in adapter_modules.items():
+        out_dim, in_dim = model_modules[module]
+        if a.shape[1] != in_dim or b.shape[0] != out_dim:
+            raise UserError(
+                f"adapter {where} does not fit this base model: '{module}' is {out_dim}x{in_dim} in the model "
+                f"but the adapter is for {b.shape[0]}x{a.shape[1]}"
+            )

@@ -1,0 +1,1 @@
+"""The MLX backend: model loading through mlx-lm, LoRA, the SFT step, evaluation, adapters."""

@@ -1,0 +1,47 @@
+"""Validation on MLX: token-weighted answer loss and, for Yes/No data, AUC as TALLRec scores it.
+
+AUC reads the logits of the two answer tokens ("▁Yes", "▁No": derived from the tokenizer, never
+hard-coded) at the first answer position and takes P(yes) = softmax over those two, as
+TALLRec's evaluation does. Padding rows and positions carry no weight.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+from mlxft.backends.mlx.model import logits_at
+from mlxft.data.batching import iterate_batches, scored_targets
+from mlxft.eval.metrics import binary_report
+
+
+def evaluate(model, examples, *, pad_id: int, split_head: bool, batch_size: int = 32,
+             answer_ids: list[int] | None = None) -> dict:
+    """{'loss', 'tokens'} and, when every row's answer starts with one of answer_ids,
+    {'auc', 'accuracy', 'positive_rate', 'probabilities'}."""
+    was_training = model.training
+    model.eval()
+    loss_sum = n_tokens = 0.0
+    probabilities, labels = [], []
+    for batch in iterate_batches(examples, batch_size, pad_id, shuffle=False, pad_to_multiple=16):
+        targets = scored_targets(batch)
+        logits = logits_at(model, mx.array(batch.input_ids[:, :-1]), mx.array(targets.positions), split_head)
+        logits = logits.astype(mx.float32)
+        weights = mx.array(targets.weights)
+        losses = nn.losses.cross_entropy(logits, mx.array(targets.tokens)) * weights
+        loss_sum += losses.sum().item()
+        n_tokens += float(targets.weights.sum())
+        if answer_ids is not None:
+            first = targets.tokens[:, 0]
+            labels.append(np.where(first == answer_ids[0], 1, np.where(first == answer_ids[1], 0, -1)))
+            pair = logits[:, 0, :][:, answer_ids]  # the first answer position: targets are in order
+            probabilities.append(np.array(mx.softmax(pair, axis=-1)[:, 0]))
+    if was_training:
+        model.train()
+    result = {"loss": loss_sum / max(n_tokens, 1.0), "tokens": int(n_tokens)}
+    if answer_ids is not None:
+        labels = np.concatenate(labels)
+        if (labels >= 0).all():
+            result.update(binary_report(np.concatenate(probabilities), labels))
+    return result

@@ -1,0 +1,97 @@
+"""LoRA on MLX in PEFT's terms (r, alpha, dropout, target modules, layers), on mlx-lm's layers.
+
+mlx-lm's LoRALinear keeps `lora_a` [in, r] and `lora_b` [r, out] and multiplies by `scale`;
+PEFT keeps A [r, in], B [out, r] and scales by alpha / r. So scale = alpha / r, A = lora_a.T,
+B = lora_b.T, and the initialisation (A uniform within ±1/sqrt(in), B zero) is the same.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+from mlx.utils import tree_flatten, tree_unflatten
+from mlx_lm.tuner.lora import LoRALinear
+
+from mlxft.adapters import AdapterSpec, check_modules
+from mlxft.errors import UserError
+
+
+def linear_modules(model) -> dict[str, tuple[int, int]]:
+    """{module path: (out, in)} for every linear layer inside the transformer blocks."""
+    found = {}
+    for path, module in model.named_modules():
+        if ".layers." not in f".{path}" or isinstance(module, LoRALinear):
+            continue
+        if isinstance(module, nn.QuantizedLinear):
+            out_dim, packed = module.weight.shape
+            found[path] = (out_dim, packed * 32 // module.bits)
+        elif isinstance(module, nn.Linear):
+            found[path] = tuple(module.weight.shape)
+    return found
+
+
+def layer_index(path: str) -> int:
+    parts = path.split(".")
+    return int(parts[parts.index("layers") + 1])
+
+
+def select_modules(model, target_modules: list[str], layers: list[int] | None) -> list[str]:
+    modules = linear_modules(model)
+    names = sorted({p.rsplit(".", 1)[-1] for p in modules})
+    unknown = [t for t in target_modules if t not in names]
+    if unknown:
+        raise UserError(f"target module '{unknown[0]}' is not in this model; its linear layers are: {', '.join(names)}")
+    n_layers = len({layer_index(p) for p in modules})
+    if layers is not None:
+        bad = [i for i in layers if not 0 <= i < n_layers]
+        if bad:
+            raise UserError(f"layer {bad[0]} does not exist; this model has layers 0..{n_layers - 1}")
+    chosen = [p for p in modules if p.rsplit(".", 1)[-1] in target_modules and (layers is None or layer_index(p) in layers)]
+    return sorted(chosen, key=lambda p: (layer_index(p), p))
+
+
+def apply_lora(model, spec: AdapterSpec) -> list[str]:
+    """Freeze the model and put LoRA layers on the chosen modules; only they train."""
+    paths = select_modules(model, spec.target_modules, spec.layers)
+    model.freeze()
+    modules = dict(model.named_modules())
+    replacements = [
+        (path, LoRALinear.from_base(modules[path], r=spec.r, dropout=spec.dropout, scale=spec.scaling))
+        for path in paths
+    ]
+    model.update_modules(tree_unflatten(replacements))
+    return paths
+
+
+def lora_layers(model) -> dict[str, LoRALinear]:
+    return {path: m for path, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+def adapter_weights(model) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """{module path: (A [r, in], B [out, r])} in PEFT's orientation, as float32 numpy."""
+    return {
+        path: (np.array(m.lora_a.T.astype(mx.float32)), np.array(m.lora_b.T.astype(mx.float32)))
+        for path, m in lora_layers(model).items()
+    }
+
+
+def load_adapter_weights(model, spec: AdapterSpec, weights: dict, where: str) -> None:
+    """Apply LoRA as the adapter's config says and load its tensors; a mismatch is a UserError."""
+    check_modules(weights, linear_modules(model), where)
+    paths = apply_lora(model, spec)
+    missing = sorted(set(paths) - set(weights))
+    if missing:
+        raise UserError(f"adapter {where} lacks weights for '{missing[0]}', which its config targets")
+    layers = lora_layers(model)
+    for path, (a, b) in weights.items():
+        layers[path].lora_a = mx.array(a.T)
+        layers[path].lora_b = mx.array(b.T)
+
+
+def trainable_parameters(model) -> int:
+    return sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
+
+
+def total_parameters(model) -> int:
+    return sum(v.size for _, v in tree_flatten(model.parameters()))

@@ -1,0 +1,346 @@
+"""Supervised fine-tuning (LoRA or full) on MLX. Reads top to bottom: setup -> model -> data ->
+optimizer -> loop -> save.
+
+    mlxft lora --recipe tallrec                 # the built-in model on the bundled MIND sample
+    mlxft lora --recipe tallrec --model mlx-community/Qwen2.5-0.5B-Instruct-4bit --data MINDsmall_train
+
+Supports: LoRA in PEFT terms or full fine-tuning; quantized bases (QLoRA); AdamW with warmup and
+cosine / linear / constant decay; gradient accumulation weighted by scored tokens (k micro-batches
+give exactly the gradient of one batch k times the size); gradient clipping; steps or epochs;
+length-grouped batches; the LM head run on scored positions only; a compiled step; gradient
+checkpointing; validation loss (and AUC for Yes/No data) every N steps with the best adapter kept
+and early stopping; atomic checkpoints every N steps and --resume that reproduces the losses of an
+uninterrupted run; metrics.jsonl, summary.json and a progress bar with loss and tokens/s.
+
+Raises UserError for bad recipes, data, models and adapters (see mlxft.errors).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from functools import partial
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+import numpy as np
+from mlx.utils import tree_flatten, tree_map, tree_unflatten
+
+from mlxft.adapters import AdapterSpec, load_adapter, replace_folder, save_adapter
+from mlxft.backends.mlx import lora, model as mlx_model
+from mlxft.backends.mlx.evaluate import evaluate
+from mlxft.config import RunConfig
+from mlxft.data.batching import iterate_batches, scored_targets
+from mlxft.data.dataset import encode_split, load_splits
+from mlxft.data.encode import answer_token_ids
+from mlxft.errors import UserError
+from mlxft.model_files import BUILTIN, pad_id as pad_id_of
+from mlxft.progress import Progress
+from mlxft.runs import Run
+from mlxft.schedule import learning_rate
+
+PAD_MULTIPLE = 16  # fewer distinct shapes, so the compiled step is traced a few times, not per batch
+
+
+def train(config: RunConfig, run: Run, *, resume: bool = False, adapter: str | None = None, echo=print) -> dict:
+    """Train as `config` says, writing into `run`; returns the summary (also in summary.json)."""
+    tc, ec = config.train, config.eval
+
+    # --- setup -----------------------------------------------------------------------------
+    mx.random.seed(tc.seed)
+    mlx_model.configure_memory()
+
+    # --- model -----------------------------------------------------------------------------
+    model, tokenizer, folder = mlx_model.load(config.model.name, quantize=config.model.quantize,
+                                              trust_remote_code=config.model.trust_remote_code)
+    split_head = mlx_model.can_split_head(model, folder)
+    base_name = str(folder) if config.model.name == BUILTIN else config.model.name
+    spec = AdapterSpec(config.lora.r, config.lora.alpha, config.lora.dropout, list(config.lora.target_modules),
+                       base_name, config.lora.layers)
+    if config.lora.full_finetune:
+        if config.model.quantize or any(isinstance(m, nn.QuantizedLinear) for _, m in model.named_modules()):
+            raise UserError("full fine-tuning needs a full-precision model; use LoRA on a quantized one")
+        model.unfreeze()
+    elif adapter:
+        spec, weights = load_adapter(adapter)  # continue an existing adapter (TALLRec starts from Alpaca's)
+        lora.load_adapter_weights(model, spec, weights, adapter)
+        for layer in lora.lora_layers(model).values():
+            layer.unfreeze(keys=["lora_a", "lora_b"], strict=False)
+            layer.linear.freeze()
+    else:
+        lora.apply_lora(model, spec)
+    if tc.grad_checkpoint:
+        from mlx_lm.tuner.trainer import grad_checkpoint
+
+        grad_checkpoint(model.layers[0])  # patches the block class: recompute activations in backward
+    trainable, total = lora.trainable_parameters(model), lora.total_parameters(model)
+    echo(f"model {folder} ({total / 1e6:.2f}M parameters); training {trainable:,} "
+         f"({'full fine-tuning' if config.lora.full_finetune else f'LoRA r={spec.r} alpha={spec.alpha:g} on {len(lora.lora_layers(model))} modules'})")
+
+    # --- data ------------------------------------------------------------------------------
+    splits = load_splits(config.data)
+    train_set, report = encode_split(splits.train, splits, tokenizer, config.data)
+    valid_set = encode_split(splits.valid, splits, tokenizer, config.data, for_eval=True)[0] if splits.valid else []
+    echo(f"data {splits.source}: {len(splits.train)} train / {len(splits.valid)} valid / {len(splits.test)} test rows; "
+         f"template {splits.template}; {report.summary()}")
+    pad_id = pad_id_of(tokenizer)
+    answer_ids = _answer_ids(tokenizer, splits, ec.answers)
+    micro_per_epoch = math.ceil(len(train_set) / tc.batch_size)
+    total_steps = tc.steps if tc.steps else max(1, math.ceil((tc.epochs or 1) * micro_per_epoch / tc.grad_accumulation))
+
+    # --- optimizer ---------------------------------------------------------------------------
+    optimizer = optim.AdamW(learning_rate=tc.learning_rate, weight_decay=tc.weight_decay)
+    step, best, stale = 0, None, 0
+    if resume:  # before the step is compiled: it must capture the restored optimizer state
+        step, best, stale = _load_checkpoint(run, model, optimizer, config.lora.full_finetune)
+        run.truncate_log(step)
+        echo(f"resumed {run.folder} at step {step}")
+    state = [model.state, optimizer.state, mx.random.state]
+    micro_step, update = make_step(model, optimizer, split_head, tc.max_grad_norm)
+
+    def validate() -> dict:
+        if not valid_set:
+            return {}
+        result = evaluate(model, valid_set, pad_id=pad_id, split_head=split_head, batch_size=ec.batch_size,
+                          answer_ids=answer_ids)
+        result.pop("probabilities", None)
+        return {f"eval_{k}": v for k, v in result.items()}
+
+    summary_path = run.folder / "summary.json"
+    before = json.loads(summary_path.read_text())["before"] if resume and summary_path.exists() else validate()
+    if not resume:
+        run.write_summary({"before": before})
+    if before:
+        echo("before training: " + _describe(before))
+
+    # --- loop ----------------------------------------------------------------------------------
+    batches = _batch_stream(train_set, tc, pad_id, skip=step * tc.grad_accumulation)
+    progress = Progress(total_steps, initial=step)
+    model.train()
+    window = {"loss": 0.0, "scored": 0.0, "tokens": 0, "start": time.perf_counter()}
+    trained_tokens = sum(r.get("trained_tokens", 0) for r in run.metrics()[-1:]) if resume else 0
+    peak_tokens_per_second = 0.0
+    mx.reset_peak_memory()
+    stopped_early = False
+    while step < total_steps:
+        mx.random.seed(tc.seed * 1_000_003 + step)  # dropout noise is a function of the step: resume-exact
+        grads, step_loss, step_scored = None, mx.array(0.0), mx.array(0.0)
+        for _ in range(tc.grad_accumulation):
+            batch, epoch = next(batches)
+            targets = scored_targets(batch)
+            loss_sum, n_tokens, micro_grads = micro_step(
+                mx.array(batch.input_ids[:, :-1]), mx.array(targets.positions), mx.array(targets.tokens),
+                mx.array(targets.weights))
+            grads = micro_grads if grads is None else tree_map(mx.add, grads, micro_grads)
+            step_loss, step_scored = step_loss + loss_sum, step_scored + n_tokens
+            window["tokens"] += batch.tokens
+            trained_tokens += batch.tokens
+        optimizer.learning_rate = learning_rate(step, peak=tc.learning_rate, total_steps=total_steps,
+                                                warmup_steps=tc.warmup_steps, schedule=tc.schedule,
+                                                minimum=tc.min_learning_rate)
+        grad_norm = update(grads, step_scored)
+        mx.eval(state, step_loss, step_scored, grad_norm)
+        step += 1
+        window["loss"] += step_loss.item()
+        window["scored"] += step_scored.item()
+        progress.update(loss=step_loss.item() / step_scored.item())
+
+        evaluate_now = ec.every and step % ec.every == 0 and step < total_steps
+        if step % tc.report_every == 0 or step == total_steps or evaluate_now:
+            elapsed = time.perf_counter() - window["start"]
+            tokens_per_second = window["tokens"] / elapsed
+            peak_tokens_per_second = max(peak_tokens_per_second, tokens_per_second)
+            record = {"step": step, "epoch": round(epoch, 3), "loss": window["loss"] / window["scored"],
+                      "learning_rate": float(optimizer.learning_rate.item()), "grad_norm": grad_norm.item(),
+                      "tokens_per_second": tokens_per_second, "trained_tokens": trained_tokens,
+                      "peak_memory_gb": mlx_model.peak_memory_gb()}
+            if evaluate_now:
+                record.update(validate())
+                best, stale, improved = _track_best(record, best, stale, ec.metric)
+                if improved:
+                    _save_weights(run.folder / "best", model, spec, config, tokenizer, folder)
+            run.log(record)
+            progress.set_rate(tokens_per_second)
+            progress.report(f"step {step}/{total_steps}: " + _describe({k: v for k, v in record.items() if k != "step"}))
+            window = {"loss": 0.0, "scored": 0.0, "tokens": 0, "start": time.perf_counter()}
+            if ec.patience and stale >= ec.patience:
+                echo(f"early stop at step {step}: no better eval_{ec.metric} for {stale} evaluations")
+                stopped_early = True
+        if step % tc.checkpoint_every == 0 or stopped_early:
+            _save_checkpoint(run, model, optimizer, spec, config, tokenizer, folder, step, best, stale)
+        if stopped_early:
+            break
+    progress.close()
+
+    # --- save ----------------------------------------------------------------------------------
+    after = validate()
+    if after:
+        echo("after training:  " + _describe(after))
+        final = {"step": step, **after}
+        best, stale, improved = _track_best(final, best, stale, ec.metric)
+        if improved:
+            _save_weights(run.folder / "best", model, spec, config, tokenizer, folder)
+    _save_weights(run.folder / "last", model, spec, config, tokenizer, folder)
+    generations = _answer_held_out(model, tokenizer, splits, config) if ec.generate_examples else []
+    history = run.metrics()
+    summary = {
+        "recipe": config.recipe,
+        "backend": "mlx",
+        "device": str(mx.default_device()),
+        "model": str(folder),
+        "steps": step,
+        "stopped_early": stopped_early,
+        "trainable_parameters": trainable,
+        "train_rows": len(train_set),
+        "truncated_rows": report.truncated,
+        "before": before,
+        "after": after,
+        "best": best,
+        "final_loss": history[-1]["loss"] if history else None,
+        "tokens_per_second": _mean_rate(history),
+        "trained_tokens": trained_tokens,
+        "peak_memory_gb": max((r["peak_memory_gb"] for r in history), default=mlx_model.peak_memory_gb()),
+        "adapter": str(run.folder / "best" if (run.folder / "best").exists() else run.folder / "last"),
+        "generations": generations,
+    }
+    run.write_summary(summary)
+    return summary
+
+
+# --- pieces --------------------------------------------------------------------------------------
+
+def make_step(model, optimizer, split_head: bool, max_grad_norm: float | None):
+    """The compiled pieces of an optimizer step, with the state they read and write named:
+    micro_step(inputs, positions, tokens, weights) -> (loss sum, scored tokens, gradient sums)
+    update(gradient sums, scored tokens) -> gradient norm (before clipping); applies AdamW."""
+    loss_and_grad = nn.value_and_grad(model, partial(mlx_model.token_losses, split_head=split_head))
+    state = [model.state, optimizer.state, mx.random.state]
+
+    @partial(mx.compile, inputs=state, outputs=state)
+    def micro_step(inputs, positions, tokens, weights):
+        (loss_sum, n_tokens), grads = loss_and_grad(model, inputs, positions, tokens, weights)
+        return loss_sum, n_tokens, grads
+
+    @partial(mx.compile, inputs=state, outputs=state)
+    def update(grads, n_tokens):
+        # Sum of token losses / all scored tokens of the step: one big batch, whatever k is.
+        grads = tree_map(lambda g: g / n_tokens, grads)
+        grads, norm = optim.clip_grad_norm(grads, max_grad_norm or float("inf"))
+        optimizer.update(model, grads)
+        return norm
+
+    return micro_step, update
+
+
+def _answer_held_out(model, tokenizer, splits, config) -> list[dict]:
+    """Answers of the trained model to the first held-out rows (test split, else validation)."""
+    from mlxft.backends.mlx.generate import generate_answer
+    from mlxft.data.templates import render
+
+    rows = (splits.test or splits.valid)[: config.eval.generate_examples]
+    answers = []
+    for record in rows:
+        prompted = render(record, splits.schema, splits.template, tokenizer,
+                          completion_field=config.data.completion_field, system_prompt=config.data.system_prompt)
+        answer = generate_answer(model, tokenizer, prompted.prompt, max_tokens=config.eval.max_new_tokens)
+        answers.append({"origin": record.origin, "prompt": prompted.prompt, "answer": answer,
+                        "expected": prompted.completion})
+    return answers
+
+
+def _answer_ids(tokenizer, splits, answers):
+    """The Yes/No token ids when every validation answer is one of the recipe's answers."""
+    if not answers or len(answers) != 2 or splits.schema != "alpaca" or not splits.valid:
+        return None
+    if any(r.get("output") not in answers for r in splits.valid):
+        return None
+    return answer_token_ids(tokenizer, answers)
+
+
+def _batch_stream(examples, tc, pad_id, skip: int):
+    """Micro-batches forever, epoch after epoch; epoch e's order depends only on (seed, e), so a
+    resumed run skips exactly the batches it already trained on."""
+    per_epoch = math.ceil(len(examples) / tc.batch_size)
+    epoch = skip // per_epoch
+    offset = skip % per_epoch
+    while True:
+        for i, batch in enumerate(iterate_batches(examples, tc.batch_size, pad_id, seed=tc.seed * 7919 + epoch,
+                                                  pad_to_multiple=PAD_MULTIPLE)):
+            if i < offset:
+                continue
+            yield batch, epoch + (i + 1) / per_epoch
+        epoch, offset = epoch + 1, 0
+
+
+def _track_best(record, best, stale, metric):
+    key = f"eval_{metric}"
+    if key not in record:
+        raise UserError(f"eval.metric '{metric}' is not measured on this data (have: "
+                        f"{', '.join(k[5:] for k in record if k.startswith('eval_'))})")
+    value = record[key]
+    better = best is None or (value > best["value"] if metric in ("auc", "accuracy") else value < best["value"])
+    if better:
+        return {"metric": metric, "value": value, "step": record["step"]}, 0, True
+    return best, stale + 1, False
+
+
+def _describe(metrics: dict) -> str:
+    return ", ".join(f"{k.removeprefix('eval_')} {v:.4f}" if isinstance(v, float) else f"{k.removeprefix('eval_')} {v}"
+                     for k, v in metrics.items())
+
+
+def _mean_rate(history):
+    rates = [r["tokens_per_second"] for r in history if "tokens_per_second" in r]
+    return float(np.mean(rates)) if rates else None
+
+
+def _save_weights(folder: Path, model, spec, config, tokenizer, base_folder) -> None:
+    """The adapter in PEFT layout, or for full fine-tuning a whole model folder."""
+    if not config.lora.full_finetune:
+        save_adapter(folder, spec, lora.adapter_weights(model))
+        return
+    import shutil
+    import tempfile
+
+    from mlx_lm.utils import save_model
+
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    save_model(staging, model)
+    for name in ("config.json", "generation_config.json", "tokenizer.json", "tokenizer.model",
+                 "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"):
+        if (Path(base_folder) / name).exists():
+            shutil.copy(Path(base_folder) / name, staging / name)
+    replace_folder(staging, folder)
+
+
+def _save_checkpoint(run, model, optimizer, spec, config, tokenizer, base_folder, step, best, stale) -> None:
+    """Weights, optimizer state and the step, written to a new folder and swapped in whole."""
+    import tempfile
+
+    run.folder.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".checkpoint.", dir=run.folder))
+    _save_weights(staging / "weights", model, spec, config, tokenizer, base_folder)
+    mx.save_safetensors(str(staging / "optimizer.safetensors"), dict(tree_flatten(optimizer.state)))
+    (staging / "state.json").write_text(json.dumps({"step": step, "best": best, "stale": stale}))
+    replace_folder(staging, run.checkpoint_dir)
+
+
+def _load_checkpoint(run, model, optimizer, full_finetune: bool):
+    folder = run.checkpoint_dir
+    state = json.loads((folder / "state.json").read_text())
+    if full_finetune:
+        weights = mx.load(str(folder / "weights" / "model.safetensors"))
+        model.load_weights(list(weights.items()))
+    else:
+        _, tensors = load_adapter(folder / "weights")
+        layers = lora.lora_layers(model)
+        for path, (a, b) in tensors.items():
+            layers[path].lora_a = mx.array(a.T)
+            layers[path].lora_b = mx.array(b.T)
+    optimizer.init(model.trainable_parameters())
+    optimizer.state = tree_unflatten(list(mx.load(str(folder / "optimizer.safetensors")).items()))
+    return state["step"], state["best"], state["stale"]

@@ -1,0 +1,81 @@
+"""A recipe's data section -> train / validation / test rows, and their encodings.
+
+Sources, by what the path is:
+- a MIND folder (behaviors.tsv + news.tsv): converted to TALLRec rows on the fly, then split;
+- a folder with train.jsonl (+ valid.jsonl, test.jsonl): used as it is split;
+- a .json / .jsonl / .csv file: split with the recipe's fractions and seed.
+K-shot sampling, when asked, draws K rows from the training split only, so every K is scored
+on the same validation and test rows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from mlxft.data.encode import EncodeReport, Example, encode_records
+from mlxft.data.records import Record, detect_schema, load_records
+from mlxft.data.sources.mind import iter_tallrec_rows
+from mlxft.data.splits import sample_k_shot, split_items
+from mlxft.data.templates import schema_and_template
+from mlxft.errors import UserError
+from mlxft.resources import bundled
+
+
+@dataclass
+class Splits:
+    train: list[Record]
+    valid: list[Record]
+    test: list[Record]
+    schema: str | None
+    template: str
+    source: str
+
+
+def resolve_source(source: str) -> Path:
+    """A path as given, or a bundled sample named relative to the repository ('data/...')."""
+    path = Path(source).expanduser()
+    if path.exists():
+        return path
+    if not path.is_absolute() and bundled(source).exists():
+        return bundled(source)
+    raise UserError(f"data {source}: no such file or folder")
+
+
+def load_splits(data) -> Splits:
+    """Rows for a DataConfig (see mlxft.config), split and checked against the template."""
+    path = resolve_source(data.source)
+    fractions = tuple(data.split)
+    if path.is_dir() and (path / "behaviors.tsv").exists():
+        rows = iter_tallrec_rows(path, max_history=data.max_history, use_history=data.use_history,
+                                 min_impressions=data.min_impressions)
+        records = [Record(row, f"{path}/behaviors.tsv impression {row['impression_id']}") for row in rows]
+        train, valid, test = split_items(records, fractions, data.seed)
+    elif path.is_dir():
+        if not (path / "train.jsonl").exists():
+            raise UserError(f"data {path}: a folder needs train.jsonl (and valid.jsonl, test.jsonl) or MIND's behaviors.tsv + news.tsv")
+        train = load_records(path / "train.jsonl")
+        valid = load_records(path / "valid.jsonl") if (path / "valid.jsonl").exists() else []
+        test = load_records(path / "test.jsonl") if (path / "test.jsonl").exists() else []
+    else:
+        train, valid, test = split_items(load_records(path), fractions, data.seed)
+    if data.k_shot:
+        train = sample_k_shot(train, data.k_shot, data.seed)
+    if data.max_valid_rows:
+        valid = valid[: data.max_valid_rows]
+    schema, template = schema_and_template(train, data.template, data.completion_field)
+    for part in (valid, test):
+        if part and schema:
+            detect_schema(part)
+    return Splits(train, valid, test, schema, template, str(path))
+
+
+def encode_split(records: list[Record], splits: Splits, tokenizer, data, *, for_eval: bool = False) -> tuple[list[Example], EncodeReport]:
+    """Encode one split; evaluation never scores the prompt, so its loss is the answer's loss."""
+    return encode_records(
+        records, splits.schema, splits.template, tokenizer,
+        cutoff=data.cutoff,
+        train_on_inputs=data.train_on_inputs and not for_eval,
+        completion_field=data.completion_field,
+        system_prompt=data.system_prompt,
+    )
