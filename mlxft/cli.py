@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -205,8 +206,12 @@ def lora_command(recipe, model, data_source, out_dir, overrides, quantize, backe
         run = Run.create(folder, config)
     from mlxft.backends.mlx.sft import train
 
-    click.echo(f"run folder: {run.folder}")
-    summary = train(config, run, resume=resume_dir is not None, adapter=str(adapter) if adapter else None, echo=click.echo)
+    try:
+        summary = train(config, run, resume=resume_dir is not None, adapter=str(adapter) if adapter else None, echo=click.echo)
+    except UserError:
+        if not resume_dir and not (run.folder / "metrics.jsonl").exists():
+            shutil.rmtree(run.folder, ignore_errors=True)  # nothing trained: leave no half-made run behind
+        raise
     _print_outcome(summary)
 
 
@@ -219,6 +224,47 @@ def _print_outcome(summary: dict) -> None:
         for item in summary["generations"]:
             click.echo(f"--- {item['origin']}\nprompt: {item['prompt']!r}\nanswer: {item['answer']!r}\nexpected: {item['expected']!r}")
     click.echo(f"adapter: {summary['adapter']}")
+
+
+@cli.group(cls=Group)
+def eval():
+    """Evaluate a model or adapter."""
+
+
+@eval.command("auc")
+@click.option("--model", default="builtin", show_default=True, help="'builtin', a local Hugging Face folder or a hub id.")
+@click.option("--adapter", default=None, type=click.Path(path_type=Path), help="An adapter folder (PEFT layout) or a run folder.")
+@click.option("--data", "data_path", required=True, type=click.Path(path_type=Path), help="Yes/No rows (.jsonl/.json) or a MIND folder.")
+@click.option("--template", default="alpaca", show_default=True, help="The template the model was trained with.")
+@click.option("--answers", default="Yes.,No.", show_default=True, help="Positive and negative answer, comma-separated.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True, help="Rows per forward pass.")
+@click.option("--backend", default="auto", show_default=True, type=click.Choice(["auto", "mlx", "torch"]), help="Which backend runs the model.")
+@click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+@click.option("--trust-remote-code", is_flag=True, help="Allow a hub model to run its own code (off by default).")
+def eval_auc(model, adapter, data_path, template, answers, batch_size, backend, as_json, trust_remote_code):
+    """AUC from the Yes/No probabilities at the first answer position, as TALLRec scores it.
+
+    The two answer tokens come from the tokenizer and template (never hard-coded ids); also
+    prints label balance and accuracy at 0.5.
+    """
+    from mlxft.backends import resolve_backend
+    from mlxft.backends.mlx.evaluate import score_yes_no
+
+    resolve_backend(backend)
+    positive, _, negative = answers.partition(",")
+    if not negative:
+        raise UserError("--answers takes two answers, like Yes.,No.")
+    records = _load_any(data_path)
+    report = score_yes_no(model, str(adapter) if adapter else None, records, template=template,
+                          answers=[positive, negative], batch_size=batch_size, trust_remote_code=trust_remote_code)
+    report.pop("probabilities")
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+    else:
+        click.echo(f"rows {report['rows']}, positive rate {report['positive_rate']:.3f} "
+                   f"({positive!r} {round(report['positive_rate'] * report['rows'])} / {negative!r} "
+                   f"{report['rows'] - round(report['positive_rate'] * report['rows'])})")
+        click.echo(f"AUC {report['auc']:.4f}, accuracy at 0.5 {report['accuracy']:.4f}, answer loss {report['loss']:.4f}")
 
 
 @cli.group(cls=Group, invoke_without_command=True)

@@ -64,11 +64,11 @@ def tiny_model_dir(builtin_tokenizer, tmp_path_factory):
     """A 2-layer, 32-wide Llama with the built-in tokenizer: trains a step in milliseconds."""
     import shutil
 
-    from mlxft.builtin import builtin_dir, write_model
+    from mlxft.builtin import tokenizer_dir, write_model
 
     folder = tmp_path_factory.mktemp("tiny-model")
     for name in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "chat_template.jinja"):
-        if (builtin_dir() / name).exists():
-            shutil.copy(builtin_dir() / name, folder / name)
+        if (tokenizer_dir() / name).exists():
+            shutil.copy(tokenizer_dir() / name, folder / name)
     write_model(folder, TINY, seed=1)
     return folder

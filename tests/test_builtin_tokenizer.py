@@ -2,7 +2,7 @@
 
 import hashlib
 
-from mlxft.builtin import builtin_dir, corpus_lines, write_tokenizer
+from mlxft.builtin import builtin_dir, corpus_lines, tokenizer_dir, write_tokenizer
 from mlxft.data.encode import answer_token_ids, encode_prompted
 from mlxft.data.records import Record
 from mlxft.data.sources.mind import INSTRUCTION
@@ -57,6 +57,6 @@ def test_cache_folder_is_named_by_its_sources(monkeypatch, tmp_path):
 def test_mlx_lm_loads_it(builtin_tokenizer):
     from mlx_lm.tokenizer_utils import load as load_mlx_tokenizer
 
-    folder = builtin_dir()
+    folder = tokenizer_dir()
     wrapper = load_mlx_tokenizer(folder)
     assert wrapper.encode("Yes.", add_special_tokens=False) == builtin_tokenizer.encode("Yes.", add_special_tokens=False)

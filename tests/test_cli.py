@@ -95,8 +95,8 @@ def test_inspect_bundled_mind_sample(builtin_tokenizer):
     assert result.exit_code == 0, result.output
     info = json.loads(result.output)
     assert info["schema"] == "alpaca" and info["template"] == "alpaca"
-    assert info["labels"] == {"No.": 1643, "Yes.": 1253}
-    assert info["rows"] == 2896 and info["truncated"] == 0
+    assert info["labels"] == {"No.": 1732, "Yes.": 1190}
+    assert info["rows"] == 2922 and info["truncated"] == 0
     assert info["supervised"]["max"] == 3  # "▁Yes" / "▁No", ".", EOS
     assert info["example"]["mask_runs"].endswith(" 1x3") and info["example"]["mask_runs"].startswith("0x")
 

@@ -37,7 +37,7 @@ def run_training(config, folder, **kwargs):
 
 # Losses of the first 6 steps of the seeded tiny run; a change to the data order, masking, loss
 # normalisation, schedule or initialisation moves them.
-GOLDEN = [7.6643, 7.6397, 7.4612, 7.4125, 7.3695, 7.4048]
+GOLDEN = [7.6465, 7.5913, 7.4015, 7.3218, 7.3351, 7.3276]
 
 
 def test_golden_losses_and_run_folder(tiny_model_dir, tmp_path):

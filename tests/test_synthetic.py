@@ -135,10 +135,11 @@ def test_signal_report_on_committed_sample():
     assert report["rows"] == sum(len(r[4].split()) >= 5 for r in _behaviors())
     assert report["history_category_auc"] > 0.8
     assert report["title_overlap_auc"] > 0.8
-    # Personalisation carries the signal, not the item alone.
+    # Personalisation carries most of the signal; topic popularity a smaller part of it.
     for target_only in ("target_category_auc", "target_news_auc"):
-        assert report["history_category_auc"] > report[target_only] + 0.2
-        assert report["title_overlap_auc"] > report[target_only] + 0.2
+        assert 0.6 < report[target_only] < 0.75
+        assert report["history_category_auc"] > report[target_only] + 0.1
+        assert report["title_overlap_auc"] > report[target_only] + 0.1
     assert 0.35 <= report["target_positive_rate"] <= 0.55
 
 

@@ -53,6 +53,8 @@ def train(config: RunConfig, run: Run, *, resume: bool = False, adapter: str | N
     mx.random.seed(tc.seed)
     mlx_model.configure_memory()
 
+    splits = load_splits(config.data)  # rows first: a data mistake should not wait for a model to load
+
     # --- model -----------------------------------------------------------------------------
     model, tokenizer, folder = mlx_model.load(config.model.name, quantize=config.model.quantize,
                                               trust_remote_code=config.model.trust_remote_code)
@@ -81,11 +83,11 @@ def train(config: RunConfig, run: Run, *, resume: bool = False, adapter: str | N
          f"({'full fine-tuning' if config.lora.full_finetune else f'LoRA r={spec.r} alpha={spec.alpha:g} on {len(lora.lora_layers(model))} modules'})")
 
     # --- data ------------------------------------------------------------------------------
-    splits = load_splits(config.data)
     train_set, report = encode_split(splits.train, splits, tokenizer, config.data)
     valid_set = encode_split(splits.valid, splits, tokenizer, config.data, for_eval=True)[0] if splits.valid else []
     echo(f"data {splits.source}: {len(splits.train)} train / {len(splits.valid)} valid / {len(splits.test)} test rows; "
          f"template {splits.template}; {report.summary()}")
+    echo(f"run folder: {run.folder}")
     pad_id = pad_id_of(tokenizer)
     answer_ids = _answer_ids(tokenizer, splits, ec.answers)
     micro_per_epoch = math.ceil(len(train_set) / tc.batch_size)

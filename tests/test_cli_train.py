@@ -1,0 +1,101 @@
+"""`mlxft lora`, `mlxft eval auc` and `mlxft recipes` as a user meets them."""
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from mlxft.cli import cli
+
+
+def run(*args):
+    return CliRunner().invoke(cli, [str(a) for a in args])
+
+
+def one_line_error(result, message):
+    assert result.exit_code == 2, result.output
+    assert message in result.output, result.output
+    lines = result.output.strip().splitlines()
+    assert "Traceback" not in result.output
+    assert lines[-1].startswith("error: ") and sum(line.startswith("error: ") for line in lines) == 1
+
+
+def test_recipes_list_and_show():
+    listing = run("recipes")
+    assert listing.exit_code == 0
+    assert "tallrec" in listing.output and "alpaca-sft" in listing.output and "product-desc" in listing.output
+    shown = run("recipes", "show", "tallrec")
+    assert shown.exit_code == 0 and shown.output.startswith("# TALLRec") and "mlxft lora --recipe tallrec" in shown.output
+
+
+def test_lora_end_to_end_on_a_tiny_model(tiny_model_dir, tmp_path):
+    result = run("lora", "--recipe", "tallrec", "--model", tiny_model_dir, "--out", tmp_path / "run",
+                 "--set", "train.steps=3", "--set", "data.k_shot=16", "--set", "data.max_valid_rows=8",
+                 "--set", "train.batch_size=4", "--set", "eval.every=0")
+    assert result.exit_code == 0, result.output
+    assert "validation auc:" in result.output and "validation loss:" in result.output
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["steps"] == 3 and "eval_auc" in summary["before"] and "eval_auc" in summary["after"]
+    for key in ("tokens_per_second", "peak_memory_gb", "trained_tokens", "best", "adapter"):
+        assert summary[key] is not None, key
+    # the adapter it wrote scores through `mlxft eval auc`
+    scored = run("eval", "auc", "--model", tiny_model_dir, "--adapter", tmp_path / "run", "--data",
+                 "data/mind-sample", "--json")
+    assert scored.exit_code == 0, scored.output
+    assert 0.0 <= json.loads(scored.output)["auc"] <= 1.0
+    # a second run into the same folder is refused, not mixed in
+    again = run("lora", "--recipe", "tallrec", "--model", tiny_model_dir, "--out", tmp_path / "run")
+    one_line_error(again, "is not empty; use --resume")
+
+
+@pytest.fixture
+def lfs_adapter(tmp_path):
+    folder = tmp_path / "lfs"
+    folder.mkdir()
+    (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 8, "lora_alpha": 16,
+                                                            "target_modules": ["q_proj"]}))
+    (folder / "adapter_model.safetensors").write_text("version https://git-lfs.github.com/spec/v1\noid sha256:abc\nsize 123\n")
+    return folder
+
+
+def test_adapter_mistakes(tiny_model_dir, tmp_path, lfs_adapter):
+    base = ["eval", "auc", "--model", tiny_model_dir, "--data", "data/mind-sample", "--adapter"]
+    one_line_error(run(*base, tmp_path / "missing"), "no such folder")
+    (tmp_path / "file").write_text("x")
+    one_line_error(run(*base, tmp_path / "file"), "is a file")
+    (tmp_path / "empty").mkdir()
+    one_line_error(run(*base, tmp_path / "empty"), "the folder is empty")
+    one_line_error(run(*base, lfs_adapter), "a Git LFS pointer, not the weights")
+
+
+def test_adapter_for_another_base_names_the_keys(tiny_model_dir, tmp_path):
+    import numpy as np
+
+    from mlxft.adapters import AdapterSpec, save_adapter
+
+    spec = AdapterSpec(4, 8, 0.0, ["q_proj"], "other")
+    save_adapter(tmp_path / "wide", spec, {"model.layers.0.self_attn.q_proj": (np.zeros((4, 64)), np.zeros((64, 4)))})
+    result = run("eval", "auc", "--model", tiny_model_dir, "--data", "data/mind-sample", "--adapter", tmp_path / "wide")
+    one_line_error(result, "'model.layers.0.self_attn.q_proj' is 32x32 in the model but the adapter is for 64x64")
+    save_adapter(tmp_path / "deep", spec, {"model.layers.7.self_attn.q_proj": (np.zeros((4, 32)), np.zeros((32, 4)))})
+    result = run("eval", "auc", "--model", tiny_model_dir, "--data", "data/mind-sample", "--adapter", tmp_path / "deep")
+    one_line_error(result, "it adapts 'model.layers.7.self_attn.q_proj', which the model lacks")
+
+
+def test_lora_input_mistakes(tiny_model_dir, tmp_path):
+    one_line_error(run("lora", "--recipe", "tallrec", "--set", "train.stepz=3", "--out", tmp_path / "a"),
+                   "unknown setting 'train.stepz'")
+    no_tokenizer = tmp_path / "bare"
+    no_tokenizer.mkdir()
+    (no_tokenizer / "config.json").write_text((tiny_model_dir / "config.json").read_text())
+    one_line_error(run("lora", "--recipe", "tallrec", "--model", no_tokenizer, "--out", tmp_path / "b"), "no tokenizer files")
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    one_line_error(run("lora", "--recipe", "tallrec", "--model", tiny_model_dir, "--data", empty, "--out", tmp_path / "c"),
+                   "empty.jsonl: no rows")
+    long_rows = tmp_path / "long.jsonl"
+    long_rows.write_text("".join(json.dumps({"prompt": "word " * 50, "completion": "x"}) + "\n" for _ in range(5)))
+    one_line_error(run("lora", "--recipe", "tallrec", "--model", tiny_model_dir, "--data", long_rows, "--out", tmp_path / "d",
+                       "--set", "data.template=plain", "--set", "data.cutoff=10"), "no usable rows")
+    one_line_error(run("lora", "--recipe", "tallrec", "--backend", "torch", "--out", tmp_path / "e"),
+                   "the PyTorch backend is not implemented yet")
