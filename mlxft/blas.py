@@ -86,7 +86,10 @@ def ensure_shim() -> tuple[Path | None, str]:
         lib_dir = scipy_openblas32.get_lib_dir()
         command = [compiler, "-O2", "-shared", "-fPIC", str(source), "-o", str(built), f"-L{lib_dir}",
                    f"-l{scipy_openblas32.get_library()}", f"-Wl,-rpath,{lib_dir}"]
-        result = subprocess.run(command, capture_output=True, text=True)
+        try:
+            result = subprocess.run(command, capture_output=True, text=True, timeout=120)
+        except (OSError, subprocess.TimeoutExpired) as e:
+            return _failed(folder, f"the C compiler {compiler} could not run ({e})")
         if result.returncode != 0:
             return _failed(folder, f"the BLAS shim did not compile: {result.stderr.strip().splitlines()[-1:]}")
         os.replace(built, shim)
