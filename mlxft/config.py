@@ -15,6 +15,7 @@ from pathlib import Path
 import yaml
 
 from mlxft.errors import UserError
+from mlxft.model_files import BUILTIN
 from mlxft.resources import bundled
 
 
@@ -91,6 +92,9 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     out: str | None = None  # run folder; default runs/<recipe>-<time>
+    # Settings for the built-in model only ({"train.learning_rate": 5e-3, ...}): a tiny model
+    # trained from scratch needs other settings than a pre-trained one; --set still wins.
+    builtin_model: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -132,11 +136,17 @@ def load_config(recipe: str | None, overrides: list[str] = ()) -> RunConfig:
         except yaml.YAMLError as e:
             raise UserError(f"recipe {path}: not valid YAML ({str(e).splitlines()[0]})") from None
         values.setdefault("recipe", path.stem)
+    given = set()
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise UserError(f"--set {item!r}: expected key.sub=value, like train.steps=100")
+        given.add(key.strip())
         _set_path(values, key.strip().split("."), yaml.safe_load(raw) if raw.strip() else None, item)
+    if values.get("model", {}).get("name", ModelConfig.name) == BUILTIN:
+        for key, value in (values.get("builtin_model") or {}).items():
+            if key not in given:
+                _set_path(values, key.split("."), value, f"builtin_model: {key}")
     return _build(RunConfig, values, "")
 
 

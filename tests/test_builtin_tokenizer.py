@@ -60,3 +60,17 @@ def test_mlx_lm_loads_it(builtin_tokenizer):
     folder = tokenizer_dir()
     wrapper = load_mlx_tokenizer(folder)
     assert wrapper.encode("Yes.", add_special_tokens=False) == builtin_tokenizer.encode("Yes.", add_special_tokens=False)
+
+
+def test_pretraining_texts_hold_no_answers_and_no_evaluation_rows():
+    from mlxft.builtin import pretraining_rows
+    from mlxft.data.sources.mind import iter_tallrec_rows
+    from mlxft.data.templates import alpaca_prompt
+    from mlxft.resources import bundled
+
+    texts = [row["text"] for row in pretraining_rows()]
+    assert len(texts) > 1000
+    assert all(text.endswith("### Response:\n") for text in texts)  # the prompt only, never "Yes."/"No."
+    bundled_prompts = {alpaca_prompt(r["instruction"], r["input"]) for r in iter_tallrec_rows(bundled("data/mind-sample"),
+                                                                                               max_history=10)}
+    assert not bundled_prompts & set(texts)

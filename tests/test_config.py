@@ -19,7 +19,7 @@ def test_recipe_with_overrides():
     ("trian.steps=3", "unknown setting 'trian'"),
     ("train.steps=many", "setting 'train.steps' must be int, got 'many'"),
     ("lora.r=", "setting 'lora.r' cannot be empty"),
-    ("lora=3", "'lora' must be a section"),
+    ("data=3", "'data' must be a section"),
     ("steps", "expected key.sub=value"),
 ])
 def test_bad_overrides_are_named(override, message):
@@ -38,3 +38,12 @@ def test_every_bundled_recipe_loads_and_says_how_to_run_it():
     for name in names:
         config = load_config(name)
         assert config.recipe == name
+
+
+def test_builtin_model_settings_apply_only_to_the_builtin_model():
+    builtin = load_config("tallrec")
+    assert builtin.lora.full_finetune and builtin.train.learning_rate == 2e-3
+    real = load_config("tallrec", ["model.name=mlx-community/SmolLM-135M-Instruct-4bit"])
+    assert not real.lora.full_finetune and real.train.learning_rate == 3e-4
+    chosen = load_config("tallrec", ["train.learning_rate=1e-3"])
+    assert chosen.train.learning_rate == 1e-3 and chosen.lora.full_finetune  # --set wins
