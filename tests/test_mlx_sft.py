@@ -142,3 +142,13 @@ def test_adapter_is_written_in_peft_layout(tiny_model_dir, tmp_path):
     a, b = weights["model.layers.0.self_attn.q_proj"]
     assert a.shape == (8, 32) and b.shape == (32, 8)
     assert np.abs(b).sum() > 0  # trained: B moved off its zero initialisation
+
+
+def test_early_stopping_and_best_adapter(tiny_model_dir, tmp_path):
+    # With a zero learning rate nothing improves: the run stops after `patience` evaluations
+    # without progress, and the best adapter is the first one evaluated.
+    config = tiny_config(tiny_model_dir, tmp_path / "run", "train.learning_rate=0.0", "eval.every=1",
+                         "eval.patience=2", "eval.metric=loss", "train.warmup_steps=0")
+    summary = run_training(config, tmp_path / "run")
+    assert summary["stopped_early"] and summary["steps"] == 3
+    assert summary["best"]["step"] == 1 and (tmp_path / "run/best/adapter_config.json").exists()

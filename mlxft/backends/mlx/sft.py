@@ -116,7 +116,7 @@ def train(config: RunConfig, run: Run, *, resume: bool = False, adapter: str | N
     if not resume:
         run.write_summary({"before": before})
     if before:
-        echo("before training: " + _describe(before))
+        echo("before training: " + _describe(before, "eval_"))
 
     # --- loop ----------------------------------------------------------------------------------
     batches = _batch_stream(train_set, tc, pad_id, skip=step * tc.grad_accumulation)
@@ -180,7 +180,7 @@ def train(config: RunConfig, run: Run, *, resume: bool = False, adapter: str | N
     # --- save ----------------------------------------------------------------------------------
     after = validate()
     if after:
-        echo("after training:  " + _describe(after))
+        echo("after training:  " + _describe(after, "eval_"))
         final = {"step": step, **after}
         best, stale, improved = _track_best(final, best, stale, ec.metric)
         if improved:
@@ -289,8 +289,9 @@ def _track_best(record, best, stale, metric):
     return best, stale + 1, False
 
 
-def _describe(metrics: dict) -> str:
-    return ", ".join(f"{k.removeprefix('eval_')} {v:.4f}" if isinstance(v, float) else f"{k.removeprefix('eval_')} {v}"
+def _describe(metrics: dict, strip: str = "") -> str:
+    """'loss 0.2310, auc 0.5320' from {'eval_loss': ..., 'eval_auc': ...} with strip='eval_'."""
+    return ", ".join(f"{k.removeprefix(strip)} {v:.4g}" if isinstance(v, float) else f"{k.removeprefix(strip)} {v}"
                      for k, v in metrics.items())
 
 
