@@ -226,12 +226,12 @@ def _print_outcome(summary: dict) -> None:
     click.echo(f"adapter: {summary['adapter']}")
 
 
-@cli.group(cls=Group)
-def eval():
+@cli.group("eval", cls=Group)
+def eval_group():
     """Evaluate a model or adapter."""
 
 
-@eval.command("auc")
+@eval_group.command("auc")
 @click.option("--model", default="builtin", show_default=True, help="'builtin', a local Hugging Face folder or a hub id.")
 @click.option("--adapter", default=None, type=click.Path(path_type=Path), help="An adapter folder (PEFT layout) or a run folder.")
 @click.option("--data", "data_path", required=True, type=click.Path(path_type=Path), help="Yes/No rows (.jsonl/.json) or a MIND folder.")
