@@ -83,5 +83,18 @@ def configure_memory() -> None:
         mx.set_wired_limit(limit)
 
 
+CACHE_LIMIT_FRACTION = 0.25  # of the recommended working set
+
+
+def trim_cache() -> None:
+    """On Metal, give cached buffers back once the cache outgrows a share of the working set,
+    as mlx-lm's trainer does: with unified memory they are memory the system cannot use."""
+    if not mx.metal.is_available():
+        return
+    limit = mx.device_info().get("max_recommended_working_set_size", 0) * CACHE_LIMIT_FRACTION
+    if limit and mx.get_cache_memory() > limit:
+        mx.clear_cache()
+
+
 def peak_memory_gb() -> float:
     return mx.get_peak_memory() / 1e9

@@ -145,6 +145,7 @@ def train(config: RunConfig, run: Run, *, resume: bool = False, adapter: str | N
                                                 minimum=tc.min_learning_rate)
         grad_norm = update(grads, step_scored)
         mx.eval(state, step_loss, step_scored, grad_norm)
+        mlx_model.trim_cache()
         step += 1
         window["loss"] += step_loss.item()
         window["scored"] += step_scored.item()
