@@ -124,7 +124,6 @@ def train(config: RunConfig, run: Run, *, resume: bool = False, adapter: str | N
     model.train()
     window = {"loss": 0.0, "scored": 0.0, "tokens": 0, "start": time.perf_counter()}
     trained_tokens = sum(r.get("trained_tokens", 0) for r in run.metrics()[-1:]) if resume else 0
-    peak_tokens_per_second = 0.0
     mx.reset_peak_memory()
     stopped_early = False
     while step < total_steps:
@@ -155,7 +154,6 @@ def train(config: RunConfig, run: Run, *, resume: bool = False, adapter: str | N
         if step % tc.report_every == 0 or step == total_steps or evaluate_now:
             elapsed = time.perf_counter() - window["start"]
             tokens_per_second = window["tokens"] / elapsed
-            peak_tokens_per_second = max(peak_tokens_per_second, tokens_per_second)
             record = {"step": step, "epoch": round(epoch, 3), "loss": window["loss"] / window["scored"],
                       "learning_rate": float(optimizer.learning_rate.item()), "grad_norm": grad_norm.item(),
                       "tokens_per_second": tokens_per_second, "trained_tokens": trained_tokens,
