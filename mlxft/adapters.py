@@ -12,15 +12,13 @@ is a file, an empty folder, a Git LFS pointer instead of weights, a config that 
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from mlxft.errors import UserError
+from mlxft.files import staged_folder
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -86,29 +84,14 @@ def save_adapter(folder: str | Path, spec: AdapterSpec, weights: dict[str, tuple
     """Write {module path: (A [r, in], B [out, r])} atomically: a temporary folder, then a rename."""
     from safetensors.numpy import save_file
 
-    folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
     tensors = {}
     for module, (a, b) in weights.items():
         tensors[f"{PREFIX}{module}.lora_A.weight"] = np.ascontiguousarray(a, dtype=np.float32)
         tensors[f"{PREFIX}{module}.lora_B.weight"] = np.ascontiguousarray(b, dtype=np.float32)
-    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    save_file(tensors, str(staging / WEIGHTS_FILE), metadata={"format": "pt"})
-    (staging / CONFIG_FILE).write_text(json.dumps(spec.to_peft(), indent=2))
-    replace_folder(staging, folder)
-    return folder
-
-
-def replace_folder(staging: Path, folder: Path) -> None:
-    """Put a finished folder in place of an old one without a moment where neither is whole."""
-    old = None
-    if folder.exists():
-        old = folder.with_name(f".{folder.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.rename(folder, old)
-    os.rename(staging, folder)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    with staged_folder(folder) as staging:
+        save_file(tensors, str(staging / WEIGHTS_FILE), metadata={"format": "pt"})
+        (staging / CONFIG_FILE).write_text(json.dumps(spec.to_peft(), indent=2))
+    return Path(folder)
 
 
 def adapter_folder(path: str | Path) -> Path:

@@ -22,14 +22,13 @@ import sys
 import tempfile
 from pathlib import Path
 
+from mlxft.model_files import TOKENIZER_OUTPUTS
 from mlxft.resources import bundled
 
 BUILTIN_VERSION = "1"
 VOCAB_SIZE = 2048
 # Plain text files under data/ whose every line feeds the tokenizer (and, later, pre-training).
 MIND_SAMPLE = "data/mind-sample"
-TOKENIZER_OUTPUTS = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
-                     "special_tokens_map.json")
 CORPUS_FILES = ("data/mind-sample/news.tsv", "data/alpaca-sample.json", "data/products.csv",
                 "data/preference-sample.jsonl", "data/opposing-sample.json")
 CHAT_TEMPLATE = (

@@ -11,7 +11,10 @@ from pathlib import Path
 from mlxft.errors import UserError
 
 BUILTIN = "builtin"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")  # any one means "has a tokenizer"
+# Everything a tokenizer may be saved as: copied along when a model folder is written.
+TOKENIZER_OUTPUTS = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
+                     "special_tokens_map.json")
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
 
 

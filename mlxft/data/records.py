@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import csv
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from mlxft.errors import UserError
+from mlxft.files import write_atomic
 
 
 @dataclass(frozen=True)
@@ -165,16 +164,4 @@ def _check_messages(record: Record) -> None:
 
 def write_jsonl(rows: list[dict], path: str | Path) -> None:
     """Write rows as JSONL under a temporary name, then rename: never a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(
-        "w", encoding="utf-8", dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False
-    ) as f:
-        try:
-            for row in rows:
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
-        except BaseException:
-            f.close()
-            Path(f.name).unlink(missing_ok=True)
-            raise
-    os.replace(f.name, path)
+    write_atomic(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))

@@ -29,7 +29,7 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
-from mlxft.adapters import AdapterSpec, load_adapter, replace_folder, save_adapter
+from mlxft.adapters import AdapterSpec, load_adapter, save_adapter
 from mlxft.backends.mlx import lora, model as mlx_model
 from mlxft.backends.mlx.evaluate import evaluate
 from mlxft.config import RunConfig
@@ -37,7 +37,8 @@ from mlxft.data.batching import iterate_batches, scored_targets
 from mlxft.data.dataset import encode_split, load_splits
 from mlxft.data.encode import answer_token_ids
 from mlxft.errors import UserError
-from mlxft.model_files import BUILTIN, pad_id as pad_id_of
+from mlxft.files import staged_folder
+from mlxft.model_files import BUILTIN, TOKENIZER_OUTPUTS, pad_id as pad_id_of
 from mlxft.progress import Progress
 from mlxft.runs import Run
 from mlxft.schedule import learning_rate
@@ -305,30 +306,22 @@ def _save_weights(folder: Path, model, spec, config, tokenizer, base_folder) -> 
         save_adapter(folder, spec, lora.adapter_weights(model))
         return
     import shutil
-    import tempfile
 
     from mlx_lm.utils import save_model
 
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    save_model(staging, model)
-    for name in ("config.json", "generation_config.json", "tokenizer.json", "tokenizer.model",
-                 "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"):
-        if (Path(base_folder) / name).exists():
-            shutil.copy(Path(base_folder) / name, staging / name)
-    replace_folder(staging, folder)
+    with staged_folder(folder) as staging:
+        save_model(staging, model)
+        for name in ("config.json", "generation_config.json", *TOKENIZER_OUTPUTS):
+            if (Path(base_folder) / name).exists():
+                shutil.copy(Path(base_folder) / name, staging / name)
 
 
 def _save_checkpoint(run, model, optimizer, spec, config, tokenizer, base_folder, step, best, stale) -> None:
     """Weights, optimizer state and the step, written to a new folder and swapped in whole."""
-    import tempfile
-
-    run.folder.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".checkpoint.", dir=run.folder))
-    _save_weights(staging / "weights", model, spec, config, tokenizer, base_folder)
-    mx.save_safetensors(str(staging / "optimizer.safetensors"), dict(tree_flatten(optimizer.state)))
-    (staging / "state.json").write_text(json.dumps({"step": step, "best": best, "stale": stale}))
-    replace_folder(staging, run.checkpoint_dir)
+    with staged_folder(run.checkpoint_dir) as staging:
+        _save_weights(staging / "weights", model, spec, config, tokenizer, base_folder)
+        mx.save_safetensors(str(staging / "optimizer.safetensors"), dict(tree_flatten(optimizer.state)))
+        (staging / "state.json").write_text(json.dumps({"step": step, "best": best, "stale": stale}))
 
 
 def _load_checkpoint(run, model, optimizer, full_finetune: bool):
