@@ -289,12 +289,12 @@ def recipes_show(name):
 
 def _load_any(path: Path):
     """Rows from a file, or TALLRec rows from a MIND folder."""
-    from mlxft.data.records import Record, load_records
+    from mlxft.data.records import load_records
 
     if path.is_dir() and (path / "behaviors.tsv").exists():
-        from mlxft.data.sources.mind import iter_tallrec_rows
+        from mlxft.data.dataset import mind_records
 
-        return [Record(row, f"{path}/behaviors.tsv impression {row['impression_id']}") for row in iter_tallrec_rows(path)]
+        return mind_records(path)
     return load_records(path)
 
 

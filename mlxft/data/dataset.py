@@ -42,14 +42,19 @@ def resolve_source(source: str) -> Path:
     raise UserError(f"data {source}: no such file or folder")
 
 
+def mind_records(path: Path, **options) -> list[Record]:
+    """TALLRec rows of a MIND folder as records; their origin names the impression."""
+    return [Record(row, f"{path}/behaviors.tsv impression {row['impression_id']}")
+            for row in iter_tallrec_rows(path, **options)]
+
+
 def load_splits(data) -> Splits:
     """Rows for a DataConfig (see mlxft.config), split and checked against the template."""
     path = resolve_source(data.source)
     fractions = tuple(data.split)
     if path.is_dir() and (path / "behaviors.tsv").exists():
-        rows = iter_tallrec_rows(path, max_history=data.max_history, use_history=data.use_history,
-                                 min_impressions=data.min_impressions)
-        records = [Record(row, f"{path}/behaviors.tsv impression {row['impression_id']}") for row in rows]
+        records = mind_records(path, max_history=data.max_history, use_history=data.use_history,
+                               min_impressions=data.min_impressions)
         train, valid, test = split_items(records, fractions, data.seed)
     elif path.is_dir():
         if not (path / "train.jsonl").exists():

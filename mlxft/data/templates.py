@@ -173,7 +173,7 @@ def _render_chat(record: Record, schema, tokenizer, system_prompt) -> Prompted:
         messages = list(record.fields["messages"])
         answer = messages.pop()
     else:
-        answer_field = {"alpaca": "output", "completion": "completion"}.get(schema or "")
+        answer_field = DEFAULT_COMPLETION_FIELD.get(schema or "")
         if answer_field is None:
             raise UserError(f"{record.origin}: the chat template cannot render {schema} rows")
         messages = [{"role": "user", "content": _user_message(record.fields, schema)}]

@@ -54,12 +54,12 @@ def score_yes_no(model_name: str, adapter: str | None, records, *, template: str
     from mlxft.backends.mlx import lora
     from mlxft.backends.mlx.model import can_split_head, load
     from mlxft.data.encode import answer_token_ids, encode_records
-    from mlxft.data.templates import schema_and_template
+    from mlxft.data.templates import DEFAULT_COMPLETION_FIELD, schema_and_template
     from mlxft.errors import UserError
     from mlxft.model_files import pad_id
 
     schema, template = schema_and_template(records, template)
-    answer_field = {"alpaca": "output", "completion": "completion"}.get(schema)
+    answer_field = DEFAULT_COMPLETION_FIELD.get(schema)
     if answer_field is None:
         raise UserError(f"AUC needs Alpaca or prompt/completion rows with {answers[0]!r}/{answers[1]!r} answers, not {schema} rows")
     odd = next((r for r in records if r[answer_field] not in answers), None)

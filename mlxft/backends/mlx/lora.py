@@ -83,6 +83,11 @@ def load_adapter_weights(model, spec: AdapterSpec, weights: dict, where: str) ->
     missing = sorted(set(paths) - set(weights))
     if missing:
         raise UserError(f"adapter {where} lacks weights for '{missing[0]}', which its config targets")
+    set_adapter_weights(model, weights)
+
+
+def set_adapter_weights(model, weights: dict) -> None:
+    """Copy PEFT-oriented (A, B) tensors into the model's LoRA layers (lora_a = A.T, lora_b = B.T)."""
     layers = lora_layers(model)
     for path, (a, b) in weights.items():
         layers[path].lora_a = mx.array(a.T)

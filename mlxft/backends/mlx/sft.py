@@ -331,11 +331,7 @@ def _load_checkpoint(run, model, optimizer, full_finetune: bool):
         weights = mx.load(str(folder / "weights" / "model.safetensors"))
         model.load_weights(list(weights.items()))
     else:
-        _, tensors = load_adapter(folder / "weights")
-        layers = lora.lora_layers(model)
-        for path, (a, b) in tensors.items():
-            layers[path].lora_a = mx.array(a.T)
-            layers[path].lora_b = mx.array(b.T)
+        lora.set_adapter_weights(model, load_adapter(folder / "weights")[1])
     optimizer.init(model.trainable_parameters())
     optimizer.state = tree_unflatten(list(mx.load(str(folder / "optimizer.safetensors")).items()))
     return state["step"], state["best"], state["stale"]
