@@ -26,25 +26,21 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
-import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 from mlxft.adapters import AdapterSpec, load_adapter, save_adapter
 from mlxft.backends.mlx import lora, model as mlx_model
 from mlxft.backends.mlx.evaluate import evaluate
 from mlxft.config import RunConfig
-from mlxft.data.batching import iterate_batches, scored_targets
+from mlxft.data.batching import scored_targets
 from mlxft.data.dataset import encode_split, load_splits
-from mlxft.data.encode import answer_token_ids
 from mlxft.errors import UserError
 from mlxft.files import staged_folder
 from mlxft.model_files import BUILTIN, TOKENIZER_OUTPUTS, pad_id as pad_id_of
 from mlxft.progress import Progress
 from mlxft.runs import Run
 from mlxft.schedule import learning_rate
-
-PAD_MULTIPLE = 16  # fewer distinct shapes, so the compiled step is traced a few times, not per batch
-
+from mlxft.training import answer_ids_for, batch_stream, describe, mean_rate, track_best
 
 def train(config: RunConfig, run: Run, *, resume: bool = False, adapter: str | None = None, echo=print) -> dict:
     """Train as `config` says, writing into `run`; returns the summary (also in summary.json)."""
@@ -90,7 +86,7 @@ def train(config: RunConfig, run: Run, *, resume: bool = False, adapter: str | N
          f"template {splits.template}; {report.summary()}")
     echo(f"run folder: {run.folder}")
     pad_id = pad_id_of(tokenizer)
-    answer_ids = _answer_ids(tokenizer, splits, ec.answers)
+    answer_ids = answer_ids_for(tokenizer, splits, ec.answers)
     micro_per_epoch = math.ceil(len(train_set) / tc.batch_size)
     total_steps = tc.steps if tc.steps else max(1, math.ceil((tc.epochs or 1) * micro_per_epoch / tc.grad_accumulation))
 
@@ -117,10 +113,10 @@ def train(config: RunConfig, run: Run, *, resume: bool = False, adapter: str | N
     if not resume:
         run.write_summary({"before": before})
     if before:
-        echo("before training: " + _describe(before, "eval_"))
+        echo("before training: " + describe(before, "eval_"))
 
     # --- loop ----------------------------------------------------------------------------------
-    batches = _batch_stream(train_set, tc, pad_id, skip=step * tc.grad_accumulation)
+    batches = batch_stream(train_set, tc, pad_id, skip=step * tc.grad_accumulation)
     progress = Progress(total_steps, initial=step)
     model.train()
     window = {"loss": 0.0, "scored": 0.0, "tokens": 0, "start": time.perf_counter()}
@@ -161,12 +157,12 @@ def train(config: RunConfig, run: Run, *, resume: bool = False, adapter: str | N
                       "peak_memory_gb": mlx_model.peak_memory_gb()}
             if evaluate_now:
                 record.update(validate())
-                best, stale, improved = _track_best(record, best, stale, ec.metric)
+                best, stale, improved = track_best(record, best, stale, ec.metric)
                 if improved:
                     _save_weights(run.folder / "best", model, spec, config, tokenizer, folder)
             run.log(record)
             progress.set_rate(tokens_per_second)
-            progress.report(f"step {step}/{total_steps}: " + _describe({k: v for k, v in record.items() if k != "step"}))
+            progress.report(f"step {step}/{total_steps}: " + describe({k: v for k, v in record.items() if k != "step"}))
             window = {"loss": 0.0, "scored": 0.0, "tokens": 0, "start": time.perf_counter()}
             if ec.patience and stale >= ec.patience:
                 echo(f"early stop at step {step}: no better eval_{ec.metric} for {stale} evaluations")
@@ -180,9 +176,9 @@ def train(config: RunConfig, run: Run, *, resume: bool = False, adapter: str | N
     # --- save ----------------------------------------------------------------------------------
     after = validate()
     if after:
-        echo("after training:  " + _describe(after, "eval_"))
+        echo("after training:  " + describe(after, "eval_"))
         final = {"step": step, **after}
-        best, stale, improved = _track_best(final, best, stale, ec.metric)
+        best, stale, improved = track_best(final, best, stale, ec.metric)
         if improved:
             _save_weights(run.folder / "best", model, spec, config, tokenizer, folder)
     _save_weights(run.folder / "last", model, spec, config, tokenizer, folder)
@@ -202,7 +198,7 @@ def train(config: RunConfig, run: Run, *, resume: bool = False, adapter: str | N
         "after": after,
         "best": best,
         "final_loss": history[-1]["loss"] if history else None,
-        "tokens_per_second": _mean_rate(history),
+        "tokens_per_second": mean_rate(history),
         "trained_tokens": trained_tokens,
         "peak_memory_gb": max((r["peak_memory_gb"] for r in history), default=mlx_model.peak_memory_gb()),
         "adapter": str(run.folder / "best" if (run.folder / "best").exists() else run.folder / "last"),
@@ -251,53 +247,6 @@ def _answer_held_out(model, tokenizer, splits, config) -> list[dict]:
         answers.append({"origin": record.origin, "prompt": prompted.prompt, "answer": answer,
                         "expected": prompted.completion})
     return answers
-
-
-def _answer_ids(tokenizer, splits, answers):
-    """The Yes/No token ids when every validation answer is one of the recipe's answers."""
-    if not answers or len(answers) != 2 or splits.schema != "alpaca" or not splits.valid:
-        return None
-    if any(r.get("output") not in answers for r in splits.valid):
-        return None
-    return answer_token_ids(tokenizer, answers)
-
-
-def _batch_stream(examples, tc, pad_id, skip: int):
-    """Micro-batches forever, epoch after epoch; epoch e's order depends only on (seed, e), so a
-    resumed run skips exactly the batches it already trained on."""
-    per_epoch = math.ceil(len(examples) / tc.batch_size)
-    epoch = skip // per_epoch
-    offset = skip % per_epoch
-    while True:
-        for i, batch in enumerate(iterate_batches(examples, tc.batch_size, pad_id, seed=tc.seed * 7919 + epoch,
-                                                  pad_to_multiple=PAD_MULTIPLE)):
-            if i < offset:
-                continue
-            yield batch, epoch + (i + 1) / per_epoch
-        epoch, offset = epoch + 1, 0
-
-
-def _track_best(record, best, stale, metric):
-    key = f"eval_{metric}"
-    if key not in record:
-        raise UserError(f"eval.metric '{metric}' is not measured on this data (have: "
-                        f"{', '.join(k[5:] for k in record if k.startswith('eval_'))})")
-    value = record[key]
-    better = best is None or (value > best["value"] if metric in ("auc", "accuracy") else value < best["value"])
-    if better:
-        return {"metric": metric, "value": value, "step": record["step"]}, 0, True
-    return best, stale + 1, False
-
-
-def _describe(metrics: dict, strip: str = "") -> str:
-    """'loss 0.2310, auc 0.5320' from {'eval_loss': ..., 'eval_auc': ...} with strip='eval_'."""
-    return ", ".join(f"{k.removeprefix(strip)} {v:.4g}" if isinstance(v, float) else f"{k.removeprefix(strip)} {v}"
-                     for k, v in metrics.items())
-
-
-def _mean_rate(history):
-    rates = [r["tokens_per_second"] for r in history if "tokens_per_second" in r]
-    return float(np.mean(rates)) if rates else None
 
 
 def _save_weights(folder: Path, model, spec, config, tokenizer, base_folder) -> None:

@@ -1,0 +1,64 @@
+"""Backend-neutral pieces of a training loop, shared by the MLX and PyTorch trainers: the batch
+stream that makes resume exact, best-metric tracking, and how metrics are printed.
+
+Each backend keeps its own loop (one readable file per method and backend); what is here is pure.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from mlxft.data.batching import iterate_batches
+from mlxft.data.encode import answer_token_ids
+from mlxft.errors import UserError
+
+PAD_MULTIPLE = 16  # fewer distinct shapes, so a compiled step is traced a few times, not per batch
+
+
+def answer_ids_for(tokenizer, splits, answers):
+    """The Yes/No token ids when every validation answer is one of the recipe's answers."""
+    if not answers or len(answers) != 2 or splits.schema != "alpaca" or not splits.valid:
+        return None
+    if any(r.get("output") not in answers for r in splits.valid):
+        return None
+    return answer_token_ids(tokenizer, answers)
+
+
+def batch_stream(examples, tc, pad_id, skip: int, pad_to_multiple: int = PAD_MULTIPLE):
+    """Micro-batches forever, epoch after epoch; epoch e's order depends only on (seed, e), so a
+    resumed run skips exactly the batches it already trained on."""
+    per_epoch = math.ceil(len(examples) / tc.batch_size)
+    epoch = skip // per_epoch
+    offset = skip % per_epoch
+    while True:
+        for i, batch in enumerate(iterate_batches(examples, tc.batch_size, pad_id, seed=tc.seed * 7919 + epoch,
+                                                  pad_to_multiple=pad_to_multiple)):
+            if i < offset:
+                continue
+            yield batch, epoch + (i + 1) / per_epoch
+        epoch, offset = epoch + 1, 0
+
+
+def track_best(record, best, stale, metric):
+    key = f"eval_{metric}"
+    if key not in record:
+        raise UserError(f"eval.metric '{metric}' is not measured on this data (have: "
+                        f"{', '.join(k[5:] for k in record if k.startswith('eval_'))})")
+    value = record[key]
+    better = best is None or (value > best["value"] if metric in ("auc", "accuracy") else value < best["value"])
+    if better:
+        return {"metric": metric, "value": value, "step": record["step"]}, 0, True
+    return best, stale + 1, False
+
+
+def describe(metrics: dict, strip: str = "") -> str:
+    """'loss 0.2310, auc 0.5320' from {'eval_loss': ..., 'eval_auc': ...} with strip='eval_'."""
+    return ", ".join(f"{k.removeprefix(strip)} {v:.4g}" if isinstance(v, float) else f"{k.removeprefix(strip)} {v}"
+                     for k, v in metrics.items())
+
+
+def mean_rate(history):
+    rates = [r["tokens_per_second"] for r in history if "tokens_per_second" in r]
+    return float(np.mean(rates)) if rates else None
