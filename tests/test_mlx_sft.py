@@ -152,3 +152,76 @@ def test_early_stopping_and_best_adapter(tiny_model_dir, tmp_path):
     summary = run_training(config, tmp_path / "run")
     assert summary["stopped_early"] and summary["steps"] == 3
     assert summary["best"]["step"] == 1 and (tmp_path / "run/best/adapter_config.json").exists()
+
+
+WIDE = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 2,
+        "num_key_value_heads": 2, "max_position_embeddings": 512}
+
+
+@pytest.fixture(scope="module")
+def wide_model_dir(tiny_model_dir, tmp_path_factory):
+    """64 wide: the smallest width MLX quantizes (its group size is 64)."""
+    import shutil
+
+    from mlxft.builtin import write_model
+
+    folder = tmp_path_factory.mktemp("wide-model")
+    for name in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json"):
+        shutil.copy(tiny_model_dir / name, folder / name)
+    write_model(folder, WIDE, seed=2)
+    return folder
+
+
+def test_qlora_on_load_trains_only_the_adapter(wide_model_dir, tmp_path):
+    config = tiny_config(wide_model_dir, tmp_path / "run", "train.steps=4", "model.quantize=4")
+    summary = run_training(config, tmp_path / "run")
+    assert summary["trainable_parameters"] == 4 * 8 * (64 + 64)  # LoRA only: the 4-bit base is frozen
+    spec, weights = load_adapter(tmp_path / "run/last")
+    a, b = weights["model.layers.0.self_attn.q_proj"]
+    assert a.shape == (8, 64) and b.shape == (64, 8) and np.abs(b).sum() > 0
+    # Quantizing changes the base's outputs a little, not beyond recognition.
+    full = run_training(tiny_config(wide_model_dir, tmp_path / "full", "train.steps=4"), tmp_path / "full")
+    assert summary["before"]["eval_loss"] == pytest.approx(full["before"]["eval_loss"], rel=0.05)
+    assert summary["before"]["eval_loss"] != full["before"]["eval_loss"]
+
+
+def test_a_saved_quantized_model_loads_as_qlora_and_refuses_full_finetuning(wide_model_dir, tmp_path):
+    import shutil
+
+    import mlx.nn as nn
+    from mlx_lm.utils import quantize_model, save_config, save_model
+
+    model, _, _ = load(str(wide_model_dir))
+    config = json.loads((wide_model_dir / "config.json").read_text())
+    model, config = quantize_model(model, config, group_size=64, bits=4)
+    quantized = tmp_path / "q4"
+    save_model(quantized, model)
+    save_config(config, quantized / "config.json")
+    for name in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json"):
+        shutil.copy(wide_model_dir / name, quantized / name)
+    loaded, _, _ = load(str(quantized))
+    assert any(isinstance(m, nn.QuantizedLinear) for _, m in loaded.named_modules())
+    summary = run_training(tiny_config(quantized, tmp_path / "run", "train.steps=2"), tmp_path / "run")
+    assert summary["trainable_parameters"] == 4 * 8 * (64 + 64)
+    from mlxft.errors import UserError
+
+    with pytest.raises(UserError, match="full-precision"):
+        run_training(tiny_config(quantized, tmp_path / "full", "lora.full_finetune=true"), tmp_path / "full")
+    with pytest.raises(UserError, match="already quantized"):
+        run_training(tiny_config(quantized, tmp_path / "again", "model.quantize=4"), tmp_path / "again")
+
+
+def test_gradient_checkpointing_gives_the_same_losses(tiny_model_dir, tmp_path):
+    plain = run_training(tiny_config(tiny_model_dir, tmp_path / "a", "train.steps=3", "lora.dropout=0"), tmp_path / "a")
+    checkpointed = run_training(tiny_config(tiny_model_dir, tmp_path / "b", "train.steps=3", "lora.dropout=0",
+                                            "train.grad_checkpoint=true"), tmp_path / "b")
+    assert losses(tmp_path / "b") == pytest.approx(losses(tmp_path / "a"), abs=1e-5)
+    assert checkpointed["steps"] == plain["steps"] == 3
+
+
+def test_gradient_checkpointing_with_dropout_is_refused(tiny_model_dir, tmp_path):
+    from mlxft.errors import UserError
+
+    with pytest.raises(UserError, match="lora.dropout=0"):
+        run_training(tiny_config(tiny_model_dir, tmp_path / "a", "train.grad_checkpoint=true", "lora.dropout=0.05"),
+                     tmp_path / "a")

@@ -74,6 +74,12 @@ def train(config: RunConfig, run: Run, *, resume: bool = False, adapter: str | N
     if tc.grad_checkpoint:
         from mlx_lm.tuner.trainer import grad_checkpoint
 
+        if config.lora.dropout and not config.lora.full_finetune:
+            # The backward pass recomputes each block's forward and would draw a second dropout
+            # mask, unrelated to the one the loss saw: the gradients would be silently wrong
+            # (measured: a 2% different gradient norm on the first step).
+            raise UserError("train.grad_checkpoint needs lora.dropout=0: the recomputed forward pass would draw another dropout mask")
+
         grad_checkpoint(model.layers[0])  # patches the block class: recompute activations in backward
     trainable, total = lora.trainable_parameters(model), lora.total_parameters(model)
     echo(f"model {folder} ({total / 1e6:.2f}M parameters); training {trainable:,} "
