@@ -267,6 +267,56 @@ def eval_auc(model, adapter, data_path, template, answers, batch_size, backend, 
         click.echo(f"AUC {report['auc']:.4f}, accuracy at 0.5 {report['accuracy']:.4f}, answer loss {report['loss']:.4f}")
 
 
+@eval_group.command("rank")
+@click.option("--model", default="builtin", show_default=True, help="'builtin', a local Hugging Face folder or a hub id.")
+@click.option("--adapter", default=None, type=click.Path(path_type=Path), help="An adapter folder (PEFT layout) or a run folder.")
+@click.option("--data", "mind_dir", required=True, type=click.Path(path_type=Path), help="A MIND folder (behaviors.tsv + news.tsv).")
+@click.option("--max-history", type=click.IntRange(min=0), default=10, show_default=True, help="Most recent History clicks shown as the user's preference.")
+@click.option("--max-impressions", type=click.IntRange(min=1), default=None, help="Score only the first N impressions.")
+@click.option("--template", default="alpaca", show_default=True, help="The template the model was trained with.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True, help="Rows per forward pass.")
+@click.option("--backend", default="auto", show_default=True, type=click.Choice(["auto", "mlx", "torch"]), help="Which backend runs the model.")
+@click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+@click.option("--trust-remote-code", is_flag=True, help="Allow a hub model to run its own code (off by default).")
+def eval_rank(model, adapter, mind_dir, max_history, max_impressions, template, batch_size, backend, as_json, trust_remote_code):
+    """MIND ranking: every candidate of each impression scored by P(Yes); AUC, MRR, nDCG@5 and
+    nDCG@10 per impression, averaged over impressions, as MIND's official evaluation does.
+
+    The prompt shows the user's History clicks (never another candidate's label) and asks about
+    each candidate in turn.
+    """
+    import itertools
+
+    from mlxft.backends import resolve_backend
+    from mlxft.data.records import Record
+    from mlxft.data.sources.mind import iter_impressions
+    from mlxft.eval.ranking import ranking_report
+
+    if resolve_backend(backend) == "torch":
+        from mlxft.backends.torch.evaluate import score_yes_no
+    else:
+        from mlxft.backends.mlx.evaluate import score_yes_no
+    impressions = list(itertools.islice(iter_impressions(mind_dir, max_history=max_history), max_impressions))
+    records = [Record(row, f"{mind_dir}/behaviors.tsv impression {impression}")
+               for impression, rows in impressions for row in rows]
+    if not records:
+        raise UserError(f"{mind_dir}: no impressions to rank")
+    scored = score_yes_no(model, str(adapter) if adapter else None, records, template=template,
+                          answers=["Yes.", "No."], batch_size=batch_size, trust_remote_code=trust_remote_code)
+    probabilities, start, groups = scored["probabilities"], 0, []
+    for _, rows in impressions:
+        groups.append((probabilities[start:start + len(rows)], [row["output"] == "Yes." for row in rows]))
+        start += len(rows)
+    report = ranking_report(groups)
+    report["candidates"] = len(records)
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+    else:
+        click.echo(f"{report['impressions']} impressions ({report['candidates']} candidates; "
+                   f"{report['skipped_one_class']} left out: all clicked or none)")
+        click.echo("  ".join(f"{name} {report[name]:.4f}" for name in ("auc", "mrr", "ndcg@5", "ndcg@10")))
+
+
 @cli.group(cls=Group, invoke_without_command=True)
 @click.pass_context
 def recipes(ctx):

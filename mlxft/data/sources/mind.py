@@ -102,19 +102,8 @@ def iter_tallrec_rows(
                 raise UserError(f"{where}: news id {news_id} is not in {news_path}")
             return titles[news_id]
 
-        liked = ",".join(f'"{title(n)}"' for n, is_liked in seen if is_liked)
-        disliked = ",".join(f'"{title(n)}"' for n, is_liked in seen if not is_liked)
-        row = {
-            "instruction": INSTRUCTION,
-            "input": (
-                f"User Preference: {liked}\n"
-                f"User Unpreference: {disliked}\n"
-                f'Whether the user will like the target news "{title(target_id)}"?'
-            ),
-            "output": "Yes." if target_liked else "No.",
-            "impression_id": impression_id,
-            "user_id": user_id,
-        }
+        row = tallrec_row([(title(n), is_liked) for n, is_liked in seen], title(target_id), target_liked)
+        row.update(impression_id=impression_id, user_id=user_id)
         stats.rows_written += 1
         if target_liked:
             stats.yes += 1
@@ -127,6 +116,47 @@ def iter_tallrec_rows(
             f"{behaviors_path}: no rows to write: {stats.skipped_few_impressions} of "
             f"{stats.rows_read} rows had fewer than {min_impressions} impressions"
         )
+
+
+def tallrec_row(seen: list[tuple[str, bool]], target: str, liked: bool) -> dict:
+    """The Alpaca row for one target: (title, liked) context oldest first, then the question."""
+    preference = ",".join(f'"{t}"' for t, is_liked in seen if is_liked)
+    unpreference = ",".join(f'"{t}"' for t, is_liked in seen if not is_liked)
+    return {
+        "instruction": INSTRUCTION,
+        "input": (
+            f"User Preference: {preference}\n"
+            f"User Unpreference: {unpreference}\n"
+            f'Whether the user will like the target news "{target}"?'
+        ),
+        "output": "Yes." if liked else "No.",
+    }
+
+
+def iter_impressions(mind_dir: str | Path, *, max_history: int | None = 10) -> Iterator[tuple[str, list[dict]]]:
+    """For ranking: (impression id, one row per candidate), in file order. The context is the
+    user's History column (clicks before this impression), never another candidate's label, so
+    every candidate of an impression is asked about with the same prompt but its own title."""
+    behaviors_path, news_path = _mind_files(mind_dir)
+    titles = _read_titles(news_path)
+    for number, line in _numbered_lines(behaviors_path):
+        where = f"{behaviors_path}:{number}"
+        columns = line.split("\t")
+        if len(columns) != 5:
+            raise UserError(f"{where}: {len(columns)} tab-separated columns, expected 5")
+        impression_id, user_id, _, history, impressions = columns
+        clicked = history.split()
+        if max_history is not None:
+            clicked = clicked[len(clicked) - max_history:] if max_history else []
+        missing = next((n for n in clicked if n not in titles), None)
+        candidates = [_parse_impression(token, where) for token in impressions.split()]
+        missing = missing or next((n for n, _ in candidates if n not in titles), None)
+        if missing:
+            raise UserError(f"{where}: news id {missing} is not in {news_path}")
+        seen = [(titles[n], True) for n in clicked]
+        rows = [{**tallrec_row(seen, titles[n], liked), "impression_id": impression_id, "user_id": user_id}
+                for n, liked in candidates]
+        yield impression_id, rows
 
 
 def convert_mind(
