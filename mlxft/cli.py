@@ -151,7 +151,7 @@ def _run_options(function):
         click.option("--out", "out_dir", default=None, type=click.Path(path_type=Path), help="Run folder. Default: runs/<recipe>-<time>."),
         click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a recipe setting, e.g. --set train.steps=100 (repeatable)."),
         click.option("--quantize", type=click.Choice(["4", "8"]), default=None, help="Quantize the model on load (QLoRA)."),
-        click.option("--backend", default="auto", show_default=True, type=click.Choice(["auto", "mlx", "torch"]), help="auto: MLX (Metal on Apple Silicon, CPU elsewhere)."),
+        click.option("--backend", default="auto", show_default=True, type=click.Choice(["auto", "mlx", "torch"]), help="auto: MLX on Apple Silicon, PyTorch where CUDA is present, MLX's CPU backend elsewhere."),
         click.option("--trust-remote-code", is_flag=True, help="Allow a hub model to run its own code (off by default)."),
     ]
     for option in reversed(options):
@@ -191,20 +191,29 @@ def lora_command(recipe, model, data_source, out_dir, overrides, quantize, backe
     from mlxft.config import load_config
     from mlxft.runs import Run, default_run_dir
 
-    resolve_backend(backend)
     if resume_dir:
         if recipe or model or data_source or overrides or quantize:
             raise UserError("--resume continues a run with its own config.yaml; give no other settings")
         config = load_config(str(resume_dir / "config.yaml"))
         run = Run.open_for_resume(resume_dir)
+        # A checkpoint holds one backend's optimizer state; the MLX trainer's names no backend.
+        written_by = json.loads((run.checkpoint_dir / "state.json").read_text()).get("backend", "mlx")
+        if backend not in ("auto", written_by):
+            raise UserError(f"--resume {resume_dir}: its checkpoint was written by the {written_by} backend; "
+                            f"resume it with --backend {written_by}")
+        backend = resolve_backend(written_by)
     else:
+        backend = resolve_backend(backend)
         if recipe is None:
             raise UserError("name a recipe: --recipe tallrec (see `mlxft recipes`)")
         config = _resolve_config(recipe, model, data_source, out_dir, overrides, quantize, trust_remote_code)
         folder = Path(config.out) if config.out else default_run_dir(config.recipe)
         config.out = str(folder)
         run = Run.create(folder, config)
-    from mlxft.backends.mlx.sft import train
+    if backend == "torch":
+        from mlxft.backends.torch.sft import train
+    else:
+        from mlxft.backends.mlx.sft import train
 
     try:
         summary = train(config, run, resume=resume_dir is not None, adapter=str(adapter) if adapter else None, echo=click.echo)
@@ -248,9 +257,11 @@ def eval_auc(model, adapter, data_path, template, answers, batch_size, backend, 
     prints label balance and accuracy at 0.5.
     """
     from mlxft.backends import resolve_backend
-    from mlxft.backends.mlx.evaluate import score_yes_no
 
-    resolve_backend(backend)
+    if resolve_backend(backend) == "torch":
+        from mlxft.backends.torch.evaluate import score_yes_no
+    else:
+        from mlxft.backends.mlx.evaluate import score_yes_no
     positive, _, negative = answers.partition(",")
     if not negative:
         raise UserError("--answers takes two answers, like Yes.,No.")

@@ -97,5 +97,3 @@ def test_lora_input_mistakes(tiny_model_dir, tmp_path):
     long_rows.write_text("".join(json.dumps({"prompt": "word " * 50, "completion": "x"}) + "\n" for _ in range(5)))
     one_line_error(run("lora", "--recipe", "tallrec", "--model", tiny_model_dir, "--data", long_rows, "--out", tmp_path / "d",
                        "--set", "data.template=plain", "--set", "data.cutoff=10"), "no usable rows")
-    one_line_error(run("lora", "--recipe", "tallrec", "--backend", "torch", "--out", tmp_path / "e"),
-                   "the PyTorch backend is not implemented yet")

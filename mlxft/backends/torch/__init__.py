@@ -1,0 +1,1 @@
+"""The PyTorch backend: model loading through transformers, LoRA through PEFT, the SFT step, evaluation."""

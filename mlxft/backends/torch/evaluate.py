@@ -1,0 +1,81 @@
+"""Validation on PyTorch: token-weighted answer loss and, for Yes/No data, AUC as TALLRec scores it.
+
+The same computation as mlxft.backends.mlx.evaluate: the logits of the two answer tokens
+("▁Yes", "▁No": derived from the tokenizer, never hard-coded) at the first answer position, and
+P(yes) = softmax over those two. Padding rows and positions carry no weight.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from mlxft.backends.torch.model import autocast, logits_at, to_device
+from mlxft.data.batching import iterate_batches, scored_targets
+from mlxft.eval.metrics import binary_report
+
+
+@torch.no_grad()
+def evaluate(model, examples, *, pad_id: int, split_head: bool, batch_size: int = 32,
+             answer_ids: list[int] | None = None) -> dict:
+    """{'loss', 'tokens'} and, when every row's answer starts with one of answer_ids,
+    {'auc', 'accuracy', 'positive_rate', 'probabilities'}."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    loss_sum = n_tokens = 0.0
+    probabilities, labels = [], []
+    for batch in iterate_batches(examples, batch_size, pad_id, shuffle=False, pad_to_multiple=16):
+        targets = scored_targets(batch)
+        inputs, positions, tokens, weights = to_device(device, batch.input_ids[:, :-1], targets.positions,
+                                                       targets.tokens, targets.weights)
+        with autocast(device):
+            logits = logits_at(model, inputs, positions, split_head)
+        logits = logits.float()
+        losses = F.cross_entropy(logits.flatten(0, 1), tokens.flatten(), reduction="none") * weights.flatten()
+        loss_sum += losses.sum().item()
+        n_tokens += float(targets.weights.sum())
+        if answer_ids is not None:
+            first = targets.tokens[:, 0]
+            labels.append(np.where(first == answer_ids[0], 1, np.where(first == answer_ids[1], 0, -1)))
+            pair = logits[:, 0, :][:, answer_ids]  # the first answer position: targets are in order
+            probabilities.append(torch.softmax(pair, dim=-1)[:, 0].cpu().numpy())
+    if was_training:
+        model.train()
+    result = {"loss": loss_sum / max(n_tokens, 1.0), "tokens": int(n_tokens)}
+    if answer_ids is not None:
+        labels = np.concatenate(labels)
+        if (labels >= 0).all():
+            result.update(binary_report(np.concatenate(probabilities), labels))
+    return result
+
+
+def score_yes_no(model_name: str, adapter: str | None, records, *, template: str, answers: list[str],
+                 batch_size: int = 32, trust_remote_code: bool = False) -> dict:
+    """`mlxft eval auc --backend torch`: load a model (+ adapter), encode Yes/No rows, report AUC."""
+    from mlxft.adapters import load_adapter
+    from mlxft.backends.torch import lora
+    from mlxft.backends.torch.model import can_split_head, load
+    from mlxft.data.encode import answer_token_ids, encode_records
+    from mlxft.data.templates import DEFAULT_COMPLETION_FIELD, schema_and_template
+    from mlxft.errors import UserError
+    from mlxft.model_files import pad_id
+
+    schema, template = schema_and_template(records, template)
+    answer_field = DEFAULT_COMPLETION_FIELD.get(schema)
+    if answer_field is None:
+        raise UserError(f"AUC needs Alpaca or prompt/completion rows with {answers[0]!r}/{answers[1]!r} answers, not {schema} rows")
+    odd = next((r for r in records if r[answer_field] not in answers), None)
+    if odd is not None:
+        raise UserError(f"{odd.origin}: answer {odd[answer_field]!r} is neither {answers[0]!r} nor {answers[1]!r}")
+    model, tokenizer, folder = load(model_name, trust_remote_code=trust_remote_code)
+    if adapter:
+        spec, weights = load_adapter(adapter)
+        lora.load_adapter_weights(model, spec, weights, adapter)
+    examples, _ = encode_records(records, schema, template, tokenizer)
+    ids = answer_token_ids(tokenizer, answers)
+    result = evaluate(model, examples, pad_id=pad_id(tokenizer), split_head=can_split_head(model, folder),
+                      batch_size=batch_size, answer_ids=ids)
+    result["answer_token_ids"] = ids
+    return result

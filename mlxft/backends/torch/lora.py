@@ -1,0 +1,123 @@
+"""LoRA on PyTorch through PEFT, from the same AdapterSpec the MLX backend uses.
+
+PEFT's own layout is the on-disk format (mlxft.adapters), so nothing is transposed here: a LoRA
+layer's lora_A.weight is A [r, in] and lora_B.weight is B [out, r], scaled by alpha / r. PEFT
+initialises A as kaiming_uniform(a=sqrt(5)), i.e. uniform within ±1/sqrt(in), and B as zero:
+the same distribution as mlx-lm's LoRALinear, so a new adapter starts as a no-op on both.
+
+Functions take the transformers model itself; PEFT injects its layers into it in place, so the
+module paths ("model.layers.0.self_attn.q_proj") are the adapter file's paths without the
+"base_model.model." prefix.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from mlxft.adapters import AdapterSpec, check_modules
+from mlxft.errors import UserError
+
+ADAPTER = "default"  # PEFT's adapter name; mlxft keeps one adapter per model
+
+
+def _is_lora(module) -> bool:
+    from peft.tuners.lora import LoraLayer
+
+    return isinstance(module, LoraLayer)
+
+
+def linear_modules(model) -> dict[str, tuple[int, int]]:
+    """{module path: (out, in)} for every linear layer inside the transformer blocks."""
+    found = {}
+    for path, module in model.named_modules():
+        if ".layers." not in f".{path}" or _is_lora(module) or ".lora_" in path or ".base_layer" in path:
+            continue
+        if isinstance(module, nn.Linear):  # bitsandbytes' Linear4bit / Linear8bitLt are nn.Linear too
+            found[path] = (module.out_features, module.in_features)
+    return found
+
+
+def layer_index(path: str) -> int:
+    parts = path.split(".")
+    return int(parts[parts.index("layers") + 1])
+
+
+def select_modules(model, target_modules: list[str], layers: list[int] | None) -> list[str]:
+    """The paths a spec adapts, with the same one-line errors as on MLX."""
+    modules = linear_modules(model)
+    names = sorted({p.rsplit(".", 1)[-1] for p in modules})
+    unknown = [t for t in target_modules if t not in names]
+    if unknown:
+        raise UserError(f"target module '{unknown[0]}' is not in this model; its linear layers are: {', '.join(names)}")
+    n_layers = len({layer_index(p) for p in modules})
+    if layers is not None:
+        bad = [i for i in layers if not 0 <= i < n_layers]
+        if bad:
+            raise UserError(f"layer {bad[0]} does not exist; this model has layers 0..{n_layers - 1}")
+    chosen = [p for p in modules if p.rsplit(".", 1)[-1] in target_modules and (layers is None or layer_index(p) in layers)]
+    return sorted(chosen, key=lambda p: (layer_index(p), p))
+
+
+def apply_lora(model, spec: AdapterSpec) -> list[str]:
+    """Freeze the model and inject LoRA layers on the chosen modules; only they train."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    paths = select_modules(model, spec.target_modules, spec.layers)
+    config = LoraConfig(r=spec.r, lora_alpha=spec.alpha, lora_dropout=spec.dropout,
+                        target_modules=list(spec.target_modules), layers_to_transform=spec.layers,
+                        layers_pattern="layers" if spec.layers is not None else None, bias="none")
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    inject_adapter_in_model(config, model, adapter_name=ADAPTER)  # leaves only lora_A / lora_B trainable
+    injected = sorted(lora_layers(model), key=lambda p: (layer_index(p), p))
+    if injected != paths:  # PEFT's matching and ours must agree, or the file would name other modules
+        raise RuntimeError(f"PEFT adapted {injected}, expected {paths}")
+    return paths
+
+
+def lora_layers(model) -> dict:
+    return {path: m for path, m in model.named_modules() if _is_lora(m) and ADAPTER in m.lora_A}
+
+
+def adapter_weights(model) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """{module path: (A [r, in], B [out, r])} as float32 numpy, for mlxft.adapters.save_adapter."""
+    return {
+        path: (m.lora_A[ADAPTER].weight.detach().float().cpu().numpy(),
+               m.lora_B[ADAPTER].weight.detach().float().cpu().numpy())
+        for path, m in lora_layers(model).items()
+    }
+
+
+def load_adapter_weights(model, spec: AdapterSpec, weights: dict, where: str) -> None:
+    """Apply LoRA as the adapter's config says and load its tensors; a mismatch is a UserError."""
+    check_modules(weights, linear_modules(model), where)
+    paths = apply_lora(model, spec)
+    missing = sorted(set(paths) - set(weights))
+    if missing:
+        raise UserError(f"adapter {where} lacks weights for '{missing[0]}', which its config targets")
+    set_adapter_weights(model, weights)
+
+
+@torch.no_grad()
+def set_adapter_weights(model, weights: dict) -> None:
+    """Copy PEFT-oriented (A, B) numpy tensors into the model's LoRA layers."""
+    layers = lora_layers(model)
+    for path, (a, b) in weights.items():
+        for target, value in ((layers[path].lora_A[ADAPTER].weight, a), (layers[path].lora_B[ADAPTER].weight, b)):
+            target.copy_(torch.as_tensor(np.asarray(value), dtype=target.dtype))
+
+
+def unfreeze_all(model) -> None:
+    """Full fine-tuning: every weight trains."""
+    for parameter in model.parameters():
+        parameter.requires_grad_(True)
+
+
+def trainable_parameters(model) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)  # tied weights count once
+
+
+def total_parameters(model) -> int:
+    return sum(p.numel() for p in model.parameters())

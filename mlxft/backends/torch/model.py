@@ -1,0 +1,184 @@
+"""Load a model for training or evaluation on PyTorch, through transformers.
+
+The folder comes from mlxft.model_files (built-in, local or hub), exactly as on MLX, so both
+backends read the same config.json, safetensors and tokenizer files and see the same token ids.
+Weights stay float32; on CUDA the forward runs under bf16 autocast when the GPU supports it, the
+usual mixed-precision recipe (master weights and optimizer state in float32).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import resource
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from mlxft.errors import UserError
+from mlxft.model_files import TOKENIZER_FILES, load_tokenizer, resolve_model_dir
+
+# Families whose transformers class is `model.model` (the transformer) plus `lm_head` with nothing
+# after the head, so the head can run on the scored positions only. MLX's list also has granite,
+# but granite divides the logits by `logits_scaling` after the head: here it takes full logits.
+SPLIT_HEAD_TYPES = {"llama", "mistral", "qwen2", "qwen3", "phi3", "smollm3", "olmo2"}
+
+
+def pick_device() -> torch.device:
+    """CUDA, then Apple's MPS, then the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def load(name: str, *, quantize: int | None = None, trust_remote_code: bool = False, device: torch.device | None = None):
+    """(model, tokenizer, folder) for a model name; one-line errors for what users get wrong."""
+    from transformers import AutoModelForCausalLM
+
+    device = device or pick_device()
+    folder = resolve_model_dir(name)
+    if not (folder / "config.json").exists():
+        raise UserError(f"model {folder}: no config.json (not a Hugging Face model folder)")
+    if not any((folder / f).exists() for f in TOKENIZER_FILES):
+        raise UserError(f"model {folder}: no tokenizer files ({', '.join(TOKENIZER_FILES)})")
+    if not list(folder.glob("*.safetensors")):
+        raise UserError(f"model {folder}: no *.safetensors weights")
+    config = json.loads((folder / "config.json").read_text())
+    # mlx-lm writes "quantization" (and a copy as "quantization_config", without the
+    # "quant_method" every transformers quantizer has).
+    if "quantization" in config and "quant_method" not in (config.get("quantization_config") or {}):
+        raise UserError(f"model {folder} is quantized in MLX's format; the PyTorch backend needs the "
+                        "full-precision model (or use --backend mlx)")
+    kwargs = {"dtype": torch.float32, "trust_remote_code": trust_remote_code}
+    if quantize:
+        kwargs["quantization_config"] = _bitsandbytes_config(quantize, config, folder, device)
+        kwargs["device_map"] = {"": 0}
+    try:
+        with quiet_progress():
+            model = AutoModelForCausalLM.from_pretrained(str(folder), **kwargs)
+    except (ValueError, OSError, KeyError) as e:
+        raise UserError(f"model {folder}: transformers cannot load it ({str(e).splitlines()[0]})") from None
+    if not is_quantized(model):  # a quantizer places its weights itself, and refuses .to()
+        model.to(device)
+    tokenizer = load_tokenizer(folder, trust_remote_code=trust_remote_code)
+    return model, tokenizer, folder
+
+
+@contextlib.contextmanager
+def quiet_progress():
+    """No "Loading weights" / "Writing model shards" bars: transformers 5 draws them on stderr for
+    every local load and save, where mlx-lm draws none, and they would land amid mlxft's report
+    lines (and in `mlxft eval auc --json` under click's test runner)."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+
+
+def _bitsandbytes_config(bits: int, config: dict, folder: Path, device: torch.device):
+    """QLoRA on PyTorch is bitsandbytes' NF4 (or int8), which only runs on NVIDIA GPUs."""
+    if bits not in (4, 8):
+        raise UserError(f"--quantize takes 4 or 8, not {bits}")
+    if device.type != "cuda":
+        raise UserError(f"--quantize (QLoRA) on the PyTorch backend needs CUDA (bitsandbytes); this host has "
+                        f"{device.type}. Use --backend mlx, or drop --quantize")
+    if "quantization_config" in config:
+        raise UserError(f"model {folder} is already quantized; drop --quantize")
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise UserError('--quantize on the PyTorch backend needs bitsandbytes: pip install bitsandbytes') from None
+    from transformers import BitsAndBytesConfig
+
+    if bits == 8:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
+
+
+def is_quantized(model) -> bool:
+    """Loaded through a transformers quantizer (bitsandbytes, GPTQ, AWQ, ...)."""
+    return getattr(model, "hf_quantizer", None) is not None or bool(getattr(model, "is_quantized", False))
+
+
+def model_type(folder: Path) -> str:
+    return json.loads((Path(folder) / "config.json").read_text()).get("model_type", "")
+
+
+def can_split_head(model, folder: Path) -> bool:
+    return (model_type(folder) in SPLIT_HEAD_TYPES and hasattr(model, "model") and hasattr(model, "lm_head")
+            and not getattr(model.config, "final_logit_softcapping", None))
+
+
+def enable_gradient_checkpointing(model) -> None:
+    """Recompute each block's activations in the backward pass instead of keeping them.
+
+    Non-reentrant checkpointing, so gradients reach the LoRA layers although the embeddings are
+    frozen. torch's checkpoint restores the RNG state before recomputing, so LoRA dropout draws
+    the same mask again (MLX's trainer has to refuse that combination; this one need not).
+    transformers 5 renamed the method and keeps the old name as a deprecated alias."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def autocast(device: torch.device):
+    """bf16 autocast on a CUDA GPU that has bf16; float32 everywhere else (CPU, MPS, older GPUs)."""
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def logits_at(model, inputs: torch.Tensor, positions: torch.Tensor, split_head: bool) -> torch.Tensor:
+    """Logits [B, K, V] for the outputs at `positions` [B, K] only. `model` is the transformers
+    causal LM itself (PEFT injects its LoRA layers into it in place)."""
+    if not split_head:
+        logits = model(input_ids=inputs).logits
+        return logits.gather(1, positions[..., None].expand(-1, -1, logits.shape[-1]))
+    hidden = model.model(input_ids=inputs).last_hidden_state
+    hidden = hidden.gather(1, positions[..., None].expand(-1, -1, hidden.shape[-1]))
+    return model.lm_head(hidden)  # tied embeddings: lm_head.weight is embed_tokens.weight
+
+
+def token_losses(model, inputs, positions, tokens, weights, split_head: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of token cross-entropies, number of scored tokens) for one micro-batch."""
+    logits = logits_at(model, inputs, positions, split_head).float()
+    losses = F.cross_entropy(logits.flatten(0, 1), tokens.flatten().long(), reduction="none") * weights.flatten()
+    return losses.sum(), weights.sum()
+
+
+def to_device(device: torch.device, *arrays):
+    """numpy batch arrays -> tensors on the device (ids as int64, which embedding and gather take)."""
+    return [torch.from_numpy(a).to(device, torch.long if a.dtype.kind in "iu" else torch.float32) for a in arrays]
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+_mps_peak = 0
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    """The device allocator's peak. MPS keeps no peak, so it is the largest of the amounts seen at
+    each report. On the CPU torch keeps none either: the process's peak resident size stands in
+    (it also counts Python, the tokenizer and anything else in the process, and cannot be reset)."""
+    global _mps_peak
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 1e9
+    if device.type == "mps":
+        _mps_peak = max(_mps_peak, torch.mps.driver_allocated_memory())
+        return _mps_peak / 1e9
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss * (1 if sys.platform == "darwin" else 1024) / 1e9  # bytes on macOS, KiB on Linux

@@ -1,0 +1,366 @@
+"""The PyTorch backend against the MLX one on a 2-layer, 32-wide Llama: same losses on the same
+weights, the same optimizer steps, adapters that cross between MLX, mlxft's torch backend and
+plain PEFT, the CLI end to end, resume, and the install hint when torch is missing."""
+
+import json
+import sys
+import warnings
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.optimizers as optim
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from mlx.utils import tree_map
+
+from mlxft.adapters import AdapterSpec, load_adapter
+from mlxft.backends.mlx import lora as mlx_lora
+from mlxft.backends.mlx import model as mlx_model
+from mlxft.backends.mlx.sft import make_step
+from mlxft.backends.mlx.sft import train as mlx_train
+from mlxft.backends.torch import lora as torch_lora
+from mlxft.backends.torch import model as torch_model
+from mlxft.backends.torch import sft as torch_sft
+from mlxft.backends.torch.adamw import MLXAdamW
+from mlxft.cli import cli
+from mlxft.config import load_config
+from mlxft.data.batching import collate, scored_targets
+from mlxft.data.encode import Example
+from mlxft.progress import Progress
+from mlxft.runs import Run
+from mlxft.schedule import learning_rate
+
+CPU = torch.device("cpu")
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """On these tiny models torch's threads cost more in synchronisation than they save (a 32x32
+    product: 0.02 ms on one thread, 12 ms on two when another process shares the cores)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_config(model_dir, out, *extra):
+    return load_config("tallrec", [
+        f"model.name={model_dir}", "data.max_history=3", "data.k_shot=24", "data.max_valid_rows=8",
+        "train.batch_size=4", "train.steps=6", "train.report_every=1", "train.warmup_steps=2",
+        "train.learning_rate=1e-2", "train.checkpoint_every=3", "eval.every=0", "eval.patience=null",
+        f"out={out}", *extra])
+
+
+def losses(run_dir):
+    return [r["loss"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())]
+
+
+def random_batches(seed, sizes):
+    """Batches of random rows with 1-5 scored tokens each, so micro-batches weigh differently."""
+    rng = np.random.default_rng(seed)
+    batches = []
+    for size in sizes:
+        rows = []
+        for _ in range(size):
+            length, scored = int(rng.integers(8, 40)), int(rng.integers(1, 6))
+            rows.append(Example(rng.integers(3, 2000, size=length).tolist(), [0] * (length - scored) + [1] * scored))
+        batches.append(collate(rows, 0, pad_to_multiple=16))
+    return batches
+
+
+def mlx_logits(model, ids):
+    model.eval()
+    return np.array(model(mx.array(ids)).astype(mx.float32))
+
+
+@torch.no_grad()
+def torch_logits(model, ids):
+    model.eval()
+    return model(input_ids=torch.from_numpy(ids).long()).logits.float().numpy()
+
+
+def test_same_weights_same_batch_same_loss(tiny_model_dir):
+    (batch,) = random_batches(0, [6])
+    targets = scored_targets(batch)
+    m, _, folder = mlx_model.load(str(tiny_model_dir))
+    loss, n = mlx_model.token_losses(m, mx.array(batch.input_ids[:, :-1]), mx.array(targets.positions),
+                                     mx.array(targets.tokens), mx.array(targets.weights), True)
+    t, _, _ = torch_model.load(str(tiny_model_dir), device=CPU)
+    assert torch_model.can_split_head(t, folder)
+    args = torch_model.to_device(CPU, batch.input_ids[:, :-1], targets.positions, targets.tokens, targets.weights)
+    with torch.no_grad():
+        for split_head in (True, False):  # the head on scored positions only == full logits, gathered
+            t_loss, t_n = torch_model.token_losses(t, *args, split_head=split_head)
+            assert t_n.item() == n.item() == batch.loss_mask[:, 1:].sum()
+            assert t_loss.item() / t_n.item() == pytest.approx(loss.item() / n.item(), abs=1e-4)
+
+
+def _mlx_steps(model_dir, batches, rates, weight_decay, max_norm):
+    model, _, _ = mlx_model.load(str(model_dir))
+    mx.random.seed(3)
+    mlx_lora.apply_lora(model, AdapterSpec(4, 8, 0.0, ["q_proj", "v_proj"], "x"))
+    start = mlx_lora.adapter_weights(model)
+    optimizer = optim.AdamW(learning_rate=rates[0], weight_decay=weight_decay)
+    micro_step, update = make_step(model, optimizer, split_head=True, max_grad_norm=max_norm)
+    model.train()
+    step_losses = []
+    for rate, step_batches in zip(rates, batches):
+        grads, total, scored = None, 0.0, 0.0
+        for batch in step_batches:
+            targets = scored_targets(batch)
+            loss, n, g = micro_step(mx.array(batch.input_ids[:, :-1]), mx.array(targets.positions),
+                                    mx.array(targets.tokens), mx.array(targets.weights))
+            grads = g if grads is None else tree_map(mx.add, grads, g)
+            total, scored = total + loss.item(), scored + n.item()
+        optimizer.learning_rate = rate
+        norm = update(grads, mx.array(scored))
+        mx.eval(model.state, optimizer.state)
+        step_losses.append((total / scored, norm.item()))
+    return start, np.array(step_losses), mlx_lora.adapter_weights(model)
+
+
+def _torch_steps(model_dir, start, batches, rates, weight_decay, max_norm, bias_correction=False):
+    model, _, _ = torch_model.load(str(model_dir), device=CPU)
+    torch_lora.apply_lora(model, AdapterSpec(4, 8, 0.0, ["q_proj", "v_proj"], "x"))
+    torch_lora.set_adapter_weights(model, start)
+    optimizer = MLXAdamW([p for p in model.parameters() if p.requires_grad], lr=rates[0],
+                         weight_decay=weight_decay, bias_correction=bias_correction)
+    model.train()
+    step_losses = []
+    for rate, step_batches in zip(rates, batches):
+        optimizer.zero_grad()
+        total, scored = 0.0, 0.0
+        for batch in step_batches:
+            loss, n = torch_sft.micro_step(model, batch, True, CPU)
+            total, scored = total + loss.item(), scored + n
+        norm = torch_sft.update(optimizer, scored, rate, max_norm)
+        step_losses.append((total / scored, norm))
+    return np.array(step_losses), torch_lora.adapter_weights(model)
+
+
+def test_five_optimizer_steps_agree_with_mlx(tiny_model_dir):
+    # Two micro-batches per step with different scored-token counts, weight decay, clipping that
+    # bites (gradient norms 0.05-0.15 against a limit of 0.1) and a warmup: every piece of the update.
+    batches = [random_batches(1, [3, 5])] * 5  # the same rows each step, so the loss must fall
+    rates = [learning_rate(s, peak=2e-2, total_steps=5, warmup_steps=2) for s in range(5)]
+    start, mlx_steps, mlx_end = _mlx_steps(tiny_model_dir, batches, rates, 0.1, 0.1)
+    torch_steps, torch_end = _torch_steps(tiny_model_dir, start, batches, rates, 0.1, 0.1)
+    assert np.abs(torch_steps[:, 0] - mlx_steps[:, 0]).max() < 1e-3  # measured: 1.2e-6
+    assert np.abs(torch_steps[:, 1] - mlx_steps[:, 1]).max() < 1e-4  # gradient norms before clipping
+    assert max(np.abs(torch_end[k][i] - mlx_end[k][i]).max() for k in mlx_end for i in (0, 1)) < 1e-3
+    assert mlx_steps[-1, 0] < mlx_steps[0, 0] - 0.1  # it trained: the agreement is not of two idle runs
+    assert (mlx_steps[:, 1] > 0.1).any()  # and clipping was in play
+    # torch.optim.AdamW's bias-corrected update would not agree: the check above can fail.
+    corrected, _ = _torch_steps(tiny_model_dir, start, batches, rates, 0.1, 0.1, bias_correction=True)
+    assert np.abs(corrected[:, 0] - mlx_steps[:, 0]).max() > 1e-2
+
+
+def _peft(model_dir, adapter_dir):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = PeftModel.from_pretrained(base, str(adapter_dir))
+    assert not [w for w in caught if "keys" in str(w.message)], [str(w.message) for w in caught]
+    check = model.load_adapter(str(adapter_dir), adapter_name="check")  # the same file, with the key report
+    assert check.missing_keys == [] and check.unexpected_keys == []
+    model.set_adapter("default")
+    return model
+
+
+def test_adapters_cross_between_mlx_peft_and_torch(tiny_model_dir, tmp_path):
+    ids = random_batches(2, [4])[0].input_ids
+    # MLX-trained adapter -> plain PEFT
+    config = tiny_config(tiny_model_dir, tmp_path / "mlx", "train.steps=3", "lora.dropout=0.0")
+    mlx_train(config, Run.create(tmp_path / "mlx", config), echo=lambda *a: None)
+    spec, weights = load_adapter(tmp_path / "mlx/last")
+    assert all(np.abs(b).sum() > 0 for _, b in weights.values())
+    m, _, _ = mlx_model.load(str(tiny_model_dir))
+    base = mlx_logits(m, ids)
+    mlx_lora.load_adapter_weights(m, spec, weights, "mlx")
+    expected = mlx_logits(m, ids)
+    assert np.abs(expected - base).max() > 1e-3  # the adapter matters
+    assert np.abs(torch_logits(_peft(tiny_model_dir, tmp_path / "mlx/last"), ids) - expected).max() < 1e-4
+
+    # torch-trained adapter -> MLX (and PEFT)
+    config = tiny_config(tiny_model_dir, tmp_path / "torch", "train.steps=3")
+    torch_sft.train(config, Run.create(tmp_path / "torch", config), echo=lambda *a: None)
+    spec, weights = load_adapter(tmp_path / "torch/last")
+    t, _, _ = torch_model.load(str(tiny_model_dir), device=CPU)
+    torch_lora.load_adapter_weights(t, spec, weights, "torch")
+    expected = torch_logits(t, ids)
+    m, _, _ = mlx_model.load(str(tiny_model_dir))
+    assert np.abs(mlx_logits(m, ids) - expected).max() > 1e-3
+    mlx_lora.load_adapter_weights(m, spec, weights, "torch")
+    assert np.abs(mlx_logits(m, ids) - expected).max() < 1e-4
+    assert np.abs(torch_logits(_peft(tiny_model_dir, tmp_path / "torch/last"), ids) - expected).max() < 1e-4
+
+
+def run(*args):
+    return CliRunner().invoke(cli, [str(a) for a in args])
+
+
+def test_cli_torch_run_matches_the_mlx_run_folder(tiny_model_dir, tmp_path):
+    from mlxft.data.dataset import mind_records
+    from mlxft.data.records import write_jsonl
+
+    common = ["lora", "--recipe", "tallrec", "--model", tiny_model_dir, "--set", "train.steps=2",
+              "--set", "data.k_shot=8", "--set", "data.max_valid_rows=8", "--set", "data.max_history=3",
+              "--set", "train.batch_size=4", "--set", "eval.every=0"]
+    for backend in ("mlx", "torch"):
+        result = run(*common, "--backend", backend, "--out", tmp_path / backend)
+        assert result.exit_code == 0, result.output
+        assert "validation auc:" in result.output
+    summaries = {b: json.loads((tmp_path / b / "summary.json").read_text()) for b in ("mlx", "torch")}
+    assert list(summaries["torch"]) == list(summaries["mlx"])
+    assert summaries["torch"]["backend"] == "torch" and summaries["torch"]["device"] == "cpu"
+    for section in ("before", "after"):
+        assert list(summaries["torch"][section]) == list(summaries["mlx"][section])
+    assert summaries["torch"]["before"]["eval_loss"] == pytest.approx(summaries["mlx"]["before"]["eval_loss"], abs=1e-4)
+    records = {b: [json.loads(line) for line in (tmp_path / b / "metrics.jsonl").read_text().splitlines()] for b in summaries}
+    assert [list(r) for r in records["torch"]] == [list(r) for r in records["mlx"]]
+
+    # `eval auc` scores the torch run's adapter the same on both backends.
+    rows = tmp_path / "rows.jsonl"
+    write_jsonl([r.fields for r in mind_records(Path("data/mind-sample"), max_history=3)[:40]], rows)
+    scores = {}
+    for backend in ("mlx", "torch"):
+        result = run("eval", "auc", "--model", tiny_model_dir, "--adapter", tmp_path / "torch", "--data", rows,
+                     "--backend", backend, "--json")
+        assert result.exit_code == 0, result.output
+        scores[backend] = json.loads(result.output)
+    assert scores["torch"]["rows"] == 40
+    assert scores["torch"]["auc"] == pytest.approx(scores["mlx"]["auc"], abs=1e-6)
+    assert scores["torch"]["loss"] == pytest.approx(scores["mlx"]["loss"], abs=1e-4)
+
+
+@pytest.mark.parametrize("extra, trainable", [
+    (["lora.dropout=0.3", "train.weight_decay=0.01"], 2 * 2 * 8 * (32 + 32)),  # layers x (q, v) x r x (in + out)
+    (["lora.full_finetune=true"], 2048 * 32 + 2 * (4 * 32 * 32 + 3 * 32 * 64 + 2 * 32) + 32),  # tied head: once
+], ids=["lora-dropout", "full"])
+def test_resume_after_a_kill_reproduces_the_losses(tiny_model_dir, tmp_path, monkeypatch, extra, trainable):
+    config = tiny_config(tiny_model_dir, tmp_path / "a", *extra)
+    summary = torch_sft.train(config, Run.create(tmp_path / "a", config), echo=lambda *a: None)
+    assert summary["trainable_parameters"] == trainable  # the same counts as the MLX trainer's
+    uninterrupted = losses(tmp_path / "a")
+
+    killed = tiny_config(tiny_model_dir, tmp_path / "b", *extra)
+    original = Progress.update
+    calls = {"n": 0}
+
+    def dies_at_step_5(self, loss):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise KeyboardInterrupt  # killed after step 5, with a checkpoint at step 3
+        original(self, loss)
+
+    monkeypatch.setattr(Progress, "update", dies_at_step_5)
+    with pytest.raises(KeyboardInterrupt):
+        torch_sft.train(killed, Run.create(tmp_path / "b", killed), echo=lambda *a: None)
+    monkeypatch.setattr(Progress, "update", original)
+    assert json.loads((tmp_path / "b/checkpoint/state.json").read_text())["step"] == 3
+
+    torch_sft.train(killed, Run.open_for_resume(tmp_path / "b"), resume=True, echo=lambda *a: None)
+    assert losses(tmp_path / "b") == pytest.approx(uninterrupted, rel=1e-6)
+    assert len(set(uninterrupted)) == 6  # six different steps, not one loss six times
+    if "lora.full_finetune=true" in extra:  # a fully fine-tuned model folder loads on MLX as it is
+        ids = random_batches(5, [3])[0].input_ids
+        t, _, _ = torch_model.load(str(tmp_path / "b/last"), device=CPU)
+        m, _, _ = mlx_model.load(str(tmp_path / "b/last"))
+        assert np.abs(mlx_logits(m, ids) - torch_logits(t, ids)).max() < 1e-4
+    # Its optimizer state is torch's: the MLX trainer is not handed it.
+    refused = run("lora", "--resume", tmp_path / "b", "--backend", "mlx")
+    assert refused.exit_code == 2
+    assert refused.output.strip().endswith("written by the torch backend; resume it with --backend torch"), refused.output
+
+
+def test_gradient_checkpointing_keeps_the_dropout_mask(tiny_model_dir):
+    # torch's checkpoint restores the RNG state before recomputing a block, so unlike on MLX
+    # (which refuses the combination) the recomputed dropout mask is the one the loss saw.
+    (batch,) = random_batches(4, [4])
+    results = []
+    for checkpointed in (False, True):
+        model, _, _ = torch_model.load(str(tiny_model_dir), device=CPU)
+        torch.manual_seed(0)
+        torch_lora.apply_lora(model, AdapterSpec(4, 8, 0.3, ["q_proj", "v_proj"], "x"))
+        for layer in torch_lora.lora_layers(model).values():  # B = 0 would make A's gradient vanish
+            torch.nn.init.normal_(layer.lora_B["default"].weight, std=0.1)
+        if checkpointed:
+            torch_model.enable_gradient_checkpointing(model)
+        model.train()
+        torch.manual_seed(1)
+        loss, _ = torch_sft.micro_step(model, batch, True, CPU)
+        results.append((loss.item(), [p.grad.clone() for p in model.parameters() if p.requires_grad]))
+    (plain_loss, plain), (checkpointed_loss, checkpointed) = results
+    assert checkpointed_loss == pytest.approx(plain_loss, rel=1e-6)
+    assert all(g.abs().sum() > 0 for g in plain)
+    assert max((a - b).abs().max().item() for a, b in zip(plain, checkpointed)) < 1e-6
+
+
+def test_torch_backend_without_torch_gives_the_install_hint(tiny_model_dir, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` now raises ImportError
+    for args in (["lora", "--recipe", "tallrec", "--out", tmp_path / "run"],
+                 ["eval", "auc", "--data", "data/mind-sample"]):
+        result = run(*args, "--backend", "torch")
+        assert result.exit_code == 2, result.output
+        assert result.output.strip() == 'error: the PyTorch backend needs torch, transformers and peft: pip install "mlxft[torch]"'
+    assert not (tmp_path / "run").exists()
+
+
+def test_auto_backend_is_mlx_on_apple_silicon_and_torch_with_cuda(monkeypatch):
+    from mlxft import backends
+
+    monkeypatch.setattr(backends, "on_apple_silicon", lambda: False)
+    monkeypatch.setattr(backends, "nvidia_driver_present", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert backends.resolve_backend("auto") == "torch"
+    monkeypatch.setattr(backends, "on_apple_silicon", lambda: True)
+    assert backends.resolve_backend("auto") == "mlx"
+    monkeypatch.setattr(backends, "on_apple_silicon", lambda: False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert backends.resolve_backend("auto") == "mlx"  # CPU-only: MLX until measured otherwise
+    assert backends.resolve_backend("torch") == "torch"
+
+
+def test_qlora_needs_cuda_here(tiny_model_dir, tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("this host has CUDA")
+    result = run("lora", "--recipe", "tallrec", "--model", tiny_model_dir, "--backend", "torch", "--quantize", "4",
+                 "--out", tmp_path / "run")
+    assert result.exit_code == 2 and "needs CUDA (bitsandbytes)" in result.output, result.output
+
+
+def test_an_mlx_quantized_folder_is_refused_in_one_line(tiny_model_dir, tmp_path):
+    import shutil
+
+    from mlx_lm.utils import quantize_model, save_config, save_model
+
+    from mlxft.builtin import write_model
+    from mlxft.errors import UserError
+
+    wide = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 1, "num_attention_heads": 2,
+            "num_key_value_heads": 2, "max_position_embeddings": 512}  # 64: MLX's smallest quantization group
+    for folder in (tmp_path / "wide", tmp_path / "q4"):
+        folder.mkdir()
+        for name in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json"):
+            shutil.copy(tiny_model_dir / name, folder / name)
+    write_model(tmp_path / "wide", wide, seed=2)
+    model, _, _ = mlx_model.load(str(tmp_path / "wide"))
+    model, config = quantize_model(model, json.loads((tmp_path / "wide/config.json").read_text()), group_size=64, bits=4)
+    save_model(tmp_path / "q4", model)
+    save_config(config, tmp_path / "q4/config.json")
+    with pytest.raises(UserError, match="is quantized in MLX's format; the PyTorch backend needs the full-precision model"):
+        torch_model.load(str(tmp_path / "q4"), device=CPU)
+
+
+@pytest.mark.cuda
+@needs_cuda
+def test_qlora_on_cuda_trains(tiny_model_dir, tmp_path):
+    config = tiny_config(tiny_model_dir, tmp_path / "q", "model.quantize=4", "train.steps=2")
+    summary = torch_sft.train(config, Run.create(tmp_path / "q", config), echo=lambda *a: None)
+    assert summary["device"].startswith("cuda") and summary["trainable_parameters"] == 2048
