@@ -235,6 +235,57 @@ def _print_outcome(summary: dict) -> None:
     click.echo(f"adapter: {summary['adapter']}")
 
 
+@cli.command("dpo")
+@_run_options
+@click.option("--resume", "resume_dir", default=None, type=click.Path(path_type=Path), help="Continue a stopped run from its last checkpoint.")
+@click.option("--adapter", default=None, type=click.Path(path_type=Path),
+              help="Continue an existing adapter (PEFT layout, e.g. an SFT run's best/); it is also the reference.")
+def dpo_command(recipe, model, data_source, out_dir, overrides, quantize, backend, trust_remote_code, resume_dir, adapter):
+    """Direct preference optimisation on {prompt, chosen, rejected} pairs (or support/oppose rows
+    with --set dpo.support_ratio=R).
+
+    The reference is the base model with the adapter switched off (no second copy of the
+    weights), or the adapter it continues. Prints validation loss and reward accuracy before and
+    after, and writes the run folder: config.yaml, metrics.jsonl (TRL's metric names),
+    summary.json, best/ and last/ adapters, checkpoint/, and comparison.md / comparison.json
+    with held-out answers before and after.
+    """
+    from mlxft.backends import resolve_backend
+    from mlxft.config import load_config
+    from mlxft.errors import NotImplementedYet
+    from mlxft.runs import Run, default_run_dir
+
+    if backend == "torch" or (backend == "auto" and not resume_dir and resolve_backend(backend) == "torch"):
+        raise NotImplementedYet("DPO runs on the MLX backend only for now; use --backend mlx")
+    if resume_dir:
+        if recipe or model or data_source or overrides or quantize or adapter:
+            raise UserError("--resume continues a run with its own config.yaml; give no other settings")
+        config = load_config(str(resume_dir / "config.yaml"))
+        run = Run.open_for_resume(resume_dir)
+    else:
+        if recipe is None:
+            raise UserError("name a recipe: --recipe dpo (see `mlxft recipes`)")
+        config = _resolve_config(recipe, model, data_source, out_dir, overrides, quantize, trust_remote_code)
+        folder = Path(config.out) if config.out else default_run_dir(config.recipe)
+        config.out = str(folder)
+        run = Run.create(folder, config)
+    from mlxft.backends.mlx.dpo import train
+
+    try:
+        summary = train(config, run, resume=resume_dir is not None, adapter=str(adapter) if adapter else None, echo=click.echo)
+    except UserError:
+        if not resume_dir and not (run.folder / "metrics.jsonl").exists():
+            shutil.rmtree(run.folder, ignore_errors=True)  # nothing trained: leave no half-made run behind
+        raise
+    before, after = summary.get("before") or {}, summary.get("after") or {}
+    for key in ("eval_loss", "eval_rewards/accuracies", "eval_rewards/margins"):
+        if key in before and key in after:
+            click.echo(f"validation {key[5:]}: {before[key]:.4f} -> {after[key]:.4f}")
+    if summary.get("comparison"):
+        click.echo(f"answers before and after: {summary['comparison']['markdown']}")
+    click.echo(f"adapter: {summary['adapter']}")
+
+
 @cli.group("eval", cls=Group)
 def eval_group():
     """Evaluate a model or adapter."""

@@ -84,6 +84,36 @@ class EvalConfig:
 
 
 @dataclass
+class DPOConfig:
+    """Direct preference optimisation (`mlxft dpo`); names and defaults follow TRL's DPOConfig."""
+
+    beta: float = 0.1  # how far the policy may move from the reference
+    loss_type: str = "sigmoid"  # sigmoid, ipo, hinge or robust (see mlxft.dpo_loss)
+    label_smoothing: float = 0.0  # sigmoid and robust: the share of pairs assumed mislabelled
+    max_length: int | None = 1024  # prompt + answer, in tokens
+    max_prompt_length: int | None = 512
+    truncation_mode: str = "keep_end"  # which end of a long prompt to keep: keep_end or keep_start
+    average_log_prob: bool = False  # mean instead of sum of the answer's token log-probs (ipo: always)
+    precompute_reference: bool = False  # reference log-probs once, cached in the run folder
+    reference_adapter: str | None = None  # reference = base + this adapter (default: where training starts)
+    support_ratio: float | None = None  # rows {prompt, support, oppose}: the first ratio x N prefer support
+    compare_prompts: str | None = None  # .json/.jsonl of {prompt} rows answered before and after
+
+    def check(self) -> None:
+        from mlxft.dpo_loss import check_loss_settings
+
+        try:
+            check_loss_settings(self.loss_type, self.beta, self.label_smoothing)
+        except ValueError as e:
+            raise UserError(f"dpo.{e}") from None
+        if self.truncation_mode not in ("keep_end", "keep_start"):
+            raise UserError(f"dpo.truncation_mode must be keep_end or keep_start, not {self.truncation_mode!r}")
+        if self.max_length is not None and self.max_prompt_length is not None and self.max_prompt_length >= self.max_length:
+            raise UserError(f"dpo.max_prompt_length ({self.max_prompt_length}) must be below dpo.max_length "
+                            f"({self.max_length}) to leave room for the answers")
+
+
+@dataclass
 class RunConfig:
     recipe: str = "custom"
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -91,6 +121,7 @@ class RunConfig:
     lora: LoraConfig = field(default_factory=LoraConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    dpo: DPOConfig = field(default_factory=DPOConfig)
     out: str | None = None  # run folder; default runs/<recipe>-<time>
     # Settings for the built-in model only ({"train.learning_rate": 5e-3, ...}): a tiny model
     # trained from scratch needs other settings than a pre-trained one; --set still wins.

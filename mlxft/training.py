@@ -26,19 +26,23 @@ def answer_ids_for(tokenizer, splits, answers):
     return answer_token_ids(tokenizer, answers)
 
 
-def batch_stream(examples, tc, pad_id, skip: int, pad_to_multiple: int = PAD_MULTIPLE):
+def batch_stream(examples, tc, pad_id, skip: int, pad_to_multiple: int = PAD_MULTIPLE, iterate=iterate_batches):
     """Micro-batches forever, epoch after epoch; epoch e's order depends only on (seed, e), so a
-    resumed run skips exactly the batches it already trained on."""
+    resumed run skips exactly the batches it already trained on. `iterate` makes one epoch's
+    batches (iterate_pair_batches for preference pairs)."""
     per_epoch = math.ceil(len(examples) / tc.batch_size)
     epoch = skip // per_epoch
     offset = skip % per_epoch
     while True:
-        for i, batch in enumerate(iterate_batches(examples, tc.batch_size, pad_id, seed=tc.seed * 7919 + epoch,
-                                                  pad_to_multiple=pad_to_multiple)):
+        for i, batch in enumerate(iterate(examples, tc.batch_size, pad_id, seed=tc.seed * 7919 + epoch,
+                                          pad_to_multiple=pad_to_multiple)):
             if i < offset:
                 continue
             yield batch, epoch + (i + 1) / per_epoch
         epoch, offset = epoch + 1, 0
+
+
+HIGHER_IS_BETTER = ("auc", "accuracy", "rewards/accuracies", "rewards/margins")
 
 
 def track_best(record, best, stale, metric):
@@ -47,7 +51,7 @@ def track_best(record, best, stale, metric):
         raise UserError(f"eval.metric '{metric}' is not measured on this data (have: "
                         f"{', '.join(k[5:] for k in record if k.startswith('eval_'))})")
     value = record[key]
-    better = best is None or (value > best["value"] if metric in ("auc", "accuracy") else value < best["value"])
+    better = best is None or (value > best["value"] if metric in HIGHER_IS_BETTER else value < best["value"])
     if better:
         return {"metric": metric, "value": value, "step": record["step"]}, 0, True
     return best, stale + 1, False

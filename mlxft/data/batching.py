@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from mlxft.data.encode import Example
+from mlxft.data.encode import Example, PreferenceExample
 
 
 @dataclass
@@ -95,6 +95,46 @@ def iterate_batches(
         if drop_last and len(group) < batch_size:
             continue
         yield collate([examples[i] for i in group], pad_id, pad_to_multiple)
+
+
+@dataclass
+class PairBatch:
+    """Preference pairs as one batch of 2B rows, so chosen and rejected run in one forward:
+    rows 0..B-1 are prompt + chosen, rows B..2B-1 prompt + rejected (answers scored only)."""
+
+    batch: Batch
+    index: np.ndarray  # [B] int: the pairs' positions in the example list
+
+    @property
+    def pairs(self) -> int:
+        return len(self.index)
+
+    @property
+    def tokens(self) -> int:
+        return self.batch.tokens
+
+
+def collate_pairs(pairs: Sequence[PreferenceExample], index: Sequence[int], pad_id: int, pad_to_multiple: int = 1) -> PairBatch:
+    chosen, rejected = zip(*(p.as_examples() for p in pairs))
+    return PairBatch(collate(chosen + rejected, pad_id, pad_to_multiple), np.asarray(index, dtype=np.int64))
+
+
+def iterate_pair_batches(
+    pairs: Sequence[PreferenceExample],
+    batch_size: int,
+    pad_id: int,
+    *,
+    seed: int = 0,
+    shuffle: bool = True,
+    pad_to_multiple: int = 1,
+) -> Iterator[PairBatch]:
+    """One epoch of pair batches (batch_size pairs each), length-grouped like iterate_batches."""
+    if shuffle:
+        groups = length_grouped_order([len(p) for p in pairs], batch_size, seed)
+    else:
+        groups = [list(range(i, min(i + batch_size, len(pairs)))) for i in range(0, len(pairs), batch_size)]
+    for group in groups:
+        yield collate_pairs([pairs[i] for i in group], group, pad_id, pad_to_multiple)
 
 
 def padding_fraction(batches: Sequence[Batch]) -> float:

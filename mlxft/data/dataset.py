@@ -13,11 +13,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from mlxft.data.encode import EncodeReport, Example, encode_records
+from mlxft.data.encode import EncodeReport, Example, PreferenceExample, encode_preference_records, encode_records
 from mlxft.data.records import Record, detect_schema, load_records
 from mlxft.data.sources.mind import iter_tallrec_rows
+from mlxft.data.sources.pairs import opposing_to_preference
 from mlxft.data.splits import sample_k_shot, split_items
-from mlxft.data.templates import schema_and_template
+from mlxft.data.templates import resolve_preference_template, schema_and_template
 from mlxft.errors import UserError
 from mlxft.resources import bundled
 
@@ -84,3 +85,64 @@ def encode_split(records: list[Record], splits: Splits, tokenizer, data, *, for_
         completion_field=data.completion_field,
         system_prompt=data.system_prompt,
     )
+
+
+# --- preference pairs (DPO) ----------------------------------------------------------------------
+
+def preference_records(records: list[Record], support_ratio: float | None) -> list[Record]:
+    """{prompt, chosen, rejected} rows as they are, or {prompt, support, oppose} rows turned into
+    pairs by the support ratio (in file order, before any split); anything else is a UserError."""
+    schema = detect_schema(records)
+    if schema == "opposing":
+        if support_ratio is None:
+            raise UserError(f"{records[0].origin}: rows with prompt, support and oppose need a support ratio to become "
+                            "pairs: --set dpo.support_ratio=0.5 (the first half of the rows prefer 'support')")
+        rows = opposing_to_preference(records, support_ratio)
+        return [Record(row, record.origin) for row, record in zip(rows, records)]
+    if schema != "preference":
+        raise UserError(f"{records[0].origin}: DPO needs rows with prompt, chosen and rejected (or prompt, support and "
+                        f"oppose with dpo.support_ratio), not {schema} rows with fields {sorted(records[0].fields)}")
+    if support_ratio is not None:
+        raise UserError(f"{records[0].origin}: dpo.support_ratio applies to prompt/support/oppose rows; "
+                        "these rows already say which answer is chosen")
+    return records
+
+
+def prompt_records(records: list[Record]) -> list[Record]:
+    """Rows that need only a prompt (answered before and after training)."""
+    for record in records:
+        if not isinstance(record.get("prompt"), (str, list)):
+            raise UserError(f"{record.origin}: a row to answer needs a 'prompt' (a string or a list of messages)")
+    return records
+
+
+def load_preference_splits(data, support_ratio: float | None = None) -> Splits:
+    """Train / validation / test preference rows for a DataConfig, checked against the template.
+
+    A file is converted (support/oppose rows), then split with the recipe's fractions and seed; a
+    folder holds train.jsonl (+ valid.jsonl, test.jsonl), each converted on its own. A test file
+    of prompts alone ({id, prompt}, as in the DPO homework) is fine: it is only answered."""
+    path = resolve_source(data.source)
+    if path.is_dir() and (path / "behaviors.tsv").exists():
+        raise UserError(f"data {path}: a MIND folder has no preference pairs; DPO needs rows with prompt, chosen and rejected")
+    if path.is_dir():
+        if not (path / "train.jsonl").exists():
+            raise UserError(f"data {path}: a folder needs train.jsonl (and valid.jsonl, test.jsonl)")
+        train = preference_records(load_records(path / "train.jsonl"), support_ratio)
+        valid = preference_records(load_records(path / "valid.jsonl"), support_ratio) if (path / "valid.jsonl").exists() else []
+        test = prompt_records(load_records(path / "test.jsonl")) if (path / "test.jsonl").exists() else []
+    else:
+        train, valid, test = split_items(preference_records(load_records(path), support_ratio), tuple(data.split), data.seed)
+    if data.k_shot:
+        train = sample_k_shot(train, data.k_shot, data.seed)
+    if data.max_valid_rows:
+        valid = valid[: data.max_valid_rows]
+    template = resolve_preference_template(data.template, train + valid + test)
+    return Splits(train, valid, test, "preference", template, str(path))
+
+
+def encode_preference_split(records: list[Record], splits: Splits, tokenizer, data, dpo) -> tuple[list[PreferenceExample], EncodeReport]:
+    """Encode preference rows with the DPO section's lengths; long prompts and answers are cut and counted."""
+    return encode_preference_records(records, splits.template, tokenizer, max_length=dpo.max_length,
+                                     max_prompt_length=dpo.max_prompt_length, truncation_mode=dpo.truncation_mode,
+                                     system_prompt=data.system_prompt)

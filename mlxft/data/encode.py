@@ -39,6 +39,19 @@ class PreferenceExample:
     rejected_ids: list[int]
     origin: str = ""
 
+    def __len__(self) -> int:
+        return len(self.prompt_ids) + max(len(self.chosen_ids), len(self.rejected_ids))
+
+    def as_examples(self) -> tuple[Example, Example]:
+        """prompt + chosen and prompt + rejected, each scored on its answer only."""
+        return tuple(_answer_only(self.prompt_ids, answer, self.origin) for answer in (self.chosen_ids, self.rejected_ids))
+
+
+def _answer_only(prompt_ids: list[int], answer_ids: list[int], origin: str) -> Example:
+    mask = [0] * len(prompt_ids) + [1] * len(answer_ids)
+    mask[0] = 0  # nothing precedes the first token (only when a cut left no prompt)
+    return Example(prompt_ids + answer_ids, mask, origin)
+
 
 @dataclass
 class EncodeReport:

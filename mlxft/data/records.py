@@ -146,20 +146,37 @@ def check_fields(record: Record, schema: str) -> None:
     if schema == "chat":
         _check_messages(record)
         return
+    if schema == "preference":
+        _check_preference(record)
+        return
     for name in required:
         if not isinstance(record.fields[name], str):
             raise UserError(f"{record.origin}: field '{name}' must be a string")
 
 
-def _check_messages(record: Record) -> None:
-    messages = record.fields["messages"]
+def _check_messages(record: Record, name: str = "messages", last_role: str | None = "assistant") -> None:
+    messages = record.fields[name]
     if not isinstance(messages, list) or not messages:
-        raise UserError(f"{record.origin}: 'messages' must be a non-empty list")
+        raise UserError(f"{record.origin}: '{name}' must be a non-empty list")
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or "role" not in m or "content" not in m:
-            raise UserError(f"{record.origin}: messages[{i}] needs 'role' and 'content'")
-    if messages[-1]["role"] != "assistant":
-        raise UserError(f"{record.origin}: the last message must be the assistant's answer")
+            raise UserError(f"{record.origin}: {name}[{i}] needs 'role' and 'content'")
+    if last_role and messages[-1]["role"] != last_role:
+        where = "" if name == "messages" else f" of '{name}'"
+        raise UserError(f"{record.origin}: the last message{where} must be the {last_role}'s answer")
+
+
+def _check_preference(record: Record) -> None:
+    """Plain text, or TRL's conversational form: `prompt` a list of messages, `chosen` and
+    `rejected` lists ending with the assistant's answer."""
+    for name in ("prompt", "chosen", "rejected"):
+        value = record.fields[name]
+        if isinstance(value, list):
+            _check_messages(record, name, None if name == "prompt" else "assistant")
+        elif not isinstance(value, str):
+            raise UserError(f"{record.origin}: field '{name}' must be a string or a list of messages")
+    if not isinstance(record.fields.get("system", ""), str):
+        raise UserError(f"{record.origin}: field 'system' must be a string")
 
 
 def write_jsonl(rows: list[dict], path: str | Path) -> None:

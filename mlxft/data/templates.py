@@ -180,22 +180,58 @@ def _render_chat(record: Record, schema, tokenizer, system_prompt) -> Prompted:
         answer = {"role": "assistant", "content": record.fields[answer_field]}
     if system_prompt and messages[0]["role"] != "system":
         messages.insert(0, {"role": "system", "content": system_prompt})
+    return _chat_split(messages, [answer], tokenizer, record.origin)
+
+
+def _chat_split(messages: list[dict], answer: list[dict], tokenizer, origin: str) -> Prompted:
+    """The chat template's text for `messages` (+ the generation prompt) and what `answer` adds."""
     prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    full = tokenizer.apply_chat_template(messages + [answer], tokenize=False)
+    full = tokenizer.apply_chat_template(messages + answer, tokenize=False)
     if not full.startswith(prompt):
-        raise UserError(f"{record.origin}: the chat template renders the history differently with the answer; cannot mask the prompt")
+        raise UserError(f"{origin}: the chat template renders the history differently with the answer; cannot mask the prompt")
     return Prompted(prompt, full[len(prompt) :])
 
 
+def is_conversational(record: Record) -> bool:
+    """A preference row in TRL's conversational form (lists of messages)."""
+    return any(isinstance(record.fields.get(k), list) for k in ("prompt", "chosen", "rejected"))
+
+
+def resolve_preference_template(template: str, records: list[Record], tokenizer=None) -> str:
+    """'auto' -> chat for conversational rows, plain otherwise (as TRL applies the chat template
+    to conversational data only); other templates are checked against the rows."""
+    conversational = next((r for r in records if is_conversational(r)), None)
+    if template == "auto":
+        return "chat" if conversational else "plain"
+    if conversational is not None and template != "chat":
+        raise UserError(f"{conversational.origin}: rows with lists of messages need the chat template, not {template!r}")
+    if is_format_string(template):
+        check_format_columns(template, records[0], None)
+    elif template not in ("plain", "alpaca", "phi3", "chat"):
+        raise UserError(f"unknown template {template!r} for preference rows")
+    return template
+
+
 def render_preference(record: Record, template: str, tokenizer=None, *, system_prompt=None) -> PreferencePrompted:
-    """A {prompt, chosen, rejected} row -> texts; the prompt is wrapped by the template."""
+    """A {prompt, chosen, rejected} row -> texts; the prompt is wrapped by the template.
+
+    With the chat template the prompt may be a list of messages and each answer a list ending
+    with the assistant's (TRL's conversational form), or plain strings (one user turn, one
+    assistant turn). The row's `system` (else the recipe's system prompt) goes in as the system
+    message; other templates put it before the prompt as its own paragraph."""
     fields = record.fields
     system_prompt = fields.get("system") or system_prompt
     if template == "chat":
-        as_chat = Record({"prompt": fields["prompt"], "completion": fields["chosen"]}, record.origin)
-        chosen = _render_chat(as_chat, "completion", tokenizer, system_prompt)
-        as_chat = Record({"prompt": fields["prompt"], "completion": fields["rejected"]}, record.origin)
-        rejected = _render_chat(as_chat, "completion", tokenizer, system_prompt)
+        if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+            raise UserError("this tokenizer has no chat template; use --set data.template=plain, alpaca, phi3 or a format string")
+        prompt = fields["prompt"]
+        messages = list(prompt) if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
+        if system_prompt and messages[0]["role"] != "system":
+            messages.insert(0, {"role": "system", "content": system_prompt})
+        answers = [fields[k] if isinstance(fields[k], list) else [{"role": "assistant", "content": fields[k]}]
+                   for k in ("chosen", "rejected")]
+        chosen = _chat_split(messages, answers[0], tokenizer, record.origin)
+        rejected = _chat_split(messages, answers[1], tokenizer, record.origin)
         return PreferencePrompted(chosen.prompt, chosen.completion, rejected.completion)
     if template == "alpaca":
         prompt = alpaca_prompt(fields["prompt"])
@@ -205,8 +241,17 @@ def render_preference(record: Record, template: str, tokenizer=None, *, system_p
         prompt = fields["prompt"]
     else:
         prompt = template.format(**{k: _text(v) for k, v in fields.items()})
+    if system_prompt:
+        prompt = f"{system_prompt}\n\n{prompt}"
     return PreferencePrompted(prompt, fields["chosen"], fields["rejected"])
 
 
 def _text(value) -> str:
     return "" if value is None else str(value)
+
+
+def preference_prompt(record: Record, template: str, tokenizer=None, *, system_prompt=None) -> str:
+    """The prompt text a preference row (or a row with only a prompt) renders to: what a model
+    is asked when its answers are compared before and after training."""
+    fields = {**record.fields, "chosen": "", "rejected": ""}
+    return render_preference(Record(fields, record.origin), template, tokenizer, system_prompt=system_prompt).prompt

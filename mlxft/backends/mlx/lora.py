@@ -64,6 +64,14 @@ def apply_lora(model, spec: AdapterSpec) -> list[str]:
     return paths
 
 
+def remove_lora(model) -> None:
+    """Put the plain base layers back in place of the LoRA layers (their weights are shared,
+    not copied), so another adapter can be applied to the same model."""
+    layers = lora_layers(model)
+    if layers:
+        model.update_modules(tree_unflatten([(path, layer.linear) for path, layer in layers.items()]))
+
+
 def lora_layers(model) -> dict[str, LoRALinear]:
     return {path: m for path, m in model.named_modules() if isinstance(m, LoRALinear)}
 

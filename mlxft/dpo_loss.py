@@ -1,0 +1,109 @@
+"""DPO loss math, once, for every backend: pure functions over arrays of an `xp` namespace
+(numpy, mlx.core or torch), using only arithmetic, `xp.logaddexp`, `xp.maximum`, `xp.sign`
+and `xp.zeros_like`, which the three spell the same way.
+
+    losses, chosen_rewards, rejected_rewards = dpo_losses(
+        policy_chosen, policy_rejected, reference_chosen, reference_rejected,
+        beta=0.1, loss_type="sigmoid", xp=mx)
+
+Inputs are per-pair sequence log-probabilities of the answers (summed over the answer's tokens,
+or their mean: see `uses_mean_logps`). With Δ = (log πθ(y_w) − log πref(y_w)) − (log πθ(y_l) −
+log πref(y_l)) and ε the label smoothing, the per-pair losses are TRL's:
+
+    sigmoid  −(1−ε)·logσ(βΔ) − ε·logσ(−βΔ)            (DPO; ε > 0 is conservative DPO)
+    ipo      (Δ − 1/(2β))²                          (on length-normalised log-probs)
+    hinge    relu(1 − βΔ)                           (SLiC)
+    robust   (−(1−ε)·logσ(βΔ) + ε·logσ(−βΔ)) / (1−2ε)
+
+Rewards are β·(log πθ − log πref); callers log them and must not differentiate through them
+(they are metrics). A backend reduces the per-pair losses itself (a sum over a micro-batch,
+divided by the pairs of the whole optimizer step), so accumulation stays exact.
+"""
+
+from __future__ import annotations
+
+LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust")
+
+
+def log_sigmoid(x, xp):
+    """log σ(x) = −log(1 + e^−x), stable for large |x|."""
+    return -xp.logaddexp(xp.zeros_like(x), -x)
+
+
+def uses_mean_logps(loss_type: str, average_log_prob: bool) -> bool:
+    """IPO is defined on length-normalised log-probs (TRL does the same); the others sum
+    unless `average_log_prob` asks for the mean."""
+    return average_log_prob or loss_type == "ipo"
+
+
+def dpo_losses(policy_chosen, policy_rejected, reference_chosen, reference_rejected, *, beta: float,
+               loss_type: str = "sigmoid", label_smoothing: float = 0.0, xp):
+    """(per-pair losses, chosen rewards, rejected rewards), each shaped like the inputs."""
+    check_loss_settings(loss_type, beta, label_smoothing)
+    chosen_ratio = policy_chosen - reference_chosen
+    rejected_ratio = policy_rejected - reference_rejected
+    delta = chosen_ratio - rejected_ratio
+    eps = label_smoothing
+    if loss_type == "sigmoid":
+        losses = -(1 - eps) * log_sigmoid(beta * delta, xp) - eps * log_sigmoid(-beta * delta, xp)
+    elif loss_type == "ipo":
+        losses = (delta - 1 / (2 * beta)) ** 2
+    elif loss_type == "hinge":
+        margin = 1 - beta * delta
+        losses = xp.maximum(margin, xp.zeros_like(margin))
+    else:  # robust
+        losses = (-(1 - eps) * log_sigmoid(beta * delta, xp) + eps * log_sigmoid(-beta * delta, xp)) / (1 - 2 * eps)
+    return losses, beta * chosen_ratio, beta * rejected_ratio
+
+
+def check_loss_settings(loss_type: str, beta: float, label_smoothing: float) -> None:
+    """ValueError for settings the losses are undefined for (config.py turns them into UserErrors
+    before any model loads)."""
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"loss_type must be one of {', '.join(LOSS_TYPES)}, not {loss_type!r}")
+    if not beta > 0:
+        raise ValueError(f"beta must be positive, got {beta}")
+    if not 0 <= label_smoothing < 0.5:
+        raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing}")
+    if label_smoothing and loss_type in ("ipo", "hinge"):
+        raise ValueError(f"label_smoothing applies to the sigmoid and robust losses, not {loss_type}")
+
+
+def pair_accuracies(chosen_rewards, rejected_rewards, xp):
+    """Per pair: 1 when the chosen answer's reward is higher, 0 when lower, ½ on a tie.
+
+    TRL counts ties as 0, so its accuracy at step 0 (policy == reference, every reward 0) is 0;
+    here it is 0.5, the chance level it is, and rises from there."""
+    return (xp.sign(chosen_rewards - rejected_rewards) + 1) / 2
+
+
+# What a step or an evaluation reports, under TRL's names, as sums that add up across
+# micro-batches and reports: per-pair values summed over pairs, logits summed over answer tokens.
+STATISTICS = ("pairs", "loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
+              "logps/chosen", "logps/rejected", "logits/chosen", "logits/rejected", "tokens/chosen", "tokens/rejected")
+
+
+def pair_statistics(losses, chosen_rewards, rejected_rewards, policy_chosen, policy_rejected, logit_sums,
+                    token_counts, xp):
+    """One vector of STATISTICS sums for a batch of B pairs. `logit_sums` [2B] holds, per row, the
+    sum over its answer tokens of the mean logit over the vocabulary; `token_counts` [2B] the
+    answer tokens (chosen rows first, as in the batch)."""
+    b = losses.shape[0]
+    sums = [xp.zeros_like(losses).sum() + b, losses.sum(), chosen_rewards.sum(), rejected_rewards.sum(),
+            pair_accuracies(chosen_rewards, rejected_rewards, xp).sum(), (chosen_rewards - rejected_rewards).sum(),
+            policy_chosen.sum(), policy_rejected.sum(), logit_sums[:b].sum(), logit_sums[b:].sum(),
+            token_counts[:b].sum(), token_counts[b:].sum()]
+    return xp.stack(sums)
+
+
+def summarize(sums) -> dict:
+    """{'loss', 'rewards/chosen', ...} from summed STATISTICS: means over pairs; logits/* are the
+    mean logit over the answer tokens and the vocabulary (as TRL logs them)."""
+    total = dict(zip(STATISTICS, (float(v) for v in sums)))
+    pairs = max(total["pairs"], 1.0)
+    metrics = {"loss": total["loss"] / pairs}
+    for name in ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected"):
+        metrics[name] = total[name] / pairs
+    for side in ("chosen", "rejected"):
+        metrics[f"logits/{side}"] = total[f"logits/{side}"] / max(total[f"tokens/{side}"], 1.0)
+    return metrics
