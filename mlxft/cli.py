@@ -379,6 +379,52 @@ def eval_rank(model, adapter, mind_dir, max_history, max_impressions, template, 
         click.echo("  ".join(f"{name} {report[name]:.4f}" for name in ("auc", "mrr", "ndcg@5", "ndcg@10")))
 
 
+def _int_list(text: str, what: str) -> list[int]:
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise UserError(f"{what} takes comma-separated whole numbers, like 16,64,256; got {text!r}") from None
+
+
+@cli.command("sweep")
+@click.option("--recipe", required=True, help="A bundled recipe name or a .yaml path.")
+@click.option("--shots", default="16,64,256", show_default=True, help="Training rows K per run, comma-separated.")
+@click.option("--seeds", default="0,1,2", show_default=True, help="Seeds per K (which K rows, and training), comma-separated.")
+@click.option("--model", default=None, help="'builtin' (default), a local Hugging Face folder or a hub id.")
+@click.option("--data", "data_source", default=None, help="A MIND folder, a .json/.jsonl/.csv file, or a folder of splits.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a recipe setting in every run (repeatable).")
+@click.option("--out", "out_dir", default=None, type=click.Path(path_type=Path), help="Sweep folder (default runs/sweep-<recipe>).")
+@click.option("--backend", default="auto", show_default=True, type=click.Choice(["auto", "mlx", "torch"]), help="Which backend trains and scores.")
+def sweep_command(recipe, shots, seeds, model, data_source, overrides, out_dir, backend):
+    """TALLRec's Table 1: a run per (K, seed) on K sampled rows, each scored by AUC on the same
+    test split; prints mean ± std per K and writes sweep.md, sweep.json and sweep.png.
+
+    Finished runs are reused only when their whole config matches (its hash names the folder).
+    """
+    from mlxft.backends import resolve_backend
+    from mlxft.sweep import sweep
+
+    settings = list(overrides) + ([f"model.name={model}"] if model else []) + ([f"data.source={data_source}"] if data_source else [])
+    name = Path(recipe).stem
+    out = out_dir or Path("runs") / f"sweep-{name}"
+    report = sweep(recipe, _int_list(shots, "--shots"), _int_list(seeds, "--seeds"), settings, out,
+                   backend=resolve_backend(backend), echo=click.echo)
+    click.echo((out / "sweep.md").read_text(), nl=False)
+    click.echo(f"sweep folder: {out}")
+    return report
+
+
+@cli.command("plot")
+@click.argument("run_folder", type=click.Path(path_type=Path))
+@click.option("--out", default=None, type=click.Path(path_type=Path), help="PNG path (default RUN/metrics.png).")
+def plot_command(run_folder, out):
+    """Plot a run's metrics.jsonl: loss (training and validation), each eval metric, learning
+    rate and tokens/s against the step, as one PNG."""
+    from mlxft.eval.plots import plot_run
+
+    click.echo(f"wrote {plot_run(run_folder, out)}")
+
+
 @cli.group(cls=Group, invoke_without_command=True)
 @click.pass_context
 def recipes(ctx):

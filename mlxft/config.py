@@ -37,6 +37,7 @@ class DataConfig:
     split: list[float] = field(default_factory=lambda: [0.85, 0.10, 0.05])
     seed: int = 0
     k_shot: int | None = None  # keep only K training rows (TALLRec's 16/64/256-shot runs)
+    k_shot_seed: int | None = None  # which K rows (default: data.seed); the split stays data.seed's
     max_valid_rows: int | None = None  # evaluate on at most this many validation rows
     # MIND conversion
     max_history: int | None = None

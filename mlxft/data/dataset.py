@@ -66,7 +66,7 @@ def load_splits(data) -> Splits:
     else:
         train, valid, test = split_items(load_records(path), fractions, data.seed)
     if data.k_shot:
-        train = sample_k_shot(train, data.k_shot, data.seed)
+        train = sample_k_shot(train, data.k_shot, data.seed if data.k_shot_seed is None else data.k_shot_seed)
     if data.max_valid_rows:
         valid = valid[: data.max_valid_rows]
     schema, template = schema_and_template(train, data.template, data.completion_field)
@@ -134,7 +134,7 @@ def load_preference_splits(data, support_ratio: float | None = None) -> Splits:
     else:
         train, valid, test = split_items(preference_records(load_records(path), support_ratio), tuple(data.split), data.seed)
     if data.k_shot:
-        train = sample_k_shot(train, data.k_shot, data.seed)
+        train = sample_k_shot(train, data.k_shot, data.seed if data.k_shot_seed is None else data.k_shot_seed)
     if data.max_valid_rows:
         valid = valid[: data.max_valid_rows]
     template = resolve_preference_template(data.template, train + valid + test)
