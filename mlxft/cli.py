@@ -379,6 +379,42 @@ def eval_rank(model, adapter, mind_dir, max_history, max_impressions, template, 
         click.echo("  ".join(f"{name} {report[name]:.4f}" for name in ("auc", "mrr", "ndcg@5", "ndcg@10")))
 
 
+@eval_group.command("judge")
+@click.option("--responses", "responses_path", required=True, type=click.Path(path_type=Path), help="Rows with model_response (from `mlxft eval generate`).")
+@click.option("--judge-url", required=True, help="The judge's server, e.g. http://127.0.0.1:11434 (Ollama) or http://127.0.0.1:8080 (OpenAI-compatible).")
+@click.option("--judge-model", required=True, help="The judge model's name on that server.")
+@click.option("--api", type=click.Choice(["ollama", "openai"]), default="ollama", show_default=True, help="The server's API.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Sent with every request (temperature is always 0).")
+@click.option("--api-key", default=None, help="Sent as 'Authorization: Bearer KEY'.")
+@click.option("--out", default=None, type=click.Path(path_type=Path), help="Judged rows (default RESPONSES with .judged.json).")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def eval_judge(responses_path, judge_url, judge_model, api, seed, api_key, out, as_json):
+    """Score each response 0-100 against its reference answer with an LLM judge (fixed prompt,
+    temperature 0, a seed). <think> blocks are skipped; replies without a score are counted and
+    listed, not dropped."""
+    from mlxft.data.records import load_records
+    from mlxft.eval.judge import judge
+    from mlxft.files import write_atomic
+    from mlxft.progress import Progress
+
+    rows = [record.fields for record in load_records(responses_path)]
+    progress = Progress(len(rows), unit="row")
+    judged, report = judge(rows, judge_url, judge_model, api=api, seed=seed, api_key=api_key,
+                           progress=lambda: progress.update())
+    progress.close()
+    out = out or responses_path.with_suffix(".judged.json")
+    write_atomic(out, json.dumps(judged, indent=2, ensure_ascii=False))
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+        return
+    click.echo(f"mean score {report['mean']:.1f} over {report['count']} of {report['rows']} rows; "
+               f"{report['unparseable']} unparseable" + (f" (rows {report['unparseable_rows']})" if report["unparseable"] else ""))
+    top = max(report["histogram"].values()) or 1
+    for band, count in report["histogram"].items():
+        click.echo(f"{band:>7} {'#' * round(30 * count / top):30s} {count}")
+    click.echo(f"judged rows: {out}")
+
+
 def _int_list(text: str, what: str) -> list[int]:
     try:
         return [int(part) for part in text.split(",") if part.strip()]

@@ -13,11 +13,12 @@ class Progress:
                         file=sys.stderr, disable=None)  # None: no bar when stderr is not a terminal
         self.rate = None
 
-    def update(self, loss: float) -> None:
-        postfix = {"loss": f"{loss:.4f}"}
+    def update(self, loss: float | None = None) -> None:
+        postfix = {"loss": f"{loss:.4f}"} if loss is not None else {}
         if self.rate is not None:
             postfix["tok/s"] = f"{self.rate:,.0f}"
-        self.bar.set_postfix(postfix, refresh=False)
+        if postfix:
+            self.bar.set_postfix(postfix, refresh=False)
         self.bar.update(1)
 
     def set_rate(self, tokens_per_second: float) -> None:
