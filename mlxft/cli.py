@@ -151,7 +151,7 @@ def _run_options(function):
         click.option("--out", "out_dir", default=None, type=click.Path(path_type=Path), help="Run folder. Default: runs/<recipe>-<time>."),
         click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a recipe setting, e.g. --set train.steps=100 (repeatable)."),
         click.option("--quantize", type=click.Choice(["4", "8"]), default=None, help="Quantize the model on load (QLoRA)."),
-        click.option("--backend", default="auto", show_default=True, type=click.Choice(["auto", "mlx", "torch"]), help="auto: MLX on Apple Silicon, PyTorch where CUDA is present, MLX's CPU backend elsewhere."),
+        click.option("--backend", default="auto", show_default=True, type=click.Choice(["auto", "mlx", "torch"]), help="auto: MLX on Apple Silicon; elsewhere PyTorch when installed (measured faster on CPU too), else MLX."),
         click.option("--trust-remote-code", is_flag=True, help="Allow a hub model to run its own code (off by default)."),
     ]
     for option in reversed(options):
@@ -187,7 +187,7 @@ def lora_command(recipe, model, data_source, out_dir, overrides, quantize, backe
     Prints validation loss (and AUC for Yes/No data) before and after, and writes the run folder:
     config.yaml, metrics.jsonl, summary.json, best/ and last/ adapters, checkpoint/.
     """
-    from mlxft.backends import resolve_backend
+    from mlxft.backends import is_mlx_quantized, resolve_backend
     from mlxft.config import load_config
     from mlxft.runs import Run, default_run_dir
 
@@ -203,10 +203,10 @@ def lora_command(recipe, model, data_source, out_dir, overrides, quantize, backe
                             f"resume it with --backend {written_by}")
         backend = resolve_backend(written_by)
     else:
-        backend = resolve_backend(backend)
         if recipe is None:
             raise UserError("name a recipe: --recipe tallrec (see `mlxft recipes`)")
         config = _resolve_config(recipe, model, data_source, out_dir, overrides, quantize, trust_remote_code)
+        backend = resolve_backend(backend, quantized=bool(config.model.quantize) or is_mlx_quantized(config.model.name))
         folder = Path(config.out) if config.out else default_run_dir(config.recipe)
         config.out = str(folder)
         run = Run.create(folder, config)
@@ -252,11 +252,9 @@ def dpo_command(recipe, model, data_source, out_dir, overrides, quantize, backen
     """
     from mlxft.backends import resolve_backend
     from mlxft.config import load_config
-    from mlxft.errors import NotImplementedYet
     from mlxft.runs import Run, default_run_dir
 
-    if backend == "torch" or (backend == "auto" and not resume_dir and resolve_backend(backend) == "torch"):
-        raise NotImplementedYet("DPO runs on the MLX backend only for now; use --backend mlx")
+    resolve_backend(backend, supports=("mlx",))  # auto: MLX; torch: not yet
     if resume_dir:
         if recipe or model or data_source or overrides or quantize or adapter:
             raise UserError("--resume continues a run with its own config.yaml; give no other settings")
@@ -307,9 +305,9 @@ def eval_auc(model, adapter, data_path, template, answers, batch_size, backend, 
     The two answer tokens come from the tokenizer and template (never hard-coded ids); also
     prints label balance and accuracy at 0.5.
     """
-    from mlxft.backends import resolve_backend
+    from mlxft.backends import is_mlx_quantized, resolve_backend
 
-    if resolve_backend(backend) == "torch":
+    if resolve_backend(backend, quantized=is_mlx_quantized(model)) == "torch":
         from mlxft.backends.torch.evaluate import score_yes_no
     else:
         from mlxft.backends.mlx.evaluate import score_yes_no
@@ -349,12 +347,12 @@ def eval_rank(model, adapter, mind_dir, max_history, max_impressions, template, 
     """
     import itertools
 
-    from mlxft.backends import resolve_backend
+    from mlxft.backends import is_mlx_quantized, resolve_backend
     from mlxft.data.records import Record
     from mlxft.data.sources.mind import iter_impressions
     from mlxft.eval.ranking import ranking_report
 
-    if resolve_backend(backend) == "torch":
+    if resolve_backend(backend, quantized=is_mlx_quantized(model)) == "torch":
         from mlxft.backends.torch.evaluate import score_yes_no
     else:
         from mlxft.backends.mlx.evaluate import score_yes_no
@@ -437,14 +435,14 @@ def sweep_command(recipe, shots, seeds, model, data_source, overrides, out_dir, 
 
     Finished runs are reused only when their whole config matches (its hash names the folder).
     """
-    from mlxft.backends import resolve_backend
+    from mlxft.backends import is_mlx_quantized, resolve_backend
     from mlxft.sweep import sweep
 
     settings = list(overrides) + ([f"model.name={model}"] if model else []) + ([f"data.source={data_source}"] if data_source else [])
     name = Path(recipe).stem
     out = out_dir or Path("runs") / f"sweep-{name}"
     report = sweep(recipe, _int_list(shots, "--shots"), _int_list(seeds, "--seeds"), settings, out,
-                   backend=resolve_backend(backend), echo=click.echo)
+                   backend=resolve_backend(backend, quantized=is_mlx_quantized(model)), echo=click.echo)
     click.echo((out / "sweep.md").read_text(), nl=False)
     click.echo(f"sweep folder: {out}")
     return report

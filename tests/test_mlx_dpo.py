@@ -327,7 +327,7 @@ def test_cli_rejects_rows_that_are_not_pairs(tiny_model_dir, tmp_path):
         assert lines == [lines[-1]] and lines[-1].startswith("error: ") and message in lines[-1], result.output
         assert not (tmp_path / "run").exists()
     result = CliRunner().invoke(cli, ["dpo", "--recipe", "dpo", "--backend", "torch", "--out", str(tmp_path / "t")])
-    assert result.exit_code == 2 and "DPO runs on the MLX backend only for now" in result.output
+    assert result.exit_code == 2 and "runs on the mlx backend only for now" in result.output
 
 
 # --- data ------------------------------------------------------------------------------------------

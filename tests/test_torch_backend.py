@@ -312,19 +312,37 @@ def test_torch_backend_without_torch_gives_the_install_hint(tiny_model_dir, tmp_
     assert not (tmp_path / "run").exists()
 
 
-def test_auto_backend_is_mlx_on_apple_silicon_and_torch_with_cuda(monkeypatch):
+def test_auto_backend_is_mlx_on_apple_silicon_and_torch_elsewhere(monkeypatch):
     from mlxft import backends
 
     monkeypatch.setattr(backends, "on_apple_silicon", lambda: False)
-    monkeypatch.setattr(backends, "nvidia_driver_present", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert backends.resolve_backend("auto") == "torch"
     monkeypatch.setattr(backends, "on_apple_silicon", lambda: True)
     assert backends.resolve_backend("auto") == "mlx"
     monkeypatch.setattr(backends, "on_apple_silicon", lambda: False)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert backends.resolve_backend("auto") == "mlx"  # CPU-only: MLX until measured otherwise
+    assert backends.resolve_backend("auto") == "torch"  # CPU-only: PyTorch measured faster here
+    assert backends.resolve_backend("auto", quantized=True) == "mlx"  # QLoRA on torch needs CUDA
+    assert backends.resolve_backend("auto", supports=("mlx",)) == "mlx"
     assert backends.resolve_backend("torch") == "torch"
+    monkeypatch.setattr(backends, "torch_available", lambda: False)
+    assert backends.resolve_backend("auto") == "mlx"  # without the extra: MLX
+    from mlxft.errors import NotImplementedYet
+
+    with pytest.raises(NotImplementedYet, match="use --backend mlx"):
+        backends.resolve_backend("torch", supports=("mlx",))
+
+
+def test_mlx_quantized_models_are_recognised_without_loading(tmp_path):
+    from mlxft.backends import is_mlx_quantized
+
+    (tmp_path / "q").mkdir()
+    (tmp_path / "q/config.json").write_text('{"model_type": "llama", "quantization": {"bits": 4, "group_size": 64}}')
+    (tmp_path / "f").mkdir()
+    (tmp_path / "f/config.json").write_text('{"model_type": "llama"}')
+    assert is_mlx_quantized(str(tmp_path / "q")) and not is_mlx_quantized(str(tmp_path / "f"))
+    assert is_mlx_quantized("mlx-community/Qwen2.5-0.5B-Instruct-4bit") and not is_mlx_quantized("builtin")
 
 
 def test_qlora_needs_cuda_here(tiny_model_dir, tmp_path):
