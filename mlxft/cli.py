@@ -250,24 +250,33 @@ def dpo_command(recipe, model, data_source, out_dir, overrides, quantize, backen
     summary.json, best/ and last/ adapters, checkpoint/, and comparison.md / comparison.json
     with held-out answers before and after.
     """
-    from mlxft.backends import resolve_backend
+    from mlxft.backends import is_mlx_quantized, resolve_backend
     from mlxft.config import load_config
     from mlxft.runs import Run, default_run_dir
 
-    resolve_backend(backend, supports=("mlx",))  # auto: MLX; torch: not yet
     if resume_dir:
         if recipe or model or data_source or overrides or quantize or adapter:
             raise UserError("--resume continues a run with its own config.yaml; give no other settings")
         config = load_config(str(resume_dir / "config.yaml"))
         run = Run.open_for_resume(resume_dir)
+        # As in `lora`: a checkpoint holds one backend's optimizer state; the MLX trainer's names no backend.
+        written_by = json.loads((run.checkpoint_dir / "state.json").read_text()).get("backend", "mlx")
+        if backend not in ("auto", written_by):
+            raise UserError(f"--resume {resume_dir}: its checkpoint was written by the {written_by} backend; "
+                            f"resume it with --backend {written_by}")
+        backend = resolve_backend(written_by)
     else:
         if recipe is None:
             raise UserError("name a recipe: --recipe dpo (see `mlxft recipes`)")
         config = _resolve_config(recipe, model, data_source, out_dir, overrides, quantize, trust_remote_code)
+        backend = resolve_backend(backend, quantized=bool(config.model.quantize) or is_mlx_quantized(config.model.name))
         folder = Path(config.out) if config.out else default_run_dir(config.recipe)
         config.out = str(folder)
         run = Run.create(folder, config)
-    from mlxft.backends.mlx.dpo import train
+    if backend == "torch":
+        from mlxft.backends.torch.dpo import train
+    else:
+        from mlxft.backends.mlx.dpo import train
 
     try:
         summary = train(config, run, resume=resume_dir is not None, adapter=str(adapter) if adapter else None, echo=click.echo)

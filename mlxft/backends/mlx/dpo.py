@@ -41,14 +41,11 @@ Raises UserError for bad recipes, data, models and adapters (see mlxft.errors).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
-import os
 import time
 from contextlib import contextmanager
 from functools import partial
-from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -58,22 +55,22 @@ from mlx.utils import tree_map, tree_unflatten
 
 from mlxft.adapters import AdapterSpec, load_adapter
 from mlxft.backends.mlx import lora, model as mlx_model
+from mlxft.backends.mlx.generate import generate_answer
 from mlxft.backends.mlx.model import logits_at
 from mlxft.backends.mlx.sft import _save_checkpoint, _save_weights
 from mlxft.config import RunConfig
 from mlxft.data.batching import iterate_pair_batches, scored_targets
 from mlxft.data.dataset import encode_preference_split, load_preference_splits, prompt_records, resolve_source
 from mlxft.data.records import load_records
+from mlxft.dpo_common import (REFERENCE_FILE, answer_all, cache_fingerprint, cached_reference, compare_rows,
+                               load_reference, reference_label, reference_source, save_reference, write_comparison)
 from mlxft.dpo_loss import dpo_losses, pair_statistics, summarize, uses_mean_logps
 from mlxft.errors import UserError
-from mlxft.files import write_atomic
 from mlxft.model_files import BUILTIN, pad_id as pad_id_of
 from mlxft.progress import Progress
 from mlxft.runs import Run
 from mlxft.schedule import learning_rate
 from mlxft.training import PAD_MULTIPLE, batch_stream, describe, mean_rate, track_best
-
-REFERENCE_FILE = "reference_logps.safetensors"
 
 
 def train(config: RunConfig, run: Run, *, resume: bool = False, adapter: str | None = None, echo=print) -> dict:
@@ -105,23 +102,22 @@ def train(config: RunConfig, run: Run, *, resume: bool = False, adapter: str | N
          + (f"; validation: {valid_report.truncated} truncated" if valid_report and valid_report.truncated else ""))
 
     # --- reference ---------------------------------------------------------------------------
-    reference_from = dc.reference_adapter or adapter
-    precompute = dc.precompute_reference or reference_from is not None or config.lora.full_finetune
+    reference_from, precompute = reference_source(dc, adapter, config.lora.full_finetune)
     cache_path = run.folder / REFERENCE_FILE
-    fingerprint = _fingerprint(folder, train_set, valid_set, mean_logps)
+    fingerprint = cache_fingerprint(folder, train_set, valid_set, mean_logps)
     if resume and cache_path.exists():
-        cache, reference_name = _load_reference(cache_path, fingerprint)
+        cache, reference_name = load_reference(cache_path, fingerprint)
     elif precompute:
         if resume:
             raise UserError(f"--resume {run.folder}: the run's cached reference log-probs ({REFERENCE_FILE}) are missing")
         if reference_from:  # base + that adapter, for as long as it takes to score the pairs once
             ref_spec, ref_weights = load_adapter(reference_from)
             lora.load_adapter_weights(model, ref_spec, ref_weights, reference_from)
-        reference_name = f"base model + adapter {reference_from}" if reference_from else "base model"
+        reference_name = reference_label(reference_from)
         echo(f"reference: {reference_name}; scoring {len(train_set) + len(valid_set)} pairs once")
         cache = {f"{split}_{side}": values for split, pairs in (("train", train_set), ("valid", valid_set))
                  for side, values in zip(("chosen", "rejected"), _score_pairs(model, pairs, pad_id, split_head, ec.batch_size))}
-        _save_reference(cache_path, cache, fingerprint, reference_name)
+        save_reference(cache_path, cache, fingerprint, reference_name)
         lora.remove_lora(model)
     else:
         cache, reference_name = None, "base model (adapter off)"
@@ -178,7 +174,7 @@ def train(config: RunConfig, run: Run, *, resume: bool = False, adapter: str | N
     def reference_for(pairs, split: str, arrays):
         """Reference log-prob sums [2B] of a pair batch, in its row order (chosen, then rejected)."""
         if cache is not None:
-            return mx.array(np.concatenate([cache[f"{split}_chosen"][pairs.index], cache[f"{split}_rejected"][pairs.index]]))
+            return mx.array(cached_reference(cache, split, pairs.index))
         return reference_step(*arrays)
 
     def validate() -> dict:
@@ -196,8 +192,8 @@ def train(config: RunConfig, run: Run, *, resume: bool = False, adapter: str | N
     summary_path = run.folder / "summary.json"
     earlier = json.loads(summary_path.read_text()) if resume and summary_path.exists() else None
     before = earlier["before"] if earlier else validate()
-    prompts = asked if asked is not None else (splits.test or splits.valid)[: ec.generate_examples]
-    before_answers = earlier.get("before_answers", []) if earlier else _answer(model, tokenizer, prompts, splits, config)
+    prompts = compare_rows(asked, splits, ec)
+    before_answers = earlier.get("before_answers", []) if earlier else answer_all(generate_answer, model, tokenizer, prompts, splits, config)
     if not resume:
         run.write_summary({"before": before, "before_answers": before_answers})
     if before:
@@ -274,8 +270,8 @@ def train(config: RunConfig, run: Run, *, resume: bool = False, adapter: str | N
     # --- before / after answers ----------------------------------------------------------------
     comparison = None
     if prompts:
-        after_answers = _answer(model, tokenizer, prompts, splits, config)
-        comparison = _write_comparison(run.folder, prompts, before_answers, after_answers, config, adapter, step)
+        after_answers = answer_all(generate_answer, model, tokenizer, prompts, splits, config)
+        comparison = write_comparison(run.folder, prompts, before_answers, after_answers, config, adapter, step)
     history = run.metrics()
     summary = {
         "recipe": config.recipe,
@@ -402,73 +398,3 @@ def _score_pairs(model, pairs, pad_id: int, split_head: bool, batch_size: int) -
         chosen[batch.index], rejected[batch.index] = logps[: batch.pairs], logps[batch.pairs :]
     model.train(was_training)
     return chosen, rejected
-
-
-def _fingerprint(model_folder, train_set, valid_set, mean_logps: bool) -> str:
-    """What the cached log-probs depend on besides the reference: the model and every token id."""
-    digest = hashlib.sha256(f"{Path(model_folder).resolve()}|{mean_logps}".encode())
-    for pair in list(train_set) + list(valid_set):
-        digest.update(json.dumps([pair.prompt_ids, pair.chosen_ids, pair.rejected_ids]).encode())
-    return digest.hexdigest()[:16]
-
-
-def _save_reference(path: Path, cache: dict, fingerprint: str, reference_name: str) -> None:
-    staging = path.with_name(f".{path.stem}.tmp.safetensors")
-    mx.save_safetensors(str(staging), {k: mx.array(v) for k, v in cache.items()},
-                        metadata={"fingerprint": fingerprint, "reference": reference_name})
-    os.replace(staging, path)
-
-
-def _load_reference(path: Path, fingerprint: str) -> tuple[dict, str]:
-    arrays, metadata = mx.load(str(path), return_metadata=True)
-    if metadata.get("fingerprint") != fingerprint:
-        raise UserError(f"{path}: the cached reference log-probs were computed for other data or another model; "
-                        "start a new run instead of resuming this one")
-    return {k: np.array(v) for k, v in arrays.items()}, metadata.get("reference", "cached")
-
-
-# --- before / after answers ------------------------------------------------------------------------
-
-def _answer(model, tokenizer, rows, splits, config) -> list[str]:
-    from mlxft.backends.mlx.generate import generate_answer
-    from mlxft.data.templates import preference_prompt
-
-    return [generate_answer(model, tokenizer, preference_prompt(row, splits.template, tokenizer,
-                                                                system_prompt=config.data.system_prompt),
-                            max_tokens=config.eval.max_new_tokens)
-            for row in rows]
-
-
-def _write_comparison(folder: Path, rows, before: list[str], after: list[str], config, adapter, steps: int) -> dict:
-    """comparison.json and comparison.md: each held-out prompt with the answers before and after."""
-    starting_point = (f"adapter {adapter}" if adapter else "base model" if config.lora.full_finetune
-                      else "base model, adapter off")
-    items = []
-    for row, old, new in zip(rows, before, after):
-        item = {"origin": row.origin, "prompt": _prompt_text(row["prompt"]), "before": old, "after": new}
-        for field in ("chosen", "rejected"):
-            if isinstance(row.get(field), str):
-                item[field] = row[field]
-        items.append(item)
-    header = (f"# Before and after DPO\n\n{config.recipe}: {steps} steps of DPO ({config.dpo.loss_type}, beta "
-              f"{config.dpo.beta:g}) on {config.model.name}. Before: {starting_point}. After: the last adapter. "
-              f"Greedy decoding, at most {config.eval.max_new_tokens} new tokens.\n")
-    sections = []
-    for i, item in enumerate(items, start=1):
-        text = (f"## {i}. {_cell(item['prompt'])}\n\n<sub>{item['origin']}</sub>\n\n"
-                f"| before ({starting_point}) | after DPO |\n| --- | --- |\n| {_cell(item['before'])} | {_cell(item['after'])} |\n")
-        if "chosen" in item:
-            text += f"\nIn the data: preferred *{_cell(item['chosen'])}*, rejected *{_cell(item['rejected'])}*\n"
-        sections.append(text)
-    write_atomic(folder / "comparison.json", json.dumps({"before": starting_point, "after": "last adapter", "items": items}, indent=2))
-    write_atomic(folder / "comparison.md", header + "\n" + "\n".join(sections))
-    return {"json": str(folder / "comparison.json"), "markdown": str(folder / "comparison.md"), "prompts": len(items)}
-
-
-def _prompt_text(prompt) -> str:
-    return prompt if isinstance(prompt, str) else next((m["content"] for m in reversed(prompt) if m["role"] == "user"),
-                                                      prompt[-1]["content"])
-
-
-def _cell(text: str) -> str:
-    return (text.strip() or "(empty)").replace("|", "\\|").replace("\n", "<br>")

@@ -77,6 +77,16 @@ def apply_lora(model, spec: AdapterSpec) -> list[str]:
     return paths
 
 
+def remove_lora(model) -> None:
+    """Put the plain base layers back in place of the LoRA layers (the same modules, not
+    copies), so another adapter can be applied to the same model."""
+    for path, layer in lora_layers(model).items():
+        parent, _, name = path.rpartition(".")
+        setattr(model.get_submodule(parent), name, layer.get_base_layer())
+    if hasattr(model, "peft_config"):  # left by inject_adapter_in_model; a second injection warns about it
+        del model.peft_config
+
+
 def lora_layers(model) -> dict:
     return {path: m for path, m in model.named_modules() if _is_lora(m) and ADAPTER in m.lora_A}
 

@@ -1,0 +1,124 @@
+"""The backend-neutral parts of a DPO run, shared by mlxft.backends.mlx.dpo and
+mlxft.backends.torch.dpo: where the reference comes from, the cached reference log-probs
+(reference_logps.safetensors: one file format, one check), and the before/after answers
+(comparison.json, comparison.md). No mlx, no torch: numpy arrays and files only.
+
+The loss math and the metric sums are in mlxft.dpo_loss; each backend keeps its own loop.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from mlxft.errors import UserError
+from mlxft.files import write_atomic
+
+REFERENCE_FILE = "reference_logps.safetensors"
+
+
+# --- the reference ---------------------------------------------------------------------------------
+
+def reference_source(dc, adapter: str | None, full_finetune: bool) -> tuple[str | None, bool]:
+    """(the adapter the reference carries, or None for the base model; whether its log-probs
+    are precomputed). When the trained weights sit where the reference's are (a continued
+    adapter, a reference adapter, full fine-tuning) there is nothing to switch off, so the
+    reference is always precomputed; a new adapter's reference is the model with it switched off."""
+    reference_from = dc.reference_adapter or adapter
+    return reference_from, dc.precompute_reference or reference_from is not None or full_finetune
+
+
+def reference_label(reference_from: str | None) -> str:
+    return f"base model + adapter {reference_from}" if reference_from else "base model"
+
+
+def cache_fingerprint(model_folder, train_set, valid_set, mean_logps: bool) -> str:
+    """What the cached log-probs depend on besides the reference: the model and every token id."""
+    digest = hashlib.sha256(f"{Path(model_folder).resolve()}|{mean_logps}".encode())
+    for pair in list(train_set) + list(valid_set):
+        digest.update(json.dumps([pair.prompt_ids, pair.chosen_ids, pair.rejected_ids]).encode())
+    return digest.hexdigest()[:16]
+
+
+def save_reference(path: Path, cache: dict, fingerprint: str, reference_name: str) -> None:
+    """{'train_chosen': [N] float32, ...} as safetensors, written under a temporary name and renamed."""
+    from safetensors.numpy import save_file
+
+    staging = path.with_name(f".{path.stem}.tmp.safetensors")
+    save_file({k: np.ascontiguousarray(v, dtype=np.float32) for k, v in cache.items()}, str(staging),
+              metadata={"fingerprint": fingerprint, "reference": reference_name})
+    os.replace(staging, path)
+
+
+def load_reference(path: Path, fingerprint: str) -> tuple[dict, str]:
+    """(the cached log-probs, the reference's name); a UserError when they belong to another run."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="np") as f:
+        metadata = f.metadata() or {}
+        arrays = {k: f.get_tensor(k) for k in f.keys()}
+    if metadata.get("fingerprint") != fingerprint:
+        raise UserError(f"{path}: the cached reference log-probs were computed for other data or another model; "
+                        "start a new run instead of resuming this one")
+    return arrays, metadata.get("reference", "cached")
+
+
+def cached_reference(cache: dict, split: str, index: np.ndarray) -> np.ndarray:
+    """Reference log-prob sums [2B] of a pair batch from the cache, in its row order (chosen, then rejected)."""
+    return np.concatenate([cache[f"{split}_chosen"][index], cache[f"{split}_rejected"][index]])
+
+
+# --- before / after answers ------------------------------------------------------------------------
+
+def compare_rows(asked, splits, ec) -> list:
+    """The prompts answered before and after: dpo.compare_prompts, else held-out pairs."""
+    return asked if asked is not None else (splits.test or splits.valid)[: ec.generate_examples]
+
+
+def answer_all(generate_answer, model, tokenizer, rows, splits, config) -> list[str]:
+    """The model's greedy answers to `rows`' prompts, through a backend's generate_answer."""
+    from mlxft.data.templates import preference_prompt
+
+    return [generate_answer(model, tokenizer, preference_prompt(row, splits.template, tokenizer,
+                                                                system_prompt=config.data.system_prompt),
+                            max_tokens=config.eval.max_new_tokens)
+            for row in rows]
+
+
+def write_comparison(folder: Path, rows, before: list[str], after: list[str], config, adapter, steps: int) -> dict:
+    """comparison.json and comparison.md: each held-out prompt with the answers before and after."""
+    starting_point = (f"adapter {adapter}" if adapter else "base model" if config.lora.full_finetune
+                      else "base model, adapter off")
+    items = []
+    for row, old, new in zip(rows, before, after):
+        item = {"origin": row.origin, "prompt": _prompt_text(row["prompt"]), "before": old, "after": new}
+        for field in ("chosen", "rejected"):
+            if isinstance(row.get(field), str):
+                item[field] = row[field]
+        items.append(item)
+    header = (f"# Before and after DPO\n\n{config.recipe}: {steps} steps of DPO ({config.dpo.loss_type}, beta "
+              f"{config.dpo.beta:g}) on {config.model.name}. Before: {starting_point}. After: the last adapter. "
+              f"Greedy decoding, at most {config.eval.max_new_tokens} new tokens.\n")
+    sections = []
+    for i, item in enumerate(items, start=1):
+        text = (f"## {i}. {_cell(item['prompt'])}\n\n<sub>{item['origin']}</sub>\n\n"
+                f"| before ({starting_point}) | after DPO |\n| --- | --- |\n| {_cell(item['before'])} | {_cell(item['after'])} |\n")
+        if "chosen" in item:
+            text += f"\nIn the data: preferred *{_cell(item['chosen'])}*, rejected *{_cell(item['rejected'])}*\n"
+        sections.append(text)
+    write_atomic(folder / "comparison.json", json.dumps({"before": starting_point, "after": "last adapter", "items": items}, indent=2))
+    write_atomic(folder / "comparison.md", header + "\n" + "\n".join(sections))
+    return {"json": str(folder / "comparison.json"), "markdown": str(folder / "comparison.md"), "prompts": len(items)}
+
+
+def _prompt_text(prompt) -> str:
+    return prompt if isinstance(prompt, str) else next((m["content"] for m in reversed(prompt) if m["role"] == "user"),
+                                                      prompt[-1]["content"])
+
+
+def _cell(text: str) -> str:
+    return (text.strip() or "(empty)").replace("|", "\\|").replace("\n", "<br>")

@@ -1,0 +1,302 @@
+"""DPO on PyTorch against DPO on MLX, on a 2-layer, 32-wide Llama: ln 2 at step 0, the reference
+as the adapter-off model, the same losses and TRL metrics on the same weights for every loss type,
+the same optimizer steps, the CLI end to end with the MLX run's summary keys, and resume."""
+
+import json
+import math
+
+import mlx.core as mx
+import mlx.optimizers as optim
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from mlx.utils import tree_flatten, tree_map
+
+from mlxft.adapters import AdapterSpec, save_adapter
+from mlxft.backends.mlx import dpo as mlx_dpo
+from mlxft.backends.mlx import lora as mlx_lora
+from mlxft.backends.mlx import model as mlx_model
+from mlxft.backends.torch import dpo as torch_dpo
+from mlxft.backends.torch import lora as torch_lora
+from mlxft.backends.torch import model as torch_model
+from mlxft.backends.torch.adamw import MLXAdamW
+from mlxft.backends.torch.sft import update as torch_update
+from mlxft.cli import cli
+from mlxft.config import DPOConfig, load_config
+from mlxft.data.batching import collate_pairs
+from mlxft.data.encode import PreferenceExample
+from mlxft.dpo_common import REFERENCE_FILE
+from mlxft.dpo_loss import summarize
+from mlxft.progress import Progress
+from mlxft.runs import Run
+from mlxft.schedule import learning_rate
+
+CPU = torch.device("cpu")
+SPEC = AdapterSpec(4, 8, 0.0, ["q_proj", "v_proj"], "x")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """On these tiny models torch's threads cost more in synchronisation than they save (see
+    test_torch_backend.py)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def random_pairs(n, seed=0, prompt=(5, 30), answer=(2, 12)):
+    rng = np.random.default_rng(seed)
+    ids = lambda lo_hi: rng.integers(3, 500, size=int(rng.integers(*lo_hi))).tolist()
+    return [PreferenceExample(ids(prompt), ids(answer), ids(answer)) for _ in range(n)]
+
+
+def twin_models(model_dir, b_scale=0.0, seed=0):
+    """The same adapted weights on both backends: MLX's random A (and B, when b_scale), copied into PEFT."""
+    m, _, _ = mlx_model.load(str(model_dir))
+    mx.random.seed(seed)
+    mlx_lora.apply_lora(m, SPEC)
+    if b_scale:
+        for layer in mlx_lora.lora_layers(m).values():
+            layer.lora_b = mx.random.normal(layer.lora_b.shape) * b_scale
+    t, _, _ = torch_model.load(str(model_dir), device=CPU)
+    torch_lora.apply_lora(t, SPEC)
+    torch_lora.set_adapter_weights(t, mlx_lora.adapter_weights(m))
+    return m, t
+
+
+def torch_grads(model):
+    """{MLX parameter path: gradient in MLX's orientation} of the torch model's LoRA tensors."""
+    grads = {}
+    for path, layer in torch_lora.lora_layers(model).items():
+        grads[f"{path}.lora_a"] = layer.lora_A["default"].weight.grad.numpy().T
+        grads[f"{path}.lora_b"] = layer.lora_B["default"].weight.grad.numpy().T
+    return grads
+
+
+def losses(run_dir):
+    return [r["loss"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())]
+
+
+# --- the reference ---------------------------------------------------------------------------------
+
+def test_step_zero_loss_is_ln2_and_rewards_are_zero(tiny_model_dir):
+    _, model = twin_models(tiny_model_dir)  # B = 0, dropout 0: the adapter changes nothing yet
+    model.train()
+    tensors = torch_dpo._tensors(collate_pairs(random_pairs(6), range(6), pad_id=0), CPU)
+    reference = torch_dpo.reference_logps(model, *tensors, split_head=True)
+    sums = torch_dpo.micro_step(model, *tensors, reference, split_head=True, dc=DPOConfig(), device=CPU)
+    metrics = summarize(sums.numpy())
+    assert metrics["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert metrics["rewards/chosen"] == 0.0 and metrics["rewards/rejected"] == 0.0 and metrics["rewards/margins"] == 0.0
+    assert metrics["rewards/accuracies"] == 0.5  # every pair a tie
+    assert metrics["logps/chosen"] < -10  # real log-probs, not zeros
+    assert all(layer.lora_B["default"].weight.grad.abs().sum() > 0 for layer in torch_lora.lora_layers(model).values())
+
+
+def test_reference_is_the_base_model_with_the_adapter_off(tiny_model_dir):
+    _, model = twin_models(tiny_model_dir, b_scale=0.5)  # an adapter that changes the outputs
+    model.train()
+    tensors = torch_dpo._tensors(collate_pairs(random_pairs(4), range(4), pad_id=0), CPU)
+    reference = torch_dpo.reference_logps(model, *tensors, split_head=True)
+    assert not reference.requires_grad
+    base, _, _ = torch_model.load(str(tiny_model_dir), device=CPU)
+    with torch.no_grad():
+        expected = torch_dpo.sequence_logps(base.eval(), *tensors, True)[0]
+        policy = torch_dpo.sequence_logps(model, *tensors, True)[0]
+    np.testing.assert_allclose(reference.numpy(), expected.numpy(), rtol=1e-6)
+    assert (policy - reference).abs().max() > 1e-2  # the adapter is on again afterwards, trainable, in training mode
+    assert model.training and torch_lora.trainable_parameters(model) == 2 * 2 * 4 * (32 + 32)
+
+
+# --- MLX == PyTorch --------------------------------------------------------------------------------
+
+SETTINGS = {"sigmoid": {}, "sigmoid-smoothed": {"label_smoothing": 0.2}, "ipo": {"loss_type": "ipo"},
+            "hinge": {"loss_type": "hinge"}, "robust": {"loss_type": "robust", "label_smoothing": 0.1},
+            "sigmoid-mean": {"average_log_prob": True}}
+
+
+@pytest.fixture(scope="module")
+def adapted_twins(tiny_model_dir):
+    return twin_models(tiny_model_dir, b_scale=1.0)
+
+
+@pytest.mark.parametrize("name", list(SETTINGS))
+def test_same_weights_same_pairs_same_loss_and_metrics(adapted_twins, name):
+    m, t = adapted_twins
+    dc = DPOConfig(beta=0.5, **SETTINGS[name])
+    pb = collate_pairs(random_pairs(6, seed=2), range(6), pad_id=0, pad_to_multiple=16)
+
+    arrays = mlx_dpo._arrays(pb)
+    micro_step, _ = mlx_dpo.make_step(m, optim.SGD(learning_rate=0.0), True, None, dc)
+    mlx_grads, mlx_sums = micro_step(*arrays, mlx_dpo.make_reference_step(m, True)(*arrays))
+    mlx_metrics, mlx_grads = summarize(np.array(mlx_sums)), dict(tree_flatten(mlx_grads))
+
+    t.zero_grad(set_to_none=True)
+    tensors = torch_dpo._tensors(pb, CPU)
+    t.train()
+    reference = torch_dpo.reference_logps(t, *tensors, split_head=True)
+    sums = torch_dpo.micro_step(t, *tensors, reference, split_head=True, dc=dc, device=CPU)
+    torch_metrics = summarize(sums.numpy())
+
+    differences = {k: abs(torch_metrics[k] - mlx_metrics[k]) for k in mlx_metrics}
+    print(f"{name}: loss {mlx_metrics['loss']:.6f}, max |torch - mlx| {max(differences.values()):.2e} "
+          f"({max(differences, key=differences.get)})")
+    assert max(differences.values()) < 1e-4, differences
+    with torch.no_grad():  # the adapter moves the policy off the reference: the rewards are not all 0
+        moved = (torch_dpo.sequence_logps(t, *tensors, True)[0] - reference).abs().max().item()
+    print(f"largest |policy - reference| log-prob: {moved:.3f}")
+    assert moved > 0.1
+    grads = torch_grads(t)
+    assert set(grads) == set(mlx_grads)
+    scale = max(np.abs(np.array(g)).max() for g in mlx_grads.values())
+    worst = max(np.abs(grads[k] - np.array(mlx_grads[k])).max() for k in grads)
+    print(f"gradients: max |torch - mlx| {worst:.2e} of max |g| {scale:.2e}")
+    assert worst < 1e-3 * scale
+
+
+def test_optimizer_steps_agree_with_mlx(tiny_model_dir):
+    # Two micro-batches of different sizes per step (pair-weighted accumulation), weight decay,
+    # clipping and a warmup: every piece of the update, from the same new adapter (B = 0).
+    micro = [collate_pairs(p, range(len(p)), pad_id=0, pad_to_multiple=16)
+             for p in (random_pairs(3, seed=4), random_pairs(5, seed=5))]
+    rates = [learning_rate(s, peak=2e-2, total_steps=5, warmup_steps=2) for s in range(5)]
+    dc, weight_decay, max_norm = DPOConfig(beta=0.5), 0.1, 0.1
+    m, t = twin_models(tiny_model_dir, seed=3)
+
+    optimizer = optim.AdamW(learning_rate=rates[0], weight_decay=weight_decay)
+    micro_step, update = mlx_dpo.make_step(m, optimizer, True, max_norm, dc)
+    reference_step = mlx_dpo.make_reference_step(m, True)
+    m.train()
+    mlx_steps = []
+    for rate in rates:
+        grads, total = None, 0.0
+        for pb in micro:
+            arrays = mlx_dpo._arrays(pb)
+            g, sums = micro_step(*arrays, reference_step(*arrays))
+            grads = g if grads is None else tree_map(mx.add, grads, g)
+            total = total + np.array(sums)
+        optimizer.learning_rate = rate
+        norm = update(grads, mx.array(total[0]))
+        mx.eval(m.state, optimizer.state)
+        mlx_steps.append((total[1] / total[0], norm.item()))
+
+    t_optimizer = MLXAdamW([p for p in t.parameters() if p.requires_grad], lr=rates[0], weight_decay=weight_decay)
+    t.train()
+    torch_steps = []
+    for rate in rates:
+        t_optimizer.zero_grad(set_to_none=True)
+        total = 0.0
+        for pb in micro:
+            tensors = torch_dpo._tensors(pb, CPU)
+            reference = torch_dpo.reference_logps(t, *tensors, split_head=True)
+            total = total + torch_dpo.micro_step(t, *tensors, reference, split_head=True, dc=dc, device=CPU).numpy()
+        norm = torch_update(t_optimizer, float(total[0]), rate, max_norm)
+        torch_steps.append((total[1] / total[0], norm))
+
+    mlx_steps, torch_steps = np.array(mlx_steps), np.array(torch_steps)
+    print(f"losses MLX {np.round(mlx_steps[:, 0], 5).tolist()}, max |torch - mlx| loss "
+          f"{np.abs(torch_steps[:, 0] - mlx_steps[:, 0]).max():.2e}, grad norm {np.abs(torch_steps[:, 1] - mlx_steps[:, 1]).max():.2e}")
+    assert mlx_steps[0, 0] == pytest.approx(math.log(2), abs=1e-6)
+    assert np.abs(torch_steps[:, 0] - mlx_steps[:, 0]).max() < 1e-3
+    assert np.abs(torch_steps[:, 1] - mlx_steps[:, 1]).max() < 1e-3 * mlx_steps[:, 1].max()
+    assert mlx_steps[-1, 0] < mlx_steps[0, 0] - 0.05  # it trained: the agreement is not of two idle runs
+    assert (mlx_steps[:, 1] > max_norm).any()  # and clipping was in play
+    mlx_end, torch_end = mlx_lora.adapter_weights(m), torch_lora.adapter_weights(t)
+    assert max(np.abs(torch_end[k][i] - mlx_end[k][i]).max() for k in mlx_end for i in (0, 1)) < 1e-4
+
+
+# --- runs ------------------------------------------------------------------------------------------
+
+def tiny_config(model_dir, out, *extra):
+    return load_config("dpo", [
+        f"model.name={model_dir}", "data.k_shot=24", "data.max_valid_rows=8", "train.batch_size=4",
+        "train.steps=6", "train.report_every=1", "train.warmup_steps=2", "train.learning_rate=1e-2",
+        "train.checkpoint_every=3", "eval.every=0", "eval.generate_examples=0", "lora.dropout=0.0", f"out={out}", *extra])
+
+
+def run(*args):
+    return CliRunner().invoke(cli, [str(a) for a in args])
+
+
+def test_cli_torch_run_matches_the_mlx_run_folder(tiny_model_dir, tmp_path):
+    common = ["dpo", "--recipe", "dpo", "--model", tiny_model_dir, "--set", "train.steps=4", "--set", "train.batch_size=4",
+              "--set", "data.k_shot=16", "--set", "data.max_valid_rows=8", "--set", "eval.every=2",
+              "--set", "eval.generate_examples=2", "--set", "eval.max_new_tokens=4", "--set", "train.checkpoint_every=2"]
+    for backend in ("mlx", "torch"):
+        result = run(*common, "--backend", backend, "--out", tmp_path / backend)
+        assert result.exit_code == 0, result.output
+        assert "validation rewards/accuracies: 0.5000 ->" in result.output and "comparison.md" in result.output
+    summaries = {b: json.loads((tmp_path / b / "summary.json").read_text()) for b in ("mlx", "torch")}
+    assert list(summaries["torch"]) == list(summaries["mlx"])
+    assert summaries["torch"]["backend"] == "torch" and summaries["torch"]["device"] == "cpu"
+    assert summaries["torch"]["reference"] == summaries["mlx"]["reference"] == "base model (adapter off)"
+    for section in ("before", "after"):
+        assert list(summaries["torch"][section]) == list(summaries["mlx"][section])
+    for key, value in summaries["mlx"]["before"].items():  # the same model, data and reference: the same numbers
+        assert summaries["torch"]["before"][key] == pytest.approx(value, abs=1e-4), key
+    records = {b: [json.loads(line) for line in (tmp_path / b / "metrics.jsonl").read_text().splitlines()] for b in summaries}
+    assert [list(r) for r in records["torch"]] == [list(r) for r in records["mlx"]]
+    for name in ("comparison.json", "comparison.md", "last/adapter_model.safetensors", "best/adapter_config.json",
+                 "checkpoint/state.json"):
+        assert (tmp_path / "torch" / name).exists(), name
+    comparison = json.loads((tmp_path / "torch/comparison.json").read_text())
+    assert len(comparison["items"]) == 2 and comparison["before"] == "base model, adapter off"
+    assert comparison["items"][0]["prompt"] == json.loads((tmp_path / "mlx/comparison.json").read_text())["items"][0]["prompt"]
+
+    # --resume keeps to the backend that wrote the checkpoint.
+    for written_by, other in (("torch", "mlx"), ("mlx", "torch")):
+        refused = run("dpo", "--resume", tmp_path / written_by, "--backend", other)
+        assert refused.exit_code == 2
+        assert refused.output.strip().endswith(f"written by the {written_by} backend; resume it with --backend {written_by}"), refused.output
+
+
+@pytest.mark.parametrize("extra", [["lora.dropout=0.1"], ["dpo.precompute_reference=true", "train.grad_accumulation=2"]],
+                         ids=["adapter-off-reference-with-dropout", "cached-reference-accumulated"])
+def test_resume_after_a_kill_reproduces_the_losses(tiny_model_dir, tmp_path, monkeypatch, extra):
+    config = tiny_config(tiny_model_dir, tmp_path / "a", *extra)
+    torch_dpo.train(config, Run.create(tmp_path / "a", config), echo=lambda *a: None)
+    uninterrupted = losses(tmp_path / "a")
+    assert uninterrupted[0] == pytest.approx(math.log(2), abs=1e-5) and uninterrupted[-1] < uninterrupted[0]
+    assert len(set(uninterrupted)) == 6
+
+    killed = tiny_config(tiny_model_dir, tmp_path / "b", *extra)
+    original, calls = Progress.update, {"n": 0}
+
+    def dies_at_step_5(self, loss):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise KeyboardInterrupt  # killed after step 5, with a checkpoint at step 3
+        original(self, loss)
+
+    monkeypatch.setattr(Progress, "update", dies_at_step_5)
+    with pytest.raises(KeyboardInterrupt):
+        torch_dpo.train(killed, Run.create(tmp_path / "b", killed), echo=lambda *a: None)
+    monkeypatch.setattr(Progress, "update", original)
+    assert json.loads((tmp_path / "b/checkpoint/state.json").read_text())["step"] == 3
+    assert (tmp_path / "b" / REFERENCE_FILE).exists() == ("dpo.precompute_reference=true" in extra)
+
+    torch_dpo.train(killed, Run.open_for_resume(tmp_path / "b"), resume=True, echo=lambda *a: None)
+    assert losses(tmp_path / "b") == pytest.approx(uninterrupted, rel=1e-6)
+
+
+def test_a_reference_adapter_is_scored_once_and_agrees_with_mlx(tiny_model_dir, tmp_path):
+    # The reference is base + another adapter (other modules than the new one trains), cached:
+    # both backends score it the same, and the policy starts from the base model, not from it.
+    rng = np.random.default_rng(0)
+    weights = {f"model.layers.{i}.self_attn.{m}": (rng.normal(size=(4, 32)) * 0.2, rng.normal(size=(32, 4)) * 0.2)
+               for i in range(2) for m in ("q_proj", "k_proj")}
+    save_adapter(tmp_path / "sft", AdapterSpec(4, 8, 0.0, ["q_proj", "k_proj"], str(tiny_model_dir)), weights)
+    summaries = {}
+    for backend, trainer in (("mlx", mlx_dpo), ("torch", torch_dpo)):
+        config = tiny_config(tiny_model_dir, tmp_path / backend, "train.steps=1", f"dpo.reference_adapter={tmp_path / 'sft'}")
+        summaries[backend] = trainer.train(config, Run.create(tmp_path / backend, config), echo=lambda *a: None)
+    torch_summary = summaries["torch"]
+    assert torch_summary["reference"] == f"base model + adapter {tmp_path / 'sft'}"
+    assert (tmp_path / "torch" / REFERENCE_FILE).exists()
+    assert abs(torch_summary["before"]["eval_rewards/margins"]) > 1e-3  # policy (base) != reference (base + adapter)
+    for key, value in summaries["mlx"]["before"].items():
+        assert torch_summary["before"][key] == pytest.approx(value, abs=1e-4), key
+    assert json.loads((tmp_path / "torch/last/adapter_config.json").read_text())["target_modules"] == ["q_proj", "v_proj"]
+
