@@ -225,3 +225,40 @@ def test_gradient_checkpointing_with_dropout_is_refused(tiny_model_dir, tmp_path
     with pytest.raises(UserError, match="lora.dropout=0"):
         run_training(tiny_config(tiny_model_dir, tmp_path / "a", "train.grad_checkpoint=true", "lora.dropout=0.05"),
                      tmp_path / "a")
+
+
+@pytest.mark.parametrize("backend", ["mlx", "torch"])
+def test_resume_of_a_run_that_continued_another_adapter(tiny_model_dir, tmp_path, monkeypatch, backend):
+    # The continued adapter covers other modules than the recipe's q_proj/v_proj: a resume must
+    # rebuild that adapter's layers, not the recipe's.
+    if backend == "torch":
+        pytest.importorskip("peft")
+        from mlxft.backends.torch.sft import train as backend_train
+    else:
+        backend_train = train
+    first = tiny_config(tiny_model_dir, tmp_path / "first", "train.steps=2",
+                        "lora.target_modules=[q_proj,k_proj,v_proj,o_proj]", "lora.dropout=0")
+    backend_train(first, Run.create(tmp_path / "first", first), echo=lambda *a: None)
+
+    def continued(name):
+        config = tiny_config(tiny_model_dir, tmp_path / name, "train.steps=5", "train.checkpoint_every=2")
+        return config, Run.create(tmp_path / name, config)
+
+    config, run = continued("a")
+    backend_train(config, run, adapter=str(tmp_path / "first/last"), echo=lambda *a: None)
+    config, run = continued("b")
+    original, calls = Progress.update, {"n": 0}
+
+    def dies_at_step_3(self, loss=None):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        original(self, loss)
+
+    monkeypatch.setattr(Progress, "update", dies_at_step_3)
+    with pytest.raises(KeyboardInterrupt):
+        backend_train(config, run, adapter=str(tmp_path / "first/last"), echo=lambda *a: None)
+    monkeypatch.setattr(Progress, "update", original)
+    backend_train(config, Run.open_for_resume(tmp_path / "b"), resume=True, echo=lambda *a: None)
+    assert losses(tmp_path / "b") == pytest.approx(losses(tmp_path / "a"), rel=1e-5)
+    assert len(load_adapter(tmp_path / "b/last")[1]) == 2 * 4  # 2 layers x 4 attention projections

@@ -59,6 +59,9 @@ def train(config: RunConfig, run: Run, *, resume: bool = False, adapter: str | N
     base_name = str(folder) if config.model.name == BUILTIN else config.model.name
     spec = AdapterSpec(config.lora.r, config.lora.alpha, config.lora.dropout, list(config.lora.target_modules),
                        base_name, config.lora.layers)
+    if resume and not config.lora.full_finetune:
+        # A run that continued another adapter trains that adapter's modules, not the recipe's.
+        spec = load_adapter(run.checkpoint_dir / "weights")[0]
     if config.lora.full_finetune:
         if config.model.quantize or any(isinstance(m, nn.QuantizedLinear) for _, m in model.named_modules()):
             raise UserError("full fine-tuning needs a full-precision model; use LoRA on a quantized one")

@@ -61,6 +61,9 @@ def train(config: RunConfig, run: Run, *, resume: bool = False, adapter: str | N
     spec = AdapterSpec(config.lora.r, config.lora.alpha, config.lora.dropout, list(config.lora.target_modules),
                        base_name, config.lora.layers)
     torch.manual_seed(tc.seed)  # here, not before loading: the LoRA initialisation is a function of the seed alone
+    if resume and not config.lora.full_finetune:
+        # A run that continued another adapter trains that adapter's modules, not the recipe's.
+        spec = load_adapter(run.checkpoint_dir / "weights")[0]
     if config.lora.full_finetune:
         if config.model.quantize or torch_model.is_quantized(model):
             raise UserError("full fine-tuning needs a full-precision model; use LoRA on a quantized one")
