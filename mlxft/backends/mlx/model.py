@@ -16,9 +16,10 @@ import mlx.nn as nn
 from mlxft.errors import UserError
 from mlxft.model_files import TOKENIZER_FILES, resolve_model_dir
 
-# Model families whose mlx-lm class is `model.model` (the transformer) plus a head, so the head
-# can run on the scored positions only. Others fall back to full logits.
-SPLIT_HEAD_TYPES = {"llama", "mistral", "qwen2", "qwen3", "phi3", "smollm3", "granite", "olmo2"}
+# Model families whose mlx-lm class is `model.model` (the transformer) plus a plain head, so the
+# head can run on the scored positions only. Others fall back to full logits. (Not granite: its
+# mlx-lm class divides the logits by `logits_scaling` after the head.)
+SPLIT_HEAD_TYPES = {"llama", "mistral", "qwen2", "qwen3", "phi3", "smollm3", "olmo2"}
 
 
 def load(name: str, *, quantize: int | None = None, trust_remote_code: bool = False):
