@@ -21,8 +21,8 @@ from mlxft.errors import UserError
 from mlxft.model_files import TOKENIZER_FILES, load_tokenizer, resolve_model_dir
 
 # Families whose transformers class is `model.model` (the transformer) plus `lm_head` with nothing
-# after the head, so the head can run on the scored positions only. MLX's list also has granite,
-# but granite divides the logits by `logits_scaling` after the head: here it takes full logits.
+# after the head, so the head can run on the scored positions only (the same list as MLX's; not
+# granite, which divides the logits by `logits_scaling` after the head).
 SPLIT_HEAD_TYPES = {"llama", "mistral", "qwen2", "qwen3", "phi3", "smollm3", "olmo2"}
 
 
