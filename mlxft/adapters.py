@@ -111,6 +111,18 @@ def adapter_folder(path: str | Path) -> Path:
     return path
 
 
+def whole_model_folder(path: str | Path) -> Path | None:
+    """The model folder a full-fine-tuning run left where an adapter was expected (the path,
+    else its best/, else last/), or None when the path holds an adapter or nothing of the kind."""
+    path = Path(path)
+    for candidate in (path, path / "adapter", path / "best", path / "last"):
+        if (candidate / CONFIG_FILE).exists():
+            return None
+        if (candidate / "config.json").exists() and any(candidate.glob("*.safetensors")):
+            return candidate
+    return None
+
+
 def load_adapter(path: str | Path) -> tuple[AdapterSpec, dict[str, tuple[np.ndarray, np.ndarray]]]:
     from safetensors import SafetensorError
     from safetensors.numpy import load_file

@@ -488,6 +488,157 @@ def recipes_show(name):
     click.echo(recipe_path(name).read_text(), nl=False)
 
 
+def _mlx_only(backend: str, what: str) -> None:
+    """fuse, generate, chat and serve run on MLX (auto picks it for them); the PyTorch backend has
+    no token streaming yet."""
+    from mlxft.errors import NotImplementedYet
+
+    if backend == "torch":
+        raise NotImplementedYet(f"{what} runs on the MLX backend only for now (the PyTorch backend has no token "
+                                "streaming or weight merging yet); use --backend mlx, which runs on any Linux or macOS host")
+
+
+_BACKEND_OPTION = click.option("--backend", default="auto", show_default=True, type=click.Choice(["auto", "mlx", "torch"]),
+                               help="Which backend runs the model; MLX only for now, so auto means MLX here.")
+
+
+@cli.command("fuse")
+@click.option("--adapter", required=True, type=click.Path(path_type=Path), help="An adapter folder (PEFT layout) or a run folder (its best/, else last/).")
+@click.option("--model", default=None, help="Base model; default: the adapter's base_model_name_or_path.")
+@click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path), help="Folder for the fused model.")
+@click.option("--dequantize", is_flag=True, help="Full-precision output (the default for a quantized base; kept for mlx-lm users).")
+@click.option("--quantize", type=click.Choice(["4", "8"]), default=None, help="Quantize the fused model to 4 or 8 bits.")
+@click.option("--force", is_flag=True, help="Replace a non-empty --out.")
+@_BACKEND_OPTION
+@click.option("--trust-remote-code", is_flag=True, help="Allow a hub model to run its own code (off by default).")
+def fuse_command(adapter, model, out_dir, dequantize, quantize, force, backend, trust_remote_code):
+    """Merge an adapter into its base model: a standalone Hugging Face folder that mlx-lm,
+    transformers and mlxft load. A quantized base comes out de-quantized unless --quantize."""
+    from mlxft.adapters import whole_model_folder
+
+    _mlx_only(backend, "fuse")
+    if dequantize and quantize:
+        raise UserError("--dequantize and --quantize contradict each other; give one")
+    whole = whole_model_folder(adapter)
+    if whole is not None:
+        click.echo(f"{whole} is already a whole model (full fine-tuning): nothing to fuse; use --model {whole}")
+        return
+    from mlxft.backends.mlx.fuse import fuse
+
+    result = fuse(adapter, out_dir, model=model, quantize=int(quantize) if quantize else None, force=force,
+                  trust_remote_code=trust_remote_code)
+    precision = f"{result.quantization['bits']}-bit" if result.quantization else "full precision"
+    click.echo(f"fused {result.merged_modules} modules of {adapter} into {result.base_model} ({precision}): {result.out}")
+
+
+def _generation_options(function):
+    """Options shared by generate, chat and serve: model, adapter, template and sampling."""
+    options = [
+        click.option("--model", default=None, help="'builtin', a local Hugging Face folder (fused or not) or a hub id; default: the adapter's base model, else builtin."),
+        click.option("--adapter", default=None, type=click.Path(path_type=Path), help="Apply an adapter (or a run folder's best/) without fusing."),
+        click.option("--template", default="auto", show_default=True, type=click.Choice(["auto", "chat", "alpaca", "plain"]),
+                     help="auto: the tokenizer's chat template if it has one, else alpaca (single-turn, instruction + optional input)."),
+        _BACKEND_OPTION,
+        click.option("--trust-remote-code", is_flag=True, help="Allow a hub model to run its own code (off by default)."),
+    ]
+    for option in reversed(options):
+        function = option(function)
+    return function
+
+
+def _sampling_options(function):
+    options = [
+        click.option("--system", default=None, help="System prompt."),
+        click.option("--temperature", type=click.FloatRange(0, 2), default=0.0, show_default=True, help="0 is greedy."),
+        click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=1.0, show_default=True, help="Nucleus sampling; 1 is off."),
+        click.option("--top-k", type=click.IntRange(min=0), default=0, show_default=True, help="Sample among the k likeliest tokens; 0 is off."),
+        click.option("--max-tokens", type=click.IntRange(min=1), default=256, show_default=True, help="Longest answer in tokens."),
+        click.option("--seed", type=int, default=None, help="Seed for sampling."),
+        click.option("--repetition-penalty", type=click.FloatRange(0, min_open=True), default=1.0, show_default=True, help="Above 1 discourages repeating recent tokens."),
+    ]
+    for option in reversed(options):
+        function = option(function)
+    return function
+
+
+def _sampling(temperature, top_p, top_k, max_tokens, seed, repetition_penalty):
+    from mlxft.generation import Sampling
+
+    return Sampling(temperature=temperature, top_p=top_p, top_k=top_k, max_tokens=max_tokens, seed=seed,
+                    repetition_penalty=repetition_penalty)
+
+
+def _load_generator(model, adapter, backend, trust_remote_code, what):
+    _mlx_only(backend, what)
+    from mlxft.backends.mlx.stream import load_generator
+
+    return load_generator(model, adapter, trust_remote_code=trust_remote_code)
+
+
+@cli.command("generate")
+@_generation_options
+@_sampling_options
+@click.option("--prompt", required=True, help="The message (with --template alpaca: the instruction).")
+@click.option("--input", "input_text", default="", help="Alpaca input that goes with the instruction.")
+def generate_command(model, adapter, template, backend, trust_remote_code, system, temperature, top_p, top_k,
+                     max_tokens, seed, repetition_penalty, prompt, input_text):
+    """Answer one prompt, streaming the tokens as they come."""
+    from mlxft.chat import stream_answer
+    from mlxft.conversation import Conversation, resolve_template
+
+    generator = _load_generator(model, adapter, backend, trust_remote_code, "generate")
+    conversation = Conversation(resolve_template(template, generator.tokenizer), generator.tokenizer, system)
+    sampling = _sampling(temperature, top_p, top_k, max_tokens, seed, repetition_penalty)
+    stream_answer(generator, conversation.prompt(prompt, input_text), sampling, lambda text: click.echo(text, nl=False))
+    click.echo()
+
+
+@cli.command("chat")
+@_generation_options
+@_sampling_options
+def chat_command(model, adapter, template, backend, trust_remote_code, system, temperature, top_p, top_k,
+                 max_tokens, seed, repetition_penalty):
+    """Talk with a model in the terminal; answers stream as they come. /reset, /input TEXT, /quit."""
+    from mlxft.chat import run_chat
+    from mlxft.conversation import Conversation, resolve_template
+
+    try:
+        import readline  # noqa: F401  (line editing and history for input())
+    except ImportError:
+        pass
+    generator = _load_generator(model, adapter, backend, trust_remote_code, "chat")
+    conversation = Conversation(resolve_template(template, generator.tokenizer), generator.tokenizer, system)
+    run_chat(generator, conversation, _sampling(temperature, top_p, top_k, max_tokens, seed, repetition_penalty),
+             read=input, write=lambda text: click.echo(text, nl=False))
+
+
+@cli.command("serve")
+@_generation_options
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind; loopback keeps the server private to this machine.")
+@click.option("--port", type=click.IntRange(0, 65535), default=8080, show_default=True, help="Port; 0 picks a free one.")
+@click.option("--api-key", default=None, envvar="MLXFT_API_KEY", help="Require 'Authorization: Bearer KEY' on /v1 requests (or set MLXFT_API_KEY).")
+@click.option("--quiet", is_flag=True, help="Do not log each request.")
+def serve_command(model, adapter, template, backend, trust_remote_code, host, port, api_key, quiet):
+    """OpenAI-compatible API (/v1/chat/completions, /v1/completions, /v1/models) and a chat page at /."""
+    from mlxft.serve.server import is_loopback, make_server
+
+    generator = _load_generator(model, adapter, backend, trust_remote_code, "serve")
+    try:
+        server = make_server(generator, host=host, port=port, template=template, api_key=api_key,
+                             log=None if quiet else (lambda line: click.echo(line, err=True)))
+    except OSError as e:
+        raise UserError(f"cannot listen on {host}:{port} ({e.strerror or e})") from None
+    if not is_loopback(host) and not api_key:
+        click.echo(f"warning: listening on {host} without --api-key: anyone who can reach this machine can use the model", err=True)
+    click.echo(f"serving {server.model_id} at {server.url} (chat page at /, OpenAI API at /v1); Ctrl-C stops", err=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+
+
 def _load_any(path: Path):
     """Rows from a file, or TALLRec rows from a MIND folder."""
     from mlxft.data.records import load_records

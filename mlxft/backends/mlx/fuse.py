@@ -1,0 +1,145 @@
+"""`mlxft fuse`: merge a LoRA adapter into its base model, as a standalone Hugging Face folder
+(config.json, model.safetensors, tokenizer files, generation_config.json) that mlx-lm,
+transformers and mlxft load like any model.
+
+    mlxft fuse --adapter runs/alpaca-20261121 --out models/alpaca-fused
+
+Each adapted weight becomes W + (alpha / r) * B @ A, computed in float32 and cast back to the
+base's dtype. A quantized base is de-quantized (the merged weights are then exact, with no
+second round of quantization error) unless --quantize asks for a quantized output; with the
+base's own bit width, only the merged layers are quantized again and the others stay as they
+were. Raises UserError for a non-empty --out without force, an adapter that does not fit the
+base, or an adapter that names no base model and no --model. Everything is written to a
+temporary folder and renamed at the end, so a failed fuse leaves no output folder.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_unflatten
+
+from mlxft.adapters import adapter_folder, check_modules, load_adapter
+from mlxft.errors import UserError
+from mlxft.files import staged_folder
+from mlxft.model_files import TOKENIZER_OUTPUTS
+
+# Everything besides the weights and config.json that a model folder needs to load elsewhere:
+# tokenizer files in any of their layouts, generation defaults, and remote code if the model has it.
+COPIED_FILES = (*TOKENIZER_OUTPUTS, "generation_config.json", "added_tokens.json", "vocab.json", "merges.txt", "chat_template.json")
+COPIED_PATTERNS = ("*.tiktoken", "*.py")
+QUANTIZATION_KEYS = ("quantization", "quantization_config")
+GROUP_SIZE = 64  # mlx-lm's default group size for newly quantized models
+
+
+@dataclass
+class Fused:
+    out: Path
+    base_model: str
+    merged_modules: int
+    quantization: dict | None  # {"group_size", "bits", ...} of the output, None when full precision
+
+
+def check_out(out: Path, force: bool) -> None:
+    if out.is_file():
+        raise UserError(f"--out {out} is a file; name a folder")
+    if out.exists() and any(out.iterdir()) and not force:
+        raise UserError(f"--out {out} is not empty; add --force to replace it")
+
+
+def fuse(adapter: str | Path, out: str | Path, *, model: str | None = None, quantize: int | None = None,
+         force: bool = False, trust_remote_code: bool = False) -> Fused:
+    from mlx_lm.utils import save_config, save_model
+
+    from mlxft.backends.mlx.lora import linear_modules
+    from mlxft.backends.mlx.model import load
+
+    out = Path(out)
+    check_out(out, force)
+    if quantize not in (None, 4, 8):
+        raise UserError(f"--quantize takes 4 or 8, not {quantize}")
+    spec, weights = load_adapter(adapter)
+    base_name = model or spec.base_model
+    if not base_name:
+        raise UserError(f"adapter {adapter} does not name its base model (base_model_name_or_path); give --model")
+    base, _, folder = load(base_name, trust_remote_code=trust_remote_code)
+    for source in (folder, adapter_folder(adapter)):
+        if out.resolve() == Path(source).resolve():
+            raise UserError(f"--out {out} is where the fuse reads from; name another folder")
+    check_modules(weights, linear_modules(base), str(adapter))
+    config = json.loads((folder / "config.json").read_text())
+
+    requantize = merge_adapter(base, weights, spec.scaling)
+    config = set_output_quantization(base, config, requantize, quantize)
+    with staged_folder(out) as staging:
+        save_model(staging, base)
+        save_config(config, staging / "config.json")
+        copy_model_files(folder, staging, config)
+    return Fused(out, base_name, len(weights), config.get("quantization"))
+
+
+def merge_adapter(model, weights: dict, scale: float) -> list[str]:
+    """Replace each adapted layer by a full-precision Linear holding W + scale * B @ A, computed in
+    float32 and cast to the base dtype; returns the paths of those that were quantized before."""
+    modules = dict(model.named_modules())
+    replacements, were_quantized = [], []
+    for path, (a, b) in weights.items():
+        layer = modules[path]
+        weight = dense_weight(layer)
+        delta = scale * (mx.array(b, dtype=mx.float32) @ mx.array(a, dtype=mx.float32))
+        merged = nn.Linear(weight.shape[1], weight.shape[0], bias="bias" in layer)
+        merged.weight = (weight.astype(mx.float32) + delta).astype(weight.dtype)
+        if "bias" in layer:
+            merged.bias = layer.bias
+        replacements.append((path, merged))
+        if isinstance(layer, nn.QuantizedLinear):
+            were_quantized.append(path)
+    model.update_modules(tree_unflatten(replacements))
+    mx.eval(model.parameters())
+    return were_quantized
+
+
+def dense_weight(layer) -> mx.array:
+    if isinstance(layer, nn.QuantizedLinear):
+        return mx.dequantize(layer.weight, layer.scales, getattr(layer, "biases", None), group_size=layer.group_size,
+                             bits=layer.bits, mode=layer.mode)
+    return layer.weight
+
+
+def set_output_quantization(model, config: dict, requantize: list[str], bits: int | None) -> dict:
+    """Bring the merged model to the requested precision; returns the config that describes it."""
+    from mlx_lm.utils import dequantize_model, quantize_model
+
+    base = config.get("quantization")
+    if bits is not None and base and base.get("bits") == bits:
+        # Same width as the base: re-quantize only what was merged, with the base's own settings,
+        # so the untouched layers carry no second round of quantization error.
+        group_size, mode = base["group_size"], base.get("mode", "affine")
+        nn.quantize(model, group_size, bits, mode=mode, class_predicate=lambda path, _: path in requantize)
+        return config
+    config = dict(config)
+    if base:
+        dequantize_model(model)
+        for key in QUANTIZATION_KEYS:
+            config.pop(key, None)
+    if bits is not None:
+        model, config = quantize_model(model, config, group_size=GROUP_SIZE, bits=bits)
+    return config
+
+
+def copy_model_files(source: Path, target: Path, config: dict) -> None:
+    for name in COPIED_FILES:
+        if (source / name).exists():
+            shutil.copy(source / name, target / name)
+    for pattern in COPIED_PATTERNS:
+        for path in source.glob(pattern):
+            shutil.copy(path, target / path.name)
+    if not (target / "generation_config.json").exists():
+        # transformers and mlx-lm read the end-of-sequence id from here when the config lacks it.
+        defaults = {key: config[key] for key in ("bos_token_id", "eos_token_id", "pad_token_id") if config.get(key) is not None}
+        (target / "generation_config.json").write_text(json.dumps(defaults, indent=2))

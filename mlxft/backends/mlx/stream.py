@@ -1,0 +1,92 @@
+"""Token streaming on MLX through mlx-lm (stream_generate, make_sampler, make_logits_processors),
+for `mlxft generate`, `mlxft chat` and `mlxft serve`.
+
+A model is a base plus an optional adapter applied on the fly (no fusing needed), or a fused
+folder. Prompt ids are encoded as in training (mlxft.data.encode.encode_prompt: BOS once), so a
+tuned model sees at answer time exactly the prompt it learned from.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import mlx.core as mx
+
+from mlxft.data.encode import encode_prompt
+from mlxft.errors import UserError
+from mlxft.generation import Sampling, StopScanner, context_length
+
+
+@dataclass
+class Piece:
+    """A stretch of answer text; the last one carries finish_reason ("stop" or "length")."""
+
+    text: str
+    finish_reason: str | None
+    prompt_tokens: int
+    completion_tokens: int
+
+
+class TextGenerator:
+    def __init__(self, model, tokenizer, folder: Path, name: str):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.folder = Path(folder)
+        self.name = name
+        self.context_length = context_length(folder, tokenizer)
+
+    def encode(self, prompt: str) -> list[int]:
+        return encode_prompt(self.tokenizer, prompt)
+
+    def stream(self, prompt_ids: list[int], sampling: Sampling) -> Iterator[Piece]:
+        """Answer pieces as tokens come; not thread-safe (the server holds a lock around it)."""
+        from mlx_lm.generate import stream_generate
+        from mlx_lm.sample_utils import make_logits_processors, make_sampler
+
+        if sampling.seed is not None:
+            mx.random.seed(sampling.seed)
+        sampler = make_sampler(temp=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k)
+        penalty = sampling.repetition_penalty if sampling.repetition_penalty != 1.0 else None
+        processors = make_logits_processors(repetition_penalty=penalty)
+        stops = StopScanner(sampling.stop)
+        n_prompt = len(prompt_ids)
+        for response in stream_generate(self.model, self.tokenizer, mx.array(prompt_ids), max_tokens=sampling.max_tokens,
+                                        sampler=sampler, logits_processors=processors):
+            text = stops.feed(response.text)
+            if stops.stopped:
+                yield Piece(text, "stop", n_prompt, response.generation_tokens)
+                return
+            if response.finish_reason:
+                # The end-of-sequence token ends the answer; it is not part of it.
+                used = response.generation_tokens - (response.finish_reason == "stop")
+                yield Piece(text + stops.finish(), response.finish_reason, n_prompt, used)
+                return
+            if text:
+                yield Piece(text, None, n_prompt, response.generation_tokens)
+
+
+def load_generator(model_name: str | None, adapter: str | Path | None = None, *, trust_remote_code: bool = False) -> TextGenerator:
+    """A base model (+ adapter, applied unfused) ready to answer. Without --model the adapter's
+    own base model (adapter_config.json) is used, else the built-in model."""
+    from mlxft.adapters import load_adapter, whole_model_folder
+    from mlxft.backends.mlx import lora
+    from mlxft.backends.mlx.model import load
+
+    spec = weights = None
+    if adapter is not None:
+        whole = whole_model_folder(adapter)
+        if whole is not None:
+            raise UserError(f"--adapter {adapter}: {whole} is a whole model (full fine-tuning), not an adapter; use --model {whole}")
+        spec, weights = load_adapter(adapter)
+        if model_name is None:
+            if not spec.base_model:
+                raise UserError(f"adapter {adapter} does not name its base model; give --model")
+            model_name = spec.base_model
+    model_name = model_name or "builtin"
+    model, tokenizer, folder = load(model_name, trust_remote_code=trust_remote_code)
+    if spec is not None:
+        lora.load_adapter_weights(model, spec, weights, str(adapter))
+    model.eval()  # new LoRA layers start in training mode, where their dropout would be live
+    return TextGenerator(model, tokenizer, folder, model_name)

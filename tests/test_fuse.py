@@ -1,0 +1,191 @@
+"""`mlxft fuse`: fused == base + adapter, the folder loads in mlx-lm and transformers, quantized
+bases, run folders, and a fuse that fails or would overwrite leaves nothing behind."""
+
+import json
+import shutil
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from mlxft.adapters import AdapterSpec, save_adapter
+from mlxft.backends.mlx import lora
+from mlxft.backends.mlx.fuse import fuse
+from mlxft.backends.mlx.model import load
+from mlxft.cli import cli
+
+TARGETS = ["q_proj", "v_proj", "down_proj"]  # square, narrow and wide layers
+IDS = [1, 57, 300, 12, 999, 4, 1500, 77]
+
+
+def run(*args):
+    return CliRunner().invoke(cli, [str(a) for a in args])
+
+
+def make_adapter(model_dir, folder, *, seed=0, base=None, r=4, alpha=8.0):
+    """An adapter with non-zero B (a fresh one would be a no-op and prove nothing)."""
+    model, _, _ = load(str(model_dir))
+    rng = np.random.default_rng(seed)
+    weights = {path: (rng.normal(0, 0.2, (r, i)).astype(np.float32), rng.normal(0, 0.2, (o, r)).astype(np.float32))
+               for path, (o, i) in lora.linear_modules(model).items() if path.rsplit(".", 1)[-1] in TARGETS}
+    save_adapter(folder, AdapterSpec(r, alpha, 0.0, TARGETS, str(base or model_dir)), weights)
+    return folder
+
+
+def logits(model, ids=IDS):
+    return np.array(model(mx.array([ids])).astype(mx.float32))[0]
+
+
+def base_plus_adapter(model_dir, adapter):
+    from mlxft.adapters import load_adapter
+
+    model, _, _ = load(str(model_dir))
+    spec, weights = load_adapter(adapter)
+    lora.load_adapter_weights(model, spec, weights, str(adapter))
+    model.eval()
+    return model
+
+
+@pytest.fixture(scope="module")
+def adapter(tiny_model_dir, tmp_path_factory):
+    return make_adapter(tiny_model_dir, tmp_path_factory.mktemp("adapter") / "a")
+
+
+@pytest.fixture(scope="module")
+def fused(tiny_model_dir, adapter, tmp_path_factory):
+    return fuse(adapter, tmp_path_factory.mktemp("fused") / "out").out
+
+
+def test_fused_logits_equal_base_plus_adapter(tiny_model_dir, adapter, fused):
+    expected = logits(base_plus_adapter(tiny_model_dir, adapter))
+    got = logits(load(str(fused))[0])
+    np.testing.assert_allclose(got, expected, atol=1e-4)
+    base = logits(load(str(tiny_model_dir))[0])
+    assert np.abs(expected - base).max() > 1e-2  # the adapter matters: the check above can fail
+    assert not any(isinstance(m, lora.LoRALinear) for _, m in load(str(fused))[0].named_modules())
+
+
+def test_fused_folder_loads_in_mlx_lm_and_transformers(tiny_model_dir, fused):
+    import torch
+    from mlx_lm import load as mlx_lm_load
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        assert (fused / name).exists(), name
+    mlx_fused = logits(load(str(fused))[0])
+    model, _ = mlx_lm_load(str(fused))
+    np.testing.assert_allclose(logits(model), mlx_fused, atol=1e-5)
+
+    hf = AutoModelForCausalLM.from_pretrained(str(fused), dtype=torch.float32)
+    with torch.no_grad():
+        hf_logits = hf(torch.tensor([IDS])).logits[0].numpy()
+    np.testing.assert_allclose(hf_logits, mlx_fused, atol=1e-3)
+    text = "Below is an instruction that describes a task."
+    assert AutoTokenizer.from_pretrained(str(fused))(text).input_ids == AutoTokenizer.from_pretrained(str(tiny_model_dir))(text).input_ids
+
+
+def test_a_run_folder_means_its_best_adapter_and_model_overrides_the_base(tiny_model_dir, tmp_path):
+    run_dir = tmp_path / "run"
+    make_adapter(tiny_model_dir, run_dir / "best", seed=3, base=tmp_path / "moved-away")
+    make_adapter(tiny_model_dir, run_dir / "last", seed=4, base=tmp_path / "moved-away")
+    result = run("fuse", "--adapter", run_dir, "--out", tmp_path / "x")
+    assert result.exit_code == 2 and "moved-away" in result.output and "Traceback" not in result.output
+    result = run("fuse", "--adapter", run_dir, "--model", tiny_model_dir, "--out", tmp_path / "fused")
+    assert result.exit_code == 0, result.output
+    expected = logits(base_plus_adapter(tiny_model_dir, run_dir / "best"))
+    np.testing.assert_allclose(logits(load(str(tmp_path / "fused"))[0]), expected, atol=1e-4)
+
+    shutil.rmtree(run_dir / "best")  # no best/ (no evaluation ran): last/ is the adapter
+    assert run("fuse", "--adapter", run_dir, "--model", tiny_model_dir, "--out", tmp_path / "fused", "--force").exit_code == 0
+    np.testing.assert_allclose(logits(load(str(tmp_path / "fused"))[0]),
+                               logits(base_plus_adapter(tiny_model_dir, run_dir / "last")), atol=1e-4)
+
+
+def test_a_full_finetuning_run_is_already_a_model(tiny_model_dir, tmp_path):
+    shutil.copytree(tiny_model_dir, tmp_path / "run" / "best")
+    result = run("fuse", "--adapter", tmp_path / "run", "--out", tmp_path / "out")
+    assert result.exit_code == 0
+    assert result.output.strip().count("\n") == 0 and "already a whole model" in result.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_non_empty_out_is_refused_without_force(adapter, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    result = run("fuse", "--adapter", adapter, "--out", out)
+    assert result.exit_code == 2 and "--force" in result.output
+    assert (out / "notes.txt").read_text() == "mine"
+    assert run("fuse", "--adapter", adapter, "--out", out, "--force").exit_code == 0
+    assert not (out / "notes.txt").exists() and (out / "model.safetensors").exists()
+
+
+def test_a_failure_mid_fuse_leaves_no_output(adapter, tmp_path, monkeypatch):
+    import mlx_lm.utils
+
+    def breaks(*args, **kwargs):  # after the weights are written, before the config
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(mlx_lm.utils, "save_config", breaks)
+    with pytest.raises(RuntimeError, match="disk full"):
+        fuse(adapter, tmp_path / "out")
+    assert list(tmp_path.iterdir()) == []  # neither the folder nor its temporary sibling
+
+
+WIDE = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 2,
+        "num_key_value_heads": 2, "max_position_embeddings": 512}
+
+
+@pytest.fixture(scope="module")
+def quantized_dir(tiny_model_dir, tmp_path_factory):
+    """A 4-bit, 64-wide model (MLX quantizes in groups of 64), saved as mlx-community models are."""
+    from mlx_lm.utils import quantize_model, save_config, save_model
+
+    from mlxft.builtin import write_model
+
+    wide = tmp_path_factory.mktemp("wide")
+    for name in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json"):
+        shutil.copy(tiny_model_dir / name, wide / name)
+    write_model(wide, WIDE, seed=2)
+    model, _, _ = load(str(wide))
+    model, config = quantize_model(model, json.loads((wide / "config.json").read_text()), group_size=64, bits=4)
+    folder = tmp_path_factory.mktemp("q4")
+    save_model(folder, model)
+    save_config(config, folder / "config.json")
+    for name in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "generation_config.json"):
+        shutil.copy(wide / name, folder / name)
+    return folder
+
+
+def test_a_quantized_base_fuses_dequantized_by_default(quantized_dir, tmp_path):
+    adapter = make_adapter(quantized_dir, tmp_path / "adapter")
+    out = fuse(adapter, tmp_path / "fused").out
+    config = json.loads((out / "config.json").read_text())
+    assert "quantization" not in config and "quantization_config" not in config
+    model = load(str(out))[0]
+    assert not any(isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)) for _, m in model.named_modules())
+    # Exactly base (4-bit) + adapter: no second rounding of the merged weights.
+    np.testing.assert_allclose(logits(model), logits(base_plus_adapter(quantized_dir, adapter)), atol=1e-4)
+
+
+def test_a_quantized_base_stays_quantized_with_quantize(quantized_dir, tmp_path):
+    adapter = make_adapter(quantized_dir, tmp_path / "adapter")
+    result = run("fuse", "--adapter", adapter, "--out", tmp_path / "q", "--quantize", "4")
+    assert result.exit_code == 0, result.output
+    config = json.loads((tmp_path / "q" / "config.json").read_text())
+    assert config["quantization"]["bits"] == 4 and config["quantization"]["group_size"] == 64
+    model = load(str(tmp_path / "q"))[0]
+    modules = dict(model.named_modules())
+    assert isinstance(modules["model.layers.0.self_attn.q_proj"], nn.QuantizedLinear)  # merged, quantized again
+    base = dict(load(str(quantized_dir))[0].named_modules())
+    untouched = "model.layers.0.self_attn.k_proj"
+    assert (np.array(modules[untouched].weight) == np.array(base[untouched].weight)).all()  # not re-quantized
+    # The merged layer is the exact merge rounded once to the 4-bit grid: within one step of it
+    # (MLX shifts the grid so that zero is exact, so the error can pass half a step).
+    exact = dict(load(str(fuse(adapter, tmp_path / "exact").out))[0].named_modules())["model.layers.0.self_attn.q_proj"].weight
+    q = modules["model.layers.0.self_attn.q_proj"]
+    error = np.abs(np.array(mx.dequantize(q.weight, q.scales, q.biases, group_size=64, bits=4) - exact))
+    step = np.repeat(np.abs(np.array(q.scales)), 64, axis=1)  # MLX scales carry a sign
+    assert (error <= step * 1.001).all() and error.max() > 0
