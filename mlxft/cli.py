@@ -386,6 +386,47 @@ def eval_rank(model, adapter, mind_dir, max_history, max_impressions, template, 
         click.echo("  ".join(f"{name} {report[name]:.4f}" for name in ("auc", "mrr", "ndcg@5", "ndcg@10")))
 
 
+@eval_group.command("generate")
+@click.option("--model", default=None, help="'builtin', a local Hugging Face folder or a hub id (default: the adapter's base).")
+@click.option("--adapter", default=None, type=click.Path(path_type=Path), help="An adapter folder (PEFT layout) or a run folder.")
+@click.option("--data", "data_path", required=True, type=click.Path(path_type=Path), help="Rows to answer (.jsonl/.json/.csv).")
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="JSON file: each row with a model_response field added.")
+@click.option("--template", default="auto", show_default=True, help="The template the model was trained with (alpaca, phi3, chat, plain, or a format string).")
+@click.option("--completion-field", default=None, help="The answer's column, with a format-string template.")
+@click.option("--max-tokens", type=click.IntRange(min=1), default=256, show_default=True, help="Longest answer, in tokens.")
+@click.option("--temperature", type=click.FloatRange(min=0.0), default=0.0, show_default=True, help="0: greedy, the same answers every time.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Sampling seed, when --temperature > 0.")
+@click.option("--backend", default="auto", show_default=True, type=click.Choice(["auto", "mlx", "torch"]), help="Which backend runs the model.")
+@click.option("--trust-remote-code", is_flag=True, help="Allow a hub model to run its own code (off by default).")
+def eval_generate(model, adapter, data_path, out, template, completion_field, max_tokens, temperature, seed, backend, trust_remote_code):
+    """Answer every row with the template the model was trained with, and write the rows back
+    with a `model_response` field (for reading, or for `mlxft eval judge`)."""
+    from dataclasses import replace
+
+    from mlxft.chat import stream_answer
+    from mlxft.data.records import load_records
+    from mlxft.data.templates import render, schema_and_template
+    from mlxft.files import write_atomic
+    from mlxft.generation import Sampling
+    from mlxft.progress import Progress
+
+    records = load_records(data_path)
+    generator = _load_generator(model, str(adapter) if adapter else None, backend, trust_remote_code, "eval generate")
+    schema, template = schema_and_template(records, template, completion_field)
+    sampling = Sampling(temperature=temperature, max_tokens=max_tokens)
+    progress = Progress(len(records), unit="row")
+    answered = []
+    for i, record in enumerate(records):
+        prompted = render(record, schema, template, generator.tokenizer, completion_field=completion_field)
+        # One seed per row: a row's answer does not depend on which rows came before it.
+        response = stream_answer(generator, prompted.prompt, replace(sampling, seed=seed + i), lambda text: None)
+        answered.append({**record.fields, "model_response": response})
+        progress.update()
+    progress.close()
+    write_atomic(out, json.dumps(answered, indent=2, ensure_ascii=False))
+    click.echo(f"{len(answered)} rows answered ({template} template) -> {out}")
+
+
 @eval_group.command("judge")
 @click.option("--responses", "responses_path", required=True, type=click.Path(path_type=Path), help="Rows with model_response (from `mlxft eval generate`).")
 @click.option("--judge-url", required=True, help="The judge's server, e.g. http://127.0.0.1:11434 (Ollama) or http://127.0.0.1:8080 (OpenAI-compatible).")
