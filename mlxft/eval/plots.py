@@ -44,7 +44,7 @@ def run_panels(records: list[dict]) -> dict[str, list[tuple[str, list, list]]]:
     panels = {"loss": [("train", *curve("loss"))]}
     if any("eval_loss" in r for r in records):
         panels["loss"].append(("validation", *curve("eval_loss")))
-    skip = {"eval_loss", "eval_tokens", "eval_rows"}
+    skip = {"eval_loss", "eval_tokens", "eval_rows", "eval_positive_rate"}  # counts and label balance: not curves
     for key in dict.fromkeys(k for r in records for k in r if k.startswith("eval_") and k not in skip):
         panels[key.removeprefix("eval_")] = [("validation", *curve(key))]
     for key in ("learning_rate", "tokens_per_second"):
@@ -65,6 +65,8 @@ def plot_run(run_folder: Path, out: Path | None = None) -> Path:
             ax.plot(steps, values, marker="o" if len(steps) < 30 else None, markersize=3, label=label)
         ax.set_title(title)
         ax.set_xlabel("step")
+        if title == "loss" and all(v > 0 for _, _, values in curves for v in values):
+            ax.set_yscale("log")  # the first steps' loss would flatten everything after them
         ax.grid(alpha=0.3)
         if len(curves) > 1:
             ax.legend()
