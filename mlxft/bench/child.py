@@ -1,0 +1,62 @@
+"""One backend's side of a benchmark, in a process of its own:
+
+    python -m mlxft.bench.child WORKLOAD_JSON BACKEND THREADS RESULT_JSON
+
+Its own process, so that its thread count is set before any BLAS starts, its memory peak is its
+own, and one backend's caches cannot help or hurt the other. It measures the host's 1024³ GEMM
+rate with the same threads first, then times the workload, and writes RESULT_JSON:
+{"available": true, ...runner result, "gemm_gflops": {...}} or {"available": false, "reason": ...}.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import traceback
+from pathlib import Path
+
+
+def main(argv: list[str]) -> int:
+    workload_path, backend, threads, result_path = argv
+    threads = int(threads)
+    from mlxft.bench import gemm
+
+    gemm.set_threads(threads)  # before numpy, mlx or torch start their pools
+    from mlxft.bench import workload as workloads
+    from mlxft.errors import UserError
+
+    result: dict
+    try:
+        work = workloads.load(Path(workload_path))
+        if backend == "mlx":
+            from mlxft.bench import mlx_runner
+
+            rates = gemm.measure(("mlx", "numpy"))
+            result = mlx_runner.run(work)
+            # the stock wheel's reference BLAS runs on one thread whatever the setting
+            result["threads"] = gemm.openblas_threads() or 1
+        elif backend == "torch":
+            import torch
+
+            from mlxft.bench import torch_runner
+
+            torch.set_num_threads(threads)
+            rates = gemm.measure(("torch", "numpy"))
+            try:
+                result = torch_runner.run(work, threads)
+            except torch_runner.NotAvailable as e:
+                raise UserError(str(e)) from None
+        else:
+            raise UserError(f"unknown backend '{backend}'")
+        result.update(available=True, gemm_gflops=rates)
+    except UserError as e:
+        result = {"backend": backend, "available": False, "reason": str(e)}
+    except Exception:
+        traceback.print_exc()
+        return 1
+    Path(result_path).write_text(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

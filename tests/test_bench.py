@@ -1,0 +1,136 @@
+"""`mlxft bench` and `mlxft doctor` on the 2-layer test model: every column is there, tokens are
+counted from the timed batches only, both backends do the same work (same losses), and the
+files are written. No timing assertions: timings belong in benchmark output, not in tests."""
+
+import json
+import re
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from mlxft.bench import flops, harness
+from mlxft.bench import workload as workloads
+from mlxft.cli import cli
+from mlxft.errors import UserError
+
+SMALL = ["data.max_history=3", "data.k_shot=24"]  # short rows, few of them: a step takes milliseconds
+
+
+@pytest.fixture(scope="module")
+def both(tiny_model_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench") / "lora"
+    lines = []
+    report = harness.bench("lora", ["mlx", "torch"], model=str(tiny_model_dir), steps=2, warmup=1, batch_size=4,
+                           overrides=SMALL, out=out, threads=1, echo=lines.append)
+    return report, out, "\n".join(lines)
+
+
+def test_the_table_has_every_column_for_both_backends(both):
+    report, _, printed = both
+    assert [row["backend"] for row in report["rows"]] == ["mlx", "torch"]
+    for row in report["rows"]:
+        assert row["available"], row
+        for _, key in harness.COLUMNS:
+            assert row[key] is not None, key
+        assert row["tokens_per_second"] > row["supervised_tokens_per_second"] > 0
+        assert 0 < row["peak_share"] < 1 and row["peak_memory_gb"] > 0
+    header = printed.splitlines()[printed.splitlines().index(next(l for l in printed.splitlines() if l.startswith("backend")))]
+    for title, _ in harness.COLUMNS:
+        assert title in header
+    assert re.search(r"^mlx +cpu|^mlx +Device\(cpu", printed, re.MULTILINE) and re.search(r"^torch +cpu", printed, re.MULTILINE)
+
+
+def test_warmup_is_run_but_not_timed_and_tokens_are_the_timed_batches(both):
+    report, out, _ = both
+    work = workloads.load(out / "workload" / "workload.json")
+    assert len(work.steps) == 3  # 1 warm-up + 2 timed
+    timed_batches = [b for micro in work.steps[1:] for b in micro]
+    non_padding = sum(int(b.lengths.sum()) for b in timed_batches)
+    assert non_padding == sum(int((np.arange(b.input_ids.shape[1]) < b.lengths[:, None]).sum()) for b in timed_batches)
+    supervised = sum(int(b.loss_mask[:, 1:].sum()) for b in timed_batches)
+    padded = sum(b.input_ids.size for b in timed_batches)
+    for row in report["rows"]:
+        steps = report["results"][row["backend"]]["steps"]
+        assert [s["timed"] for s in steps] == [False, True, True]
+        assert row["timed_steps"] == 2 and row["warmup_steps"] == 1
+        assert row["timed_seconds"] == pytest.approx(sum(s["seconds"] for s in steps[1:]))
+        assert row["timed_tokens"] == non_padding
+        assert row["tokens_per_second"] * row["timed_seconds"] == pytest.approx(non_padding)
+        assert row["supervised_tokens_per_second"] * row["timed_seconds"] == pytest.approx(supervised)
+        assert row["padding_fraction"] == pytest.approx(1 - non_padding / padded)
+    # the warm-up step's batch is not among the counted ones (it would change the count)
+    assert sum(int(b.lengths.sum()) for b in work.steps[0]) > 0
+
+
+def test_same_weights_and_batches_give_the_same_losses_on_both_backends(both):
+    report, _, _ = both
+    mlx_steps, torch_steps = (report["results"][b]["steps"] for b in ("mlx", "torch"))
+    assert abs(report["rows"][0]["last_loss"] - report["rows"][1]["last_loss"]) < 1e-3
+    assert max(abs(a["loss"] - b["loss"]) for a, b in zip(mlx_steps, torch_steps)) < 1e-3
+    assert report["loss_agreement"]["max_abs_difference"] < 1e-3
+    # they trained (a learning rate > 0 moved the adapter): the agreement is not of two idle runs
+    assert mlx_steps[-1]["grad_norm"] > 0 and len({round(s["loss"], 6) for s in mlx_steps}) == 3
+
+
+def test_bench_json_and_png_are_written(both):
+    report, out, _ = both
+    saved = json.loads((out / "bench.json").read_text())
+    assert saved["rows"] == json.loads(json.dumps(report["rows"]))
+    assert saved["peak_gemm_gflops"] > 0 and saved["mlx_blas"]
+    assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_flop_count_matches_the_model(tiny_model_dir):
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+
+    from mlxft.adapters import AdapterSpec
+    from mlxft.backends.mlx import lora
+    from mlxft.backends.mlx import model as mlx_model
+
+    model, _, folder = mlx_model.load(str(tiny_model_dir))
+    spec = AdapterSpec(4, 8, 0.0, ["q_proj", "v_proj"], "x", layers=[1])
+    config = json.loads((folder / "config.json").read_text())
+    counts = flops.parameter_counts(config, spec)
+    weights = dict(tree_flatten(model.parameters()))
+    block = sum(v.size for k, v in weights.items() if ".layers." in k and k.endswith("proj.weight"))
+    assert counts["blocks"] == block
+    assert counts["head"] == weights["model.embed_tokens.weight"].size
+    lora.apply_lora(model, spec)
+    assert counts["adapter"] == lora.trainable_parameters(model)
+    assert flops.step_flops(counts, 10, 2) == 6 * (block + counts["adapter"]) * 10 + 6 * counts["head"] * 2
+    assert flops.step_flops(counts, 10, 2, reference_forward=True) == 8 * (block + counts["adapter"]) * 10 + 8 * counts["head"] * 2
+    del mx
+
+
+def test_a_backend_that_cannot_run_is_reported_not_faked(tiny_model_dir, tmp_path, monkeypatch):
+    import mlxft.backends
+
+    monkeypatch.setattr(mlxft.backends, "torch_available", lambda: False)
+    lines = []
+    report = harness.bench("lora", ["torch"], model=str(tiny_model_dir), steps=1, warmup=0, overrides=SMALL,
+                           out=tmp_path / "b", plot=False, echo=lines.append)
+    (row,) = report["rows"]
+    assert row == {"backend": "torch", "available": False, "reason": mlxft.backends.TORCH_HINT}
+    assert any(line.startswith("torch") and "not available" in line for line in "\n".join(lines).splitlines())
+
+
+def test_bad_settings_are_one_line_errors(tiny_model_dir, tmp_path):
+    with pytest.raises(UserError, match="--backends"):
+        harness.parse_backends("mlx,jax")
+    with pytest.raises(UserError, match="full_finetune"):
+        workloads.resolve_config("lora", str(tiny_model_dir), ["lora.full_finetune=true"], None, None)
+    runner = CliRunner()
+    result = runner.invoke(cli, ["bench", "--backends", "tf", "--out", str(tmp_path / "x")])
+    assert result.exit_code == 2 and result.output.startswith("error: --backends")
+
+
+def test_doctor_prints_the_blas_and_gemm_rates():
+    result = CliRunner().invoke(cli, ["doctor"])
+    assert result.exit_code == 0, result.output
+    lines = dict(re.split(r"\s{2,}", line, maxsplit=1) for line in result.output.strip().splitlines())
+    assert "BLAS" in lines["MLX BLAS"] and lines["mlx"] != "not installed"
+    for key in ("MLX GEMM", "numpy GEMM"):
+        assert float(re.match(r"([\d.]+) GFLOP/s", lines[key]).group(1)) > 0
+    assert lines["torch device"].startswith("cpu")
