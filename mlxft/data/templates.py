@@ -255,3 +255,16 @@ def preference_prompt(record: Record, template: str, tokenizer=None, *, system_p
     is asked when its answers are compared before and after training."""
     fields = {**record.fields, "chosen": "", "rejected": ""}
     return render_preference(Record(fields, record.origin), template, tokenizer, system_prompt=system_prompt).prompt
+
+
+def check_yes_no_rows(records: list[Record], template: str, answers: list[str]):
+    """(schema, template) for rows scored by AUC: Alpaca or prompt/completion rows whose every
+    answer is one of the two; a one-line error naming the first row that is not."""
+    schema, template = schema_and_template(records, template)
+    answer_field = DEFAULT_COMPLETION_FIELD.get(schema)
+    if answer_field is None:
+        raise UserError(f"AUC needs Alpaca or prompt/completion rows with {answers[0]!r}/{answers[1]!r} answers, not {schema} rows")
+    odd = next((r for r in records if r[answer_field] not in answers), None)
+    if odd is not None:
+        raise UserError(f"{odd.origin}: answer {odd[answer_field]!r} is neither {answers[0]!r} nor {answers[1]!r}")
+    return schema, template

@@ -54,17 +54,10 @@ def score_yes_no(model_name: str, adapter: str | None, records, *, template: str
     from mlxft.backends.mlx import lora
     from mlxft.backends.mlx.model import can_split_head, load
     from mlxft.data.encode import answer_token_ids, encode_records
-    from mlxft.data.templates import DEFAULT_COMPLETION_FIELD, schema_and_template
-    from mlxft.errors import UserError
+    from mlxft.data.templates import check_yes_no_rows
     from mlxft.model_files import pad_id
 
-    schema, template = schema_and_template(records, template)
-    answer_field = DEFAULT_COMPLETION_FIELD.get(schema)
-    if answer_field is None:
-        raise UserError(f"AUC needs Alpaca or prompt/completion rows with {answers[0]!r}/{answers[1]!r} answers, not {schema} rows")
-    odd = next((r for r in records if r[answer_field] not in answers), None)
-    if odd is not None:
-        raise UserError(f"{odd.origin}: answer {odd[answer_field]!r} is neither {answers[0]!r} nor {answers[1]!r}")
+    schema, template = check_yes_no_rows(records, template, answers)
     model, tokenizer, folder = load(model_name, trust_remote_code=trust_remote_code)
     if adapter:
         spec, weights = load_adapter(adapter)
