@@ -700,7 +700,7 @@ def doctor_command():
 @click.option("--seq-len", type=click.IntRange(min=2), default=None, help="Longest example in tokens (data.cutoff; dpo.max_length for dpo).")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="Threads for every backend (default: all cores).")
 @click.option("--pad-multiple", type=click.IntRange(min=1), default=None,
-              help="Pad batch widths to a multiple of this (default: the trainers' 16) to measure another padding policy.")
+              help="Pad every backend's batch widths to a multiple of this (default: as each trainer pads: MLX 16, PyTorch 1).")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a recipe setting, e.g. --set lora.r=16 (repeatable).")
 @click.option("--out", "out_dir", default=None, type=click.Path(path_type=Path), help="Folder for bench.json, bench.png and logs. Default: runs/bench-<workload>-<time>.")
 def bench_command(workload, backends, model, steps, warmup, batch_size, seq_len, threads, pad_multiple, overrides, out_dir):

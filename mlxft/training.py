@@ -14,8 +14,6 @@ from mlxft.data.batching import iterate_batches
 from mlxft.data.encode import answer_token_ids
 from mlxft.errors import UserError
 
-PAD_MULTIPLE = 16  # fewer distinct shapes, so a compiled step is traced a few times, not per batch
-
 
 def answer_ids_for(tokenizer, splits, answers):
     """The Yes/No token ids when every validation answer is one of the recipe's answers."""
@@ -26,10 +24,10 @@ def answer_ids_for(tokenizer, splits, answers):
     return answer_token_ids(tokenizer, answers)
 
 
-def batch_stream(examples, tc, pad_id, skip: int, pad_to_multiple: int = PAD_MULTIPLE, iterate=iterate_batches):
+def batch_stream(examples, tc, pad_id, skip: int, pad_to_multiple: int, iterate=iterate_batches):
     """Micro-batches forever, epoch after epoch; epoch e's order depends only on (seed, e), so a
     resumed run skips exactly the batches it already trained on. `iterate` makes one epoch's
-    batches (iterate_pair_batches for preference pairs)."""
+    batches (iterate_pair_batches for preference pairs); each backend pads to its own PAD_MULTIPLE."""
     per_epoch = math.ceil(len(examples) / tc.batch_size)
     epoch = skip // per_epoch
     offset = skip % per_epoch

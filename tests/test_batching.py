@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from mlxft.data.batching import collate, iterate_batches, length_grouped_order, pack, padding_fraction
+from mlxft.data.batching import collate, iterate_batches, length_grouped_order, pack, padding_fraction, widen
 from mlxft.data.encode import Example
 
 
@@ -39,6 +39,17 @@ def test_pad_to_multiple_and_dtypes():
     assert batch.input_ids.shape == (2, 8) and batch.input_ids.dtype == np.int32
     assert batch.input_ids[1].tolist() == [3, 4, 5, 9, 9, 9, 9, 9]
     assert batch.loss_mask[1].tolist() == [0, 0, 1, 0, 0, 0, 0, 0]
+
+
+def test_widening_a_tight_batch_equals_collating_to_the_multiple():
+    examples = make([5, 3, 9])
+    for multiple in (1, 4, 8, 16):
+        wide, direct = widen(collate(examples, pad_id=7), pad_id=7, multiple=multiple), collate(examples, 7, multiple)
+        assert wide.input_ids.shape[1] == -(-9 // multiple) * multiple
+        for field in ("input_ids", "loss_mask", "lengths"):
+            assert np.array_equal(getattr(wide, field), getattr(direct, field)), (multiple, field)
+    packed = collate(pack(make([4, 3, 2]), max_length=6), pad_id=0)
+    assert widen(packed, 0, 8).segment_ids[:, 6:].sum() == 0 and widen(packed, 0, 8).segment_ids.shape == (2, 8)
 
 
 def test_packing_fits_whole_examples_and_marks_segments():

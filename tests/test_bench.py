@@ -49,8 +49,16 @@ def test_warmup_is_run_but_not_timed_and_tokens_are_the_timed_batches(both):
     non_padding = sum(int(b.lengths.sum()) for b in timed_batches)
     assert non_padding == sum(int((np.arange(b.input_ids.shape[1]) < b.lengths[:, None]).sum()) for b in timed_batches)
     supervised = sum(int(b.loss_mask[:, 1:].sum()) for b in timed_batches)
-    padded = sum(b.input_ids.size for b in timed_batches)
     for row in report["rows"]:
+        # each backend pads as its trainer does: MLX to a multiple (few traced shapes), PyTorch not at all
+        padded_batches = [b for micro in work.for_backend(row["backend"]).steps[1:] for b in micro]
+        widths = [b.input_ids.shape[1] for b in padded_batches]
+        if row["backend"] == "torch":
+            assert widths == [int(b.lengths.max()) for b in timed_batches]
+        else:
+            assert all(w % 16 == 0 and w - 16 < int(b.lengths.max()) <= w for w, b in zip(widths, timed_batches))
+        padded = sum(b.input_ids.size for b in padded_batches)
+        assert report["pad_multiple"][row["backend"]] == (1 if row["backend"] == "torch" else 16)
         steps = report["results"][row["backend"]]["steps"]
         assert [s["timed"] for s in steps] == [False, True, True]
         assert row["timed_steps"] == 2 and row["warmup_steps"] == 1

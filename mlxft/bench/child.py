@@ -27,7 +27,7 @@ def main(argv: list[str]) -> int:
 
     result: dict
     try:
-        work = workloads.load(Path(workload_path))
+        work = workloads.load(Path(workload_path)).for_backend(backend)
         if backend == "mlx":
             from mlxft.bench import mlx_runner
 

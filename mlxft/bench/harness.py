@@ -26,7 +26,6 @@ from pathlib import Path
 from mlxft.bench import flops
 from mlxft.bench import workload as workloads
 from mlxft.errors import UserError
-from mlxft.training import PAD_MULTIPLE
 
 BACKEND_NAMES = ("mlx", "torch")
 
@@ -62,7 +61,7 @@ def bench(workload: str, backends: list[str], *, model: str | None = None, steps
     echo(f"bench {workload}: model {work.model_dir}; LoRA r={work.spec.r} alpha={work.spec.alpha:g} on "
          f"{', '.join(work.spec.target_modules)}; batch {tc.batch_size} x {tc.grad_accumulation}; "
          f"{warmup} warm-up + {steps} timed steps; {threads} threads per backend; "
-         f"batches padded to a multiple of {pad_multiple or PAD_MULTIPLE}")
+         f"batches padded {padding_policy(backends, pad_multiple)}")
     echo(f"MLX BLAS: {describe()}")
 
     results = {}
@@ -82,7 +81,7 @@ def bench(workload: str, backends: list[str], *, model: str | None = None, steps
         "warmup_steps": warmup,
         "timed_steps": steps,
         "threads": threads,
-        "pad_multiple": pad_multiple or PAD_MULTIPLE,
+        "pad_multiple": {b: pad_multiple or workloads.backend_pad_multiple(b) for b in backends},
         "host": {"platform": platform.platform(), "machine": platform.machine(), "cpus": os.cpu_count(),
                  "python": platform.python_version()},
         "mlx_blas": describe(),
@@ -105,6 +104,14 @@ def bench(workload: str, backends: list[str], *, model: str | None = None, steps
             echo(f"no bench.png: {e}")
     echo(f"bench folder: {out}")
     return report
+
+
+def padding_policy(backends: list[str], pad_multiple: int | None) -> str:
+    """'to a multiple of 8' for --pad-multiple 8, else each backend's: 'as each trainer pads (mlx: 16, torch: 1)'."""
+    if pad_multiple:
+        return f"to a multiple of {pad_multiple}"
+    return "as each trainer pads them, to a multiple of " + ", ".join(
+        f"{workloads.backend_pad_multiple(b)} ({b})" for b in backends)
 
 
 def _run_child(spec_path: Path, backend: str, threads: int, out: Path) -> dict:

@@ -1,9 +1,10 @@
 """One benchmark workload, built once and handed to every backend: the resolved run config, the
 batches of every step (warm-up first), and the adapter every backend starts from.
 
-The batches come from the trainers' own batch stream (length-grouped, padded to a multiple of
-16), so padding is what a real run would pay. They are tokenized once, here, and saved as numpy
-arrays: both backends train on the very same ids. The starting adapter is drawn here too (A
+The batches come from the trainers' own batch stream (length-grouped), so padding is what a real
+run would pay. They are tokenized once, here, and saved as numpy arrays padded to their longest
+row; each backend then widens them as its trainer does (its PAD_MULTIPLE, or the bench's
+--pad-multiple for all), so both backends train on the very same ids. The starting adapter is drawn here too (A
 uniform within ±1/sqrt(in), B zero: the initialisation both backends use), so the same weights
 and batches must give the same losses, step after step, up to float error: the proof that the
 backends did the same work.
@@ -13,16 +14,16 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
 from mlxft.adapters import AdapterSpec
 from mlxft.config import RunConfig, dump_config, load_config
-from mlxft.data.batching import Batch, iterate_pair_batches
+from mlxft.data.batching import Batch, iterate_pair_batches, widen
 from mlxft.errors import UserError
-from mlxft.training import PAD_MULTIPLE, batch_stream
+from mlxft.training import batch_stream
 
 RECIPES = {"lora": "tallrec", "dpo": "dpo"}
 # Bench defaults, before the user's --set (which wins): the workload is LoRA even on the built-in
@@ -40,6 +41,14 @@ class Workload:
     warmup: int
     encoded_rows: int
     truncated_rows: int
+    pad_id: int = 0
+    pad_multiple: int | None = None  # None: each backend's own PAD_MULTIPLE
+
+    def for_backend(self, backend: str) -> Workload:
+        """The same rows, padded as `backend`'s trainer pads them (or to the bench's pad_multiple)."""
+        multiple = self.pad_multiple or backend_pad_multiple(backend)
+        steps = [[widen(batch, self.pad_id, multiple) for batch in micro] for micro in self.steps]
+        return replace(self, steps=steps)
 
     @property
     def spec(self) -> AdapterSpec:
@@ -49,6 +58,14 @@ class Workload:
     @property
     def model_config(self) -> dict:
         return json.loads((self.model_dir / "config.json").read_text())
+
+
+def backend_pad_multiple(backend: str) -> int:
+    if backend == "mlx":
+        from mlxft.backends.mlx import PAD_MULTIPLE
+    else:
+        from mlxft.backends.torch import PAD_MULTIPLE
+    return PAD_MULTIPLE
 
 
 def resolve_config(workload: str, model: str | None, overrides: list[str], batch_size: int | None,
@@ -77,8 +94,9 @@ def resolve_config(workload: str, model: str | None, overrides: list[str], batch
 
 
 def build(workload: str, config: RunConfig, *, steps: int, warmup: int, pad_multiple: int | None = None) -> Workload:
-    """Rows -> ids -> the batches of warmup + steps optimizer steps, as the trainers make them
-    (pad_multiple: their PAD_MULTIPLE unless given, to measure another padding policy)."""
+    """Rows -> ids -> the batches of warmup + steps optimizer steps, as the trainers make them,
+    padded to their longest row (pad_multiple: what every backend widens them to instead of its
+    own PAD_MULTIPLE, to measure another padding policy)."""
     from mlxft.model_files import load_tokenizer, pad_id, resolve_model_dir
 
     if steps < 1 or warmup < 0:
@@ -101,10 +119,10 @@ def build(workload: str, config: RunConfig, *, steps: int, warmup: int, pad_mult
     if not examples:
         why = f" ({report.dropped} rows lost their answer to the length cutoff: raise --seq-len)" if report.dropped else ""
         raise UserError(f"data {splits.source}: no training rows to benchmark on{why}")
-    stream = batch_stream(examples, config.train, pad_id(tokenizer), skip=0, iterate=iterate,
-                          pad_to_multiple=pad_multiple or PAD_MULTIPLE)
+    stream = batch_stream(examples, config.train, pad_id(tokenizer), skip=0, iterate=iterate, pad_to_multiple=1)
     batches = [[_plain(next(stream)[0]) for _ in range(config.train.grad_accumulation)] for _ in range(warmup + steps)]
-    return Workload(workload, config, model_dir, batches, warmup, report.kept, report.truncated)
+    return Workload(workload, config, model_dir, batches, warmup, report.kept, report.truncated, pad_id(tokenizer),
+                    pad_multiple)
 
 
 def _plain(batch) -> Batch:
@@ -175,6 +193,7 @@ def save(workload: Workload, folder: Path) -> Path:
     meta = {"workload": workload.name, "model_dir": str(workload.model_dir), "warmup": workload.warmup,
             "steps": len(workload.steps), "micro_batches": config.train.grad_accumulation,
             "encoded_rows": workload.encoded_rows, "truncated_rows": workload.truncated_rows,
+            "pad_id": workload.pad_id, "pad_multiple": workload.pad_multiple,
             "created": time.strftime("%Y-%m-%d %H:%M:%S")}
     (folder / "workload.json").write_text(json.dumps(meta, indent=2))
     return folder / "workload.json"
@@ -188,4 +207,4 @@ def load(path: Path) -> Workload:
     steps = [[Batch(*(arrays[f"{s}.{m}.{field}"] for field in ("input_ids", "loss_mask", "lengths")))
               for m in range(meta["micro_batches"])] for s in range(meta["steps"])]
     return Workload(meta["workload"], config, Path(meta["model_dir"]), steps, meta["warmup"], meta["encoded_rows"],
-                    meta["truncated_rows"])
+                    meta["truncated_rows"], meta["pad_id"], meta["pad_multiple"])

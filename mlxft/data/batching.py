@@ -39,6 +39,20 @@ class Batch:
         return 1.0 - self.tokens / self.input_ids.size
 
 
+def widen(batch: Batch, pad_id: int, multiple: int) -> Batch:
+    """The batch with its width rounded up to a multiple, as collate would have padded it."""
+    width = batch.input_ids.shape[1]
+    extra = -(-width // multiple) * multiple - width
+    if extra == 0:
+        return batch
+
+    def pad(array, value):
+        return np.pad(array, ((0, 0), (0, extra)), constant_values=value)
+
+    segments = None if batch.segment_ids is None else pad(batch.segment_ids, 0)
+    return Batch(pad(batch.input_ids, pad_id), pad(batch.loss_mask, 0), batch.lengths, segments)
+
+
 def collate(examples: Sequence[Example], pad_id: int, pad_to_multiple: int = 1) -> Batch:
     """Right-pad to the longest example (rounded up to a multiple); pads never carry loss."""
     longest = max(len(e) for e in examples)

@@ -54,7 +54,7 @@ import numpy as np
 from mlx.utils import tree_map, tree_unflatten
 
 from mlxft.adapters import AdapterSpec, load_adapter
-from mlxft.backends.mlx import lora, model as mlx_model
+from mlxft.backends.mlx import PAD_MULTIPLE, lora, model as mlx_model
 from mlxft.backends.mlx.generate import generate_answer
 from mlxft.backends.mlx.model import logits_at
 from mlxft.backends.mlx.sft import _save_checkpoint, _save_weights
@@ -70,7 +70,7 @@ from mlxft.model_files import BUILTIN, pad_id as pad_id_of
 from mlxft.progress import Progress
 from mlxft.runs import Run
 from mlxft.schedule import learning_rate
-from mlxft.training import PAD_MULTIPLE, batch_stream, describe, mean_rate, track_best
+from mlxft.training import batch_stream, describe, mean_rate, track_best
 
 
 def train(config: RunConfig, run: Run, *, resume: bool = False, adapter: str | None = None, echo=print) -> dict:
@@ -200,7 +200,8 @@ def train(config: RunConfig, run: Run, *, resume: bool = False, adapter: str | N
         echo("before training: " + describe(before, "eval_"))
 
     # --- loop ----------------------------------------------------------------------------------
-    batches = batch_stream(train_set, tc, pad_id, skip=step * tc.grad_accumulation, iterate=iterate_pair_batches)
+    batches = batch_stream(train_set, tc, pad_id, skip=step * tc.grad_accumulation, pad_to_multiple=PAD_MULTIPLE,
+                           iterate=iterate_pair_batches)
     progress = Progress(total_steps, initial=step)
     model.train()
     window = {"sums": 0.0, "tokens": 0, "start": time.perf_counter()}

@@ -11,6 +11,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from mlxft.backends.mlx import PAD_MULTIPLE
 from mlxft.backends.mlx.model import logits_at
 from mlxft.data.batching import iterate_batches, scored_targets
 from mlxft.eval.metrics import binary_report
@@ -24,7 +25,7 @@ def evaluate(model, examples, *, pad_id: int, split_head: bool, batch_size: int 
     model.eval()
     loss_sum = n_tokens = 0.0
     probabilities, labels = [], []
-    for batch in iterate_batches(examples, batch_size, pad_id, shuffle=False, pad_to_multiple=16):
+    for batch in iterate_batches(examples, batch_size, pad_id, shuffle=False, pad_to_multiple=PAD_MULTIPLE):
         targets = scored_targets(batch)
         logits = logits_at(model, mx.array(batch.input_ids[:, :-1]), mx.array(targets.positions), split_head)
         logits = logits.astype(mx.float32)

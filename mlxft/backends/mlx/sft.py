@@ -29,7 +29,7 @@ import mlx.optimizers as optim
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 from mlxft.adapters import AdapterSpec, load_adapter, save_adapter
-from mlxft.backends.mlx import lora, model as mlx_model
+from mlxft.backends.mlx import PAD_MULTIPLE, lora, model as mlx_model
 from mlxft.backends.mlx.evaluate import evaluate
 from mlxft.config import RunConfig
 from mlxft.data.batching import scored_targets
@@ -41,6 +41,7 @@ from mlxft.progress import Progress
 from mlxft.runs import Run
 from mlxft.schedule import learning_rate
 from mlxft.training import answer_ids_for, batch_stream, describe, mean_rate, track_best
+
 
 def train(config: RunConfig, run: Run, *, resume: bool = False, adapter: str | None = None, echo=print) -> dict:
     """Train as `config` says, writing into `run`; returns the summary (also in summary.json)."""
@@ -125,7 +126,7 @@ def train(config: RunConfig, run: Run, *, resume: bool = False, adapter: str | N
         echo("before training: " + describe(before, "eval_"))
 
     # --- loop ----------------------------------------------------------------------------------
-    batches = batch_stream(train_set, tc, pad_id, skip=step * tc.grad_accumulation)
+    batches = batch_stream(train_set, tc, pad_id, skip=step * tc.grad_accumulation, pad_to_multiple=PAD_MULTIPLE)
     progress = Progress(total_steps, initial=step)
     model.train()
     window = {"loss": 0.0, "scored": 0.0, "tokens": 0, "start": time.perf_counter()}

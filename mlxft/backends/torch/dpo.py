@@ -47,7 +47,7 @@ import torch
 import torch.nn.functional as F
 
 from mlxft.adapters import AdapterSpec, load_adapter
-from mlxft.backends.torch import lora
+from mlxft.backends.torch import PAD_MULTIPLE, lora
 from mlxft.backends.torch import model as torch_model
 from mlxft.backends.torch.adamw import MLXAdamW
 from mlxft.backends.torch.generate import generate_answer
@@ -66,7 +66,7 @@ from mlxft.model_files import pad_id as pad_id_of
 from mlxft.progress import Progress
 from mlxft.runs import Run
 from mlxft.schedule import learning_rate
-from mlxft.training import PAD_MULTIPLE, batch_stream, describe, mean_rate, track_best
+from mlxft.training import batch_stream, describe, mean_rate, track_best
 
 
 def train(config: RunConfig, run: Run, *, resume: bool = False, adapter: str | None = None, echo=print) -> dict:
@@ -184,7 +184,8 @@ def train(config: RunConfig, run: Run, *, resume: bool = False, adapter: str | N
         echo("before training: " + describe(before, "eval_"))
 
     # --- loop ----------------------------------------------------------------------------------
-    batches = batch_stream(train_set, tc, pad_id, skip=step * tc.grad_accumulation, iterate=iterate_pair_batches)
+    batches = batch_stream(train_set, tc, pad_id, skip=step * tc.grad_accumulation, pad_to_multiple=PAD_MULTIPLE,
+                           iterate=iterate_pair_batches)
     progress = Progress(total_steps, initial=step)
     model.train()
     window = {"sums": 0.0, "tokens": 0, "start": time.perf_counter()}

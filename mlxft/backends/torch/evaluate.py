@@ -11,6 +11,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from mlxft.backends.torch import PAD_MULTIPLE
 from mlxft.backends.torch.model import autocast, logits_at, to_device
 from mlxft.data.batching import iterate_batches, scored_targets
 from mlxft.eval.metrics import binary_report
@@ -26,7 +27,7 @@ def evaluate(model, examples, *, pad_id: int, split_head: bool, batch_size: int 
     model.eval()
     loss_sum = n_tokens = 0.0
     probabilities, labels = [], []
-    for batch in iterate_batches(examples, batch_size, pad_id, shuffle=False, pad_to_multiple=16):
+    for batch in iterate_batches(examples, batch_size, pad_id, shuffle=False, pad_to_multiple=PAD_MULTIPLE):
         targets = scored_targets(batch)
         inputs, positions, tokens, weights = to_device(device, batch.input_ids[:, :-1], targets.positions,
                                                        targets.tokens, targets.weights)

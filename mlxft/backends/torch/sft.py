@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from mlxft.adapters import AdapterSpec, load_adapter, save_adapter
-from mlxft.backends.torch import lora
+from mlxft.backends.torch import PAD_MULTIPLE, lora
 from mlxft.backends.torch import model as torch_model
 from mlxft.backends.torch.adamw import MLXAdamW
 from mlxft.backends.torch.evaluate import evaluate
@@ -116,7 +116,7 @@ def train(config: RunConfig, run: Run, *, resume: bool = False, adapter: str | N
         echo("before training: " + describe(before, "eval_"))
 
     # --- loop ----------------------------------------------------------------------------------
-    batches = batch_stream(train_set, tc, pad_id, skip=step * tc.grad_accumulation)
+    batches = batch_stream(train_set, tc, pad_id, skip=step * tc.grad_accumulation, pad_to_multiple=PAD_MULTIPLE)
     progress = Progress(total_steps, initial=step)
     model.train()
     window = {"loss": 0.0, "scored": 0.0, "tokens": 0, "start": time.perf_counter()}
