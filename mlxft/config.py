@@ -62,6 +62,10 @@ class TrainConfig:
     warmup_steps: int = 20
     min_learning_rate: float = 0.0
     weight_decay: float = 0.0
+    # Adam's correction of its moments' zero start, as torch.optim.AdamW (PEFT, TRL) always does.
+    # MLX's and so mlx-lm's default is off, which makes the first steps ~3x larger than the
+    # learning rate says; measured on the tallrec recipe that decides whether a run learns at all.
+    bias_correction: bool = True
     batch_size: int = 16
     grad_accumulation: int = 1
     max_grad_norm: float | None = 1.0

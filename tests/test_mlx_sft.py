@@ -36,8 +36,9 @@ def run_training(config, folder, **kwargs):
 
 
 # Losses of the first 6 steps of the seeded tiny run; a change to the data order, masking, loss
-# normalisation, schedule or initialisation moves them.
-GOLDEN = [7.6465, 7.5913, 7.4015, 7.3218, 7.3351, 7.3276]
+# normalisation, schedule, optimizer or initialisation moves them (without train.bias_correction
+# they were 7.6465, 7.5913, 7.4015, 7.3218, 7.3351, 7.3276: the first steps ~3x larger).
+GOLDEN = [7.6465, 7.6290, 7.5721, 7.4831, 7.4533, 7.4297]
 
 
 def test_golden_losses_and_run_folder(tiny_model_dir, tmp_path):

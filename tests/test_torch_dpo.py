@@ -165,7 +165,7 @@ def test_optimizer_steps_agree_with_mlx(tiny_model_dir):
     dc, weight_decay, max_norm = DPOConfig(beta=0.5), 0.1, 0.1
     m, t = twin_models(tiny_model_dir, seed=3)
 
-    optimizer = optim.AdamW(learning_rate=rates[0], weight_decay=weight_decay)
+    optimizer = optim.AdamW(learning_rate=rates[0], weight_decay=weight_decay, bias_correction=True)  # the trainers' default
     micro_step, update = mlx_dpo.make_step(m, optimizer, True, max_norm, dc)
     reference_step = mlx_dpo.make_reference_step(m, True)
     m.train()
@@ -182,7 +182,8 @@ def test_optimizer_steps_agree_with_mlx(tiny_model_dir):
         mx.eval(m.state, optimizer.state)
         mlx_steps.append((total[1] / total[0], norm.item()))
 
-    t_optimizer = MLXAdamW([p for p in t.parameters() if p.requires_grad], lr=rates[0], weight_decay=weight_decay)
+    t_optimizer = MLXAdamW([p for p in t.parameters() if p.requires_grad], lr=rates[0], weight_decay=weight_decay,
+                           bias_correction=True)
     t.train()
     torch_steps = []
     for rate in rates:

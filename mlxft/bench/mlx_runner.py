@@ -27,7 +27,8 @@ def run(workload: Workload) -> dict:
     lora.apply_lora(model, workload.spec)
     shapes = {path: (b.shape[0], a.shape[1]) for path, (a, b) in lora.adapter_weights(model).items()}  # (out, in)
     lora.set_adapter_weights(model, initial_adapter(shapes, workload.spec.r, tc.seed))
-    optimizer = optim.AdamW(learning_rate=tc.learning_rate, weight_decay=tc.weight_decay)
+    optimizer = optim.AdamW(learning_rate=tc.learning_rate, weight_decay=tc.weight_decay,
+                            bias_correction=tc.bias_correction)
     state = [model.state, optimizer.state, mx.random.state]
     if workload.name == "dpo":
         from mlxft.backends.mlx import dpo

@@ -34,7 +34,7 @@ def run(workload: Workload, threads: int | None = None) -> dict:
     shapes = {path: (b.shape[0], a.shape[1]) for path, (a, b) in lora.adapter_weights(model).items()}  # (out, in)
     lora.set_adapter_weights(model, initial_adapter(shapes, workload.spec.r, tc.seed))
     optimizer = MLXAdamW([p for p in model.parameters() if p.requires_grad], lr=tc.learning_rate,
-                         weight_decay=tc.weight_decay)
+                         weight_decay=tc.weight_decay, bias_correction=tc.bias_correction)
     if workload.name == "dpo":
         micro_step, update = step_pieces(model, split_head, device, config.dpo)
     else:

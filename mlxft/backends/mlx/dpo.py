@@ -158,7 +158,8 @@ def train(config: RunConfig, run: Run, *, resume: bool = False, adapter: str | N
     total_steps = tc.steps if tc.steps else max(1, math.ceil((tc.epochs or 1) * micro_per_epoch / tc.grad_accumulation))
 
     # --- optimizer ---------------------------------------------------------------------------
-    optimizer = optim.AdamW(learning_rate=tc.learning_rate, weight_decay=tc.weight_decay)
+    optimizer = optim.AdamW(learning_rate=tc.learning_rate, weight_decay=tc.weight_decay,
+                            bias_correction=tc.bias_correction)
     step, best, stale = 0, None, 0
     if resume:  # before the step is compiled: it must capture the restored optimizer state
         saved = json.loads((run.checkpoint_dir / "state.json").read_text())

@@ -1,15 +1,13 @@
 """AdamW as mlx.optimizers.AdamW computes it, so both backends take the same steps.
 
-torch.optim.AdamW always corrects the moment estimates for their zero start; MLX's AdamW does
-not by default (bias_correction=False), and mlxft's MLX trainer uses that default. The two
-differ most at the start: MLX's first step moves each weight by lr * 0.1 / sqrt(0.001) ≈ 3.16 lr,
-torch's by lr. A recipe's learning rate must mean the same on both backends, so this is MLX's:
-
     m = b1 m + (1 - b1) g            v = b2 v + (1 - b2) g²
-    w = w (1 - lr wd) - lr m / (sqrt(v) + eps)
+    w = w (1 - lr wd) - lr m̂ / (sqrt(v̂) + eps)
 
-with the decay applied to every trainable tensor, as MLX does. bias_correction=True gives the
-textbook (and torch's) update instead.
+with the decay applied to every trainable tensor, as MLX does. With bias_correction (the
+trainers' default, `train.bias_correction`), m̂ = m / (1 - b1^t) and v̂ = v / (1 - b2^t): the
+textbook update, and torch.optim.AdamW's. Without it (MLX's and mlx-lm's default) m̂ = m and
+v̂ = v, and the first step moves each weight by lr * 0.1 / sqrt(0.001) ≈ 3.16 lr instead of lr.
+torch.optim.AdamW cannot switch the correction off, hence this class.
 """
 
 from __future__ import annotations

@@ -144,7 +144,8 @@ def train(config: RunConfig, run: Run, *, resume: bool = False, adapter: str | N
 
     # --- optimizer ---------------------------------------------------------------------------
     named = {name: p for name, p in model.named_parameters() if p.requires_grad}
-    optimizer = MLXAdamW(list(named.values()), lr=tc.learning_rate, weight_decay=tc.weight_decay)
+    optimizer = MLXAdamW(list(named.values()), lr=tc.learning_rate, weight_decay=tc.weight_decay,
+                         bias_correction=tc.bias_correction)
     step, best, stale = 0, None, 0
     if resume:
         step, best, stale = _load_checkpoint(run, model, optimizer, named, config.lora.full_finetune,
