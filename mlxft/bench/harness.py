@@ -107,7 +107,7 @@ def bench(workload: str, backends: list[str], *, model: str | None = None, steps
 
 
 def padding_policy(backends: list[str], pad_multiple: int | None) -> str:
-    """'to a multiple of 8' for --pad-multiple 8, else each backend's: 'as each trainer pads (mlx: 16, torch: 1)'."""
+    """'to a multiple of 8' for --pad-multiple 8, else 'as each trainer pads them, to a multiple of 16 (mlx), 1 (torch)'."""
     if pad_multiple:
         return f"to a multiple of {pad_multiple}"
     return "as each trainer pads them, to a multiple of " + ", ".join(

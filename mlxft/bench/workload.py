@@ -4,10 +4,10 @@ batches of every step (warm-up first), and the adapter every backend starts from
 The batches come from the trainers' own batch stream (length-grouped), so padding is what a real
 run would pay. They are tokenized once, here, and saved as numpy arrays padded to their longest
 row; each backend then widens them as its trainer does (its PAD_MULTIPLE, or the bench's
---pad-multiple for all), so both backends train on the very same ids. The starting adapter is drawn here too (A
-uniform within ±1/sqrt(in), B zero: the initialisation both backends use), so the same weights
-and batches must give the same losses, step after step, up to float error: the proof that the
-backends did the same work.
+--pad-multiple for all), so both backends train on the very same ids. The starting adapter is
+drawn here too (A uniform within ±1/sqrt(in), B zero: the initialisation both backends use), so
+the same weights and batches must give the same losses, step after step, up to float error: the
+proof that the backends did the same work.
 """
 
 from __future__ import annotations
