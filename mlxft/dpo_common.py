@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from mlxft.data.dataset import encode_preference_split
 from mlxft.errors import UserError
 from mlxft.files import write_atomic
 
@@ -22,6 +23,18 @@ REFERENCE_FILE = "reference_logps.safetensors"
 
 
 # --- the reference ---------------------------------------------------------------------------------
+
+def encode_pairs(splits, tokenizer, config, echo) -> tuple[list, list, int]:
+    """(train pairs, validation pairs, truncated pairs) encoded for DPO, with the data line printed."""
+    dc = config.dpo
+    train_set, report = encode_preference_split(splits.train, splits, tokenizer, config.data, dc)
+    valid_set, valid_report = (encode_preference_split(splits.valid, splits, tokenizer, config.data, dc)
+                               if splits.valid else ([], None))
+    echo(f"data {splits.source}: {len(splits.train)} train / {len(splits.valid)} valid / {len(splits.test)} test pairs; "
+         f"template {splits.template}; {report.summary()}"
+         + (f"; validation: {valid_report.truncated} truncated" if valid_report and valid_report.truncated else ""))
+    return train_set, valid_set, report.truncated + (valid_report.truncated if valid_report else 0)
+
 
 def reference_source(dc, adapter: str | None, full_finetune: bool) -> tuple[str | None, bool]:
     """(the adapter the reference carries, or None for the base model; whether its log-probs

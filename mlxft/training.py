@@ -40,6 +40,14 @@ def batch_stream(examples, tc, pad_id, skip: int, pad_to_multiple: int, iterate=
         epoch, offset = epoch + 1, 0
 
 
+def count_steps(tc, rows: int) -> int:
+    """Optimizer steps of a run: train.steps, else train.epochs (default 1) over `rows` rows."""
+    if tc.steps:
+        return tc.steps
+    micro_per_epoch = math.ceil(rows / tc.batch_size)
+    return max(1, math.ceil((tc.epochs or 1) * micro_per_epoch / tc.grad_accumulation))
+
+
 HIGHER_IS_BETTER = ("auc", "accuracy", "rewards/accuracies", "rewards/margins")
 
 

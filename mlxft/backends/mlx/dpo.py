@@ -42,7 +42,6 @@ Raises UserError for bad recipes, data, models and adapters (see mlxft.errors).
 from __future__ import annotations
 
 import json
-import math
 import time
 from contextlib import contextmanager
 from functools import partial
@@ -60,17 +59,18 @@ from mlxft.backends.mlx.model import logits_at
 from mlxft.backends.mlx.sft import _save_checkpoint, _save_weights
 from mlxft.config import RunConfig
 from mlxft.data.batching import iterate_pair_batches, scored_targets
-from mlxft.data.dataset import encode_preference_split, load_preference_splits, prompt_records, resolve_source
+from mlxft.data.dataset import load_preference_splits, prompt_records, resolve_source
 from mlxft.data.records import load_records
 from mlxft.dpo_common import (REFERENCE_FILE, answer_all, cache_fingerprint, cached_reference, compare_rows,
-                               load_reference, reference_label, reference_source, save_reference, write_comparison)
+                              encode_pairs, load_reference, reference_label, reference_source,
+                              save_reference, write_comparison)
 from mlxft.dpo_loss import dpo_losses, pair_statistics, summarize, uses_mean_logps
 from mlxft.errors import UserError
 from mlxft.model_files import BUILTIN, pad_id as pad_id_of
 from mlxft.progress import Progress
 from mlxft.runs import Run
 from mlxft.schedule import learning_rate
-from mlxft.training import batch_stream, describe, mean_rate, track_best
+from mlxft.training import batch_stream, count_steps, describe, mean_rate, track_best
 
 
 def train(config: RunConfig, run: Run, *, resume: bool = False, adapter: str | None = None, echo=print) -> dict:
@@ -94,12 +94,7 @@ def train(config: RunConfig, run: Run, *, resume: bool = False, adapter: str | N
     pad_id = pad_id_of(tokenizer)
     mean_logps = uses_mean_logps(dc.loss_type, dc.average_log_prob)
 
-    train_set, report = encode_preference_split(splits.train, splits, tokenizer, config.data, dc)
-    valid_set, valid_report = (encode_preference_split(splits.valid, splits, tokenizer, config.data, dc)
-                               if splits.valid else ([], None))
-    echo(f"data {splits.source}: {len(splits.train)} train / {len(splits.valid)} valid / {len(splits.test)} test pairs; "
-         f"template {splits.template}; {report.summary()}"
-         + (f"; validation: {valid_report.truncated} truncated" if valid_report and valid_report.truncated else ""))
+    train_set, valid_set, truncated_pairs = encode_pairs(splits, tokenizer, config, echo)
 
     # --- reference ---------------------------------------------------------------------------
     reference_from, precompute = reference_source(dc, adapter, config.lora.full_finetune)
@@ -154,8 +149,7 @@ def train(config: RunConfig, run: Run, *, resume: bool = False, adapter: str | N
          f"({'full fine-tuning' if config.lora.full_finetune else f'LoRA r={spec.r} alpha={spec.alpha:g} on {len(lora.lora_layers(model))} modules'})"
          f"; DPO {dc.loss_type}, beta {dc.beta:g}; reference: {reference_name}")
     echo(f"run folder: {run.folder}")
-    micro_per_epoch = math.ceil(len(train_set) / tc.batch_size)
-    total_steps = tc.steps if tc.steps else max(1, math.ceil((tc.epochs or 1) * micro_per_epoch / tc.grad_accumulation))
+    total_steps = count_steps(tc, len(train_set))
 
     # --- optimizer ---------------------------------------------------------------------------
     optimizer = optim.AdamW(learning_rate=tc.learning_rate, weight_decay=tc.weight_decay,
@@ -289,7 +283,7 @@ def train(config: RunConfig, run: Run, *, resume: bool = False, adapter: str | N
         "trainable_parameters": trainable,
         "train_pairs": len(train_set),
         "valid_pairs": len(valid_set),
-        "truncated_pairs": report.truncated + (valid_report.truncated if valid_report else 0),
+        "truncated_pairs": truncated_pairs,
         "before": before,
         "after": after,
         "best": best,

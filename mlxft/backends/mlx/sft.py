@@ -18,7 +18,6 @@ Raises UserError for bad recipes, data, models and adapters (see mlxft.errors).
 from __future__ import annotations
 
 import json
-import math
 import time
 from functools import partial
 from pathlib import Path
@@ -40,7 +39,7 @@ from mlxft.model_files import BUILTIN, TOKENIZER_OUTPUTS, pad_id as pad_id_of
 from mlxft.progress import Progress
 from mlxft.runs import Run
 from mlxft.schedule import learning_rate
-from mlxft.training import answer_ids_for, batch_stream, describe, mean_rate, track_best
+from mlxft.training import answer_ids_for, batch_stream, count_steps, describe, mean_rate, track_best
 
 
 def train(config: RunConfig, run: Run, *, resume: bool = False, adapter: str | None = None, echo=print) -> dict:
@@ -97,8 +96,7 @@ def train(config: RunConfig, run: Run, *, resume: bool = False, adapter: str | N
     echo(f"run folder: {run.folder}")
     pad_id = pad_id_of(tokenizer)
     answer_ids = answer_ids_for(tokenizer, splits, ec.answers)
-    micro_per_epoch = math.ceil(len(train_set) / tc.batch_size)
-    total_steps = tc.steps if tc.steps else max(1, math.ceil((tc.epochs or 1) * micro_per_epoch / tc.grad_accumulation))
+    total_steps = count_steps(tc, len(train_set))
 
     # --- optimizer ---------------------------------------------------------------------------
     optimizer = optim.AdamW(learning_rate=tc.learning_rate, weight_decay=tc.weight_decay,

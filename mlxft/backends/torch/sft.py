@@ -20,7 +20,6 @@ Raises UserError for bad recipes, data, models and adapters, and for --quantize 
 from __future__ import annotations
 
 import json
-import math
 import shutil
 import time
 from pathlib import Path
@@ -42,7 +41,7 @@ from mlxft.model_files import pad_id as pad_id_of
 from mlxft.progress import Progress
 from mlxft.runs import Run
 from mlxft.schedule import learning_rate
-from mlxft.training import answer_ids_for, batch_stream, describe, mean_rate, track_best
+from mlxft.training import answer_ids_for, batch_stream, count_steps, describe, mean_rate, track_best
 
 
 def train(config: RunConfig, run: Run, *, resume: bool = False, adapter: str | None = None, echo=print) -> dict:
@@ -87,8 +86,7 @@ def train(config: RunConfig, run: Run, *, resume: bool = False, adapter: str | N
     echo(f"run folder: {run.folder}")
     pad_id = pad_id_of(tokenizer)
     answer_ids = answer_ids_for(tokenizer, splits, ec.answers)
-    micro_per_epoch = math.ceil(len(train_set) / tc.batch_size)
-    total_steps = tc.steps if tc.steps else max(1, math.ceil((tc.epochs or 1) * micro_per_epoch / tc.grad_accumulation))
+    total_steps = count_steps(tc, len(train_set))
 
     # --- optimizer ---------------------------------------------------------------------------
     named = {name: p for name, p in model.named_parameters() if p.requires_grad}
