@@ -147,6 +147,19 @@ def run_side(name: str, command: list[str], env: dict, log: Path) -> dict:
     return {"seconds": seconds, "peak_rss_gb": usage.ru_maxrss * 1024 / 1e9}
 
 
+def hf_peer_side(name: str, script: str, data: Path, model: Path, args, env: dict, work: Path, tag: str) -> dict:
+    """A transformers-based peer (benchmarks/peers/SCRIPT on DATA, the same flags for each), summarized as
+    the comparison table reads it. Its result and log go to WORK/TAG-result.json and WORK/TAG.log."""
+    result = work / f"{tag}-result.json"
+    process = run_side(name, [
+        sys.executable, str(ROOT / "benchmarks" / "peers" / script), str(data), str(result),
+        "--model", str(model), "--steps", str(args.steps), "--warmup", str(args.warmup),
+        "--batch-size", str(args.batch_size), "--threads", str(args.threads)], env, work / f"{tag}.log")
+    measured = json.loads(result.read_text())
+    return {**summarize_steps(measured["steps"]), "peak_memory_gb": measured["peak_rss_gb"],
+            "process_peak_rss_gb": process["peak_rss_gb"], "threads": measured["threads"], "steps": measured["steps"]}
+
+
 def mlxft_bench(workload: str, backend: str, model: Path, args, work: Path, env: dict, extra: list[str] = ()) -> dict:
     """`mlxft bench` on one backend; returns its table row plus the per-step records."""
     out = work / f"mlxft-{workload}-{backend}"

@@ -34,14 +34,7 @@ def trl_side(model: Path, args, work: Path, env: dict) -> dict:
                  "    pip install trl")
     pairs = work / "pairs.jsonl"
     pairs.write_text("".join(json.dumps(r) + "\n" for r in preference_rows()))
-    result = work / "trl-result.json"
-    process = common.run_side("TRL DPOTrainer + PEFT", [
-        sys.executable, str(Path(__file__).parent / "peers" / "run_trl_dpo.py"), str(pairs), str(result),
-        "--model", str(model), "--steps", str(args.steps), "--warmup", str(args.warmup),
-        "--batch-size", str(args.batch_size), "--threads", str(args.threads)], env, work / "trl.log")
-    data = json.loads(result.read_text())
-    return {**common.summarize_steps(data["steps"]), "peak_memory_gb": data["peak_rss_gb"],
-            "process_peak_rss_gb": process["peak_rss_gb"], "threads": data["threads"], "steps": data["steps"]}
+    return common.hf_peer_side("TRL DPOTrainer + PEFT", "run_trl_dpo.py", pairs, model, args, env, work, "trl")
 
 
 def main() -> None:

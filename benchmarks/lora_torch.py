@@ -43,14 +43,8 @@ def encoded_rows(model: Path, path: Path) -> int:
 def trainer_side(model: Path, args, work: Path, env: dict) -> dict:
     rows = work / "hf-rows.jsonl"
     encoded_rows(model, rows)
-    result = work / "hf-trainer-result.json"
-    process = common.run_side("transformers Trainer + PEFT", [
-        sys.executable, str(Path(__file__).parent / "peers" / "run_hf_trainer_lora.py"), str(rows), str(result),
-        "--model", str(model), "--steps", str(args.steps), "--warmup", str(args.warmup),
-        "--batch-size", str(args.batch_size), "--threads", str(args.threads)], env, work / "hf-trainer.log")
-    data = json.loads(result.read_text())
-    return {**common.summarize_steps(data["steps"]), "peak_memory_gb": data["peak_rss_gb"],
-            "process_peak_rss_gb": process["peak_rss_gb"], "threads": data["threads"], "steps": data["steps"]}
+    return common.hf_peer_side("transformers Trainer + PEFT", "run_hf_trainer_lora.py", rows, model, args, env, work,
+                               "hf-trainer")
 
 
 def main() -> None:
