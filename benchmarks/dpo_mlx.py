@@ -10,14 +10,16 @@ the tokenizer's chat template, LoRA r 8 / alpha 16 (scale 2) / dropout 0 on ever
 (q, k, v, o, gate, up, down) of all 30 layers, sigmoid loss with beta 0.1, AdamW without weight
 decay, float32 on MLX's CPU backend with mlxft's OpenBLAS preload and the same thread count.
 - mlxft: `mlxft bench --workload dpo --backends mlx`: the reference is the same model with its
-  adapter switched off (no second copy), chosen and rejected run as one [2B, T] batch, the LM
-  head runs on answer tokens only.
+  adapter switched off (no second copy), chosen and rejected run in one forward with each prompt
+  once (dpo.share_prompt, the trainer's default), the LM head runs on answer tokens only.
 - mlx-lm-lora: its DPO trainer (a second full model as the reference; chosen and rejected as
   two forwards each), through benchmarks/peers/run_mlx_lm_lora_dpo.py, which reads each step's time
   and rows and lets it run on Linux (see there).
 Compilation: both compile their step once per batch shape; as in lora_mlx.py, mlxft's bench
 traces its shapes before timing and the peer's steady steps (shape seen before) lead the
 comparison, with its all-steps figure printed too.
+Processed tokens count the rows as the peer runs them (each prompt with each answer) on both
+sides, so with the same pairs the ratio is also the ratio of pairs per second.
 Target (issue 8): mlxft at least 1.5x mlx-lm-lora in processed tokens/s, with peak memory below
 mlx-lm-lora's by at least one copy of the model weights.
 """

@@ -100,6 +100,7 @@ class DPOConfig:
     truncation_mode: str = "keep_end"  # which end of a long prompt to keep: keep_end or keep_start
     average_log_prob: bool = False  # mean instead of sum of the answer's token log-probs (ipo: always)
     precompute_reference: bool = False  # reference log-probs once, cached in the run folder
+    share_prompt: bool = True  # run each pair's prompt once for both answers (mlxft.data.shared_prompt)
     reference_adapter: str | None = None  # reference = base + this adapter (default: where training starts)
     support_ratio: float | None = None  # rows {prompt, support, oppose}: the first ratio x N prefer support
     compare_prompts: str | None = None  # .json/.jsonl of {prompt} rows answered before and after

@@ -72,3 +72,17 @@ def tiny_model_dir(builtin_tokenizer, tmp_path_factory):
             shutil.copy(tokenizer_dir() / name, folder / name)
     write_model(folder, TINY, seed=1)
     return folder
+
+
+@pytest.fixture(autouse=True)
+def unpatched_llama_blocks():
+    """mlx-lm's gradient checkpointing patches the Llama block class itself, for every later model
+    of the process; a test that turns it on must not change the tests after it."""
+    try:
+        from mlx_lm.models.llama import TransformerBlock
+    except ImportError:
+        yield
+        return
+    call = TransformerBlock.__call__
+    yield
+    TransformerBlock.__call__ = call

@@ -89,6 +89,44 @@ def test_bench_json_and_png_are_written(both):
     assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.fixture(scope="module")
+def dpo_runs(tiny_model_dir, tmp_path_factory):
+    """The dpo workload on both backends, with each prompt run once (the trainers' default) and
+    with the 2B rows (dpo.share_prompt=false)."""
+    runs = {}
+    for shared in (True, False):
+        out = tmp_path_factory.mktemp("bench") / f"dpo-{shared}"
+        runs[shared] = harness.bench("dpo", ["mlx", "torch"], model=str(tiny_model_dir), steps=2, warmup=1, batch_size=3,
+                                     overrides=[f"dpo.share_prompt={str(shared).lower()}"], out=out, threads=1,
+                                     echo=lambda *a: None), out
+    return runs
+
+
+def test_dpo_with_shared_prompts_does_the_same_work_on_fewer_tokens(dpo_runs):
+    from mlxft.backends.mlx import SHARED_PROMPT_FEW_WIDTHS, SHARED_PROMPT_PAD_MULTIPLE
+    from mlxft.data.shared_prompt import share_prompts
+
+    (shared, out), (rows, _) = dpo_runs[True], dpo_runs[False]
+    work = workloads.load(out / "workload" / "workload.json")
+    timed = [b for micro in work.steps[1:] for b in micro]
+    layouts = [share_prompts(b, work.pad_id, SHARED_PROMPT_PAD_MULTIPLE, few_widths=SHARED_PROMPT_FEW_WIDTHS) for b in timed]
+    for report, is_shared in ((shared, True), (rows, False)):
+        for row in report["rows"]:
+            assert row["available"] and row["shared_prompts"] is is_shared, row
+            assert row["timed_tokens"] == sum(b.tokens for b in timed)  # tokens/s counts the rows either way
+    mlx_shared, mlx_rows = shared["rows"][0], rows["rows"][0]
+    assert mlx_shared["computed_tokens_per_second"] * mlx_shared["timed_seconds"] == pytest.approx(
+        sum(x.computed_tokens for x in layouts))
+    assert mlx_shared["padding_fraction"] == pytest.approx(
+        1 - sum(x.computed_tokens for x in layouts) / sum(x.computed_positions for x in layouts))
+    assert sum(x.computed_tokens for x in layouts) < 0.9 * mlx_shared["timed_tokens"]
+    assert mlx_rows["computed_tokens_per_second"] == pytest.approx(mlx_rows["tokens_per_second"])
+    # Same batches, same adapter: both layouts, on both backends, give the same losses step by step.
+    losses = [[s["loss"] for s in report["results"][b]["steps"]] for report in (shared, rows) for b in ("mlx", "torch")]
+    assert np.ptp(np.array(losses), axis=0).max() < 1e-3
+    assert shared["loss_agreement"]["max_abs_difference"] < 1e-3 and len({round(x, 6) for x in losses[0]}) == 3
+
+
 def test_flop_count_matches_the_model(tiny_model_dir):
     import mlx.core as mx
     from mlx.utils import tree_flatten

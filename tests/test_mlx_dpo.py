@@ -13,6 +13,7 @@ from mlx.utils import tree_flatten
 
 from mlxft.adapters import AdapterSpec, save_adapter
 from mlxft.backends.mlx import dpo, lora, sft
+from mlxft.backends.mlx import model as mlx_model
 from mlxft.backends.mlx.model import load
 from mlxft.cli import cli
 from mlxft.config import DPOConfig, load_config
@@ -50,6 +51,11 @@ def random_pairs(n, seed=0, prompt=(5, 30), answer=(2, 12)):
     rng = np.random.default_rng(seed)
     ids = lambda lo_hi: rng.integers(3, 500, size=int(rng.integers(*lo_hi))).tolist()
     return [PreferenceExample(ids(prompt), ids(answer), ids(answer)) for _ in range(n)]
+
+
+def arrays_of(pb, shared=True):
+    """A pair batch as the trainer lays it out: shared prompts (the default) or its 2B rows."""
+    return dpo._arrays(pb.batch, 0, shared)
 
 
 def adapted_model(model_dir, b_scale=0.0):
@@ -141,11 +147,12 @@ def test_prompt_tokens_are_never_scored(char_tokenizer):
     assert targets.weights.tolist() == [[1, 1, 0, 0], [1, 1, 1, 0]]
 
 
-def test_sequence_logps_sum_the_answer_tokens_only(tiny_model_dir):
-    model = adapted_model(tiny_model_dir)
+@pytest.mark.parametrize("shared", [True, False], ids=["shared-prompts", "rows"])
+def test_sequence_logps_sum_the_answer_tokens_only(tiny_model_dir, shared):
+    model = adapted_model(tiny_model_dir, b_scale=0.5)
     pairs = random_pairs(3, seed=1)
     pb = collate_pairs(pairs, range(3), pad_id=0)
-    logps = np.array(dpo.sequence_logps(model, *dpo._arrays(pb), split_head=True)[0])
+    logps = np.array(dpo.sequence_logps(model, arrays_of(pb, shared), split_head=True)[0])
     logits = model(mx.array(pb.batch.input_ids)).astype(mx.float32)
     full = np.array(logits - mx.logsumexp(logits, axis=-1, keepdims=True))
     for row, (pair, answer) in enumerate([(p, p.chosen_ids) for p in pairs] + [(p, p.rejected_ids) for p in pairs]):
@@ -154,15 +161,46 @@ def test_sequence_logps_sum_the_answer_tokens_only(tiny_model_dir):
         assert logps[row] == pytest.approx(expected, rel=1e-4)
 
 
+def test_shared_prompts_give_the_gradients_of_the_rows(tiny_model_dir):
+    # Pairs whose answers share their first tokens, of unequal lengths, and one pair that a cut
+    # left without a prompt: what is scored, and every gradient, must be those of the 2B rows.
+    pairs = random_pairs(4, seed=7)
+    pairs[1] = PreferenceExample(pairs[1].prompt_ids, [9, 9, *pairs[1].chosen_ids], [9, 9, *pairs[1].rejected_ids])
+    pairs[2] = PreferenceExample([], pairs[2].chosen_ids, pairs[2].rejected_ids)
+    pb = collate_pairs(pairs, range(4), pad_id=0)
+    model = adapted_model(tiny_model_dir, b_scale=0.5)
+    micro_step, _ = dpo.make_step(model, optim.SGD(learning_rate=0.0), True, None, DPOConfig(beta=0.5))
+    reference = mx.array(np.linspace(-60, -20, 8, dtype=np.float32))  # pairs far from a tie: real gradients
+    results = {shared: micro_step(arrays_of(pb, shared), reference) for shared in (True, False)}
+    (shared_grads, shared_sums), (row_grads, row_sums) = results[True], results[False]
+    np.testing.assert_allclose(np.array(shared_sums), np.array(row_sums), rtol=1e-5)
+    for (key, g), (_, h) in zip(tree_flatten(shared_grads), tree_flatten(row_grads)):
+        scale = np.abs(np.array(h)).max()
+        assert scale > 0, key
+        np.testing.assert_allclose(np.array(g), np.array(h), atol=1e-5 * scale, err_msg=key)
+    # The model outside the shared forward is the model as it was: its rotary embeddings are back.
+    assert all(type(layer.self_attn.rope).__name__ != "_RestartedRoPE" for layer in model.model.layers)
+    assert "rope" in model.model.layers[0].self_attn
+
+
+def test_gradient_checkpointing_runs_the_rows(tiny_model_dir, tmp_path):
+    # Its backward pass recomputes the blocks after the shared forward has ended: so no sharing,
+    # in that run and for every later model of the same class (mlx-lm patches the class).
+    summary = run_training(tiny_config(tiny_model_dir, tmp_path / "a", "train.steps=2", "train.grad_checkpoint=true"), tmp_path / "a")
+    assert summary["shared_prompts"] is False
+    assert not mlx_model.can_share_prompts(adapted_model(tiny_model_dir), tiny_model_dir)
+    assert run_training(tiny_config(tiny_model_dir, tmp_path / "b", "train.steps=2"), tmp_path / "b")["shared_prompts"] is False
+
+
 # --- the reference ---------------------------------------------------------------------------------
 
 def test_step_zero_loss_is_ln2_and_rewards_are_zero(tiny_model_dir):
     model = adapted_model(tiny_model_dir)  # B = 0: the adapter changes nothing yet
     pb = collate_pairs(random_pairs(6), range(6), pad_id=0)
-    arrays = dpo._arrays(pb)
-    reference = dpo.make_reference_step(model, split_head=True)(*arrays)
+    arrays = arrays_of(pb)
+    reference = dpo.make_reference_step(model, split_head=True)(arrays)
     micro_step, _ = dpo.make_step(model, optim.SGD(learning_rate=0.0), True, None, DPOConfig())
-    grads, sums = micro_step(*arrays, reference)
+    grads, sums = micro_step(arrays, reference)
     metrics = summarize(np.array(sums))
     assert metrics["loss"] == pytest.approx(math.log(2), abs=1e-6)
     assert metrics["rewards/chosen"] == 0.0 and metrics["rewards/rejected"] == 0.0 and metrics["rewards/margins"] == 0.0
@@ -170,44 +208,48 @@ def test_step_zero_loss_is_ln2_and_rewards_are_zero(tiny_model_dir):
     assert any(np.abs(np.array(g)).sum() > 0 for _, g in tree_flatten(grads))  # and yet B gets a gradient
 
 
-def test_reference_is_the_base_model_inside_the_compiled_steps(tiny_model_dir):
+@pytest.mark.parametrize("shared", [True, False], ids=["shared-prompts", "rows"])
+def test_reference_is_the_base_model_inside_the_compiled_steps(tiny_model_dir, shared):
     model = adapted_model(tiny_model_dir, b_scale=0.5)  # an adapter that changes the outputs
     model.train()
     pb = collate_pairs(random_pairs(4), range(4), pad_id=0)
-    arrays = dpo._arrays(pb)
+    arrays = arrays_of(pb, shared)
     micro_step, _ = dpo.make_step(model, optim.SGD(learning_rate=0.0), True, None, DPOConfig())
     reference_step = dpo.make_reference_step(model, split_head=True)
-    first = np.array(micro_step(*arrays, mx.zeros(8))[1])  # the step traced before the reference
-    reference = reference_step(*arrays)
+    first = np.array(micro_step(arrays, mx.zeros(8))[1])  # the step traced before the reference
+    reference = reference_step(arrays)
 
     base, _, _ = load(str(tiny_model_dir))
-    np.testing.assert_allclose(np.array(reference), np.array(dpo.sequence_logps(base, *arrays, True)[0]), rtol=1e-5)
-    policy = np.array(dpo.sequence_logps(model, *arrays, True)[0])
+    np.testing.assert_allclose(np.array(reference), np.array(dpo.sequence_logps(base, arrays, True)[0]), rtol=1e-5)
+    policy = np.array(dpo.sequence_logps(model, arrays, True)[0])
     assert np.abs(policy - np.array(reference)).max() > 1e-2  # the adapter is on again outside the reference
     # Both compiled functions, called again in either order, keep their own view of the adapter.
-    np.testing.assert_array_equal(np.array(micro_step(*arrays, mx.zeros(8))[1]), first)
-    np.testing.assert_allclose(np.array(reference_step(*arrays)), np.array(reference), rtol=1e-6)
+    np.testing.assert_array_equal(np.array(micro_step(arrays, mx.zeros(8))[1]), first)
+    np.testing.assert_allclose(np.array(reference_step(arrays)), np.array(reference), rtol=1e-6)
     assert all(layer.scale == 2.0 for layer in lora.lora_layers(model).values()) and model.training
 
 
 def test_peak_memory_of_a_dpo_step_is_that_of_an_sft_step(tiny_model_dir):
-    # The same 2B rows as an SFT batch and as a DPO batch, on the same model: the reference
-    # costs time (one forward), not memory. Second calls: the first ones also compile.
+    # The same 2B rows as an SFT batch and as a DPO batch (its prompts shared), on the same
+    # model: the reference costs time (one forward), not memory. Second calls: the first ones
+    # also compile.
     model = adapted_model(tiny_model_dir)
-    arrays = dpo._arrays(collate_pairs(random_pairs(8, prompt=(40, 60), answer=(10, 20)), range(8), pad_id=0, pad_to_multiple=16))
+    pb = collate_pairs(random_pairs(8, prompt=(40, 60), answer=(10, 20)), range(8), pad_id=0, pad_to_multiple=16)
+    rows, arrays = arrays_of(pb, shared=False), arrays_of(pb)
+    rows = (rows["inputs"], rows["positions"], rows["tokens"], rows["weights"])
     sft_micro, sft_update = sft.make_step(model, optim.AdamW(learning_rate=1e-4), True, 1.0)
     dpo_optimizer = optim.AdamW(learning_rate=1e-4)
     dpo_micro, dpo_update = dpo.make_step(model, dpo_optimizer, True, 1.0, DPOConfig())
     reference_step = dpo.make_reference_step(model, True)
 
     def sft_step():
-        _, n, grads = sft_micro(*arrays)
+        _, n, grads = sft_micro(*rows)
         mx.eval(model.state, sft_update(grads, n))
 
     def dpo_step():
-        reference = reference_step(*arrays)
+        reference = reference_step(arrays)
         mx.eval(reference)
-        grads, sums = dpo_micro(*arrays, reference)
+        grads, sums = dpo_micro(arrays, reference)
         mx.eval(model.state, dpo_update(grads, sums[0]))
 
     peaks = {}
@@ -227,8 +269,8 @@ def test_accumulation_equals_one_big_batch_weighted_by_pairs(tiny_model_dir):
         reference_step = dpo.make_reference_step(model, True)
         total, summed = None, None
         for pb in batches:
-            arrays = dpo._arrays(pb)
-            grads, sums = micro_step(*arrays, reference_step(*arrays))
+            arrays = arrays_of(pb)
+            grads, sums = micro_step(arrays, reference_step(arrays))
             flat = {k: np.array(v) for k, v in tree_flatten(grads)}
             summed = flat if summed is None else {k: summed[k] + flat[k] for k in flat}
             total = np.array(sums) if total is None else total + np.array(sums)
@@ -275,6 +317,16 @@ def test_precomputed_reference_gives_the_same_run(tiny_model_dir, tmp_path):
     assert (tmp_path / "b" / dpo.REFERENCE_FILE).exists() and not (tmp_path / "a" / dpo.REFERENCE_FILE).exists()
     assert losses(tmp_path / "b") == pytest.approx(losses(tmp_path / "a"), rel=1e-5)
     assert summary["reference"] == "base model"
+
+
+def test_a_run_with_shared_prompts_is_the_run_of_the_rows(tiny_model_dir, tmp_path):
+    runs = {shared: run_training(tiny_config(tiny_model_dir, tmp_path / str(shared), "train.steps=3", "eval.generate_examples=0",
+                                             f"dpo.share_prompt={str(shared).lower()}"), tmp_path / str(shared))
+            for shared in (True, False)}
+    assert runs[True]["shared_prompts"] is True and runs[False]["shared_prompts"] is False
+    assert losses(tmp_path / "True") == pytest.approx(losses(tmp_path / "False"), rel=1e-5)
+    assert runs[True]["after"]["eval_loss"] == pytest.approx(runs[False]["after"]["eval_loss"], rel=1e-5)
+    assert runs[True]["trained_tokens"] == runs[False]["trained_tokens"]  # tokens count the rows either way
 
 
 def test_continuing_an_adapter_makes_it_the_reference(tiny_model_dir, tmp_path):

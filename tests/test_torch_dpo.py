@@ -52,6 +52,15 @@ def random_pairs(n, seed=0, prompt=(5, 30), answer=(2, 12)):
     return [PreferenceExample(ids(prompt), ids(answer), ids(answer)) for _ in range(n)]
 
 
+def tensors_of(pb, shared=True):
+    """A pair batch as the trainer lays it out: shared prompts (the default) or its 2B rows."""
+    return torch_dpo._tensors(pb.batch, 0, shared, CPU)
+
+
+def arrays_of(pb, shared=True):
+    return mlx_dpo._arrays(pb.batch, 0, shared)
+
+
 def twin_models(model_dir, b_scale=0.0, seed=0):
     """The same adapted weights on both backends: MLX's random A (and B, when b_scale), copied into PEFT."""
     m, _, _ = mlx_model.load(str(model_dir))
@@ -84,9 +93,9 @@ def losses(run_dir):
 def test_step_zero_loss_is_ln2_and_rewards_are_zero(tiny_model_dir):
     _, model = twin_models(tiny_model_dir)  # B = 0, dropout 0: the adapter changes nothing yet
     model.train()
-    tensors = torch_dpo._tensors(collate_pairs(random_pairs(6), range(6), pad_id=0), CPU)
-    reference = torch_dpo.reference_logps(model, *tensors, split_head=True)
-    sums = torch_dpo.micro_step(model, *tensors, reference, split_head=True, dc=DPOConfig(), device=CPU)
+    tensors = tensors_of(collate_pairs(random_pairs(6), range(6), pad_id=0))
+    reference = torch_dpo.reference_logps(model, tensors, split_head=True)
+    sums = torch_dpo.micro_step(model, tensors, reference, split_head=True, dc=DPOConfig(), device=CPU)
     metrics = summarize(sums.numpy())
     assert metrics["loss"] == pytest.approx(math.log(2), abs=1e-6)
     assert metrics["rewards/chosen"] == 0.0 and metrics["rewards/rejected"] == 0.0 and metrics["rewards/margins"] == 0.0
@@ -95,19 +104,46 @@ def test_step_zero_loss_is_ln2_and_rewards_are_zero(tiny_model_dir):
     assert all(layer.lora_B["default"].weight.grad.abs().sum() > 0 for layer in torch_lora.lora_layers(model).values())
 
 
-def test_reference_is_the_base_model_with_the_adapter_off(tiny_model_dir):
+@pytest.mark.parametrize("shared", [True, False], ids=["shared-prompts", "rows"])
+def test_reference_is_the_base_model_with_the_adapter_off(tiny_model_dir, shared):
     _, model = twin_models(tiny_model_dir, b_scale=0.5)  # an adapter that changes the outputs
     model.train()
-    tensors = torch_dpo._tensors(collate_pairs(random_pairs(4), range(4), pad_id=0), CPU)
-    reference = torch_dpo.reference_logps(model, *tensors, split_head=True)
+    tensors = tensors_of(collate_pairs(random_pairs(4), range(4), pad_id=0), shared)
+    reference = torch_dpo.reference_logps(model, tensors, split_head=True)
     assert not reference.requires_grad
     base, _, _ = torch_model.load(str(tiny_model_dir), device=CPU)
     with torch.no_grad():
-        expected = torch_dpo.sequence_logps(base.eval(), *tensors, True)[0]
-        policy = torch_dpo.sequence_logps(model, *tensors, True)[0]
+        expected = torch_dpo.sequence_logps(base.eval(), tensors, True)[0]
+        policy = torch_dpo.sequence_logps(model, tensors, True)[0]
     np.testing.assert_allclose(reference.numpy(), expected.numpy(), rtol=1e-6)
     assert (policy - reference).abs().max() > 1e-2  # the adapter is on again afterwards, trainable, in training mode
     assert model.training and torch_lora.trainable_parameters(model) == 2 * 2 * 4 * (32 + 32)
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_shared_prompts_give_the_gradients_of_the_rows(tiny_model_dir, attention):
+    # Answers that share their first tokens, and a pair a cut left without a prompt. Both of
+    # transformers' attentions that take a custom mask: sdpa a boolean one, eager an additive one.
+    pairs = random_pairs(4, seed=7)
+    pairs[1] = PreferenceExample(pairs[1].prompt_ids, [9, 9, *pairs[1].chosen_ids], [9, 9, *pairs[1].rejected_ids])
+    pairs[2] = PreferenceExample([], pairs[2].chosen_ids, pairs[2].rejected_ids)
+    pb = collate_pairs(pairs, range(4), pad_id=0)
+    _, model = twin_models(tiny_model_dir, b_scale=0.5)
+    model.set_attn_implementation(attention)
+    assert torch_model.can_share_prompts(model, tiny_model_dir)
+    model.train()
+    reference = torch.linspace(-60, -20, 8)  # pairs far from a tie: real gradients
+    results = {}
+    for shared in (True, False):
+        model.zero_grad(set_to_none=True)
+        sums = torch_dpo.micro_step(model, tensors_of(pb, shared), reference, split_head=True, dc=DPOConfig(beta=0.5), device=CPU)
+        results[shared] = sums.numpy(), torch_grads(model)
+    (shared_sums, shared_grads), (row_sums, row_grads) = results[True], results[False]
+    np.testing.assert_allclose(shared_sums, row_sums, rtol=1e-5)
+    for key in row_grads:
+        scale = np.abs(row_grads[key]).max()
+        assert scale > 0, key
+        np.testing.assert_allclose(shared_grads[key], row_grads[key], atol=1e-5 * scale, err_msg=key)
 
 
 # --- MLX == PyTorch --------------------------------------------------------------------------------
@@ -124,20 +160,21 @@ def adapted_twins(tiny_model_dir):
 
 @pytest.mark.parametrize("name", list(SETTINGS))
 def test_same_weights_same_pairs_same_loss_and_metrics(adapted_twins, name):
+    # MLX with shared prompts against torch with the 2B rows: the two layouts, on two backends.
     m, t = adapted_twins
     dc = DPOConfig(beta=0.5, **SETTINGS[name])
     pb = collate_pairs(random_pairs(6, seed=2), range(6), pad_id=0, pad_to_multiple=16)
 
-    arrays = mlx_dpo._arrays(pb)
+    arrays = arrays_of(pb)
     micro_step, _ = mlx_dpo.make_step(m, optim.SGD(learning_rate=0.0), True, None, dc)
-    mlx_grads, mlx_sums = micro_step(*arrays, mlx_dpo.make_reference_step(m, True)(*arrays))
+    mlx_grads, mlx_sums = micro_step(arrays, mlx_dpo.make_reference_step(m, True)(arrays))
     mlx_metrics, mlx_grads = summarize(np.array(mlx_sums)), dict(tree_flatten(mlx_grads))
 
     t.zero_grad(set_to_none=True)
-    tensors = torch_dpo._tensors(pb, CPU)
+    tensors = tensors_of(pb, shared=False)
     t.train()
-    reference = torch_dpo.reference_logps(t, *tensors, split_head=True)
-    sums = torch_dpo.micro_step(t, *tensors, reference, split_head=True, dc=dc, device=CPU)
+    reference = torch_dpo.reference_logps(t, tensors, split_head=True)
+    sums = torch_dpo.micro_step(t, tensors, reference, split_head=True, dc=dc, device=CPU)
     torch_metrics = summarize(sums.numpy())
 
     differences = {k: abs(torch_metrics[k] - mlx_metrics[k]) for k in mlx_metrics}
@@ -145,7 +182,7 @@ def test_same_weights_same_pairs_same_loss_and_metrics(adapted_twins, name):
           f"({max(differences, key=differences.get)})")
     assert max(differences.values()) < 1e-4, differences
     with torch.no_grad():  # the adapter moves the policy off the reference: the rewards are not all 0
-        moved = (torch_dpo.sequence_logps(t, *tensors, True)[0] - reference).abs().max().item()
+        moved = (torch_dpo.sequence_logps(t, tensors, True)[0] - reference).abs().max().item()
     print(f"largest |policy - reference| log-prob: {moved:.3f}")
     assert moved > 0.1
     grads = torch_grads(t)
@@ -173,8 +210,8 @@ def test_optimizer_steps_agree_with_mlx(tiny_model_dir):
     for rate in rates:
         grads, total = None, 0.0
         for pb in micro:
-            arrays = mlx_dpo._arrays(pb)
-            g, sums = micro_step(*arrays, reference_step(*arrays))
+            arrays = arrays_of(pb)
+            g, sums = micro_step(arrays, reference_step(arrays))
             grads = g if grads is None else tree_map(mx.add, grads, g)
             total = total + np.array(sums)
         optimizer.learning_rate = rate
@@ -190,9 +227,9 @@ def test_optimizer_steps_agree_with_mlx(tiny_model_dir):
         t_optimizer.zero_grad(set_to_none=True)
         total = 0.0
         for pb in micro:
-            tensors = torch_dpo._tensors(pb, CPU)
-            reference = torch_dpo.reference_logps(t, *tensors, split_head=True)
-            total = total + torch_dpo.micro_step(t, *tensors, reference, split_head=True, dc=dc, device=CPU).numpy()
+            tensors = tensors_of(pb)
+            reference = torch_dpo.reference_logps(t, tensors, split_head=True)
+            total = total + torch_dpo.micro_step(t, tensors, reference, split_head=True, dc=dc, device=CPU).numpy()
         norm = torch_update(t_optimizer, float(total[0]), rate, max_norm)
         torch_steps.append((total[1] / total[0], norm))
 

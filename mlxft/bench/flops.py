@@ -17,6 +17,8 @@ How they are counted (the usual 6N convention, written out):
   step, ~7% more for SmolLM-135M's shape at T = 212), norms, activations, the optimizer. So the
   share of peak is a slight underestimate, the same way for every backend.
 - Padding is not counted: compute spent on it is waste, and lowers the share.
+- DPO with shared prompts runs each prompt once: the tokens counted are those the model ran
+  (step records' computed_tokens), not the rows' tokens that tokens/s compares with the peers.
 """
 
 from __future__ import annotations

@@ -147,8 +147,11 @@ def summarize(result: dict, counts: dict, peak_gflops: float | None, workload: s
     tokens = sum(s["tokens"] for s in timed)
     supervised = sum(s["supervised_tokens"] for s in timed)
     padded = sum(s["padded_tokens"] for s in timed)
+    # What the model ran: fewer than `tokens` when DPO runs each prompt once (step_record).
+    computed = sum(s.get("computed_tokens", s["tokens"]) for s in timed)
     # The LM head runs on the scored positions when the backend splits it off, else everywhere.
-    model_flops = sum(flops.step_flops(counts, s["tokens"], s["supervised_tokens"] if result["split_head"] else s["tokens"],
+    model_flops = sum(flops.step_flops(counts, s.get("computed_tokens", s["tokens"]),
+                                       s["supervised_tokens"] if result["split_head"] else s["tokens"],
                                        reference_forward=workload == "dpo") for s in timed)
     flops_per_second = model_flops / seconds
     return {
@@ -166,7 +169,9 @@ def summarize(result: dict, counts: dict, peak_gflops: float | None, workload: s
         "peak_memory_kind": result["peak_memory_kind"],
         "peak_rss_gb": result["peak_rss_gb"],
         "last_loss": result["steps"][-1]["loss"],
-        "padding_fraction": 1 - tokens / padded,
+        "padding_fraction": 1 - computed / padded,
+        "computed_tokens_per_second": computed / seconds,
+        "shared_prompts": result.get("shared_prompts", False),
         "model_tflops_per_second": flops_per_second / 1e12,
         "peak_share": flops_per_second / (peak_gflops * 1e9) if peak_gflops else None,
         "timed_steps": len(timed),

@@ -12,7 +12,7 @@ from mlx.utils import tree_map
 from mlxft.backends.mlx import lora
 from mlxft.backends.mlx import model as mlx_model
 from mlxft.bench import memory
-from mlxft.bench.workload import Workload, distinct_shapes, initial_adapter, step_record
+from mlxft.bench.workload import Workload, distinct_shapes, initial_adapter, shared_layout, step_record
 from mlxft.data.batching import scored_targets
 from mlxft.schedule import learning_rate
 
@@ -30,32 +30,37 @@ def run(workload: Workload) -> dict:
     optimizer = optim.AdamW(learning_rate=tc.learning_rate, weight_decay=tc.weight_decay,
                             bias_correction=tc.bias_correction)
     state = [model.state, optimizer.state, mx.random.state]
+    shared = workload.name == "dpo" and config.dpo.share_prompt and mlx_model.can_share_prompts(model, folder)
     if workload.name == "dpo":
-        from mlxft.backends.mlx import dpo
+        from mlxft.backends.mlx import SHARED_PROMPT_FEW_WIDTHS, SHARED_PROMPT_PAD_MULTIPLE, dpo
 
         micro_step, update = dpo.make_step(model, optimizer, split_head, tc.max_grad_norm, config.dpo)
         reference_step = dpo.make_reference_step(model, split_head)
+        layout = shared_layout(workload, SHARED_PROMPT_PAD_MULTIPLE, SHARED_PROMPT_FEW_WIDTHS) if shared else None
+
+        def arrays_of(batch):  # as the trainer lays out a pair batch
+            return dpo._arrays(batch, workload.pad_id, shared, workload.pad_multiple)
     else:
         from mlxft.backends.mlx import sft
 
         micro_step, update = sft.make_step(model, optimizer, split_head, tc.max_grad_norm)
-    model.train()
+        layout = None
 
-    def arrays_of(batch):
-        targets = scored_targets(batch)
-        return (mx.array(batch.input_ids[:, :-1]), mx.array(targets.positions), mx.array(targets.tokens),
-                mx.array(targets.weights))
+        def arrays_of(batch):
+            targets = scored_targets(batch)
+            return (mx.array(batch.input_ids[:, :-1]), mx.array(targets.positions), mx.array(targets.tokens),
+                    mx.array(targets.weights))
+    model.train()
 
     # mx.compile traces a step again for every new batch shape. Trace each shape of the run first,
     # so the timed steps measure the steady state of a long run. Calling a compiled function
     # traces it; its outputs are dropped unevaluated, so nothing is computed and no weight,
     # optimizer or random state changes (measured on SmolLM-135M's shape: ~0.2 s a shape).
     start = time.perf_counter()
-    for batch in distinct_shapes(workload):
-        arrays = arrays_of(batch)
+    for arrays in distinct_shapes(workload, arrays_of):
         if workload.name == "dpo":
-            reference_step(*arrays)
-            micro_step(*arrays, mx.zeros((arrays[0].shape[0],), mx.float32))
+            reference_step(arrays)
+            micro_step(arrays, mx.zeros((arrays["weights"].shape[0],), mx.float32))
         else:
             micro_step(*arrays)
     trace_seconds = time.perf_counter() - start
@@ -72,9 +77,9 @@ def run(workload: Workload) -> dict:
         for batch in micro_batches:
             arrays = arrays_of(batch)
             if workload.name == "dpo":
-                reference = reference_step(*arrays)
+                reference = reference_step(arrays)
                 mx.eval(reference)  # as dpo.train: the reference's activations are gone before the policy's forward
-                micro_grads, sums = micro_step(*arrays, reference)
+                micro_grads, sums = micro_step(arrays, reference)
                 loss_sum, count = sums[1], sums[0]  # STATISTICS: pairs, loss, ...
             else:
                 loss_sum, count, micro_grads = micro_step(*arrays)
@@ -89,11 +94,12 @@ def run(workload: Workload) -> dict:
         mlx_model.trim_cache()
         seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
         records.append(step_record(step, workload, micro_batches, seconds, step_loss.item() / step_count.item(),
-                                   grad_norm.item(), cpu_seconds))
+                                   grad_norm.item(), cpu_seconds, layout))
     return {
         "backend": "mlx",
         "device": str(mx.default_device()),
         "split_head": split_head,
+        "shared_prompts": shared,
         "trainable_parameters": lora.trainable_parameters(model),
         "total_parameters": lora.total_parameters(model),
         "peak_memory_gb": mlx_model.peak_memory_gb(),

@@ -11,7 +11,7 @@ from mlxft.backends.torch import lora
 from mlxft.backends.torch import model as torch_model
 from mlxft.backends.torch.adamw import MLXAdamW
 from mlxft.bench import memory
-from mlxft.bench.workload import Workload, initial_adapter, step_record
+from mlxft.bench.workload import Workload, initial_adapter, shared_layout, step_record
 from mlxft.schedule import learning_rate
 
 
@@ -35,8 +35,13 @@ def run(workload: Workload, threads: int | None = None) -> dict:
     lora.set_adapter_weights(model, initial_adapter(shapes, workload.spec.r, tc.seed))
     optimizer = MLXAdamW([p for p in model.parameters() if p.requires_grad], lr=tc.learning_rate,
                          weight_decay=tc.weight_decay, bias_correction=tc.bias_correction)
+    shared = workload.name == "dpo" and config.dpo.share_prompt and torch_model.can_share_prompts(model, folder)
+    layout = None
     if workload.name == "dpo":
-        micro_step, update = step_pieces(model, split_head, device, config.dpo)
+        from mlxft.backends.torch import SHARED_PROMPT_FEW_WIDTHS, SHARED_PROMPT_PAD_MULTIPLE
+
+        layout = shared_layout(workload, SHARED_PROMPT_PAD_MULTIPLE, SHARED_PROMPT_FEW_WIDTHS) if shared else None
+        micro_step, update = step_pieces(model, split_head, device, config.dpo, workload.pad_id, shared, workload.pad_multiple)
     else:
         from mlxft.backends.torch import sft
 
@@ -65,12 +70,14 @@ def run(workload: Workload, threads: int | None = None) -> dict:
         grad_norm = update(optimizer, step_count, rate, tc.max_grad_norm)
         step_loss = step_loss.item()  # the device sync that ends the step
         seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
-        records.append(step_record(step, workload, micro_batches, seconds, step_loss / step_count, grad_norm, cpu_seconds))
+        records.append(step_record(step, workload, micro_batches, seconds, step_loss / step_count, grad_norm, cpu_seconds,
+                                   layout))
     on_cpu = device.type == "cpu"
     return {
         "backend": "torch",
         "device": str(device),
         "split_head": split_head,
+        "shared_prompts": shared,
         "trainable_parameters": lora.trainable_parameters(model),
         "total_parameters": lora.total_parameters(model),
         "peak_memory_gb": memory.peak_rss_gb() if on_cpu else torch_model.peak_memory_gb(device),
@@ -82,7 +89,8 @@ def run(workload: Workload, threads: int | None = None) -> dict:
 
 
 def _dpo_pieces():
-    """make(model, split_head, device, dc) -> (micro_step(batch) -> (loss sum, pairs), update), from
+    """make(model, split_head, device, dc, pad_id, shared, pad_multiple) -> (micro_step(batch) -> (loss
+    sum, pairs), update), the pair batches laid out as the trainer does (pad_multiple: the bench's); from
     mlxft.backends.torch.dpo's own pieces, as its loop calls them (reference under no_grad, then
     the policy's forward and backward)."""
     try:
@@ -92,16 +100,13 @@ def _dpo_pieces():
     if not all(hasattr(dpo, name) for name in ("micro_step", "reference_logps")):
         raise NotAvailable("mlxft.backends.torch.dpo has no micro_step / reference_logps for the bench to call")
     from mlxft.backends.torch import sft
-    from mlxft.data.batching import scored_targets
 
-    def make(model, split_head, device, dc):
+    def make(model, split_head, device, dc, pad_id, shared, pad_multiple):
         def micro_step(batch):
-            targets = scored_targets(batch)
-            tensors = torch_model.to_device(device, batch.input_ids[:, :-1], targets.positions, targets.tokens,
-                                            targets.weights)
+            tensors = dpo._tensors(batch, pad_id, shared, device, pad_multiple)
             with torch_model.autocast(device):
-                reference = dpo.reference_logps(model, *tensors, split_head=split_head)
-            sums = dpo.micro_step(model, *tensors, reference, split_head=split_head, dc=dc, device=device)
+                reference = dpo.reference_logps(model, tensors, split_head=split_head)
+            sums = dpo.micro_step(model, tensors, reference, split_head=split_head, dc=dc, device=device)
             return sums[1], len(batch.lengths) // 2  # STATISTICS: pairs, loss, ...; rows are chosen then rejected
 
         return micro_step, sft.update

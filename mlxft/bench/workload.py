@@ -146,21 +146,39 @@ def _layer_index(path: str) -> int:
     return int(parts[parts.index("layers") + 1])
 
 
-def distinct_shapes(workload: Workload) -> list[Batch]:
-    """One batch per distinct (rows, width, scored positions) of the run: what a compiled step is traced for."""
-    from mlxft.data.batching import scored_targets
-
+def distinct_shapes(workload: Workload, inputs_of) -> list:
+    """The step inputs (inputs_of(batch): a tuple or a dict of arrays) of one batch per distinct
+    set of input shapes in the run: what a compiled step is traced for."""
     seen = {}
     for micro in workload.steps:
         for batch in micro:
-            seen.setdefault((batch.input_ids.shape, scored_targets(batch).positions.shape), batch)
+            inputs = inputs_of(batch)
+            shapes = tuple(tuple(a.shape) for a in (inputs.values() if isinstance(inputs, dict) else inputs))
+            seen.setdefault(shapes, inputs)
     return list(seen.values())
 
 
+def shared_layout(workload: Workload, multiple: int, few_widths: bool):
+    """batch -> its shared-prompt layout as a backend's DPO trainer makes it (the bench's
+    pad_multiple instead of the backend's, when given): what step_record counts."""
+    from mlxft.data.shared_prompt import share_prompts
+
+    return lambda batch: share_prompts(batch, workload.pad_id, workload.pad_multiple or multiple, few_widths=few_widths)
+
+
 def step_record(step: int, workload: Workload, micro_batches, seconds: float, loss: float, grad_norm: float,
-                cpu_seconds: float) -> dict:
-    """What a step processed, counted from its batches (the same on every backend)."""
+                cpu_seconds: float, shared_layout=None) -> dict:
+    """What a step processed, counted from its batches (the same on every backend). `tokens`
+    counts the rows as the peers run them, each pair's prompt with each answer: what tokens/s
+    compares. With DPO's shared prompts (`shared_layout` lays a batch out) the model runs each
+    prompt once: `computed_tokens` and `padded_tokens` count what it ran."""
     scored = sum(int(b.loss_mask[:, 1:].sum()) for b in micro_batches)
+    tokens = sum(b.tokens for b in micro_batches)
+    if shared_layout:
+        layouts = [shared_layout(b) for b in micro_batches]
+        computed, padded = sum(x.computed_tokens for x in layouts), sum(x.computed_positions for x in layouts)
+    else:
+        computed, padded = tokens, sum(int(b.input_ids.size) for b in micro_batches)
     return {
         "step": step + 1,
         "timed": step >= workload.warmup,
@@ -168,9 +186,10 @@ def step_record(step: int, workload: Workload, micro_batches, seconds: float, lo
         "cpu_seconds": cpu_seconds,  # all the process's threads: steadier than wall time on a shared host
         "loss": loss,
         "grad_norm": grad_norm,
-        "tokens": sum(b.tokens for b in micro_batches),  # non-padding tokens
+        "tokens": tokens,  # non-padding tokens
         "supervised_tokens": scored,  # tokens that carry loss
-        "padded_tokens": sum(int(b.input_ids.size) for b in micro_batches),
+        "computed_tokens": computed,
+        "padded_tokens": padded,
         "rows": sum(len(b.lengths) for b in micro_batches),
     }
 

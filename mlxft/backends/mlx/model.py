@@ -8,6 +8,7 @@ quantizes a full-precision one on load. Either way LoRA on top of it is QLoRA.
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from pathlib import Path
 
 import mlx.core as mx
@@ -56,7 +57,10 @@ def logits_at(model, inputs: mx.array, positions: mx.array, split_head: bool) ->
     if not split_head:
         return mx.take_along_axis(model(inputs), positions[..., None], axis=1)
     hidden = model.model(inputs)
-    hidden = mx.take_along_axis(hidden, positions[..., None], axis=1)
+    return _head(model, mx.take_along_axis(hidden, positions[..., None], axis=1))
+
+
+def _head(model, hidden: mx.array) -> mx.array:
     if getattr(model, "lm_head", None) is not None and not model.args.tie_word_embeddings:
         return model.lm_head(hidden)
     return model.model.embed_tokens.as_linear(hidden)
@@ -64,6 +68,78 @@ def logits_at(model, inputs: mx.array, positions: mx.array, split_head: bool) ->
 
 def can_split_head(model, folder: Path) -> bool:
     return model_type(folder) in SPLIT_HEAD_TYPES and hasattr(model, "model") and hasattr(model, "args")
+
+
+def can_share_prompts(model, folder: Path) -> bool:
+    """Whether DPO may run each prompt once (mlxft.data.shared_prompt) on this model: the
+    families whose mlx-lm class asks the first layer's cache for the mask and rotates queries and
+    keys with `self_attn.rope`, without sliding-window layers (the shared mask has no window)."""
+    if not can_split_head(model, folder) or not all(hasattr(layer, "self_attn") and hasattr(layer.self_attn, "rope")
+                                                    for layer in model.model.layers):
+        return False
+    # mlx-lm's gradient checkpointing recomputes each block in the backward pass, after the
+    # forward has put the rotary embeddings back; it patches the block class, so it holds for
+    # every model of that class in the process once any run turned it on.
+    recomputed = getattr(type(model.model.layers[0]).__call__, "__name__", "") == "checkpointed_fn"
+    return not recomputed and all(t == "full_attention" for t in getattr(model.args, "layer_types", None) or [])
+
+
+def shared_prompt_logits(model, prompt_ids: mx.array, answer_ids: mx.array, mask: mx.array) -> mx.array:
+    """Logits [2B, A, V] predicting answer_ids [2B, A] from one [prompt | chosen | rejected] row
+    per pair (see mlxft.data.shared_prompt). The widths come from the arguments' shapes, so a
+    compiled caller is traced again for every (P, A), never reused across them."""
+    b, p = prompt_ids.shape
+    a = answer_ids.shape[1]
+    rows = mx.concatenate([prompt_ids, answer_ids[:b], answer_ids[b:]], axis=1)
+    with _positions_restart(model, at=p + a, to=p):
+        hidden = model.model(rows, cache=[_MaskOnly(mask)] * len(model.model.layers))
+    chosen = hidden[:, p - 1 : p + a - 1]
+    rejected = mx.concatenate([hidden[:, p - 1 : p], hidden[:, p + a : p + 2 * a - 1]], axis=1)
+    return _head(model, mx.concatenate([chosen, rejected], axis=0))
+
+
+class _MaskOnly:
+    """Not a cache: mlx-lm's models ask the first layer's cache for the attention mask, so this
+    hands them the shared-prompt mask, and passes keys and values through unchanged."""
+
+    offset = 0
+
+    def __init__(self, mask: mx.array):
+        self.mask = mask
+
+    def make_mask(self, n: int, return_array: bool = False, window_size: int | None = None) -> mx.array:
+        return self.mask
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
+        return keys, values
+
+
+class _RestartedRoPE:
+    """A layer's own rotary embedding, with the positions from index `at` on restarting at `to`:
+    the rejected answer sits where the chosen one does. mlx-lm's rotary classes take one offset
+    for the whole sequence, so the two spans are rotated apart."""
+
+    def __init__(self, rope, at: int, to: int):
+        self.rope, self.at, self.to = rope, at, to
+
+    def __call__(self, x: mx.array, offset: int = 0) -> mx.array:
+        return mx.concatenate([self.rope(x[..., : self.at, :], offset=offset),
+                               self.rope(x[..., self.at :, :], offset=offset + self.to)], axis=-2)
+
+
+@contextmanager
+def _positions_restart(model, *, at: int, to: int):
+    """Every attention layer with _RestartedRoPE for the length of one forward (inside mx.compile:
+    for the length of the trace, which is when the attribute is read)."""
+    attentions = [layer.self_attn for layer in model.model.layers]
+    ropes = [attention.rope for attention in attentions]
+    for attention, rope in zip(attentions, ropes):
+        attention.rope = _RestartedRoPE(rope, at, to)
+    try:
+        yield
+    finally:
+        for attention, rope in zip(attentions, ropes):
+            attention.rope = rope
 
 
 def token_losses(model, inputs, positions, tokens, weights, split_head: bool) -> tuple[mx.array, mx.array]:

@@ -18,8 +18,11 @@ The reference model is never a second copy of the weights:
 - `--adapter DIR` (continue an SFT adapter), `dpo.reference_adapter`, or full fine-tuning: the
   reference is base + that adapter (or the initial weights), always precomputed, as on MLX.
 
-One forward per step runs chosen and rejected together ([2B, T]: B prompt+chosen rows, then B
-prompt+rejected rows); only answer tokens are scored, through the LM head at those positions.
+One forward per step runs chosen and rejected together, and each prompt once: one [prompt |
+chosen | rejected] row per pair, the rejected answer at the chosen one's positions and masked from
+it (mlxft.data.shared_prompt; `dpo.share_prompt`, on by default, as on MLX). Model families it
+does not know, and attention that takes no custom mask, run the 2B rows [prompt + chosen; prompt
++ rejected] instead. Only answer tokens are scored, through the LM head at those positions.
 
 Supports: sigmoid (with label smoothing), IPO, hinge and robust losses (mlxft.dpo_loss, the same
 functions as on MLX); summed or averaged answer log-probs; LoRA through PEFT (QLoRA through
@@ -46,16 +49,17 @@ import torch
 import torch.nn.functional as F
 
 from mlxft.adapters import AdapterSpec, load_adapter
-from mlxft.backends.torch import PAD_MULTIPLE, lora
+from mlxft.backends.torch import PAD_MULTIPLE, SHARED_PROMPT_FEW_WIDTHS, SHARED_PROMPT_PAD_MULTIPLE, lora
 from mlxft.backends.torch import model as torch_model
 from mlxft.backends.torch.adamw import MLXAdamW
 from mlxft.backends.torch.generate import generate_answer
-from mlxft.backends.torch.model import logits_at
+from mlxft.backends.torch.model import logits_at, shared_prompt_logits
 from mlxft.backends.torch.sft import _load_checkpoint, _save_checkpoint, _save_weights, update
 from mlxft.config import RunConfig
-from mlxft.data.batching import iterate_pair_batches, scored_targets
+from mlxft.data.batching import iterate_pair_batches
 from mlxft.data.dataset import load_preference_splits, prompt_records, resolve_source
 from mlxft.data.records import load_records
+from mlxft.data.shared_prompt import pair_inputs
 from mlxft.dpo_common import (REFERENCE_FILE, answer_all, cache_fingerprint, cached_reference, compare_rows,
                               encode_pairs, load_reference, reference_label, reference_source,
                               save_reference, write_comparison)
@@ -87,6 +91,11 @@ def train(config: RunConfig, run: Run, *, resume: bool = False, adapter: str | N
                                                 trust_remote_code=config.model.trust_remote_code, device=device)
     split_head = torch_model.can_split_head(model, folder)
     pad_id = pad_id_of(tokenizer)
+    shared = dc.share_prompt and torch_model.can_share_prompts(model, folder)
+
+    def tensors_of(pairs) -> dict:
+        return _tensors(pairs.batch, pad_id, shared, device)
+
     mean_logps = uses_mean_logps(dc.loss_type, dc.average_log_prob)
 
     train_set, valid_set, truncated_pairs = encode_pairs(splits, tokenizer, config, echo)
@@ -106,7 +115,7 @@ def train(config: RunConfig, run: Run, *, resume: bool = False, adapter: str | N
         reference_name = reference_label(reference_from)
         echo(f"reference: {reference_name}; scoring {len(train_set) + len(valid_set)} pairs once")
         cache = {f"{split}_{side}": values for split, pairs in (("train", train_set), ("valid", valid_set))
-                 for side, values in zip(("chosen", "rejected"), _score_pairs(model, pairs, pad_id, split_head, ec.batch_size, device))}
+                 for side, values in zip(("chosen", "rejected"), _score_pairs(model, pairs, tensors_of, pad_id, split_head, ec.batch_size, device))}
         save_reference(cache_path, cache, fingerprint, reference_name)
         lora.remove_lora(model)
     else:
@@ -132,7 +141,8 @@ def train(config: RunConfig, run: Run, *, resume: bool = False, adapter: str | N
     trainable, total = lora.trainable_parameters(model), lora.total_parameters(model)
     echo(f"model {folder} ({total / 1e6:.2f}M parameters) on {device}; training {trainable:,} "
          f"({'full fine-tuning' if config.lora.full_finetune else f'LoRA r={spec.r} alpha={spec.alpha:g} on {len(lora.lora_layers(model))} modules'})"
-         f"; DPO {dc.loss_type}, beta {dc.beta:g}; reference: {reference_name}")
+         f"; DPO {dc.loss_type}, beta {dc.beta:g}; reference: {reference_name}"
+         f"; {'each prompt run once' if shared else 'prompts run with each answer'}")
     echo(f"run folder: {run.folder}")
     total_steps = count_steps(tc, len(train_set))
 
@@ -152,7 +162,7 @@ def train(config: RunConfig, run: Run, *, resume: bool = False, adapter: str | N
         if cache is not None:
             return torch.from_numpy(cached_reference(cache, split, pairs.index)).to(device)
         with torch_model.autocast(device):
-            return reference_logps(model, *tensors, split_head=split_head)
+            return reference_logps(model, tensors, split_head=split_head)
 
     @torch.no_grad()
     def validate() -> dict:
@@ -161,10 +171,10 @@ def train(config: RunConfig, run: Run, *, resume: bool = False, adapter: str | N
         model.eval()
         sums = 0.0
         for pairs in iterate_pair_batches(valid_set, ec.batch_size, pad_id, shuffle=False, pad_to_multiple=PAD_MULTIPLE):
-            tensors = _tensors(pairs, device)
+            tensors = tensors_of(pairs)
             reference = reference_for(pairs, "valid", tensors)
             with torch_model.autocast(device):
-                sums = sums + pair_loss(model, *tensors, reference, split_head=split_head, dc=dc)[1].cpu().numpy()
+                sums = sums + pair_loss(model, tensors, reference, split_head=split_head, dc=dc)[1].cpu().numpy()
         model.train()
         return {f"eval_{k}": v for k, v in summarize(sums).items()}
 
@@ -193,9 +203,9 @@ def train(config: RunConfig, run: Run, *, resume: bool = False, adapter: str | N
         step_sums = None
         for _ in range(tc.grad_accumulation):
             pairs, epoch = next(batches)
-            tensors = _tensors(pairs, device)
+            tensors = tensors_of(pairs)
             reference = reference_for(pairs, "train", tensors)  # no_grad: nothing of it is kept for the backward
-            sums = micro_step(model, *tensors, reference, split_head=split_head, dc=dc, device=device)
+            sums = micro_step(model, tensors, reference, split_head=split_head, dc=dc, device=device)
             step_sums = sums if step_sums is None else step_sums + sums
             window["tokens"] += pairs.tokens
             trained_tokens += pairs.tokens
@@ -263,6 +273,7 @@ def train(config: RunConfig, run: Run, *, resume: bool = False, adapter: str | N
         "train_pairs": len(train_set),
         "valid_pairs": len(valid_set),
         "truncated_pairs": truncated_pairs,
+        "shared_prompts": shared,
         "before": before,
         "after": after,
         "best": best,
@@ -280,17 +291,24 @@ def train(config: RunConfig, run: Run, *, resume: bool = False, adapter: str | N
 
 # --- the step ------------------------------------------------------------------------------------
 
-def sequence_logps(model, inputs, positions, tokens, weights, split_head: bool):
-    """Per row of a pair batch: (sum of the answer tokens' log-probs, sum over the answer tokens
-    of the mean logit over the vocabulary (detached: a metric), answer tokens)."""
-    logits = logits_at(model, inputs, positions, split_head).float()
+def sequence_logps(model, tensors: dict, split_head: bool):
+    """Per row of a pair batch (chosen rows, then rejected): (sum of the answer tokens'
+    log-probs, sum over the answer tokens of the mean logit over the vocabulary (detached: a
+    metric), answer tokens). `tensors` is either layout of mlxft.data.shared_prompt.pair_inputs."""
+    if "mask" in tensors:
+        logits = shared_prompt_logits(model, tensors["prompt_ids"], tensors["answer_ids"], tensors["mask"]).float()
+        tokens = tensors["answer_ids"]
+    else:
+        logits = logits_at(model, tensors["inputs"], tensors["positions"], split_head).float()
+        tokens = tensors["tokens"]
+    weights = tensors["weights"]
     token_logps = -F.cross_entropy(logits.flatten(0, 1), tokens.flatten(), reduction="none").view_as(weights) * weights
     return token_logps.sum(-1), (logits.detach().mean(-1) * weights).sum(-1), weights.sum(-1)
 
 
-def pair_loss(model, inputs, positions, tokens, weights, reference, *, split_head: bool, dc):
+def pair_loss(model, tensors: dict, reference, *, split_head: bool, dc):
     """(sum of the DPO losses of the batch's pairs, STATISTICS sums) given reference log-prob sums."""
-    logps, logit_sums, counts = sequence_logps(model, inputs, positions, tokens, weights, split_head)
+    logps, logit_sums, counts = sequence_logps(model, tensors, split_head)
     if uses_mean_logps(dc.loss_type, dc.average_log_prob):
         logps, reference = logps / counts, reference / counts
     b = logps.shape[0] // 2
@@ -301,11 +319,11 @@ def pair_loss(model, inputs, positions, tokens, weights, reference, *, split_hea
     return losses.sum(), sums
 
 
-def micro_step(model, inputs, positions, tokens, weights, reference, *, split_head: bool, dc, device) -> torch.Tensor:
+def micro_step(model, tensors: dict, reference, *, split_head: bool, dc, device) -> torch.Tensor:
     """Forward and backward of one micro-batch. Adds the gradient of its pair losses' *sum* to
     .grad, so micro-batches add up to one big batch; returns the STATISTICS sums (detached)."""
     with torch_model.autocast(device):
-        loss_sum, sums = pair_loss(model, inputs, positions, tokens, weights, reference, split_head=split_head, dc=dc)
+        loss_sum, sums = pair_loss(model, tensors, reference, split_head=split_head, dc=dc)
     loss_sum.backward()
     return sums
 
@@ -330,29 +348,30 @@ def adapter_off(model):
 
 
 @torch.no_grad()
-def reference_logps(model, inputs, positions, tokens, weights, *, split_head: bool) -> torch.Tensor:
+def reference_logps(model, tensors: dict, *, split_head: bool) -> torch.Tensor:
     """Reference log-prob sums [2B] of a pair batch, from the base model (adapter off)."""
     with adapter_off(model):
-        return sequence_logps(model, inputs, positions, tokens, weights, split_head)[0]
+        return sequence_logps(model, tensors, split_head)[0]
 
 
-def _tensors(pairs, device):
-    """(inputs, positions, tokens, weights) of a pair batch: the LM head runs on answer tokens only."""
-    targets = scored_targets(pairs.batch)
-    return torch_model.to_device(device, pairs.batch.input_ids[:, :-1], targets.positions, targets.tokens, targets.weights)
+def _tensors(batch, pad_id: int, shared: bool, device, pad_to_multiple: int | None = None) -> dict:
+    """A pair batch's rows as the step takes them (mlxft.data.shared_prompt.pair_inputs)."""
+    multiple = pad_to_multiple or (SHARED_PROMPT_PAD_MULTIPLE if shared else PAD_MULTIPLE)
+    arrays = pair_inputs(batch, pad_id, shared=shared, pad_to_multiple=multiple, few_widths=SHARED_PROMPT_FEW_WIDTHS)
+    return dict(zip(arrays, torch_model.to_device(device, *arrays.values())))
 
 
 # --- the cached reference --------------------------------------------------------------------------
 
 @torch.no_grad()
-def _score_pairs(model, pairs, pad_id: int, split_head: bool, batch_size: int, device) -> tuple[np.ndarray, np.ndarray]:
+def _score_pairs(model, pairs, tensors_of, pad_id: int, split_head: bool, batch_size: int, device) -> tuple[np.ndarray, np.ndarray]:
     """Log-prob sums of every pair's chosen and rejected answer under the model as it is now."""
     chosen, rejected = np.zeros(len(pairs), np.float32), np.zeros(len(pairs), np.float32)
     was_training = model.training
     model.eval()
     for batch in iterate_pair_batches(pairs, batch_size, pad_id, shuffle=False, pad_to_multiple=PAD_MULTIPLE):
         with torch_model.autocast(device):
-            logps = sequence_logps(model, *_tensors(batch, device), split_head)[0].float().cpu().numpy()
+            logps = sequence_logps(model, tensors_of(batch), split_head)[0].float().cpu().numpy()
         chosen[batch.index], rejected[batch.index] = logps[: batch.pairs], logps[batch.pairs :]
     model.train(was_training)
     return chosen, rejected

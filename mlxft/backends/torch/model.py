@@ -119,6 +119,33 @@ def can_split_head(model, folder: Path) -> bool:
             and not getattr(model.config, "final_logit_softcapping", None))
 
 
+def can_share_prompts(model, folder: Path) -> bool:
+    """Whether DPO may run each prompt once (mlxft.data.shared_prompt) on this model: a family
+    whose head can be split off, attention that takes a custom 4D mask (sdpa, eager), and no
+    sliding window (transformers would not apply it to a mask it is handed)."""
+    config = model.config
+    windowed = getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True)
+    windowed = windowed or "sliding_attention" in (getattr(config, "layer_types", None) or [])
+    return (can_split_head(model, folder) and getattr(config, "_attn_implementation", None) in ("sdpa", "eager")
+            and not windowed)
+
+
+def shared_prompt_logits(model, prompt_ids: torch.Tensor, answer_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Logits [2B, A, V] predicting answer_ids [2B, A] from one [prompt | chosen | rejected] row
+    per pair (see mlxft.data.shared_prompt): transformers takes per-token positions, so the
+    rejected answer gets the chosen one's, and the 4D mask as it is."""
+    b, p = prompt_ids.shape
+    a = answer_ids.shape[1]
+    rows = torch.cat([prompt_ids, answer_ids[:b], answer_ids[b:]], dim=1)
+    positions = torch.cat([torch.arange(p + a), torch.arange(p, p + a)]).to(rows.device)[None]
+    if model.config._attn_implementation == "eager":  # it adds the mask to the scores
+        mask = torch.zeros(mask.shape, dtype=model.dtype, device=mask.device).masked_fill(~mask, torch.finfo(model.dtype).min)
+    hidden = model.model(input_ids=rows, attention_mask=mask, position_ids=positions, use_cache=False).last_hidden_state
+    chosen = hidden[:, p - 1 : p + a - 1]
+    rejected = torch.cat([hidden[:, p - 1 : p], hidden[:, p + a : p + 2 * a - 1]], dim=1)
+    return model.lm_head(torch.cat([chosen, rejected]))
+
+
 def enable_gradient_checkpointing(model) -> None:
     """Recompute each block's activations in the backward pass instead of keeping them.
 
@@ -158,8 +185,10 @@ def token_losses(model, inputs, positions, tokens, weights, split_head: bool) ->
 
 
 def to_device(device: torch.device, *arrays):
-    """numpy batch arrays -> tensors on the device (ids as int64, which embedding and gather take)."""
-    return [torch.from_numpy(a).to(device, torch.long if a.dtype.kind in "iu" else torch.float32) for a in arrays]
+    """numpy batch arrays -> tensors on the device (ids as int64, which embedding and gather take;
+    masks stay boolean)."""
+    return [torch.from_numpy(a).to(device, torch.long if a.dtype.kind in "iu" else torch.bool if a.dtype.kind == "b"
+                                   else torch.float32) for a in arrays]
 
 
 def reset_peak_memory(device: torch.device) -> None:
