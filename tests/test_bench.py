@@ -95,10 +95,10 @@ def dpo_runs(tiny_model_dir, tmp_path_factory):
     with the 2B rows (dpo.share_prompt=false)."""
     runs = {}
     for shared in (True, False):
-        out = tmp_path_factory.mktemp("bench") / f"dpo-{shared}"
+        out, lines = tmp_path_factory.mktemp("bench") / f"dpo-{shared}", []
         runs[shared] = harness.bench("dpo", ["mlx", "torch"], model=str(tiny_model_dir), steps=2, warmup=1, batch_size=3,
                                      overrides=[f"dpo.share_prompt={str(shared).lower()}"], out=out, threads=1,
-                                     echo=lambda *a: None), out
+                                     echo=lines.append), out, "\n".join(lines)
     return runs
 
 
@@ -106,7 +106,9 @@ def test_dpo_with_shared_prompts_does_the_same_work_on_fewer_tokens(dpo_runs):
     from mlxft.backends.mlx import SHARED_PROMPT_FEW_WIDTHS, SHARED_PROMPT_PAD_MULTIPLE
     from mlxft.data.shared_prompt import share_prompts
 
-    (shared, out), (rows, _) = dpo_runs[True], dpo_runs[False]
+    (shared, out, printed), (rows, _, printed_rows) = dpo_runs[True], dpo_runs[False]
+    assert "each prompt run once, prompt and answer widths to a multiple of 4 (mlx), 1 (torch)" in printed
+    assert "each prompt run once" not in printed_rows
     work = workloads.load(out / "workload" / "workload.json")
     timed = [b for micro in work.steps[1:] for b in micro]
     layouts = [share_prompts(b, work.pad_id, SHARED_PROMPT_PAD_MULTIPLE, few_widths=SHARED_PROMPT_FEW_WIDTHS) for b in timed]

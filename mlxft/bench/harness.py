@@ -61,7 +61,8 @@ def bench(workload: str, backends: list[str], *, model: str | None = None, steps
     echo(f"bench {workload}: model {work.model_dir}; LoRA r={work.spec.r} alpha={work.spec.alpha:g} on "
          f"{', '.join(work.spec.target_modules)}; batch {tc.batch_size} x {tc.grad_accumulation}; "
          f"{warmup} warm-up + {steps} timed steps; {threads} threads per backend; "
-         f"batches padded {padding_policy(backends, pad_multiple)}")
+         f"batches padded {padding_policy(backends, pad_multiple)}"
+         + (f"; {shared_prompts_policy(backends, pad_multiple)}" if workload == "dpo" and config.dpo.share_prompt else ""))
     echo(f"MLX BLAS: {describe()}")
 
     results = {}
@@ -112,6 +113,16 @@ def padding_policy(backends: list[str], pad_multiple: int | None) -> str:
         return f"to a multiple of {pad_multiple}"
     return "as each trainer pads them, to a multiple of " + ", ".join(
         f"{workloads.backend_pad_multiple(b)} ({b})" for b in backends)
+
+
+def shared_prompts_policy(backends: list[str], pad_multiple: int | None) -> str:
+    """How DPO lays its pairs out when each prompt runs once (mlxft.data.shared_prompt)."""
+    from mlxft.bench.workload import backend_shared_prompt_padding
+
+    if pad_multiple:
+        return f"each prompt run once, prompt and answer widths to a multiple of {pad_multiple}"
+    return "each prompt run once, prompt and answer widths to a multiple of " + ", ".join(
+        f"{backend_shared_prompt_padding(b)[0]} ({b})" for b in backends)
 
 
 def _run_child(spec_path: Path, backend: str, threads: int, out: Path) -> dict:

@@ -31,12 +31,12 @@ def run(workload: Workload) -> dict:
                             bias_correction=tc.bias_correction)
     state = [model.state, optimizer.state, mx.random.state]
     shared = workload.name == "dpo" and config.dpo.share_prompt and mlx_model.can_share_prompts(model, folder)
+    layout = shared_layout(workload, "mlx") if shared else None
     if workload.name == "dpo":
-        from mlxft.backends.mlx import SHARED_PROMPT_FEW_WIDTHS, SHARED_PROMPT_PAD_MULTIPLE, dpo
+        from mlxft.backends.mlx import dpo
 
         micro_step, update = dpo.make_step(model, optimizer, split_head, tc.max_grad_norm, config.dpo)
         reference_step = dpo.make_reference_step(model, split_head)
-        layout = shared_layout(workload, SHARED_PROMPT_PAD_MULTIPLE, SHARED_PROMPT_FEW_WIDTHS) if shared else None
 
         def arrays_of(batch):  # as the trainer lays out a pair batch
             return dpo._arrays(batch, workload.pad_id, shared, workload.pad_multiple)
@@ -44,7 +44,6 @@ def run(workload: Workload) -> dict:
         from mlxft.backends.mlx import sft
 
         micro_step, update = sft.make_step(model, optimizer, split_head, tc.max_grad_norm)
-        layout = None
 
         def arrays_of(batch):
             targets = scored_targets(batch)

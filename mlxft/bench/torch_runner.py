@@ -36,11 +36,8 @@ def run(workload: Workload, threads: int | None = None) -> dict:
     optimizer = MLXAdamW([p for p in model.parameters() if p.requires_grad], lr=tc.learning_rate,
                          weight_decay=tc.weight_decay, bias_correction=tc.bias_correction)
     shared = workload.name == "dpo" and config.dpo.share_prompt and torch_model.can_share_prompts(model, folder)
-    layout = None
+    layout = shared_layout(workload, "torch") if shared else None
     if workload.name == "dpo":
-        from mlxft.backends.torch import SHARED_PROMPT_FEW_WIDTHS, SHARED_PROMPT_PAD_MULTIPLE
-
-        layout = shared_layout(workload, SHARED_PROMPT_PAD_MULTIPLE, SHARED_PROMPT_FEW_WIDTHS) if shared else None
         micro_step, update = step_pieces(model, split_head, device, config.dpo, workload.pad_id, shared, workload.pad_multiple)
     else:
         from mlxft.backends.torch import sft

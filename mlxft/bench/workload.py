@@ -68,6 +68,15 @@ def backend_pad_multiple(backend: str) -> int:
     return PAD_MULTIPLE
 
 
+def backend_shared_prompt_padding(backend: str) -> tuple[int, bool]:
+    """(multiple, few_widths) of a backend's DPO shared-prompt layout."""
+    if backend == "mlx":
+        from mlxft.backends.mlx import SHARED_PROMPT_FEW_WIDTHS, SHARED_PROMPT_PAD_MULTIPLE
+    else:
+        from mlxft.backends.torch import SHARED_PROMPT_FEW_WIDTHS, SHARED_PROMPT_PAD_MULTIPLE
+    return SHARED_PROMPT_PAD_MULTIPLE, SHARED_PROMPT_FEW_WIDTHS
+
+
 def resolve_config(workload: str, model: str | None, overrides: list[str], batch_size: int | None,
                    seq_len: int | None) -> RunConfig:
     """The workload's recipe with the bench defaults, the flags and --set applied (in that order)."""
@@ -158,11 +167,12 @@ def distinct_shapes(workload: Workload, inputs_of) -> list:
     return list(seen.values())
 
 
-def shared_layout(workload: Workload, multiple: int, few_widths: bool):
+def shared_layout(workload: Workload, backend: str):
     """batch -> its shared-prompt layout as a backend's DPO trainer makes it (the bench's
     pad_multiple instead of the backend's, when given): what step_record counts."""
     from mlxft.data.shared_prompt import share_prompts
 
+    multiple, few_widths = backend_shared_prompt_padding(backend)
     return lambda batch: share_prompts(batch, workload.pad_id, workload.pad_multiple or multiple, few_widths=few_widths)
 
 

@@ -20,6 +20,9 @@ gradients. The loss is the same, computed over B x (P + 2A) positions instead of
 The prompt of a pair is the common prefix of its two rows, up to the first scored token of
 either, so what is scored does not change even when a cut left a pair without a prompt.
 
+With LoRA dropout, both answers see their prompt through one dropout mask where the two rows
+drew two: the same loss in expectation, with less noise in the margin between the answers.
+
 `mask [B, 1, W, W]` is boolean, True where a query may attend: causal over the real prompt
 tokens (a padding position sees itself, so no softmax row is empty), and each answer sees the
 real prompt tokens and its own earlier tokens.
