@@ -183,6 +183,29 @@ def test_shared_prompts_give_the_gradients_of_the_rows(tiny_model_dir):
     assert "rope" in model.model.layers[0].self_attn
 
 
+FAMILY_ARGS = dict(hidden_size=32, num_hidden_layers=2, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2,
+                   rms_norm_eps=1e-5, vocab_size=100, head_dim=8, max_position_embeddings=256, tie_word_embeddings=True,
+                   rope_theta=10000.0)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "phi3", "smollm3", "olmo2"])
+def test_every_family_that_shares_prompts_scores_as_its_rows(family, tmp_path):
+    # Each mlx-lm class mlxft shares prompts on, tiny and random: its own attention, rotary
+    # embedding (Phi-3's, SmolLM3's layers without one) and head, through the shared layout.
+    import importlib
+
+    module = importlib.import_module(f"mlx_lm.models.{family}")
+    model = module.Model(module.ModelArgs.from_dict({**FAMILY_ARGS, "model_type": family}))
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": family}))
+    assert mlx_model.can_share_prompts(model, tmp_path)
+    rng = np.random.default_rng(0)
+    pairs = [PreferenceExample(rng.integers(3, 100, n).tolist(), rng.integers(3, 100, 4 + n % 3).tolist(),
+                               rng.integers(3, 100, 6 - n % 3).tolist()) for n in (5, 9, 3)]
+    pb = collate_pairs(pairs, range(3), pad_id=0)
+    shared, rows = (np.array(dpo.sequence_logps(model, arrays_of(pb, s), True)[0]) for s in (True, False))
+    np.testing.assert_allclose(shared, rows, rtol=1e-5)
+
+
 def test_gradient_checkpointing_runs_the_rows(tiny_model_dir, tmp_path):
     # Its backward pass recomputes the blocks after the shared forward has ended: so no sharing,
     # in that run and for every later model of the same class (mlx-lm patches the class).

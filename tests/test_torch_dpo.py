@@ -146,6 +146,32 @@ def test_shared_prompts_give_the_gradients_of_the_rows(tiny_model_dir, attention
         np.testing.assert_allclose(shared_grads[key], row_grads[key], atol=1e-5 * scale, err_msg=key)
 
 
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "mistral", "phi3", "smollm3", "olmo2"])
+def test_every_family_that_shares_prompts_scores_as_its_rows(family, tmp_path):
+    # Each transformers class mlxft shares prompts on, tiny and random, with its own attention,
+    # rotary embedding and head (Mistral without a sliding window: with one it runs the rows).
+    import transformers
+
+    config = transformers.AutoConfig.for_model(
+        family, hidden_size=32, num_hidden_layers=2, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2,
+        rms_norm_eps=1e-5, vocab_size=100, head_dim=8, max_position_embeddings=256, tie_word_embeddings=True, pad_token_id=0,
+        **({"sliding_window": None} if family == "mistral" else {}))
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").eval()
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": family}))
+    assert torch_model.can_share_prompts(model, tmp_path)
+    rng = np.random.default_rng(0)
+    pairs = [PreferenceExample(rng.integers(3, 100, n).tolist(), rng.integers(3, 100, 4 + n % 3).tolist(),
+                               rng.integers(3, 100, 6 - n % 3).tolist()) for n in (5, 9, 3)]
+    pb = collate_pairs(pairs, range(3), pad_id=0)
+    with torch.no_grad():
+        shared, rows = (torch_dpo.sequence_logps(model, tensors_of(pb, s), True)[0].numpy() for s in (True, False))
+    np.testing.assert_allclose(shared, rows, rtol=1e-5)
+    if family == "mistral":
+        model.config.sliding_window = 4096  # Mistral 7B v0.1's: the mask handed over would drop the window
+        assert not torch_model.can_share_prompts(model, tmp_path)
+
+
 # --- MLX == PyTorch --------------------------------------------------------------------------------
 
 SETTINGS = {"sigmoid": {}, "sigmoid-smoothed": {"label_smoothing": 0.2}, "ipo": {"loss_type": "ipo"},
