@@ -36,6 +36,38 @@ def encode_pairs(splits, tokenizer, config, echo) -> tuple[list, list, int]:
     return train_set, valid_set, report.truncated + (valid_report.truncated if valid_report else 0)
 
 
+def prepare_reference(run, config, *, adapter: str | None, model_folder, train_set, valid_set, resume: bool,
+                      score, carry_adapter, drop_adapter, echo) -> tuple[dict | None, str]:
+    """(the reference log-probs of every train and validation pair, or None when the reference
+    runs in each step as the model with its adapter switched off; the reference's name). Runs
+    before the policy is built, with the backend's pieces:
+    - a resumed run with a cache reads it back (checked against the model and every token id);
+    - a precomputed reference is scored once, `score(pairs) -> (chosen, rejected)`, with the
+      reference adapter on for that time (`carry_adapter(path)`, `drop_adapter()`), and saved
+      in the run folder (REFERENCE_FILE, written atomically)."""
+    from mlxft.dpo_loss import uses_mean_logps
+
+    dc = config.dpo
+    reference_from, precompute = reference_source(dc, adapter, config.lora.full_finetune)
+    cache_path = run.folder / REFERENCE_FILE
+    fingerprint = cache_fingerprint(model_folder, train_set, valid_set, uses_mean_logps(dc.loss_type, dc.average_log_prob))
+    if resume and cache_path.exists():
+        return load_reference(cache_path, fingerprint)
+    if not precompute:
+        return None, "base model (adapter off)"
+    if resume:
+        raise UserError(f"--resume {run.folder}: the run's cached reference log-probs ({REFERENCE_FILE}) are missing")
+    if reference_from:  # base + that adapter, for as long as it takes to score the pairs once
+        carry_adapter(reference_from)
+    name = reference_label(reference_from)
+    echo(f"reference: {name}; scoring {len(train_set) + len(valid_set)} pairs once")
+    cache = {f"{split}_{side}": values for split, pairs in (("train", train_set), ("valid", valid_set))
+             for side, values in zip(("chosen", "rejected"), score(pairs))}
+    save_reference(cache_path, cache, fingerprint, name)
+    drop_adapter()
+    return cache, name
+
+
 def reference_source(dc, adapter: str | None, full_finetune: bool) -> tuple[str | None, bool]:
     """(the adapter the reference carries, or None for the base model; whether its log-probs
     are precomputed). When the trained weights sit where the reference's are (a continued

@@ -22,6 +22,7 @@ from mlxft.data.dataset import load_preference_splits
 from mlxft.data.encode import PreferenceExample, encode_preference
 from mlxft.data.records import Record
 from mlxft.data.templates import render_preference
+from mlxft.dpo_common import REFERENCE_FILE
 from mlxft.dpo_loss import dpo_losses, summarize
 from mlxft.errors import UserError
 from mlxft.progress import Progress
@@ -337,7 +338,7 @@ def test_precomputed_reference_gives_the_same_run(tiny_model_dir, tmp_path):
     run_training(tiny_config(tiny_model_dir, tmp_path / "a", "train.steps=3", "eval.generate_examples=0"), tmp_path / "a")
     summary = run_training(tiny_config(tiny_model_dir, tmp_path / "b", "train.steps=3", "eval.generate_examples=0",
                                        "dpo.precompute_reference=true"), tmp_path / "b")
-    assert (tmp_path / "b" / dpo.REFERENCE_FILE).exists() and not (tmp_path / "a" / dpo.REFERENCE_FILE).exists()
+    assert (tmp_path / "b" / REFERENCE_FILE).exists() and not (tmp_path / "a" / REFERENCE_FILE).exists()
     assert losses(tmp_path / "b") == pytest.approx(losses(tmp_path / "a"), rel=1e-5)
     assert summary["reference"] == "base model"
 

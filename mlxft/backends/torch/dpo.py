@@ -60,9 +60,8 @@ from mlxft.data.batching import iterate_pair_batches
 from mlxft.data.dataset import load_preference_splits, prompt_records, resolve_source
 from mlxft.data.records import load_records
 from mlxft.data.shared_prompt import pair_inputs
-from mlxft.dpo_common import (REFERENCE_FILE, answer_all, cache_fingerprint, cached_reference, compare_rows,
-                              encode_pairs, load_reference, reference_label, reference_source,
-                              save_reference, write_comparison)
+from mlxft.dpo_common import (answer_all, cached_reference, compare_rows, encode_pairs, prepare_reference,
+                              write_comparison)
 from mlxft.dpo_loss import dpo_losses, pair_statistics, summarize, uses_mean_logps
 from mlxft.errors import UserError
 from mlxft.model_files import BUILTIN
@@ -96,30 +95,14 @@ def train(config: RunConfig, run: Run, *, resume: bool = False, adapter: str | N
     def tensors_of(pairs) -> dict:
         return _tensors(pairs.batch, pad_id, shared, device)
 
-    mean_logps = uses_mean_logps(dc.loss_type, dc.average_log_prob)
-
     train_set, valid_set, truncated_pairs = encode_pairs(splits, tokenizer, config, echo)
 
     # --- reference ---------------------------------------------------------------------------
-    reference_from, precompute = reference_source(dc, adapter, config.lora.full_finetune)
-    cache_path = run.folder / REFERENCE_FILE
-    fingerprint = cache_fingerprint(folder, train_set, valid_set, mean_logps)
-    if resume and cache_path.exists():
-        cache, reference_name = load_reference(cache_path, fingerprint)
-    elif precompute:
-        if resume:
-            raise UserError(f"--resume {run.folder}: the run's cached reference log-probs ({REFERENCE_FILE}) are missing")
-        if reference_from:  # base + that adapter, for as long as it takes to score the pairs once
-            ref_spec, ref_weights = load_adapter(reference_from)
-            lora.load_adapter_weights(model, ref_spec, ref_weights, reference_from)
-        reference_name = reference_label(reference_from)
-        echo(f"reference: {reference_name}; scoring {len(train_set) + len(valid_set)} pairs once")
-        cache = {f"{split}_{side}": values for split, pairs in (("train", train_set), ("valid", valid_set))
-                 for side, values in zip(("chosen", "rejected"), _score_pairs(model, pairs, tensors_of, pad_id, split_head, ec.batch_size, device))}
-        save_reference(cache_path, cache, fingerprint, reference_name)
-        lora.remove_lora(model)
-    else:
-        cache, reference_name = None, "base model (adapter off)"
+    cache, reference_name = prepare_reference(
+        run, config, adapter=adapter, model_folder=folder, train_set=train_set, valid_set=valid_set, resume=resume,
+        score=lambda pairs: _score_pairs(model, pairs, tensors_of, pad_id, split_head, ec.batch_size, device),
+        carry_adapter=lambda path: lora.load_adapter_weights(model, *load_adapter(path), path),
+        drop_adapter=lambda: lora.remove_lora(model), echo=echo)
 
     # --- policy ----------------------------------------------------------------------------
     base_name = str(folder) if config.model.name == BUILTIN else config.model.name
