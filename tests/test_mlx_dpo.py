@@ -48,9 +48,9 @@ def run_training(config, folder, **kwargs):
     return dpo.train(config, Run.create(folder, config), echo=lambda *a: None, **kwargs)
 
 
-def random_pairs(n, seed=0, prompt=(5, 30), answer=(2, 12)):
+def random_pairs(n, seed=0, prompt=(5, 30), answer=(2, 12), vocab=500):
     rng = np.random.default_rng(seed)
-    ids = lambda lo_hi: rng.integers(3, 500, size=int(rng.integers(*lo_hi))).tolist()
+    ids = lambda lo_hi: rng.integers(3, vocab, size=int(rng.integers(*lo_hi))).tolist()
     return [PreferenceExample(ids(prompt), ids(answer), ids(answer)) for _ in range(n)]
 
 
@@ -199,10 +199,7 @@ def test_every_family_that_shares_prompts_scores_as_its_rows(family, tmp_path):
     model = module.Model(module.ModelArgs.from_dict({**FAMILY_ARGS, "model_type": family}))
     (tmp_path / "config.json").write_text(json.dumps({"model_type": family}))
     assert mlx_model.can_share_prompts(model, tmp_path)
-    rng = np.random.default_rng(0)
-    pairs = [PreferenceExample(rng.integers(3, 100, n).tolist(), rng.integers(3, 100, 4 + n % 3).tolist(),
-                               rng.integers(3, 100, 6 - n % 3).tolist()) for n in (5, 9, 3)]
-    pb = collate_pairs(pairs, range(3), pad_id=0)
+    pb = collate_pairs(random_pairs(3, vocab=100), range(3), pad_id=0)  # the tiny models' vocabulary
     shared, rows = (np.array(dpo.sequence_logps(model, arrays_of(pb, s), True)[0]) for s in (True, False))
     np.testing.assert_allclose(shared, rows, rtol=1e-5)
 

@@ -12,6 +12,7 @@ proof that the backends did the same work.
 
 from __future__ import annotations
 
+import importlib
 import json
 import time
 from dataclasses import dataclass, replace
@@ -61,20 +62,19 @@ class Workload:
 
 
 def backend_pad_multiple(backend: str) -> int:
-    if backend == "mlx":
-        from mlxft.backends.mlx import PAD_MULTIPLE
-    else:
-        from mlxft.backends.torch import PAD_MULTIPLE
-    return PAD_MULTIPLE
+    return _backend(backend).PAD_MULTIPLE
 
 
 def backend_shared_prompt_padding(backend: str) -> tuple[int, bool]:
     """(multiple, few_widths) of a backend's DPO shared-prompt layout."""
-    if backend == "mlx":
-        from mlxft.backends.mlx import SHARED_PROMPT_FEW_WIDTHS, SHARED_PROMPT_PAD_MULTIPLE
-    else:
-        from mlxft.backends.torch import SHARED_PROMPT_FEW_WIDTHS, SHARED_PROMPT_PAD_MULTIPLE
-    return SHARED_PROMPT_PAD_MULTIPLE, SHARED_PROMPT_FEW_WIDTHS
+    package = _backend(backend)
+    return package.SHARED_PROMPT_PAD_MULTIPLE, package.SHARED_PROMPT_FEW_WIDTHS
+
+
+def _backend(backend: str):
+    """mlxft.backends.mlx or .torch: their packages hold only constants, so reading them imports
+    neither framework."""
+    return importlib.import_module(f"mlxft.backends.{'mlx' if backend == 'mlx' else 'torch'}")
 
 
 def resolve_config(workload: str, model: str | None, overrides: list[str], batch_size: int | None,

@@ -23,12 +23,15 @@ def linear_modules(model) -> dict[str, tuple[int, int]]:
     for path, module in model.named_modules():
         if ".layers." not in f".{path}" or isinstance(module, LoRALinear):
             continue
-        if isinstance(module, nn.QuantizedLinear):
-            out_dim, packed = module.weight.shape
-            found[path] = (out_dim, packed * 32 // module.bits)
-        elif isinstance(module, nn.Linear):
-            found[path] = tuple(module.weight.shape)
+        if isinstance(module, (nn.QuantizedLinear, nn.Linear)):
+            found[path] = dims(module)
     return found
+
+
+def dims(linear) -> tuple[int, int]:
+    """(out, in) of a linear layer; a quantized one packs 32 // bits inputs into each weight entry."""
+    out_dim, packed = linear.weight.shape
+    return (out_dim, packed * 32 // linear.bits) if isinstance(linear, nn.QuantizedLinear) else (out_dim, packed)
 
 
 def layer_index(path: str) -> int:
@@ -73,9 +76,7 @@ class AdapterLinear(LoRALinear):
 
     @staticmethod
     def from_base(linear, r: int = 8, dropout: float = 0.0, scale: float = 20.0) -> AdapterLinear:
-        output_dims, input_dims = linear.weight.shape
-        if isinstance(linear, nn.QuantizedLinear):
-            input_dims = input_dims * 32 // linear.bits
+        output_dims, input_dims = dims(linear)
         layer = AdapterLinear(input_dims=input_dims, output_dims=output_dims, r=r, dropout=dropout, scale=scale)
         layer.linear = linear
         return layer
