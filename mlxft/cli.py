@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
-import shutil
 import sys
 from pathlib import Path
 
@@ -187,41 +187,50 @@ def lora_command(recipe, model, data_source, out_dir, overrides, quantize, backe
     Prints validation loss (and AUC for Yes/No data) before and after, and writes the run folder:
     config.yaml, metrics.jsonl, summary.json, best/ and last/ adapters, checkpoint/.
     """
+    summary = _train("sft", recipe, model, data_source, out_dir, overrides, quantize, backend, trust_remote_code,
+                     resume_dir, adapter)
+    _print_outcome(summary)
+
+
+def _train(method, recipe, model, data_source, out_dir, overrides, quantize, backend, trust_remote_code, resume_dir, adapter):
+    """Check everything a user gave, then create (or resume) the run folder, hold it, and train.
+    A mistake found before the first report leaves no run folder behind (see runs.start)."""
+    from mlxft import runs
     from mlxft.backends import is_mlx_quantized, resolve_backend
-    from mlxft.config import load_config
-    from mlxft.runs import Run, default_run_dir
 
     if resume_dir:
-        if recipe or model or data_source or overrides or quantize:
+        if recipe or model or data_source or out_dir or overrides or quantize or adapter:
             raise UserError("--resume continues a run with its own config.yaml; give no other settings")
-        config = load_config(str(resume_dir / "config.yaml"))
-        run = Run.open_for_resume(resume_dir)
-        # A checkpoint holds one backend's optimizer state; the MLX trainer's names no backend.
-        written_by = json.loads((run.checkpoint_dir / "state.json").read_text()).get("backend", "mlx")
-        if backend not in ("auto", written_by):
-            raise UserError(f"--resume {resume_dir}: its checkpoint was written by the {written_by} backend; "
-                            f"resume it with --backend {written_by}")
-        backend = resolve_backend(written_by)
+        config = None
     else:
         if recipe is None:
-            raise UserError("name a recipe: --recipe tallrec (see `mlxft recipes`)")
+            raise UserError(f"name a recipe: --recipe {'tallrec' if method == 'sft' else 'dpo'} (see `mlxft recipes`)")
         config = _resolve_config(recipe, model, data_source, out_dir, overrides, quantize, trust_remote_code)
+        if adapter:
+            _check_start_adapter(adapter, config)
         backend = resolve_backend(backend, quantized=bool(config.model.quantize) or is_mlx_quantized(config.model.name))
-        folder = Path(config.out) if config.out else default_run_dir(config.recipe)
-        config.out = str(folder)
-        run = Run.create(folder, config)
-    if backend == "torch":
-        from mlxft.backends.torch.sft import train
-    else:
-        from mlxft.backends.mlx.sft import train
+    with runs.start(config, resume_dir) as (config, run):
+        if resume_dir:
+            # A checkpoint holds one backend's optimizer state.
+            written_by = run.checkpoint_state()["backend"]
+            if backend not in ("auto", written_by):
+                raise UserError(f"--resume {resume_dir}: its checkpoint was written by the {written_by} backend; "
+                                f"resume it with --backend {written_by}")
+            backend = resolve_backend(written_by)
+        module = f"mlxft.backends.{backend}.{method}"
+        train = importlib.import_module(module).train
+        return train(config, run, resume=run.resumed, adapter=str(adapter) if adapter else None, echo=click.echo)
 
-    try:
-        summary = train(config, run, resume=resume_dir is not None, adapter=str(adapter) if adapter else None, echo=click.echo)
-    except UserError:
-        if not resume_dir and not (run.folder / "metrics.jsonl").exists():
-            shutil.rmtree(run.folder, ignore_errors=True)  # nothing trained: leave no half-made run behind
-        raise
-    _print_outcome(summary)
+
+def _check_start_adapter(adapter: Path, config) -> None:
+    """--adapter continues a LoRA adapter: refuse what would silently ignore it."""
+    from mlxft.adapters import adapter_folder
+
+    if config.lora.full_finetune:
+        why = " (the recipe's builtin_model section turns it on for the built-in model)" if config.builtin_model.get("lora.full_finetune") else ""
+        raise UserError(f"--adapter continues a LoRA adapter, but this run is full fine-tuning (lora.full_finetune=true{why}); "
+                        "add --set lora.full_finetune=false to train the adapter")
+    adapter_folder(adapter)  # missing, a file, empty: said now, before a run folder exists
 
 
 def _print_outcome(summary: dict) -> None:
@@ -250,40 +259,8 @@ def dpo_command(recipe, model, data_source, out_dir, overrides, quantize, backen
     summary.json, best/ and last/ adapters, checkpoint/, and comparison.md / comparison.json
     with held-out answers before and after.
     """
-    from mlxft.backends import is_mlx_quantized, resolve_backend
-    from mlxft.config import load_config
-    from mlxft.runs import Run, default_run_dir
-
-    if resume_dir:
-        if recipe or model or data_source or overrides or quantize or adapter:
-            raise UserError("--resume continues a run with its own config.yaml; give no other settings")
-        config = load_config(str(resume_dir / "config.yaml"))
-        run = Run.open_for_resume(resume_dir)
-        # As in `lora`: a checkpoint holds one backend's optimizer state; the MLX trainer's names no backend.
-        written_by = json.loads((run.checkpoint_dir / "state.json").read_text()).get("backend", "mlx")
-        if backend not in ("auto", written_by):
-            raise UserError(f"--resume {resume_dir}: its checkpoint was written by the {written_by} backend; "
-                            f"resume it with --backend {written_by}")
-        backend = resolve_backend(written_by)
-    else:
-        if recipe is None:
-            raise UserError("name a recipe: --recipe dpo (see `mlxft recipes`)")
-        config = _resolve_config(recipe, model, data_source, out_dir, overrides, quantize, trust_remote_code)
-        backend = resolve_backend(backend, quantized=bool(config.model.quantize) or is_mlx_quantized(config.model.name))
-        folder = Path(config.out) if config.out else default_run_dir(config.recipe)
-        config.out = str(folder)
-        run = Run.create(folder, config)
-    if backend == "torch":
-        from mlxft.backends.torch.dpo import train
-    else:
-        from mlxft.backends.mlx.dpo import train
-
-    try:
-        summary = train(config, run, resume=resume_dir is not None, adapter=str(adapter) if adapter else None, echo=click.echo)
-    except UserError:
-        if not resume_dir and not (run.folder / "metrics.jsonl").exists():
-            shutil.rmtree(run.folder, ignore_errors=True)  # nothing trained: leave no half-made run behind
-        raise
+    summary = _train("dpo", recipe, model, data_source, out_dir, overrides, quantize, backend, trust_remote_code,
+                     resume_dir, adapter)
     before, after = summary.get("before") or {}, summary.get("after") or {}
     for key in ("eval_loss", "eval_rewards/accuracies", "eval_rewards/margins"):
         if key in before and key in after:

@@ -86,3 +86,39 @@ def unpatched_llama_blocks():
     call = TransformerBlock.__call__
     yield
     TransformerBlock.__call__ = call
+
+
+@pytest.fixture
+def stop_after_step(monkeypatch):
+    """stop_after_step(n): the next training run in this process is killed (KeyboardInterrupt)
+    right after its n-th optimizer step, as Ctrl-C or a kill would stop it; later runs go on."""
+    from mlxft.progress import Progress
+
+    original = Progress.update
+
+    def arm(n: int):
+        calls = {"n": 0}
+
+        def update(self, *args, **kwargs):
+            calls["n"] += 1
+            if calls["n"] == n:
+                monkeypatch.setattr(Progress, "update", original)
+                raise KeyboardInterrupt
+            return original(self, *args, **kwargs)
+
+        monkeypatch.setattr(Progress, "update", update)
+
+    return arm
+
+
+@pytest.fixture
+def tiny_as_builtin(tiny_model_dir, tmp_path, monkeypatch):
+    """The tiny model in the place of the built-in one (a fresh MLXFT_HOME), so that recipes'
+    builtin_model sections apply to it, without minutes of building the real one."""
+    import shutil
+
+    from mlxft.builtin import builtin_dir
+
+    monkeypatch.setenv("MLXFT_HOME", str(tmp_path / "mlxft-home"))
+    shutil.copytree(tiny_model_dir, builtin_dir())
+    return builtin_dir()

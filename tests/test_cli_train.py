@@ -97,3 +97,81 @@ def test_lora_input_mistakes(tiny_model_dir, tmp_path):
     long_rows.write_text("".join(json.dumps({"prompt": "word " * 50, "completion": "x"}) + "\n" for _ in range(5)))
     one_line_error(run("lora", "--recipe", "tallrec", "--model", tiny_model_dir, "--data", long_rows, "--out", tmp_path / "d",
                        "--set", "data.template=plain", "--set", "data.cutoff=10"), "no usable rows")
+
+
+SMALL = ["--set", "data.k_shot=16", "--set", "data.max_valid_rows=8", "--set", "train.batch_size=4",
+         "--set", "eval.every=0", "--set", "train.report_every=1"]
+
+
+def steps_and_losses(folder):
+    return [(r["step"], r["loss"]) for r in map(json.loads, (folder / "metrics.jsonl").read_text().splitlines())]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_a_resumed_run_runs_the_config_it_was_started_with(tiny_as_builtin, tmp_path, stop_after_step, method):
+    # tallrec's builtin_model section says full fine-tuning, 300 steps, eval every 100; the run
+    # chose 6 steps (and, for "lora", an adapter). Resuming used to put the section back.
+    chosen = [*SMALL, "--set", "train.steps=6", "--set", "train.checkpoint_every=2", "--backend", "mlx"]
+    if method == "lora":
+        chosen += ["--set", "lora.full_finetune=false"]
+    whole = run("lora", "--recipe", "tallrec", "--out", tmp_path / "whole", *chosen)
+    assert whole.exit_code == 0, whole.output
+    stop_after_step(3)  # checkpoint at step 2; killed after step 3
+    killed = run("lora", "--recipe", "tallrec", "--out", tmp_path / "killed", *chosen)
+    assert killed.exit_code != 0
+    resumed = run("lora", "--resume", tmp_path / "killed")
+    assert resumed.exit_code == 0, resumed.output
+    assert "resumed" in resumed.output and "at step 2" in resumed.output
+    expected = steps_and_losses(tmp_path / "whole")
+    assert [s for s, _ in expected] == [1, 2, 3, 4, 5, 6]
+    got = steps_and_losses(tmp_path / "killed")
+    assert [s for s, _ in got] == [1, 2, 3, 4, 5, 6]
+    assert [loss for _, loss in got] == pytest.approx([loss for _, loss in expected], rel=1e-5)
+    summary = json.loads((tmp_path / "killed" / "summary.json").read_text())
+    assert summary["steps"] == 6 and (summary["trainable_parameters"] < 10_000) == (method == "lora")
+
+
+def test_adapter_is_refused_where_it_would_be_ignored(tiny_as_builtin, tmp_path):
+    (tmp_path / "file").write_text("x")
+    # the built-in model's tallrec section turns on full fine-tuning, which has no adapter to continue
+    one_line_error(run("lora", "--recipe", "tallrec", "--adapter", tmp_path / "file", "--out", tmp_path / "a"),
+                   "this run is full fine-tuning (lora.full_finetune=true (the recipe's builtin_model section")
+    one_line_error(run("lora", "--recipe", "tallrec", "--adapter", tmp_path / "file", "--out", tmp_path / "b",
+                       "--set", "lora.full_finetune=false"), "is a file")
+    one_line_error(run("dpo", "--recipe", "dpo", "--adapter", tmp_path / "file", "--out", tmp_path / "c",
+                       "--set", "lora.full_finetune=true"), "this run is full fine-tuning")
+    assert not any((tmp_path / name).exists() for name in "abc")
+
+
+def test_run_folder_mistakes_are_one_line_errors(tiny_model_dir, tmp_path):
+    one_line_error(run("lora", "--resume", tmp_path), "not a run folder (no config.yaml)")
+    one_line_error(run("dpo", "--resume", tmp_path / "nothing"), "no such run folder")
+    (tmp_path / "file").write_text("x")
+    one_line_error(run("lora", "--recipe", "tallrec", "--model", tiny_model_dir, "--out", tmp_path / "file"),
+                   "is a file, not a folder")
+    one_line_error(run("lora", "--recipe", "tallrec", "--set", "train=5", "--out", tmp_path / "a"),
+                   "'train' must be a section of keys, not a value")
+    one_line_error(run("lora", "--recipe", "tallrec", "--set", "train.checkpoint_every=0", "--out", tmp_path / "b"),
+                   "'train.checkpoint_every' must be at least 1, got 0")
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_bad_bytes_in_the_data_leave_no_run_folder(tiny_model_dir, tmp_path):
+    data = tmp_path / "rows.jsonl"
+    data.write_bytes(b'{"instruction": "Caf\xe9?", "output": "Yes."}\n')
+    one_line_error(run("lora", "--recipe", "tallrec", "--model", tiny_model_dir, "--data", data, "--out", tmp_path / "r"),
+                   "rows.jsonl:1: not UTF-8 text")
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_template_with_a_colon_can_be_given_with_set(tiny_model_dir, tmp_path):
+    template = "Generate a product description for the following item:\nFeatures: {features}\n\nDescription:"
+    result = run("lora", "--recipe", "product-desc", "--model", tiny_model_dir, "--out", tmp_path / "p",
+                 "--set", f"data.template={template}", "--set", "train.steps=1", "--set", "eval.every=0",
+                 "--set", "eval.generate_examples=0", "--backend", "mlx")
+    assert result.exit_code == 0, result.output
+    assert "data.template" not in result.output
+    import yaml
+
+    assert yaml.safe_load((tmp_path / "p" / "config.yaml").read_text())["data"]["template"] == template

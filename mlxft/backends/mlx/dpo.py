@@ -152,7 +152,7 @@ def train(config: RunConfig, run: Run, *, resume: bool = False, adapter: str | N
                             bias_correction=tc.bias_correction)
     step, best, stale = 0, None, 0
     if resume:  # before the step is compiled: it must capture the restored optimizer state
-        saved = json.loads((run.checkpoint_dir / "state.json").read_text())
+        saved = run.checkpoint_state()
         step, best, stale = saved["step"], saved["best"], saved["stale"]
         optimizer.init(model.trainable_parameters())
         optimizer.state = tree_unflatten(list(mx.load(str(run.checkpoint_dir / "optimizer.safetensors")).items()))

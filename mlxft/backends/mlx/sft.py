@@ -279,12 +279,12 @@ def _save_checkpoint(run, model, optimizer, spec, config, tokenizer, base_folder
     with staged_folder(run.checkpoint_dir) as staging:
         _save_weights(staging / "weights", model, spec, config, tokenizer, base_folder)
         mx.save_safetensors(str(staging / "optimizer.safetensors"), dict(tree_flatten(optimizer.state)))
-        (staging / "state.json").write_text(json.dumps({"step": step, "best": best, "stale": stale}))
+        (staging / "state.json").write_text(json.dumps({"step": step, "best": best, "stale": stale, "backend": "mlx"}))
 
 
 def _load_checkpoint(run, model, optimizer, full_finetune: bool):
     folder = run.checkpoint_dir
-    state = json.loads((folder / "state.json").read_text())
+    state = run.checkpoint_state()
     if full_finetune:
         weights = mx.load(str(folder / "weights" / "model.safetensors"))
         model.load_weights(list(weights.items()))

@@ -41,13 +41,16 @@ class TextGenerator:
         return encode_prompt(self.tokenizer, prompt)
 
     def stream(self, prompt_ids: list[int], sampling: Sampling) -> Iterator[Piece]:
-        """Answer pieces as tokens come; not thread-safe (the server holds a lock around it)."""
+        """Answer pieces as tokens come; not thread-safe (the server runs it on one thread of its own)."""
         from mlx_lm.generate import stream_generate
         from mlx_lm.sample_utils import make_logits_processors, make_sampler
 
         if sampling.seed is not None:
             mx.random.seed(sampling.seed)
-        sampler = make_sampler(temp=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k)
+        # top_k past the vocabulary keeps every token, which is what top_k 0 means.
+        vocabulary = self.model.args.vocab_size if hasattr(self.model, "args") else None
+        top_k = 0 if vocabulary is not None and sampling.top_k >= vocabulary else sampling.top_k
+        sampler = make_sampler(temp=sampling.temperature, top_p=sampling.top_p, top_k=top_k)
         penalty = sampling.repetition_penalty if sampling.repetition_penalty != 1.0 else None
         processors = make_logits_processors(repetition_penalty=penalty)
         stops = StopScanner(sampling.stop)

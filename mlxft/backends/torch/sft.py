@@ -278,8 +278,8 @@ def _load_checkpoint(run, model, optimizer, named, full_finetune: bool, trust_re
     from safetensors.torch import load_file
 
     folder = run.checkpoint_dir
-    state = json.loads((folder / "state.json").read_text())
-    written_by = state.get("backend", "mlx")  # the MLX trainer's state.json names no backend
+    state = run.checkpoint_state()
+    written_by = state["backend"]
     if written_by != "torch":
         raise UserError(f"--resume {run.folder}: its checkpoint was written by the {written_by} backend; "
                         f"resume it with --backend {written_by}")
