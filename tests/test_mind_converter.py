@@ -314,4 +314,22 @@ def test_folder_with_no_usable_rows(tmp_path):
     out = tmp_path / "out"
     with pytest.raises(UserError, match="no rows"):
         convert_mind(mind, out)
-    assert list(out.iterdir()) == []
+    assert not out.exists()  # an error leaves no empty --out folder behind
+
+
+def test_news_or_behaviors_not_in_utf8_are_named_with_their_line(tmp_path):
+    mind = write_mind(tmp_path / "mind")
+    news = (mind / "news.tsv").read_bytes().split(b"\n")
+    news[1] = news[1].replace(b"\t", b"\tCaf\xe9 ", 1)
+    (mind / "news.tsv").write_bytes(b"\n".join(news))
+    message = one_line_error(lambda: convert_mind(mind, tmp_path / "out"))
+    assert message.startswith(f"{mind / 'news.tsv'}:2: not UTF-8 text (byte 0xe9")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_byte_order_mark_on_mind_files_is_accepted(tmp_path):
+    plain = list(iter_tallrec_rows(write_mind(tmp_path / "plain")))
+    mind = write_mind(tmp_path / "bom")
+    for name in ("news.tsv", "behaviors.tsv"):
+        (mind / name).write_bytes(b"\xef\xbb\xbf" + (mind / name).read_bytes())
+    assert list(iter_tallrec_rows(mind)) == plain

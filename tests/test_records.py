@@ -1,4 +1,5 @@
 import json
+import re
 
 import pytest
 
@@ -85,3 +86,41 @@ def test_chat_rows_must_end_with_the_assistant(tmp_path):
     path = write(tmp_path, "a.jsonl", json.dumps({"messages": [{"role": "user", "content": "q"}]}) + "\n")
     with pytest.raises(UserError, match="a.jsonl:1: the last message must be the assistant's answer"):
         detect_schema(load_records(path))
+
+
+LATIN1 = "Café crème".encode("latin-1")  # b"Caf\xe9 cr\xe8me": not UTF-8
+
+
+@pytest.mark.parametrize("name, head, tail", [
+    ("a.jsonl", b'{"text": "ok"}\n{"text": "', b'"}\n'),
+    ("a.json", b'[{"text": "ok"},\n {"text": "', b'"}]\n'),
+    ("a.csv", b'text\nok\n', b'\n'),
+])
+def test_a_file_that_is_not_utf8_is_named_with_its_line(tmp_path, name, head, tail):
+    path = tmp_path / name
+    path.write_bytes(head + LATIN1 + tail)
+    with pytest.raises(UserError, match=rf"{name}:[23]: not UTF-8 text \(byte 0xe9 at column \d+\)"):
+        load_records(path)
+
+
+def test_a_utf8_byte_order_mark_is_accepted(tmp_path):
+    bom = b"\xef\xbb\xbf"
+    (tmp_path / "a.csv").write_bytes(bom + "name,features\nLamp,bright\n".encode())
+    assert load_records(tmp_path / "a.csv")[0].fields == {"name": "Lamp", "features": "bright"}  # not "\ufeffname"
+    (tmp_path / "a.jsonl").write_bytes(bom + b'{"text": "one"}\n')
+    assert load_records(tmp_path / "a.jsonl")[0]["text"] == "one"
+    (tmp_path / "a.json").write_bytes(bom + b'[{"text": "one"}]')
+    assert load_records(tmp_path / "a.json")[0]["text"] == "one"
+
+
+@pytest.mark.parametrize("text, message", [
+    ('{"text": NaN}\n', "NaN is not a JSON number"),
+    ('{"text": -Infinity}\n', "-Infinity is not a JSON number"),
+    ("[" * 100_000 + "]" * 100_000 + "\n", "not valid JSON"),
+    ('{"n": ' + "9" * 5000 + "}\n", "not valid JSON"),
+])
+def test_rows_json_cannot_hold_are_one_line_errors(tmp_path, text, message):
+    path = write(tmp_path, "a.jsonl", text)
+    with pytest.raises(UserError, match=re.escape(f"{path}:1: ") + ".*" + re.escape(message)) as info:
+        load_records(path)
+    assert "\n" not in str(info.value)

@@ -7,10 +7,12 @@ field, a placeholder the CSV lacks) can name the file and line.
 from __future__ import annotations
 
 import csv
+import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from mlxft.data.text import read_lines, read_text
 from mlxft.errors import UserError
 from mlxft.files import write_atomic
 
@@ -68,28 +70,37 @@ def load_records(path: str | Path) -> list[Record]:
 
 def _read_jsonl(path: Path) -> list[Record]:
     records = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path}:{number}: not valid JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise UserError(f"{path}:{number}: expected a JSON object, got {type(row).__name__}")
-            records.append(Record(row, f"{path}:{number}"))
+    for number, line in read_lines(path):
+        if not line.strip():
+            continue
+        row = _parse_json(line, path, number)
+        if not isinstance(row, dict):
+            raise UserError(f"{path}:{number}: expected a JSON object, got {type(row).__name__}")
+        records.append(Record(row, f"{path}:{number}"))
     return records
 
 
+def _parse_json(text: str, path: Path, number: int | None = None):
+    """JSON as the standard defines it: NaN and Infinity are not numbers a row may hold, and a
+    nesting too deep to read or an integer too long to convert is a bad row, not a crash."""
+    try:
+        return json.loads(text, parse_constant=_no_constant)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}:{number or e.lineno}: not valid JSON ({e.msg})") from None
+    except (ValueError, RecursionError) as e:
+        where = f"{path}:{number}" if number else f"{path}"
+        raise UserError(f"{where}: not valid JSON ({str(e).splitlines()[0] if str(e) else 'nested too deeply'})") from None
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not a JSON number")
+
+
 def _read_json(path: Path) -> list[Record]:
-    text = path.read_text(encoding="utf-8")
+    text = read_text(path)
     if not text.strip():
         return []
-    try:
-        rows = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+    rows = _parse_json(text, path)
     if isinstance(rows, dict) and len(rows) == 1 and isinstance(next(iter(rows.values())), list):
         rows = next(iter(rows.values()))  # {"train": [...]} style files
     if not isinstance(rows, list):
@@ -103,8 +114,15 @@ def _read_json(path: Path) -> list[Record]:
 
 
 def _read_csv(path: Path) -> list[Record]:
+    try:
+        return _parse_csv(path, read_text(path))
+    except csv.Error as e:
+        raise UserError(f"{path}: not a CSV file this reader understands ({e})") from None
+
+
+def _parse_csv(path: Path, text: str) -> list[Record]:
     records = []
-    with open(path, encoding="utf-8", newline="") as f:
+    with io.StringIO(text, newline="") as f:
         reader = csv.DictReader(f)
         if reader.fieldnames is None:
             return []

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +25,9 @@ from pathlib import Path
 import numpy as np
 
 from mlxft.data.splits import DEFAULT_FRACTIONS
+from mlxft.data.text import read_lines
 from mlxft.errors import UserError
+from mlxft.files import temporary_file
 
 INSTRUCTION = (
     "Given the user's preference and unpreference, identify whether the user will like the "
@@ -173,17 +174,25 @@ def convert_mind(
     so the split never needs all rows in memory and is the same on every run. Each file is
     written under a temporary name and renamed only once every row is written.
     """
-    f_train, f_valid, _ = _normalised(fractions)
     out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"--out {out_dir}: is a file; name a folder for train.jsonl, valid.jsonl and test.jsonl")
+    _mind_files(mind_dir)  # a wrong input folder is named before any output folder is made
+    made = not out_dir.exists()
     out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        return _convert_into(mind_dir, out_dir, fractions, seed, options)
+    except BaseException:
+        if made and not any(out_dir.iterdir()):
+            out_dir.rmdir()  # an error leaves no empty folder behind
+        raise
+
+
+def _convert_into(mind_dir, out_dir: Path, fractions, seed: int, options) -> ConvertStats:
+    f_train, f_valid, _ = _normalised(fractions)
     stats = ConvertStats()
     rng = np.random.default_rng(seed)
-    temps = {
-        name: tempfile.NamedTemporaryFile(
-            "w", encoding="utf-8", dir=out_dir, prefix=f".{name}.", suffix=".jsonl.tmp", delete=False
-        )
-        for name in SPLITS
-    }
+    temps = {name: temporary_file(out_dir / f"{name}.jsonl") for name in SPLITS}
     try:
         for row in iter_tallrec_rows(mind_dir, stats=stats, **options):
             u = rng.random()
@@ -217,11 +226,9 @@ def _mind_files(mind_dir: str | Path) -> tuple[Path, Path]:
 
 def _numbered_lines(path: Path) -> Iterator[tuple[int, str]]:
     # Only "\n" ends a row: a stray "\r" inside a title must not split it in two.
-    with open(path, encoding="utf-8", newline="\n") as f:
-        for number, line in enumerate(f, start=1):
-            line = line.rstrip("\r\n")
-            if line.strip():
-                yield number, line
+    for number, line in read_lines(path):
+        if line.strip():
+            yield number, line
 
 
 def _read_titles(news_path: Path) -> dict[str, str]:
