@@ -146,3 +146,58 @@ def test_preference_truncation(char_tokenizer):
     example, truncated = encode_preference(PreferencePrompted("ab", "x", "y"), char_tokenizer)
     assert example.prompt_ids == [BOS] + chars("ab") and example.chosen_ids == chars("x") + [EOS]
     assert not truncated
+
+
+class Counting:
+    """A tokenizer that remembers the longest text it was asked to encode."""
+
+    def __init__(self, tokenizer):
+        self.inner, self.longest = tokenizer, 0
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def encode(self, text, add_special_tokens=True):
+        self.longest = max(self.longest, len(text))
+        return self.inner.encode(text, add_special_tokens=add_special_tokens)
+
+
+def long_text(words: int) -> str:
+    import numpy as np
+
+    vocabulary = ["news", "user", "liked", "the", "election", "  ", "weather", "Yes.", "café", "\n", "1999", "-"]
+    rng = np.random.default_rng(0)
+    return " ".join(vocabulary[i] for i in rng.integers(0, len(vocabulary), words))
+
+
+@pytest.mark.parametrize("filler", ["words", "spaces"])
+def test_a_huge_row_is_cut_before_it_is_tokenized(builtin_tokenizer, filler):
+    # Memory follows the cutoff, not the row: a 50 MB row used to be tokenized whole (4.3 GB).
+    # "spaces": the built-in tokenizer folds runs of spaces, so the first piece tried is too short.
+    prompt = long_text(40_000) if filler == "words" else "Question:" + " " * 20_000 + long_text(40_000)
+    answer = long_text(30_000)
+    whole, whole_cut = encode_prompted(Prompted(prompt, answer), builtin_tokenizer, cutoff=None)[0], None
+    counting = Counting(builtin_tokenizer)
+    bounded, truncated = encode_prompted(Prompted(prompt, answer), counting, cutoff=64)
+    whole_cut = whole.input_ids[:64], whole.loss_mask[:64]
+    assert truncated and (bounded.input_ids, bounded.loss_mask) == whole_cut
+    assert counting.longest < len(prompt) / 4
+    # an answer cut at the cutoff: prompt short, answer huge
+    short = "Will the user like it?"
+    full = encode_prompted(Prompted(short, answer), builtin_tokenizer)[0]
+    cut = encode_prompted(Prompted(short, answer), counting, cutoff=100)[0]
+    assert cut.input_ids == full.input_ids[:100] and cut.loss_mask == full.loss_mask[:100]
+
+
+def test_a_huge_preference_prompt_is_cut_at_the_end_it_keeps(builtin_tokenizer):
+    prompt, chosen, rejected = long_text(30_000), long_text(20_000), "No."
+    for mode in ("keep_end", "keep_start"):
+        options = dict(max_length=96, max_prompt_length=64, truncation_mode=mode)
+        full = encode_preference(PreferencePrompted(prompt, chosen, rejected), builtin_tokenizer,
+                                 max_length=None, max_prompt_length=None)[0]
+        counting = Counting(builtin_tokenizer)
+        cut, truncated = encode_preference(PreferencePrompted(prompt, chosen, rejected), counting, **options)
+        expected_prompt = full.prompt_ids[-64:] if mode == "keep_end" else full.prompt_ids[:64]
+        assert truncated and cut.prompt_ids == expected_prompt, mode
+        assert cut.chosen_ids == full.chosen_ids[:32] and cut.rejected_ids == full.rejected_ids
+        assert counting.longest < len(prompt) / 4

@@ -70,15 +70,41 @@ class EncodeReport:
         return text
 
 
-def encode_prompt(tokenizer, prompt: str) -> list[int]:
-    """Prompt ids with the tokenizer's BOS, unless the text (a chat template) already has it."""
+def encode_prompt(tokenizer, prompt: str, limit: int | None = None, keep: str = "start") -> list[int]:
+    """Prompt ids with the tokenizer's BOS, unless the text (a chat template) already has it.
+    With a limit, see encode_bounded: at least limit + 1 ids when the text has more."""
     bos = getattr(tokenizer, "bos_token", None)
     has_bos = bool(bos) and prompt.startswith(bos)
-    return list(tokenizer.encode(prompt, add_special_tokens=not has_bos))
+    return encode_bounded(lambda text: tokenizer.encode(text, add_special_tokens=not has_bos), prompt, limit, keep)
 
 
-def encode_completion(tokenizer, completion: str) -> list[int]:
-    return list(tokenizer.encode(completion, add_special_tokens=False))
+def encode_completion(tokenizer, completion: str, limit: int | None = None) -> list[int]:
+    return encode_bounded(lambda text: tokenizer.encode(text, add_special_tokens=False), completion, limit, "start")
+
+
+# Tokens tokenized past a cut and then thrown away: where a text is cut, its last few tokens can
+# come out otherwise than in the whole text (a word cut in two); these never reach the result.
+CUT_MARGIN = 16
+CHARS_PER_TOKEN = 8  # first guess; most text is 3-5 characters a token, and the guess grows if short
+
+
+def encode_bounded(encode, text: str, limit: int | None, keep: str = "start") -> list[int]:
+    """encode(text), or when the text holds more than `limit` tokens, only its first (keep="start")
+    or last (keep="end") limit + 1 tokens: one more than fits, so the caller sees it was cut.
+
+    A row of 50 MB is not tokenized whole: a piece of (limit + margin) x 8 characters at the kept
+    end is, grown 4x at a time until it holds enough tokens, so memory follows the limit, not the
+    row. The ids are those of the whole text, since the piece's uncertain tokens lie past the cut.
+    """
+    if limit is None:
+        return list(encode(text))
+    chars = (limit + CUT_MARGIN) * CHARS_PER_TOKEN
+    while chars < len(text):
+        ids = list(encode(text[:chars] if keep == "start" else text[-chars:]))
+        if len(ids) > limit + CUT_MARGIN:
+            return ids[: limit + 1] if keep == "start" else ids[-(limit + 1):]
+        chars *= 4
+    return list(encode(text))
 
 
 def encode_prompted(
@@ -91,8 +117,9 @@ def encode_prompted(
     origin: str = "",
 ) -> tuple[Example, bool]:
     """Encode one prompt/completion pair; returns (example, was_truncated)."""
-    prompt_ids = encode_prompt(tokenizer, prompted.prompt)
-    answer_ids = encode_completion(tokenizer, prompted.completion)
+    prompt_ids = encode_prompt(tokenizer, prompted.prompt, cutoff)
+    answer_ids = encode_completion(tokenizer, prompted.completion,
+                                   None if cutoff is None else max(cutoff - len(prompt_ids), 0))
     eos = tokenizer.eos_token_id
     if add_eos and eos is not None and (not answer_ids or answer_ids[-1] != eos):
         answer_ids.append(eos)
@@ -167,8 +194,10 @@ def encode_preference(
 ) -> tuple[PreferenceExample, bool]:
     """Encode a preference pair; the prompt is cut first (keeping its end by default, where the
     question is), then each answer so that prompt + answer fits max_length."""
-    prompt_ids = encode_prompt(tokenizer, prompted.prompt)
-    answers = [encode_completion(tokenizer, text) for text in (prompted.chosen, prompted.rejected)]
+    keep = "end" if truncation_mode == "keep_end" else "start"
+    prompt_ids = encode_prompt(tokenizer, prompted.prompt, max_prompt_length, keep)
+    room = None if max_length is None else max(max_length - min(len(prompt_ids), max_prompt_length or len(prompt_ids)), 0)
+    answers = [encode_completion(tokenizer, text, room) for text in (prompted.chosen, prompted.rejected)]
     eos = tokenizer.eos_token_id
     if add_eos and eos is not None:
         answers = [a if a and a[-1] == eos else a + [eos] for a in answers]
