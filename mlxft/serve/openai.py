@@ -9,6 +9,7 @@ repetition_penalty, and `input` (the Alpaca input that goes with the last user m
 from __future__ import annotations
 
 import json
+import math
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -17,6 +18,8 @@ from mlxft.generation import DEFAULT_MAX_TOKENS, Sampling
 
 ROLES = ("system", "developer", "user", "assistant", "tool")
 MAX_STOPS = 4  # OpenAI's limit
+MAX_INT32 = 2**31 - 1
+MAX_SEED = 2**64 - 1  # MLX seeds are unsigned 64-bit
 
 
 class ApiError(Exception):
@@ -43,12 +46,19 @@ class GenerationRequest:
 
 def parse_json(raw: bytes) -> dict:
     try:
-        body = json.loads(raw)
+        body = json.loads(raw, parse_constant=_not_a_number)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ApiError(400, f"the request body is not valid JSON ({e})", code="invalid_json") from None
+    except (ValueError, RecursionError) as e:  # NaN/Infinity, an integer too long to read, nesting too deep
+        reason = str(e).splitlines()[0] if str(e) else "nested too deeply"
+        raise ApiError(400, f"the request body is not valid JSON ({reason})", code="invalid_json") from None
     if not isinstance(body, dict):
         raise ApiError(400, "the request body must be a JSON object", code="invalid_json")
     return body
+
+
+def _not_a_number(name: str):
+    raise ValueError(f"{name} is not a JSON number")
 
 
 def parse_chat(body: dict, model_id: str) -> GenerationRequest:
@@ -106,7 +116,11 @@ def _streaming(body: dict) -> dict:
     options = body.get("stream_options") or {}
     if not isinstance(options, dict):
         raise ApiError(400, "'stream_options' must be an object", code="invalid_value", param="stream_options")
-    return {"stream": stream, "include_usage": bool(options.get("include_usage"))}
+    include_usage = options.get("include_usage", False)
+    if not isinstance(include_usage, bool):
+        raise ApiError(400, "'stream_options.include_usage' must be true or false", code="invalid_value",
+                       param="stream_options")
+    return {"stream": stream, "include_usage": include_usage}
 
 
 def _sampling(body: dict) -> Sampling:
@@ -121,9 +135,9 @@ def _sampling(body: dict) -> Sampling:
     return Sampling(
         temperature=_number(body, "temperature", 1.0, 0.0, 2.0),
         top_p=_number(body, "top_p", 1.0, 0.0, 1.0, low_open=True),
-        top_k=_integer(body, "top_k", 0, 0),
-        max_tokens=DEFAULT_MAX_TOKENS if max_tokens is None else _integer({"max_tokens": max_tokens}, "max_tokens", 0, 1),
-        seed=_integer(body, "seed", None, None),
+        top_k=_integer(body, "top_k", 0, 0, MAX_INT32),  # above the vocabulary's size it is off, as 0 is
+        max_tokens=DEFAULT_MAX_TOKENS if max_tokens is None else _integer({"max_tokens": max_tokens}, "max_tokens", 0, 1, MAX_INT32),
+        seed=_integer(body, "seed", None, 0, MAX_SEED),
         repetition_penalty=_number(body, "repetition_penalty", 1.0, 0.0, None, low_open=True),
         stop=stops,
     )
@@ -133,20 +147,30 @@ def _number(body: dict, key: str, default, low, high, low_open: bool = False) ->
     value = body.get(key)
     if value is None:
         return default
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or (low_open and value <= low) or value < low \
-            or (high is not None and value > high):
+    number = _as_float(value)
+    if number is None or not math.isfinite(number) or (low_open and number <= low) or number < low \
+            or (high is not None and number > high):
         bounds = f"{'more than' if low_open else 'at least'} {low:g}" + (f" and at most {high:g}" if high is not None else "")
         raise ApiError(400, f"'{key}' must be a number {bounds}", code="invalid_value", param=key)
-    return float(value)
+    return number
 
 
-def _integer(body: dict, key: str, default, low) -> int | None:
+def _as_float(value) -> float | None:
+    """A JSON number as a float (an integer too large for one is infinite); None for anything else."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    try:
+        return float(value)
+    except OverflowError:
+        return math.inf
+
+
+def _integer(body: dict, key: str, default, low: int, high: int) -> int | None:
     value = body.get(key)
     if value is None:
         return default
-    if isinstance(value, bool) or not isinstance(value, int) or (low is not None and value < low):
-        raise ApiError(400, f"'{key}' must be an integer" + (f" of at least {low}" if low is not None else ""),
-                       code="invalid_value", param=key)
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise ApiError(400, f"'{key}' must be an integer from {low} to {high}", code="invalid_value", param=key)
     return value
 
 
