@@ -24,7 +24,13 @@ class Group(click.Group):
         try:
             return super().invoke(ctx)
         except UserError as e:
-            click.echo(f"error: {e}", err=True)
+            # One line, whatever the message quotes of the user's input (a value may hold a newline).
+            click.echo(f"error: {' '.join(str(e).splitlines())}", err=True)
+            sys.exit(2)
+        except (FileExistsError, IsADirectoryError, NotADirectoryError, PermissionError) as e:
+            # A path the user named that cannot be written or read as asked (--out naming a file, a
+            # folder without write permission): their mistake, said in one line.
+            click.echo(f"error: {e.filename}: {e.strerror.lower() if e.strerror else e}", err=True)
             sys.exit(2)
 
 

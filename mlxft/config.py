@@ -246,6 +246,7 @@ def _read_yaml(path: Path, what: str) -> dict:
         raise UserError(f"{what} {path}: not valid YAML ({str(e).splitlines()[0]})") from None
     if values is None:
         return {}
+    _acyclic(values, f"{what} {path}")
     if not isinstance(values, dict):
         raise UserError(f"{what} {path}: expected sections of settings (model:, data:, train:, ...), not {type(values).__name__}")
     return values
@@ -267,12 +268,21 @@ class Given:
             parsed, error = yaml.safe_load(self.raw), None
         except yaml.YAMLError as e:
             parsed, error = None, str(e).splitlines()[0]
-        takes_text = str in options or list[str] in options
-        if takes_text and (error is not None or not (isinstance(parsed, (str, list)) or (parsed is None and type(None) in options))):
+        if str in options and not (isinstance(parsed, str) and error is None or parsed is None and type(None) in options):
             return self.raw
         if error is not None:
-            raise UserError(f"--set {key}={self.raw}: not valid YAML ({error})")
-        return parsed
+            raise UserError(f"--set {key}={self.raw!r}: not valid YAML ({error})")
+        return _acyclic(parsed, f"--set {key}")
+
+
+def _acyclic(value, where: str, seen=()):
+    """YAML's anchors can make a list that holds itself (&a [*a]); no setting is one."""
+    if isinstance(value, (list, dict)):
+        if id(value) in seen:
+            raise UserError(f"{where}: a YAML alias refers to itself")
+        for item in value.values() if isinstance(value, dict) else value:
+            _acyclic(item, where, (*seen, id(value)))
+    return value
 
 
 def _options(hint) -> tuple:
@@ -378,11 +388,18 @@ def _coerce(value, hint, key: str):
             (item_type,) = typing.get_args(option)
             items = value if isinstance(value, list) else [value]
             if all(_fits(v, item_type) for v in items):
-                return [float(v) if item_type is float else v for v in items]
+                return [_float(v, key) if item_type is float else v for v in items]
         elif option is not type(None) and _fits(value, option):
-            return float(value) if option is float else value
+            return _float(value, key) if option is float else value
     expected = " or ".join(getattr(o, "__name__", str(o)) for o in options if o is not type(None))
     raise UserError(f"setting '{key}' must be {expected}, got {value!r}")
+
+
+def _float(value, key: str) -> float:
+    try:
+        return float(value)
+    except OverflowError:  # an integer of 400 digits
+        raise UserError(f"setting '{key}' must be a finite number, got an integer of {len(str(value))} digits") from None
 
 
 def _yaml11_float(value):

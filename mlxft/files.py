@@ -15,6 +15,8 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
+from mlxft.errors import UserError
+
 # Leftovers of a write cut short: ".NAME.<8 random chars>" (a staging folder), the same with
 # ".tmp" (a temporary file) and ".NAME.old" (a folder being replaced). See recover_staged().
 _LEFTOVER = re.compile(r"^\.(?P<target>.+)\.(?:[a-z0-9_]{8}(?:\.tmp)?|old)$")
@@ -53,6 +55,8 @@ def temporary_file(path: Path, mode: str = "w"):
 
 def write_atomic(path: str | Path, text: str) -> None:
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{path}: is a folder; name a file to write")
     path.parent.mkdir(parents=True, exist_ok=True)
     with temporary_file(path) as f:
         try:

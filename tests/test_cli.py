@@ -112,3 +112,19 @@ def test_inspect_csv_through_a_format_string(builtin_tokenizer):
     assert "Features: " in result.output
     truncated = int(result.output.split("(truncated): ")[1].split()[0])
     assert truncated > 0  # a 70-token cutoff must cut some descriptions, and say so
+
+
+def test_outputs_that_name_the_wrong_kind_of_path_are_one_line_errors(tmp_path):
+    (tmp_path / "file").write_text("x")
+    (tmp_path / "folder").mkdir()
+    cases = [
+        (("data", "split", "data/alpaca-sample.json", "--out", tmp_path / "file"), "file: file exists"),
+        (("data", "convert", "pairs", "data/opposing-sample.json", "--out", tmp_path / "folder", "--support-ratio", "0.5"),
+         "folder: is a folder; name a file to write"),
+        (("data", "convert", "mind", "data/mind-sample", "--out", tmp_path / "file"), "file: is a file; name a folder"),
+    ]
+    for args, message in cases:
+        result = run(*args)
+        assert result.exit_code == 2 and message in result.output, result.output
+        assert len(result.output.strip().splitlines()) == 1 and "Traceback" not in result.output
+    assert (tmp_path / "file").read_text() == "x" and not any((tmp_path / "folder").iterdir())

@@ -24,7 +24,7 @@ def test_recipe_with_overrides():
     ("data=3", "'data' must be a section"),
     ("train=5", "'train' must be a section of keys, not a value; set one of its keys"),
     ("train.steps.x=1", "'train.steps' is a value, not a section"),
-    ("train.steps=[1", "--set train.steps=\\[1: not valid YAML"),
+    ("train.steps=[1", "--set train.steps='\\[1': not valid YAML"),
     ("steps", "expected key.sub=value"),
 ])
 def test_bad_overrides_are_named(override, message):
