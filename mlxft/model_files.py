@@ -61,6 +61,26 @@ def load_tokenizer(name_or_dir: str | Path, *, trust_remote_code: bool = False):
         raise UserError(f"model folder {folder}: cannot load its tokenizer ({e})".splitlines()[0]) from None
 
 
+def mlx_config_overrides(config: dict) -> dict:
+    """What mlx-lm must be told of a config.json it would otherwise misread, silently.
+
+    transformers 5 writes the rotary settings as `rope_parameters: {rope_theta, rope_type, ...}`
+    and no top-level `rope_theta`; mlx-lm reads only the top-level key and falls back to 10000,
+    and an instruct model whose theta is 100000 then talks nonsense. The values go back where
+    mlx-lm (and transformers 4) look for them."""
+    overrides = {}
+    rope = config.get("rope_parameters")
+    if isinstance(rope, dict) and "rope_theta" in rope:  # one set for every layer (not gemma3's per-type sets)
+        if "rope_theta" not in config:
+            overrides["rope_theta"] = rope["rope_theta"]
+        kind = rope.get("rope_type", rope.get("type", "default"))
+        if kind != "default" and not config.get("rope_scaling"):
+            overrides["rope_scaling"] = {k: v for k, v in rope.items() if k != "rope_theta"}
+        if "partial_rotary_factor" in rope and "partial_rotary_factor" not in config:
+            overrides["partial_rotary_factor"] = rope["partial_rotary_factor"]
+    return overrides
+
+
 def pad_id(tokenizer) -> int:
     """Padding carries no loss, so any id works; prefer the tokenizer's own pad, then EOS."""
     for candidate in (getattr(tokenizer, "pad_token_id", None), tokenizer.eos_token_id):

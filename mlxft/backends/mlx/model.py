@@ -15,7 +15,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from mlxft.errors import UserError
-from mlxft.model_files import TOKENIZER_FILES, resolve_model_dir
+from mlxft.model_files import TOKENIZER_FILES, mlx_config_overrides, resolve_model_dir
 
 # Model families whose mlx-lm class is `model.model` (the transformer) plus a plain head, so the
 # head can run on the scored positions only. Others fall back to full logits. (Not granite: its
@@ -36,7 +36,8 @@ def load(name: str, *, quantize: int | None = None, trust_remote_code: bool = Fa
     if not list(folder.glob("*.safetensors")):
         raise UserError(f"model {folder}: no *.safetensors weights")
     try:
-        model, tokenizer, config = mlx_lm_load(str(folder), return_config=True, trust_remote_code=trust_remote_code)
+        model, tokenizer, config = mlx_lm_load(str(folder), return_config=True, trust_remote_code=trust_remote_code,
+                                               model_config=mlx_config_overrides(json.loads((folder / "config.json").read_text())))
     except ValueError as e:
         raise UserError(f"model {folder}: mlx-lm cannot load it ({str(e).splitlines()[0]})") from None
     if quantize:
