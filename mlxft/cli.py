@@ -555,6 +555,28 @@ def fuse_command(adapter, model, out_dir, dequantize, quantize, force, backend, 
     click.echo(f"fused {result.merged_modules} modules of {adapter} into {result.base_model} ({precision}): {result.out}")
 
 
+@cli.group("export", cls=Group)
+def export_group():
+    """Write a model in another format (GGUF for llama.cpp and Ollama)."""
+
+
+@export_group.command("gguf")
+@click.argument("source", type=click.Path(path_type=Path))
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="The .gguf file to write.")
+@click.option("--type", "kind", type=click.Choice(["f16", "f32", "q8_0"]), default="f16", show_default=True,
+              help="Weight type; norms stay f32.")
+@click.option("--model", default=None, help="Base model of an adapter; default: the adapter's base_model_name_or_path.")
+@click.option("--ollama", "ollama_name", default=None, help="Also write a Modelfile beside the file for `ollama create NAME`.")
+def export_gguf_command(source, out, kind, model, ollama_name):
+    """SOURCE (a model folder, a run, or an adapter: fused first) as one GGUF file, read back and
+    checked against SOURCE's logits before it is kept."""
+    from mlxft.export import describe, export_gguf
+
+    if not out.name.endswith(".gguf"):
+        raise UserError(f"--out {out}: name a .gguf file")
+    click.echo(describe(export_gguf(source, out, kind, model=model, ollama_name=ollama_name, echo=click.echo)))
+
+
 def _generation_options(function):
     """Options shared by generate, chat and serve: model, adapter, template and sampling."""
     options = [

@@ -19,11 +19,22 @@ HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tik
 
 
 def resolve_model_dir(name: str) -> Path:
-    """'builtin', a local folder, or a hub id (downloaded or taken from the hub cache)."""
+    """The Hugging Face folder of any model name: 'builtin', a local folder, a .gguf file or
+    `ollama:NAME[:TAG]` (converted once into the cache, see mlxft.gguf), or a hub id (downloaded
+    or taken from the hub cache)."""
     if name == BUILTIN:
         from mlxft.builtin import ensure_builtin
 
         return ensure_builtin()
+    if name.startswith("ollama:"):
+        from mlxft import ollama
+        from mlxft.gguf import gguf_folder
+
+        return gguf_folder(ollama.model_file(name))
+    if name.lower().endswith(".gguf"):
+        from mlxft.gguf import gguf_folder
+
+        return gguf_folder(name)
     path = Path(name).expanduser()
     if path.exists():
         if not path.is_dir():
