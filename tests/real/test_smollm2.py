@@ -1,0 +1,86 @@
+"""SmolLM2-135M-Instruct through mlxft: what the built-in model cannot show (a real tokenizer and
+chat template, RoPE theta 100000, tied embeddings, a quantized GGUF source)."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+QUESTION = "What is the capital of France?"
+PROBE = "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\nThe capital"
+
+
+def test_greedy_answer_on_mlx(real_model):
+    from mlxft.backends.mlx.stream import load_generator
+    from mlxft.chat import stream_answer
+    from mlxft.conversation import Conversation, resolve_template
+    from mlxft.generation import Sampling
+
+    generator = load_generator(str(real_model))
+    conversation = Conversation(resolve_template("auto", generator.tokenizer), generator.tokenizer, None)
+    answer = stream_answer(generator, conversation.prompt(QUESTION, ""), Sampling(max_tokens=24), lambda text: None)
+    # Exactly: the folder loaded with the wrong RoPE theta also said "Paris", in French nonsense.
+    assert answer.strip() == "The capital of France is Paris."
+
+
+def test_mlx_and_pytorch_give_the_same_logits_from_the_folder_and_the_gguf(real_model, real_gguf, tmp_path, monkeypatch):
+    import mlx.core as mx
+    import torch
+
+    from mlxft.backends.mlx.model import load as load_mlx
+    from mlxft.backends.torch.model import load as load_torch
+
+    monkeypatch.setenv("MLXFT_HOME", str(tmp_path))
+    mlx_model, tokenizer, _ = load_mlx(str(real_model))
+    ids = [tokenizer.encode(PROBE)]
+    on_mlx = np.array(mlx_model(mx.array(ids)))
+    torch_model, _, _ = load_torch(str(real_gguf), device=torch.device("cpu"))  # the GGUF, converted here again
+    with torch.no_grad():
+        on_torch = torch_model(torch.tensor(ids)).logits.numpy()
+    assert np.abs(on_mlx - on_torch).max() < 1e-3  # measured 1.1e-4, logits up to ~38
+    assert tokenizer.decode([int(on_torch[0, -1].argmax())]).strip() == "of"
+
+
+def mlxft(*args):
+    """The command as a user runs it: in a process of its own, so that on Linux MLX gets the
+    OpenBLAS shim the `mlxft` entry point preloads (in-process MLX training is ~40x slower)."""
+    return subprocess.run([sys.executable, "-m", "mlxft.cli", *map(str, args)], capture_output=True, text=True, timeout=900)
+
+
+@pytest.mark.parametrize("backend", ["mlx", "torch"])
+def test_tallrec_lora_learns_on_both_backends(real_model, tmp_path, backend):
+    out = tmp_path / "run"
+    result = mlxft(
+        "lora", "--recipe", "tallrec", "--model", real_model, "--backend", backend, "--out", out,
+        "--set", "data.max_history=2", "--set", "data.k_shot=24", "--set", "data.max_valid_rows=8",
+        "--set", "train.batch_size=4", "--set", "train.steps=6", "--set", "train.warmup_steps=1",
+        "--set", "train.learning_rate=1e-3", "--set", "train.report_every=1", "--set", "eval.every=0",
+        "--set", "train.checkpoint_every=3")
+    assert result.returncode == 0, result.stdout + result.stderr
+    losses = [r["loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())]
+    assert len(losses) == 6 and np.mean(losses[-2:]) < 0.7 * np.mean(losses[:2]), losses
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["trainable_parameters"] == 30 * 8 * (576 + 576) + 30 * 8 * (576 + 192)  # q_proj and v_proj, r 8
+    for name in ("config.yaml", "best/adapter_model.safetensors", "last/adapter_config.json", "checkpoint/state.json"):
+        assert (out / name).exists(), name
+
+
+def test_export_gguf_reads_back_in_transformers(real_model, tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from mlxft.export import export_gguf
+
+    report = export_gguf(real_model, tmp_path / "smollm2.gguf", "f16", ollama_name="smollm2", echo=lambda *a: None)
+    assert report["check"]["max_relative_difference"] < 5e-3
+    assert "<|im_start|>" in (tmp_path / "Modelfile").read_text()
+    tokenizer = AutoTokenizer.from_pretrained(str(real_model))
+    ids = torch.tensor([tokenizer.encode(PROBE)])
+    with torch.no_grad():
+        source = AutoModelForCausalLM.from_pretrained(str(real_model), dtype=torch.float32)(ids).logits
+        exported = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file="smollm2.gguf", dtype=torch.float32)(ids).logits
+    assert float((exported - source).abs().max() / source.abs().max()) < 5e-3
+    read_back = AutoTokenizer.from_pretrained(str(tmp_path), gguf_file="smollm2.gguf")
+    assert read_back.encode(PROBE) == tokenizer.encode(PROBE) and read_back.chat_template == tokenizer.chat_template
