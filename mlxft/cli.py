@@ -272,7 +272,12 @@ def dpo_command(recipe, model, data_source, out_dir, overrides, quantize, backen
         if key in before and key in after:
             click.echo(f"validation {key[5:]}: {before[key]:.4f} -> {after[key]:.4f}")
     if summary.get("comparison"):
-        click.echo(f"answers before and after: {summary['comparison']['markdown']}")
+        comparison = summary["comparison"]
+        click.echo(f"answers before and after: {comparison['markdown']}")
+        empty = comparison.get("empty_answers") or {}
+        if any(empty.values()):
+            click.echo(f"warning: empty answers, {empty['before']} of {comparison['prompts']} before and {empty['after']} "
+                       "after: is the template right for this model (data.template)?", err=True)
     click.echo(f"adapter: {summary['adapter']}")
 
 
@@ -408,6 +413,10 @@ def eval_generate(model, adapter, data_path, out, template, completion_field, ma
     progress.close()
     write_atomic(out, json.dumps(answered, indent=2, ensure_ascii=False))
     click.echo(f"{len(answered)} rows answered ({template} template) -> {out}")
+    empty = sum(not row["model_response"].strip() for row in answered)
+    if empty:
+        click.echo(f"warning: {empty} of {len(answered)} answers are empty: is --template right for this model "
+                   "(an instruct model needs its chat template)?", err=True)
 
 
 @eval_group.command("judge")

@@ -155,9 +155,17 @@ def write_comparison(folder: Path, rows, before: list[str], after: list[str], co
         if "chosen" in item:
             text += f"\nIn the data: preferred *{_cell(item['chosen'])}*, rejected *{_cell(item['rejected'])}*\n"
         sections.append(text)
-    write_atomic(folder / "comparison.json", json.dumps({"before": starting_point, "after": "last adapter", "items": items}, indent=2))
+    empty = {when: sum(not item[when].strip() for item in items) for when in ("before", "after")}
+    if any(empty.values()):
+        # An instruct model given a prompt outside its chat template often ends its turn at once.
+        header += (f"\n**Empty answers: {empty['before']} of {len(items)} before, {empty['after']} after.** A model that "
+                   f"answers nothing is often reading prompts outside its chat template (data.template: "
+                   f"{config.data.template}).\n")
+    write_atomic(folder / "comparison.json", json.dumps({"before": starting_point, "after": "last adapter", "items": items,
+                                                         "empty_answers": empty}, indent=2))
     write_atomic(folder / "comparison.md", header + "\n" + "\n".join(sections))
-    return {"json": str(folder / "comparison.json"), "markdown": str(folder / "comparison.md"), "prompts": len(items)}
+    return {"json": str(folder / "comparison.json"), "markdown": str(folder / "comparison.md"), "prompts": len(items),
+            "empty_answers": empty}
 
 
 def _prompt_text(prompt) -> str:

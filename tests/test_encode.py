@@ -201,3 +201,19 @@ def test_a_huge_preference_prompt_is_cut_at_the_end_it_keeps(builtin_tokenizer):
         assert truncated and cut.prompt_ids == expected_prompt, mode
         assert cut.chosen_ids == full.chosen_ids[:32] and cut.rejected_ids == full.rejected_ids
         assert counting.longest < len(prompt) / 4
+
+
+def test_auto_renders_prompt_completion_rows_through_the_chat_template_of_an_instruct_model(char_tokenizer):
+    from mlxft.data.templates import schema_and_template
+
+    rows = [Record({"prompt": "Capital of France?", "completion": "Paris."}, "x.jsonl:1")]
+    schema, template = schema_and_template(rows, "auto")
+    assert (schema, template) == ("completion", "auto")
+    assert render(rows[0], schema, template, char_tokenizer) == \
+        Prompted("<|user|>\nCapital of France?<|end|>\n<|assistant|>\n", "Paris.<|end|>\n")
+
+    class BaseTokenizer(type(char_tokenizer)):
+        chat_template = None
+
+    assert render(rows[0], schema, template, BaseTokenizer()) == Prompted("Capital of France?", "Paris.")
+    assert render(rows[0], schema, "plain", char_tokenizer) == Prompted("Capital of France?", "Paris.")

@@ -411,7 +411,20 @@ def test_opposing_rows_become_pairs_by_the_support_ratio(tmp_path):
     splits = load_preference_splits(config.data, support_ratio=0.3)
     by_id = {r["id"]: r for r in splits.train}
     assert [by_id[i]["chosen"] for i in range(10)] == [f"yes {i}" for i in range(3)] + [f"no {i}" for i in range(3, 10)]
-    assert by_id[4].origin == f"{path}:5" and splits.template == "plain"
+    assert by_id[4].origin == f"{path}:5" and splits.template == "auto"  # chat or plain: the tokenizer decides
+
+
+def test_auto_puts_string_prompts_through_the_chat_template_when_the_model_has_one(char_tokenizer):
+    # An instruct model answers a bare "What is 44 plus 39?" with its end-of-turn token at once.
+    row = Record({"prompt": "What is 44 plus 39?", "chosen": "83", "rejected": "84"}, "x.jsonl:1")
+    prompted = render_preference(row, "auto", char_tokenizer)
+    assert prompted.prompt == "<|user|>\nWhat is 44 plus 39?<|end|>\n<|assistant|>\n" and prompted.chosen == "83<|end|>\n"
+
+    class BaseTokenizer(type(char_tokenizer)):
+        chat_template = None
+
+    assert render_preference(row, "auto", BaseTokenizer()).prompt == "What is 44 plus 39?"
+    assert render_preference(row, "plain", char_tokenizer).prompt == "What is 44 plus 39?"  # always overridable
 
 
 def test_conversational_rows_and_system_prompts_go_through_the_chat_template(char_tokenizer):
@@ -431,7 +444,8 @@ def test_long_prompts_and_answers_are_cut_and_counted(char_tokenizer, tmp_path):
         {"prompt": "ab", "chosen": "stuvwxyz", "rejected": "z"},  # chosen + EOS over 10 - 3
         {"prompt": "ab", "chosen": "x", "rejected": "y"},
     ]))
-    config = load_config("dpo", [f"data.source={path}", "data.split=[1,0,0]", "dpo.max_prompt_length=6", "dpo.max_length=10"])
+    config = load_config("dpo", [f"data.source={path}", "data.split=[1,0,0]", "dpo.max_prompt_length=6", "dpo.max_length=10",
+                                 "data.template=plain"])
     splits = load_preference_splits(config.data)
     from mlxft.data.dataset import encode_preference_split
 
@@ -439,3 +453,18 @@ def test_long_prompts_and_answers_are_cut_and_counted(char_tokenizer, tmp_path):
     assert report.truncated == 2 and report.kept == 3 and "2 truncated" in report.summary()
     by_prompt = {char_tokenizer.decode(p.prompt_ids): p for p in pairs}
     assert "cdefgh" in by_prompt and len(by_prompt["<s>ab"].chosen_ids) == 7  # 10 - BOS, a, b
+
+
+def test_empty_answers_are_counted_and_flagged_in_the_comparison(tmp_path):
+    from mlxft.dpo_common import write_comparison
+
+    rows = [Record({"prompt": "What is 44 plus 39?", "chosen": "83", "rejected": "84"}, "p.jsonl:1"),
+            Record({"prompt": "Name a colour.", "chosen": "Blue.", "rejected": "No."}, "p.jsonl:2")]
+    config = load_config("dpo", ["data.template=plain"])
+    report = write_comparison(tmp_path, rows, ["", "Red."], [" \n", "Blue."], config, None, 3)
+    assert report["empty_answers"] == {"before": 1, "after": 1}
+    markdown = (tmp_path / "comparison.md").read_text()
+    assert "**Empty answers: 1 of 2 before, 1 after.**" in markdown and "data.template: plain" in markdown
+    assert json.loads((tmp_path / "comparison.json").read_text())["empty_answers"] == {"before": 1, "after": 1}
+    write_comparison(tmp_path, rows, ["A.", "B."], ["C.", "D."], config, None, 3)
+    assert "Empty answers" not in (tmp_path / "comparison.md").read_text()

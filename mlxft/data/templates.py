@@ -7,7 +7,8 @@ Templates by name:
   plain    the prompt exactly as the row gives it (prompt/completion and text rows)
   any string with {field} placeholders: a format string over the row's fields, e.g.
            "Generate a product description for the following item:\nFeatures: {features}\n\nDescription:"
-  auto     alpaca for Alpaca rows, chat for messages, plain for the rest
+  auto     alpaca for Alpaca rows, chat for messages; a prompt given as a string goes through the
+           tokenizer's chat template as a user message when it has one, else plain
 """
 
 from __future__ import annotations
@@ -70,10 +71,18 @@ def format_fields(template: str) -> list[str]:
     return fields
 
 
+def auto_template(tokenizer) -> str:
+    """What 'auto' means for a prompt given as a string: the model's own chat template, as a user
+    message, when its tokenizer has one (an instruct model answers a bare prompt with its
+    end-of-turn token at once), else the text as it is."""
+    return "chat" if getattr(tokenizer, "chat_template", None) else "plain"
+
+
 def resolve_template(template: str, schema: str | None) -> str:
-    """Pick the concrete template for 'auto' and check that it fits the schema."""
+    """Pick the concrete template for 'auto' and check that it fits the schema. Prompt/completion
+    rows under 'auto' stay 'auto' until the tokenizer is known (see auto_template)."""
     if template == "auto":
-        return {"alpaca": "alpaca", "chat": "chat"}.get(schema or "", "plain")
+        return {"alpaca": "alpaca", "chat": "chat", "completion": "auto"}.get(schema or "", "plain")
     if is_format_string(template):
         format_fields(template)
         return template
@@ -122,6 +131,8 @@ def render(
 ) -> Prompted:
     """One row -> (prompt, completion) under a resolved template (see resolve_template)."""
     fields = record.fields
+    if template == "auto":
+        template = auto_template(tokenizer)
     if is_format_string(template):
         field = completion_field or DEFAULT_COMPLETION_FIELD.get(schema or "")
         if field is None:
@@ -198,11 +209,12 @@ def is_conversational(record: Record) -> bool:
 
 
 def resolve_preference_template(template: str, records: list[Record], tokenizer=None) -> str:
-    """'auto' -> chat for conversational rows, plain otherwise (as TRL applies the chat template
-    to conversational data only); other templates are checked against the rows."""
+    """'auto' -> chat for conversational rows; for string prompts it stays 'auto', which renders
+    through the chat template when the tokenizer has one (auto_template), else plain. Other
+    templates are checked against the rows."""
     conversational = next((r for r in records if is_conversational(r)), None)
     if template == "auto":
-        return "chat" if conversational else "plain"
+        return "chat" if conversational else "auto"
     if conversational is not None and template != "chat":
         raise UserError(f"{conversational.origin}: rows with lists of messages need the chat template, not {template!r}")
     if is_format_string(template):
@@ -221,6 +233,8 @@ def render_preference(record: Record, template: str, tokenizer=None, *, system_p
     message; other templates put it before the prompt as its own paragraph."""
     fields = record.fields
     system_prompt = fields.get("system") or system_prompt
+    if template == "auto":
+        template = auto_template(tokenizer)
     if template == "chat":
         if tokenizer is None or not getattr(tokenizer, "chat_template", None):
             raise UserError("this tokenizer has no chat template; use --set data.template=plain, alpaca, phi3 or a format string")
@@ -237,7 +251,7 @@ def render_preference(record: Record, template: str, tokenizer=None, *, system_p
         prompt = alpaca_prompt(fields["prompt"])
     elif template == "phi3":
         prompt = phi3_prompt(fields["prompt"])
-    elif template in ("plain", "auto"):
+    elif template == "plain":
         prompt = fields["prompt"]
     else:
         prompt = template.format(**{k: _text(v) for k, v in fields.items()})
