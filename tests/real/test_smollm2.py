@@ -84,3 +84,21 @@ def test_export_gguf_reads_back_in_transformers(real_model, tmp_path):
     assert float((exported - source).abs().max() / source.abs().max()) < 5e-3
     read_back = AutoTokenizer.from_pretrained(str(tmp_path), gguf_file="smollm2.gguf")
     assert read_back.encode(PROBE) == tokenizer.encode(PROBE) and read_back.chat_template == tokenizer.chat_template
+
+
+def test_dpo_on_the_bundled_pairs_moves_an_instruct_model(real_model, tmp_path):
+    # PyTorch here (MLX DPO equals it on the tiny models, test_torch_dpo.py); 12 steps, ~60 s.
+    out = tmp_path / "dpo"
+    result = mlxft("dpo", "--recipe", "dpo", "--model", real_model, "--backend", "torch", "--out", out,
+                   "--set", "data.k_shot=48", "--set", "data.max_valid_rows=16", "--set", "train.epochs=2",
+                   "--set", "train.learning_rate=1e-3", "--set", "train.warmup_steps=1", "--set", "eval.every=0",
+                   "--set", "eval.generate_examples=3", "--set", "eval.max_new_tokens=16")
+    assert result.returncode == 0, result.stdout + result.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["before"]["eval_loss"] == pytest.approx(np.log(2), abs=1e-4)  # policy == reference
+    assert summary["after"]["eval_rewards/accuracies"] >= summary["before"]["eval_rewards/accuracies"] + 0.2
+    comparison = json.loads((out / "comparison.json").read_text())
+    assert comparison["empty_answers"] == {"before": 0, "after": 0}  # through the chat template, not bare
+    answers = [(item["before"], item["after"]) for item in comparison["items"]]
+    assert all(sum(c.isalpha() for c in text) > 10 for pair in answers for text in pair), answers
+    assert any(before != after for before, after in answers), answers
