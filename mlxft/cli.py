@@ -562,6 +562,8 @@ def fuse_command(adapter, model, out_dir, dequantize, quantize, force, backend, 
                   trust_remote_code=trust_remote_code)
     precision = f"{result.quantization['bits']}-bit" if result.quantization else "full precision"
     click.echo(f"fused {result.merged_modules} modules of {adapter} into {result.base_model} ({precision}): {result.out}")
+    click.echo(f"checked: the fused model's logits differ from base + adapter by {result.check['fused_vs_adapted']:.1e} "
+               f"of the largest on a {result.check['probe_tokens']}-token probe" + (f" ({result.check['note']})" if "note" in result.check else ""))
 
 
 @cli.group("export", cls=Group)

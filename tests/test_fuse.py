@@ -15,6 +15,7 @@ from mlxft.backends.mlx import lora
 from mlxft.backends.mlx.fuse import fuse
 from mlxft.backends.mlx.model import load
 from mlxft.cli import cli
+from mlxft.errors import UserError
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]  # square, narrow and wide layers
 IDS = [1, 57, 300, 12, 999, 4, 1500, 77]
@@ -189,3 +190,14 @@ def test_a_quantized_base_stays_quantized_with_quantize(quantized_dir, tmp_path)
     error = np.abs(np.array(mx.dequantize(q.weight, q.scales, q.biases, group_size=64, bits=4) - exact))
     step = np.repeat(np.abs(np.array(q.scales)), 64, axis=1)  # MLX scales carry a sign
     assert (error <= step * 1.001).all() and error.max() > 0
+
+
+def test_fuse_checks_its_output_against_base_plus_adapter(adapter, tmp_path, monkeypatch):
+    result = fuse(adapter, tmp_path / "ok")
+    assert result.check["fused_vs_adapted"] < 1e-5 and result.check["probe_tokens"] == 16
+    import mlxft.backends.mlx.fuse as fuse_module
+
+    monkeypatch.setattr(fuse_module, "merge_adapter", lambda model, weights, scale: [])  # a merge that merges nothing
+    with pytest.raises(UserError, match="fuse check failed: the fused model's logits differ from base \\+ adapter"):
+        fuse(adapter, tmp_path / "bad")
+    assert not (tmp_path / "bad").exists()

@@ -47,7 +47,6 @@ from __future__ import annotations
 
 import json
 import time
-from contextlib import contextmanager
 from functools import partial
 
 import mlx.core as mx
@@ -75,6 +74,7 @@ from mlxft.progress import Progress
 from mlxft.runs import Run
 from mlxft.schedule import learning_rate
 from mlxft.training import batch_stream, count_steps, describe, mean_rate, track_best
+from mlxft.saved_check import check_saved_adapter, probe_ids
 
 
 def train(config: RunConfig, run: Run, *, resume: bool = False, adapter: str | None = None, echo=print) -> dict:
@@ -258,6 +258,8 @@ def train(config: RunConfig, run: Run, *, resume: bool = False, adapter: str | N
         if improved:
             _save_weights(run.folder / "best", model, spec, config, tokenizer, folder)
     _save_weights(run.folder / "last", model, spec, config, tokenizer, folder)
+    saved_check = None if config.lora.full_finetune else check_saved_adapter(
+        lora, model, run.folder / "last", probe_ids(valid_set or train_set), echo)
 
     # --- before / after answers ----------------------------------------------------------------
     comparison = None
@@ -289,6 +291,7 @@ def train(config: RunConfig, run: Run, *, resume: bool = False, adapter: str | N
         "trained_tokens": trained_tokens,
         "peak_memory_gb": max((r["peak_memory_gb"] for r in history), default=mlx_model.peak_memory_gb()),
         "adapter": str(run.folder / "best" if (run.folder / "best").exists() else run.folder / "last"),
+        "saved_check": saved_check,
         "before_answers": before_answers,
         "comparison": comparison,
     }
@@ -349,30 +352,12 @@ def make_step(model, optimizer, split_head: bool, max_grad_norm: float | None, d
     return micro_step, update
 
 
-@contextmanager
-def adapter_off(model):
-    """The base model inside the adapted one: every LoRA layer's scale 0 and dropout off, then
-    both put back. Inside mx.compile this holds while the function is traced, which is when
-    these Python attributes are read (see the module docstring)."""
-    layers = list(lora.lora_layers(model).values())
-    scales, training = [layer.scale for layer in layers], model.training
-    for layer in layers:
-        layer.scale = 0.0
-    model.eval()
-    try:
-        yield model
-    finally:
-        for layer, scale in zip(layers, scales):
-            layer.scale = scale
-        model.train(training)
-
-
 def make_reference_step(model, split_head: bool):
     """Compiled: reference log-prob sums [2B] of a pair batch, from the base model (adapter off)."""
 
     @partial(mx.compile, inputs=[model.state])
     def reference_step(arrays):
-        with adapter_off(model):
+        with lora.adapter_off(model):
             logps = sequence_logps(model, arrays, split_head)[0]
         return mx.stop_gradient(logps)
 

@@ -7,6 +7,8 @@ B = lora_b.T, and the initialisation (A uniform within ±1/sqrt(in), B zero) is 
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
@@ -69,7 +71,7 @@ def apply_lora(model, spec: AdapterSpec) -> list[str]:
 
 class AdapterLinear(LoRALinear):
     """mlx-lm's LoRALinear (same weights, initialisation and fuse), except that with scale 0 it is
-    its base layer: DPO's reference switches the adapter off that way (dpo.adapter_off), and the
+    its base layer: DPO's reference switches the adapter off that way (adapter_off below), and the
     low-rank branch would still cost two products and an add per layer for nothing (measured:
     ~15% of a reference forward with LoRA on every linear layer of SmolLM-135M's shape). The
     scale is a Python number, read when mx.compile traces the call."""
@@ -131,3 +133,31 @@ def trainable_parameters(model) -> int:
 
 def total_parameters(model) -> int:
     return sum(v.size for _, v in tree_flatten(model.parameters()))
+
+
+@contextmanager
+def adapter_off(model):
+    """The base model inside the adapted one: every LoRA layer's scale 0 and dropout off, then
+    both put back. Inside mx.compile this holds while the function is traced, which is when
+    these Python attributes are read (see the module docstring)."""
+    layers = list(lora_layers(model).values())
+    scales, training = [layer.scale for layer in layers], model.training
+    for layer in layers:
+        layer.scale = 0.0
+    model.eval()
+    try:
+        yield model
+    finally:
+        for layer, scale in zip(layers, scales):
+            layer.scale = scale
+        model.train(training)
+
+
+def probe_logits(model, ids) -> np.ndarray:
+    """Logits [B, T, V] as float32 numpy, in eval mode (no dropout); the mode is put back."""
+    training = model.training
+    model.eval()
+    try:
+        return np.array(model(mx.array(ids)).astype(mx.float32))
+    finally:
+        model.train(training)

@@ -40,6 +40,7 @@ from mlxft.progress import Progress
 from mlxft.runs import Run
 from mlxft.schedule import learning_rate
 from mlxft.training import answer_ids_for, batch_stream, count_steps, describe, mean_rate, track_best
+from mlxft.saved_check import check_saved_adapter, probe_ids
 
 
 def train(config: RunConfig, run: Run, *, resume: bool = False, adapter: str | None = None, echo=print) -> dict:
@@ -191,6 +192,8 @@ def train(config: RunConfig, run: Run, *, resume: bool = False, adapter: str | N
         if improved:
             _save_weights(run.folder / "best", model, spec, config, tokenizer, folder)
     _save_weights(run.folder / "last", model, spec, config, tokenizer, folder)
+    saved_check = None if config.lora.full_finetune else check_saved_adapter(
+        lora, model, run.folder / "last", probe_ids(valid_set or train_set), echo)
     generations = _answer_held_out(model, tokenizer, splits, config) if ec.generate_examples else []
     history = run.metrics()
     summary = {
@@ -211,6 +214,7 @@ def train(config: RunConfig, run: Run, *, resume: bool = False, adapter: str | N
         "trained_tokens": trained_tokens,
         "peak_memory_gb": max((r["peak_memory_gb"] for r in history), default=mlx_model.peak_memory_gb()),
         "adapter": str(run.folder / "best" if (run.folder / "best").exists() else run.folder / "last"),
+        "saved_check": saved_check,
         "generations": generations,
     }
     run.write_summary(summary)

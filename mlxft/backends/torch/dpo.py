@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import json
 import time
-from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -70,6 +69,7 @@ from mlxft.progress import Progress
 from mlxft.runs import Run
 from mlxft.schedule import learning_rate
 from mlxft.training import batch_stream, count_steps, describe, mean_rate, track_best
+from mlxft.saved_check import check_saved_adapter, probe_ids
 
 
 def train(config: RunConfig, run: Run, *, resume: bool = False, adapter: str | None = None, echo=print) -> dict:
@@ -234,6 +234,8 @@ def train(config: RunConfig, run: Run, *, resume: bool = False, adapter: str | N
         if improved:
             _save_weights(run.folder / "best", model, spec, config, folder)
     _save_weights(run.folder / "last", model, spec, config, folder)
+    saved_check = None if config.lora.full_finetune else check_saved_adapter(
+        lora, model, run.folder / "last", probe_ids(valid_set or train_set), echo)
 
     # --- before / after answers ----------------------------------------------------------------
     comparison = None
@@ -265,6 +267,7 @@ def train(config: RunConfig, run: Run, *, resume: bool = False, adapter: str | N
         "trained_tokens": trained_tokens,
         "peak_memory_gb": max((r["peak_memory_gb"] for r in history), default=torch_model.peak_memory_gb(device)),
         "adapter": str(run.folder / "best" if (run.folder / "best").exists() else run.folder / "last"),
+        "saved_check": saved_check,
         "before_answers": before_answers,
         "comparison": comparison,
     }
@@ -311,29 +314,10 @@ def micro_step(model, tensors: dict, reference, *, split_head: bool, dc, device)
     return sums
 
 
-@contextmanager
-def adapter_off(model):
-    """The base model inside the adapted one, as PEFT's `with model.disable_adapter():` gives it
-    (each LoRA layer's enable_adapters(False): it returns its base layer's output), and with
-    dropout off; both put back afterwards. mlxft injects its LoRA layers into the transformers
-    model itself, so there is no PeftModel to call disable_adapter on."""
-    layers = list(lora.lora_layers(model).values())
-    training = model.training
-    for layer in layers:
-        layer.enable_adapters(False)
-    model.eval()
-    try:
-        yield model
-    finally:
-        for layer in layers:
-            layer.enable_adapters(True)  # PEFT also marks the adapter's weights trainable again here
-        model.train(training)
-
-
 @torch.no_grad()
 def reference_logps(model, tensors: dict, *, split_head: bool) -> torch.Tensor:
     """Reference log-prob sums [2B] of a pair batch, from the base model (adapter off)."""
-    with adapter_off(model):
+    with lora.adapter_off(model):
         return sequence_logps(model, tensors, split_head)[0]
 
 

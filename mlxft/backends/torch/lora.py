@@ -12,6 +12,8 @@ module paths ("model.layers.0.self_attn.q_proj") are the adapter file's paths wi
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import numpy as np
 import torch
 from torch import nn
@@ -131,3 +133,34 @@ def trainable_parameters(model) -> int:
 
 def total_parameters(model) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+@contextmanager
+def adapter_off(model):
+    """The base model inside the adapted one, as PEFT's `with model.disable_adapter():` gives it
+    (each LoRA layer's enable_adapters(False): it returns its base layer's output), and with
+    dropout off; both put back afterwards. mlxft injects its LoRA layers into the transformers
+    model itself, so there is no PeftModel to call disable_adapter on."""
+    layers = list(lora_layers(model).values())
+    training = model.training
+    for layer in layers:
+        layer.enable_adapters(False)
+    model.eval()
+    try:
+        yield model
+    finally:
+        for layer in layers:
+            layer.enable_adapters(True)  # PEFT also marks the adapter's weights trainable again here
+        model.train(training)
+
+
+@torch.no_grad()
+def probe_logits(model, ids) -> np.ndarray:
+    """Logits [B, T, V] as float32 numpy, in eval mode (no dropout); the mode is put back."""
+    training = model.training
+    model.eval()
+    try:
+        device = next(model.parameters()).device
+        return model(torch.tensor(ids, device=device)).logits.float().cpu().numpy()
+    finally:
+        model.train(training)
