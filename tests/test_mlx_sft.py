@@ -263,3 +263,10 @@ def test_resume_of_a_run_that_continued_another_adapter(tiny_model_dir, tmp_path
     backend_train(config, Run.open_for_resume(tmp_path / "b"), resume=True, echo=lambda *a: None)
     assert losses(tmp_path / "b") == pytest.approx(losses(tmp_path / "a"), rel=1e-5)
     assert len(load_adapter(tmp_path / "b/last")[1]) == 2 * 4  # 2 layers x 4 attention projections
+
+
+def test_a_quantized_model_counts_its_parameters_unquantized(tiny_model_dir):
+    full, _, _ = load(str(tiny_model_dir))
+    quantized, _, _ = load(str(tiny_model_dir), quantize=4)
+    assert lora.total_parameters(quantized) == lora.total_parameters(full) == sum(
+        v.size for _, v in tree_flatten(full.parameters()))

@@ -132,7 +132,20 @@ def trainable_parameters(model) -> int:
 
 
 def total_parameters(model) -> int:
-    return sum(v.size for _, v in tree_flatten(model.parameters()))
+    """Parameters as the unquantized model has them: a quantized layer's packed 32-bit words hold
+    32 / bits weights each, and its scales and biases are not parameters of the model (a 4-bit
+    SmolLM2-135M read as 21.5M before)."""
+    quantized = {path: module for path, module in model.named_modules()
+                 if isinstance(module, (nn.QuantizedLinear, nn.QuantizedEmbedding))}
+    total = 0
+    for path, value in tree_flatten(model.parameters()):
+        owner, _, name = path.rpartition(".")
+        module = quantized.get(owner)
+        if module is None:
+            total += value.size
+        elif name == "weight":
+            total += value.size * 32 // module.bits
+    return total
 
 
 @contextmanager
