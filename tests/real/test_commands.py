@@ -101,3 +101,10 @@ def test_serve_answers_the_openai_client(real_model):
 def test_data_inspect_counts_with_the_real_tokenizer(real_model):
     report = json.loads(ok(mlxft("data", "inspect", "data/alpaca-sample.json", "--tokenizer", real_model, "--json")))
     assert report["rows"] > 0 and report["schema"] == "alpaca"
+
+
+def test_eval_rank_scores_mind_impressions(real_model, adapter_run):
+    report = json.loads(ok(mlxft("eval", "rank", "--model", real_model, "--adapter", adapter_run, "--data",
+                                 "data/mind-sample", "--max-impressions", "6", "--max-history", "3", "--json")))
+    assert report["impressions"] + report["skipped_one_class"] == 6 and report["impressions"] > 0
+    assert report["candidates"] > 6 and 0 < report["mrr"] <= 1

@@ -87,10 +87,11 @@ def test_export_gguf_reads_back_in_transformers(real_model, tmp_path):
     assert read_back.encode(PROBE) == tokenizer.encode(PROBE) and read_back.chat_template == tokenizer.chat_template
 
 
-def test_dpo_on_the_bundled_pairs_moves_an_instruct_model(real_model, tmp_path):
-    # PyTorch here (MLX DPO equals it on the tiny models, test_torch_dpo.py); 12 steps, ~60 s.
+@pytest.mark.parametrize("backend", ["mlx", "torch"])
+def test_dpo_on_the_bundled_pairs_moves_an_instruct_model(real_model, tmp_path, backend):
+    # 12 steps of 8 pairs, ~60 s a backend.
     out = tmp_path / "dpo"
-    result = mlxft("dpo", "--recipe", "dpo", "--model", real_model, "--backend", "torch", "--out", out,
+    result = mlxft("dpo", "--recipe", "dpo", "--model", real_model, "--backend", backend, "--out", out,
                    "--set", "data.k_shot=48", "--set", "data.max_valid_rows=16", "--set", "train.epochs=2",
                    "--set", "train.learning_rate=1e-3", "--set", "train.warmup_steps=1", "--set", "eval.every=0",
                    "--set", "eval.generate_examples=3", "--set", "eval.max_new_tokens=16")
