@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from mlxft.data.dataset import encode_preference_split
+from mlxft.data.templates import describe_template
 from mlxft.errors import UserError
 from mlxft.files import write_atomic
 
@@ -31,7 +32,7 @@ def encode_pairs(splits, tokenizer, config, echo) -> tuple[list, list, int]:
     valid_set, valid_report = (encode_preference_split(splits.valid, splits, tokenizer, config.data, dc)
                                if splits.valid else ([], None))
     echo(f"data {splits.source}: {len(splits.train)} train / {len(splits.valid)} valid / {len(splits.test)} test pairs; "
-         f"template {splits.template}; {report.summary()}"
+         f"template {describe_template(splits.template, tokenizer)}; {report.summary()}"
          + (f"; validation: {valid_report.truncated} truncated" if valid_report and valid_report.truncated else ""))
     return train_set, valid_set, report.truncated + (valid_report.truncated if valid_report else 0)
 

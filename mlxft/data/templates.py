@@ -78,6 +78,13 @@ def auto_template(tokenizer) -> str:
     return "chat" if getattr(tokenizer, "chat_template", None) else "plain"
 
 
+def describe_template(template: str, tokenizer) -> str:
+    """'auto (the chat template)' or 'auto (plain)': what a run log says it rendered with."""
+    if template != "auto":
+        return template
+    return "auto (the chat template)" if auto_template(tokenizer) == "chat" else "auto (plain)"
+
+
 def resolve_template(template: str, schema: str | None) -> str:
     """Pick the concrete template for 'auto' and check that it fits the schema. Prompt/completion
     rows under 'auto' stay 'auto' until the tokenizer is known (see auto_template)."""

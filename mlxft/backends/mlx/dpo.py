@@ -56,7 +56,8 @@ import numpy as np
 from mlx.utils import tree_map, tree_unflatten
 
 from mlxft.adapters import AdapterSpec, load_adapter
-from mlxft.backends.mlx import PAD_MULTIPLE, SHARED_PROMPT_FEW_WIDTHS, SHARED_PROMPT_PAD_MULTIPLE, lora, model as mlx_model
+from mlxft.backends.mlx import PAD_MULTIPLE, SHARED_PROMPT_FEW_WIDTHS, SHARED_PROMPT_PAD_MULTIPLE, lora
+from mlxft.backends.mlx import model as mlx_model
 from mlxft.backends.mlx.generate import generate_answer
 from mlxft.backends.mlx.model import logits_at, shared_prompt_logits
 from mlxft.backends.mlx.sft import _save_checkpoint, _save_weights
@@ -65,16 +66,23 @@ from mlxft.data.batching import iterate_pair_batches
 from mlxft.data.dataset import load_preference_splits, prompt_records, resolve_source
 from mlxft.data.records import load_records
 from mlxft.data.shared_prompt import pair_inputs
-from mlxft.dpo_common import (answer_all, cached_reference, compare_rows, encode_pairs, prepare_reference,
-                              write_comparison)
+from mlxft.dpo_common import (
+    answer_all,
+    cached_reference,
+    compare_rows,
+    encode_pairs,
+    prepare_reference,
+    write_comparison,
+)
 from mlxft.dpo_loss import dpo_losses, pair_statistics, summarize, uses_mean_logps
 from mlxft.errors import UserError
-from mlxft.model_files import BUILTIN, pad_id as pad_id_of
+from mlxft.model_files import BUILTIN
+from mlxft.model_files import pad_id as pad_id_of
 from mlxft.progress import Progress
 from mlxft.runs import Run
+from mlxft.saved_check import check_saved_adapter, probe_ids
 from mlxft.schedule import learning_rate
 from mlxft.training import batch_stream, count_steps, describe, mean_rate, track_best
-from mlxft.saved_check import check_saved_adapter, probe_ids
 
 
 def train(config: RunConfig, run: Run, *, resume: bool = False, adapter: str | None = None, echo=print) -> dict:

@@ -59,17 +59,23 @@ from mlxft.data.batching import iterate_pair_batches
 from mlxft.data.dataset import load_preference_splits, prompt_records, resolve_source
 from mlxft.data.records import load_records
 from mlxft.data.shared_prompt import pair_inputs
-from mlxft.dpo_common import (answer_all, cached_reference, compare_rows, encode_pairs, prepare_reference,
-                              write_comparison)
+from mlxft.dpo_common import (
+    answer_all,
+    cached_reference,
+    compare_rows,
+    encode_pairs,
+    prepare_reference,
+    write_comparison,
+)
 from mlxft.dpo_loss import dpo_losses, pair_statistics, summarize, uses_mean_logps
 from mlxft.errors import UserError
 from mlxft.model_files import BUILTIN
 from mlxft.model_files import pad_id as pad_id_of
 from mlxft.progress import Progress
 from mlxft.runs import Run
+from mlxft.saved_check import check_saved_adapter, probe_ids
 from mlxft.schedule import learning_rate
 from mlxft.training import batch_stream, count_steps, describe, mean_rate, track_best
-from mlxft.saved_check import check_saved_adapter, probe_ids
 
 
 def train(config: RunConfig, run: Run, *, resume: bool = False, adapter: str | None = None, echo=print) -> dict:

@@ -34,15 +34,16 @@ from mlxft.backends.torch.evaluate import evaluate
 from mlxft.config import RunConfig
 from mlxft.data.batching import scored_targets
 from mlxft.data.dataset import encode_split, load_splits
+from mlxft.data.templates import describe_template
 from mlxft.errors import UserError
 from mlxft.files import staged_folder
 from mlxft.model_files import BUILTIN, TOKENIZER_OUTPUTS
 from mlxft.model_files import pad_id as pad_id_of
 from mlxft.progress import Progress
 from mlxft.runs import Run
+from mlxft.saved_check import check_saved_adapter, probe_ids
 from mlxft.schedule import learning_rate
 from mlxft.training import answer_ids_for, batch_stream, count_steps, describe, mean_rate, track_best
-from mlxft.saved_check import check_saved_adapter, probe_ids
 
 
 def train(config: RunConfig, run: Run, *, resume: bool = False, adapter: str | None = None, echo=print) -> dict:
@@ -83,7 +84,7 @@ def train(config: RunConfig, run: Run, *, resume: bool = False, adapter: str | N
     train_set, report = encode_split(splits.train, splits, tokenizer, config.data)
     valid_set = encode_split(splits.valid, splits, tokenizer, config.data, for_eval=True)[0] if splits.valid else []
     echo(f"data {splits.source}: {len(splits.train)} train / {len(splits.valid)} valid / {len(splits.test)} test rows; "
-         f"template {splits.template}; {report.summary()}")
+         f"template {describe_template(splits.template, tokenizer)}; {report.summary()}")
     echo(f"run folder: {run.folder}")
     pad_id = pad_id_of(tokenizer)
     answer_ids = answer_ids_for(tokenizer, splits, ec.answers)
