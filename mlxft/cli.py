@@ -153,11 +153,13 @@ def _run_options(function):
     options = [
         click.option("--recipe", default=None, help="A bundled recipe name (see `mlxft recipes`) or a .yaml path."),
         click.option("--model", default=None, help="'builtin' (default), a local Hugging Face folder or a hub id; quantized MLX models train as QLoRA."),
-        click.option("--data", "data_source", default=None, help="A MIND folder, a .json/.jsonl/.csv file, or a folder of train/valid/test.jsonl. Default: the recipe's bundled sample."),
+        click.option("--data", "data_source", default=None,
+                     help="A MIND folder, a .json/.jsonl/.csv file, or a folder of train/valid/test.jsonl. Default: the recipe's bundled sample."),
         click.option("--out", "out_dir", default=None, type=click.Path(path_type=Path), help="Run folder. Default: runs/<recipe>-<time>."),
         click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a recipe setting, e.g. --set train.steps=100 (repeatable)."),
         click.option("--quantize", type=click.Choice(["4", "8"]), default=None, help="Quantize the model on load (QLoRA)."),
-        click.option("--backend", default="auto", show_default=True, type=click.Choice(["auto", "mlx", "torch"]), help="auto: MLX on Apple Silicon; elsewhere PyTorch when installed (measured faster on CPU too), else MLX."),
+        click.option("--backend", default="auto", show_default=True, type=click.Choice(["auto", "mlx", "torch"]),
+                     help="auto: MLX on Apple Silicon; elsewhere PyTorch when installed (measured faster on CPU too), else MLX."),
         click.option("--trust-remote-code", is_flag=True, help="Allow a hub model to run its own code (off by default)."),
     ]
     for option in reversed(options):
@@ -591,7 +593,8 @@ def export_gguf_command(source, out, kind, model, ollama_name):
 def _generation_options(function):
     """Options shared by generate, chat and serve: model, adapter, template and sampling."""
     options = [
-        click.option("--model", default=None, help="'builtin', a local Hugging Face folder (fused or not) or a hub id; default: the adapter's base model, else builtin."),
+        click.option("--model", default=None,
+                     help="'builtin', a local Hugging Face folder (fused or not) or a hub id; default: the adapter's base model, else builtin."),
         click.option("--adapter", default=None, type=click.Path(path_type=Path), help="Apply an adapter (or a run folder's best/) without fusing."),
         click.option("--template", default="auto", show_default=True, type=click.Choice(["auto", "chat", "alpaca", "plain"]),
                      help="auto: the tokenizer's chat template if it has one, else alpaca (single-turn, instruction + optional input)."),
@@ -611,7 +614,8 @@ def _sampling_options(function):
         click.option("--top-k", type=click.IntRange(min=0), default=0, show_default=True, help="Sample among the k likeliest tokens; 0 is off."),
         click.option("--max-tokens", type=click.IntRange(min=1), default=256, show_default=True, help="Longest answer in tokens."),
         click.option("--seed", type=int, default=None, help="Seed for sampling."),
-        click.option("--repetition-penalty", type=click.FloatRange(0, min_open=True), default=1.0, show_default=True, help="Above 1 discourages repeating recent tokens."),
+        click.option("--repetition-penalty", type=click.FloatRange(0, min_open=True), default=1.0, show_default=True,
+                     help="Above 1 discourages repeating recent tokens."),
     ]
     for option in reversed(options):
         function = option(function)
@@ -718,7 +722,8 @@ def doctor_command():
 @click.option("--pad-multiple", type=click.IntRange(min=1), default=None,
               help="Pad every backend's batch widths to a multiple of this (default: as each trainer pads: MLX 16, PyTorch 1).")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a recipe setting, e.g. --set lora.r=16 (repeatable).")
-@click.option("--out", "out_dir", default=None, type=click.Path(path_type=Path), help="Folder for bench.json, bench.png and logs. Default: runs/bench-<workload>-<time>.")
+@click.option("--out", "out_dir", default=None, type=click.Path(path_type=Path),
+              help="Folder for bench.json, bench.png and logs. Default: runs/bench-<workload>-<time>.")
 def bench_command(workload, backends, model, steps, warmup, batch_size, seq_len, threads, pad_multiple, overrides, out_dir):
     """The same workload (data, model, starting adapter, hyperparameters) on each backend, timed
     after warm-up: processed and supervised tokens/s, median step time, peak memory, the loss at

@@ -91,7 +91,9 @@ def read_config(reader) -> dict:
     if arch not in ARCHITECTURES:
         raise UserError(f"GGUF architecture '{arch}' is not supported yet (supported: {', '.join(ARCHITECTURES)})")
     model_type, cls, _ = ARCHITECTURES[arch]
-    get = lambda key, default=None: _field(reader, f"{arch}.{key}", default)  # noqa: E731
+    def get(key, default=None):
+        return _field(reader, f"{arch}.{key}", default)
+
     hidden, heads = int(get("embedding_length")), int(get("attention.head_count"))
     names = {t.name for t in reader.tensors}
     embedding = next(t for t in reader.tensors if t.name == "token_embd.weight")

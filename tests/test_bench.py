@@ -35,7 +35,7 @@ def test_the_table_has_every_column_for_both_backends(both):
             assert row[key] is not None, key
         assert row["tokens_per_second"] > row["supervised_tokens_per_second"] > 0
         assert 0 < row["peak_share"] < 1 and row["peak_memory_gb"] > 0
-    header = printed.splitlines()[printed.splitlines().index(next(l for l in printed.splitlines() if l.startswith("backend")))]
+    header = next(line for line in printed.splitlines() if line.startswith("backend"))
     for title, _ in harness.COLUMNS:
         assert title in header
     assert re.search(r"^mlx +cpu|^mlx +Device\(cpu", printed, re.MULTILINE) and re.search(r"^torch +cpu", printed, re.MULTILINE)

@@ -3,10 +3,9 @@
 import pytest
 
 from mlxft.data.batching import collate
-from mlxft.data.encode import answer_token_ids, encode_prompted, encode_records, encode_preference
+from mlxft.data.encode import answer_token_ids, encode_preference, encode_prompted, encode_records
 from mlxft.data.records import Record
-from mlxft.data.templates import (ALPACA_NO_INPUT, PreferencePrompted, Prompted, render,
-                                  resolve_template)
+from mlxft.data.templates import ALPACA_NO_INPUT, PreferencePrompted, Prompted, render, resolve_template
 from mlxft.errors import UserError
 
 BOS, EOS = 1, 2

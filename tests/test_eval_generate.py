@@ -3,7 +3,6 @@
 import json
 import threading
 
-import pytest
 from click.testing import CliRunner
 
 from mlxft.cli import cli

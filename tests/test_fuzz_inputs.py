@@ -7,7 +7,6 @@ import json
 import typing
 from pathlib import Path
 
-import pytest
 import yaml
 from click.testing import CliRunner
 from hypothesis import HealthCheck, given, settings
@@ -18,7 +17,6 @@ from mlxft.cli import cli
 from mlxft.config import RunConfig, load_config
 from mlxft.data.dataset import encode_preference_split, encode_split, load_preference_splits, load_splits
 from mlxft.errors import UserError
-
 
 
 def fuzz(examples: int):

@@ -2,8 +2,7 @@ import json
 
 import pytest
 
-from mlxft.data.records import load_records
-from mlxft.data.records import write_jsonl
+from mlxft.data.records import load_records, write_jsonl
 from mlxft.data.sources.pairs import opposing_to_preference
 from mlxft.errors import UserError
 

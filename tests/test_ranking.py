@@ -5,12 +5,12 @@ import math
 
 import pytest
 from click.testing import CliRunner
+from test_mind_converter import write_mind
 
 from mlxft.cli import cli
 from mlxft.data.sources.mind import iter_impressions
 from mlxft.errors import UserError
 from mlxft.eval.ranking import mrr, ndcg, ranking_report
-from test_mind_converter import write_mind
 
 LOG2_3, LOG2_5 = math.log2(3), math.log2(5)
 

@@ -6,7 +6,7 @@ import pytest
 
 from mlxft.data.batching import collate_pairs
 from mlxft.data.encode import PreferenceExample
-from mlxft.data.shared_prompt import pair_inputs, padded_width, share_prompts
+from mlxft.data.shared_prompt import padded_width, pair_inputs, share_prompts
 
 PAD = 0
 

@@ -48,7 +48,9 @@ def one_torch_thread():
 
 def random_pairs(n, seed=0, prompt=(5, 30), answer=(2, 12), vocab=500):
     rng = np.random.default_rng(seed)
-    ids = lambda lo_hi: rng.integers(3, vocab, size=int(rng.integers(*lo_hi))).tolist()
+    def ids(lo_hi):
+        return rng.integers(3, vocab, size=int(rng.integers(*lo_hi))).tolist()
+
     return [PreferenceExample(ids(prompt), ids(answer), ids(answer)) for _ in range(n)]
 
 
