@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import sys
@@ -203,7 +202,7 @@ def lora_command(recipe, model, data_source, out_dir, overrides, quantize, backe
 def _train(method, recipe, model, data_source, out_dir, overrides, quantize, backend, trust_remote_code, resume_dir, adapter):
     """Check everything a user gave, then create (or resume) the run folder, hold it, and train.
     A mistake found before the first report leaves no run folder behind (see runs.start)."""
-    from mlxft import runs
+    from mlxft import backends, runs
     from mlxft.backends import is_mlx_quantized, resolve_backend
 
     if resume_dir:
@@ -225,9 +224,8 @@ def _train(method, recipe, model, data_source, out_dir, overrides, quantize, bac
                 raise UserError(f"--resume {resume_dir}: its checkpoint was written by the {written_by} backend; "
                                 f"resume it with --backend {written_by}")
             backend = resolve_backend(written_by)
-        module = f"mlxft.backends.{backend}.{method}"
-        train = importlib.import_module(module).train
-        return train(config, run, resume=run.resumed, adapter=str(adapter) if adapter else None, echo=click.echo)
+        trainer = getattr(backends.get(backend), method)
+        return trainer.train(config, run, resume=run.resumed, adapter=str(adapter) if adapter else None, echo=click.echo)
 
 
 def _check_start_adapter(adapter: Path, config) -> None:
@@ -304,12 +302,10 @@ def eval_auc(model, adapter, data_path, template, answers, batch_size, backend, 
     The two answer tokens come from the tokenizer and template (never hard-coded ids); also
     prints label balance and accuracy at 0.5.
     """
+    from mlxft import backends
     from mlxft.backends import is_mlx_quantized, resolve_backend
 
-    if resolve_backend(backend, quantized=is_mlx_quantized(model)) == "torch":
-        from mlxft.backends.torch.evaluate import score_yes_no
-    else:
-        from mlxft.backends.mlx.evaluate import score_yes_no
+    score_yes_no = backends.get(resolve_backend(backend, quantized=is_mlx_quantized(model))).evaluate.score_yes_no
     positive, _, negative = answers.partition(",")
     if not negative:
         raise UserError("--answers takes two answers, like Yes.,No.")
@@ -346,15 +342,13 @@ def eval_rank(model, adapter, mind_dir, max_history, max_impressions, template, 
     """
     import itertools
 
+    from mlxft import backends
     from mlxft.backends import is_mlx_quantized, resolve_backend
     from mlxft.data.records import Record
     from mlxft.data.sources.mind import iter_impressions
     from mlxft.eval.ranking import ranking_report
 
-    if resolve_backend(backend, quantized=is_mlx_quantized(model)) == "torch":
-        from mlxft.backends.torch.evaluate import score_yes_no
-    else:
-        from mlxft.backends.mlx.evaluate import score_yes_no
+    score_yes_no = backends.get(resolve_backend(backend, quantized=is_mlx_quantized(model))).evaluate.score_yes_no
     impressions = list(itertools.islice(iter_impressions(mind_dir, max_history=max_history), max_impressions))
     records = [Record(row, f"{mind_dir}/behaviors.tsv impression {impression}")
                for impression, rows in impressions for row in rows]

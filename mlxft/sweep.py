@@ -119,10 +119,7 @@ def _test_auc(config: RunConfig, folder: Path, score_yes_no) -> dict:
 
 
 def _backend(name: str):
-    if name == "torch":
-        from mlxft.backends.torch.evaluate import score_yes_no
-        from mlxft.backends.torch.sft import train
-    else:
-        from mlxft.backends.mlx.evaluate import score_yes_no
-        from mlxft.backends.mlx.sft import train
-    return train, score_yes_no
+    from mlxft import backends
+
+    backend = backends.get(name)
+    return backend.sft.train, backend.evaluate.score_yes_no

@@ -386,3 +386,14 @@ def test_qlora_on_cuda_trains(tiny_model_dir, tmp_path):
     config = tiny_config(tiny_model_dir, tmp_path / "q", "model.quantize=4", "train.steps=2")
     summary = torch_sft.train(config, Run.create(tmp_path / "q", config), echo=lambda *a: None)
     assert summary["device"].startswith("cuda") and summary["trainable_parameters"] == 2048
+
+
+def test_one_dispatch_gives_each_backend_its_modules():
+    from mlxft import backends
+    from mlxft.backends.mlx import sft as mlx_sft
+    from mlxft.errors import UserError
+
+    assert backends.get("mlx").sft.train is mlx_sft.train
+    assert backends.get("torch").evaluate.score_yes_no.__module__ == "mlxft.backends.torch.evaluate"
+    with pytest.raises(UserError, match="no backend 'auto'"):
+        backends.get("auto")

@@ -6,6 +6,7 @@ same functions; the CLI only picks one.
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import platform
 from pathlib import Path
@@ -42,6 +43,26 @@ def resolve_backend(name: str, *, supports: tuple[str, ...] = ("mlx", "torch"), 
     # CPU path runs op by op; PyTorch's CPU kernels are tuned for it). Quantized models stay on
     # MLX, which trains them on any device; PyTorch needs CUDA for that.
     return "mlx" if quantized else "torch"
+
+
+class Backend:
+    """One backend's modules under the names every backend has (sft, dpo, evaluate, model, lora,
+    ...), imported when first asked for: `get("torch").sft.train(...)`."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def __getattr__(self, module: str):
+        if module.startswith("_"):
+            raise AttributeError(module)
+        return importlib.import_module(f"mlxft.backends.{self.name}.{module}")
+
+
+def get(name: str) -> Backend:
+    """The one dispatch: a resolved backend name ('mlx' or 'torch', see resolve_backend) -> its modules."""
+    if name not in ("mlx", "torch"):
+        raise UserError(f"no backend '{name}'; resolve --backend first (mlx or torch)")
+    return Backend(name)
 
 
 def is_mlx_quantized(model_name: str | None) -> bool:
