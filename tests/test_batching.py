@@ -1,7 +1,6 @@
 import numpy as np
-import pytest
 
-from mlxft.data.batching import collate, iterate_batches, length_grouped_order, pack, padding_fraction, widen
+from mlxft.data.batching import collate, iterate_batches, length_grouped_order, padding_fraction, widen
 from mlxft.data.encode import Example
 
 
@@ -48,25 +47,3 @@ def test_widening_a_tight_batch_equals_collating_to_the_multiple():
         assert wide.input_ids.shape[1] == -(-9 // multiple) * multiple
         for field in ("input_ids", "loss_mask", "lengths"):
             assert np.array_equal(getattr(wide, field), getattr(direct, field)), (multiple, field)
-    packed = collate(pack(make([4, 3, 2]), max_length=6), pad_id=0)
-    assert widen(packed, 0, 8).segment_ids[:, 6:].sum() == 0 and widen(packed, 0, 8).segment_ids.shape == (2, 8)
-
-
-def test_packing_fits_whole_examples_and_marks_segments():
-    examples = make([6, 5, 4, 3, 2])
-    packed = pack(examples, max_length=10)
-    assert sorted(len(p) for p in packed) == [10, 10]  # 6+4 and 5+3+2: best fit decreasing
-    for p in packed:
-        assert len(p.segment_ids) == len(p) <= 10
-        # segment ids count up per example, and each example's first token carries no loss
-        starts = [i for i in range(len(p)) if i == 0 or p.segment_ids[i] != p.segment_ids[i - 1]]
-        assert [p.segment_ids[i] for i in starts] == list(range(1, len(starts) + 1))
-        assert all(p.loss_mask[i] == 0 for i in starts)
-    batch = collate(packed, pad_id=0)
-    assert batch.segment_ids is not None and batch.padding_fraction == 0.0
-    assert batch.supervised_tokens == 5
-
-
-def test_packing_refuses_examples_longer_than_a_row():
-    with pytest.raises(ValueError, match="1 examples are longer than the packing length 4"):
-        pack(make([3, 5]), max_length=4)

@@ -1,8 +1,7 @@
 """Examples -> padded numpy batches, grouped by length so little compute is spent on padding.
 
-A batch is `input_ids [B, T] int32`, `loss_mask [B, T] int32`, `lengths [B] int32`, and for
-packed rows `segment_ids [B, T] int32` (1, 2, ... per example in the row, 0 on padding), so a
-backend can keep examples in one row from attending to each other.
+A batch is `input_ids [B, T] int32`, `loss_mask [B, T] int32`, `lengths [B] int32`: one example
+a row. (Packing several into a row needs per-row attention boundaries in both backends first.)
 
 mlx-lm's "sort by length" sorts on a length that is always 1 (25% padding seen on real data);
 here batches are drawn from length-sorted windows, and the padding fraction is reported.
@@ -23,7 +22,6 @@ class Batch:
     input_ids: np.ndarray
     loss_mask: np.ndarray
     lengths: np.ndarray
-    segment_ids: np.ndarray | None = None
 
     @property
     def tokens(self) -> int:
@@ -49,8 +47,7 @@ def widen(batch: Batch, pad_id: int, multiple: int) -> Batch:
     def pad(array, value):
         return np.pad(array, ((0, 0), (0, extra)), constant_values=value)
 
-    segments = None if batch.segment_ids is None else pad(batch.segment_ids, 0)
-    return Batch(pad(batch.input_ids, pad_id), pad(batch.loss_mask, 0), batch.lengths, segments)
+    return Batch(pad(batch.input_ids, pad_id), pad(batch.loss_mask, 0), batch.lengths)
 
 
 def collate(examples: Sequence[Example], pad_id: int, pad_to_multiple: int = 1) -> Batch:
@@ -59,17 +56,12 @@ def collate(examples: Sequence[Example], pad_id: int, pad_to_multiple: int = 1) 
     width = -(-longest // pad_to_multiple) * pad_to_multiple
     input_ids = np.full((len(examples), width), pad_id, dtype=np.int32)
     loss_mask = np.zeros((len(examples), width), dtype=np.int32)
-    segment_ids = None
-    if any(isinstance(e, PackedExample) for e in examples):
-        segment_ids = np.zeros((len(examples), width), dtype=np.int32)
     for row, example in enumerate(examples):
         n = len(example)
         input_ids[row, :n] = example.input_ids
         loss_mask[row, :n] = example.loss_mask
-        if segment_ids is not None:
-            segment_ids[row, :n] = example.segment_ids if isinstance(example, PackedExample) else 1
     lengths = np.array([len(e) for e in examples], dtype=np.int32)
-    return Batch(input_ids, loss_mask, lengths, segment_ids)
+    return Batch(input_ids, loss_mask, lengths)
 
 
 def length_grouped_order(lengths: Sequence[int], batch_size: int, seed: int, window: int = 16) -> list[list[int]]:
@@ -157,44 +149,6 @@ def padding_fraction(batches: Sequence[Batch]) -> float:
 
 
 @dataclass
-class PackedExample(Example):
-    segment_ids: list[int] | None = None
-
-
-def pack(examples: Sequence[Example], max_length: int) -> list[PackedExample]:
-    """Best-fit-decreasing packing of whole examples into rows of at most max_length tokens.
-
-    Examples are never split. Their first token already carries no loss, so no example is
-    scored on predicting across the boundary from the one before it.
-    """
-    too_long = [e.origin or str(i) for i, e in enumerate(examples) if len(e) > max_length]
-    if too_long:
-        raise ValueError(f"{len(too_long)} examples are longer than the packing length {max_length}")
-    order = sorted(range(len(examples)), key=lambda i: -len(examples[i]))
-    bins: list[list[int]] = []
-    room: list[int] = []
-    for i in order:
-        n = len(examples[i])
-        fits = [b for b in range(len(bins)) if room[b] >= n]
-        if fits:
-            best = min(fits, key=lambda b: room[b])
-            bins[best].append(i)
-            room[best] -= n
-        else:
-            bins.append([i])
-            room.append(max_length - n)
-    packed = []
-    for members in bins:
-        ids, mask, segments = [], [], []
-        for segment, i in enumerate(members, start=1):
-            ids += examples[i].input_ids
-            mask += examples[i].loss_mask
-            segments += [segment] * len(examples[i])
-        packed.append(PackedExample(ids, mask, ",".join(examples[i].origin for i in members), segments))
-    return packed
-
-
-@dataclass
 class Targets:
     """Where a batch is scored, so a backend runs the LM head only there.
 
@@ -222,12 +176,3 @@ def scored_targets(batch: Batch, pad_to_multiple: int = 4) -> Targets:
         tokens[row, : len(where)] = batch.input_ids[row, where + 1]
         weights[row, : len(where)] = 1.0
     return Targets(positions, tokens, weights)
-
-
-def answer_positions(batch: Batch) -> np.ndarray:
-    """Per row, the position whose output is the first answer token (TALLRec's AUC reads the
-    Yes/No probabilities there). Needs examples encoded without train_on_inputs."""
-    first_scored = batch.loss_mask.argmax(axis=1)
-    if (batch.loss_mask.sum(axis=1) == 0).any():
-        raise ValueError("a row without scored tokens has no answer position")
-    return (first_scored - 1).astype(np.int32)
