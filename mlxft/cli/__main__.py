@@ -1,0 +1,3 @@
+from mlxft.cli import main
+
+main()

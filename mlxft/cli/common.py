@@ -1,0 +1,154 @@
+"""What every `mlxft` command shares: the click group whose errors are one line, the options
+declared once (run, generation, sampling, backend), and small helpers the commands call."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import click
+
+from mlxft import __version__
+from mlxft.errors import UserError
+
+# transformers announces at import that PyTorch is missing; on the MLX side that is expected.
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+
+class Group(click.Group):
+    """Prints a user mistake as one line and exits 2, instead of a traceback."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except UserError as e:
+            # One line, whatever the message quotes of the user's input (a value may hold a newline).
+            click.echo(f"error: {' '.join(str(e).splitlines())}", err=True)
+            sys.exit(2)
+        except (FileExistsError, IsADirectoryError, NotADirectoryError, PermissionError) as e:
+            # A path the user named that cannot be written or read as asked (--out naming a file, a
+            # folder without write permission): their mistake, said in one line.
+            click.echo(f"error: {e.filename}: {e.strerror.lower() if e.strerror else e}", err=True)
+            sys.exit(2)
+
+
+@click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="mlxft")
+def cli():
+    """Fine-tune language models on this machine: MLX first, PyTorch too."""
+
+
+def run_options(function):
+    """Options shared by the commands that train: recipe, model, data, run folder, overrides."""
+    options = [
+        click.option("--recipe", default=None, help="A bundled recipe name (see `mlxft recipes`) or a .yaml path."),
+        click.option("--model", default=None, help="'builtin' (default), a local Hugging Face folder or a hub id; quantized MLX models train as QLoRA."),
+        click.option("--data", "data_source", default=None,
+                     help="A MIND folder, a .json/.jsonl/.csv file, or a folder of train/valid/test.jsonl. Default: the recipe's bundled sample."),
+        click.option("--out", "out_dir", default=None, type=click.Path(path_type=Path), help="Run folder. Default: runs/<recipe>-<time>."),
+        click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a recipe setting, e.g. --set train.steps=100 (repeatable)."),
+        click.option("--quantize", type=click.Choice(["4", "8"]), default=None, help="Quantize the model on load (QLoRA)."),
+        click.option("--backend", default="auto", show_default=True, type=click.Choice(["auto", "mlx", "torch"]),
+                     help="auto: MLX on Apple Silicon; elsewhere PyTorch when installed (measured faster on CPU too), else MLX."),
+        click.option("--trust-remote-code", is_flag=True, help="Allow a hub model to run its own code (off by default)."),
+    ]
+    for option in reversed(options):
+        function = option(function)
+    return function
+
+
+def resolve_config(recipe, model, data_source, out_dir, overrides, quantize, trust_remote_code):
+    from mlxft.config import load_config
+
+    settings = list(overrides)
+    if model:
+        settings.append(f"model.name={model}")
+    if data_source:
+        settings.append(f"data.source={data_source}")
+    if quantize:
+        settings.append(f"model.quantize={quantize}")
+    if trust_remote_code:
+        settings.append("model.trust_remote_code=true")
+    config = load_config(recipe, settings)
+    if out_dir:
+        config.out = str(out_dir)
+    return config
+
+
+def int_list(text: str, what: str) -> list[int]:
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise UserError(f"{what} takes comma-separated whole numbers, like 16,64,256; got {text!r}") from None
+
+
+def mlx_only(backend: str, what: str) -> None:
+    """fuse, generate, chat and serve run on MLX (auto picks it for them); the PyTorch backend has
+    no token streaming yet."""
+    from mlxft.errors import NotImplementedYet
+
+    if backend == "torch":
+        raise NotImplementedYet(f"{what} runs on the MLX backend only for now (the PyTorch backend has no token "
+                                "streaming or weight merging yet); use --backend mlx, which runs on any Linux or macOS host")
+
+
+BACKEND_OPTION = click.option("--backend", default="auto", show_default=True, type=click.Choice(["auto", "mlx", "torch"]),
+                               help="Which backend runs the model; MLX only for now, so auto means MLX here.")
+
+
+def generation_options(function):
+    """Options shared by generate, chat and serve: model, adapter, template and sampling."""
+    options = [
+        click.option("--model", default=None,
+                     help="'builtin', a local Hugging Face folder (fused or not) or a hub id; default: the adapter's base model, else builtin."),
+        click.option("--adapter", default=None, type=click.Path(path_type=Path), help="Apply an adapter (or a run folder's best/) without fusing."),
+        click.option("--template", default="auto", show_default=True, type=click.Choice(["auto", "chat", "alpaca", "plain"]),
+                     help="auto: the tokenizer's chat template if it has one, else alpaca (single-turn, instruction + optional input)."),
+        BACKEND_OPTION,
+        click.option("--trust-remote-code", is_flag=True, help="Allow a hub model to run its own code (off by default)."),
+    ]
+    for option in reversed(options):
+        function = option(function)
+    return function
+
+
+def sampling_options(function):
+    options = [
+        click.option("--system", default=None, help="System prompt."),
+        click.option("--temperature", type=click.FloatRange(0, 2), default=0.0, show_default=True, help="0 is greedy."),
+        click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=1.0, show_default=True, help="Nucleus sampling; 1 is off."),
+        click.option("--top-k", type=click.IntRange(min=0), default=0, show_default=True, help="Sample among the k likeliest tokens; 0 is off."),
+        click.option("--max-tokens", type=click.IntRange(min=1), default=256, show_default=True, help="Longest answer in tokens."),
+        click.option("--seed", type=int, default=None, help="Seed for sampling."),
+        click.option("--repetition-penalty", type=click.FloatRange(0, min_open=True), default=1.0, show_default=True,
+                     help="Above 1 discourages repeating recent tokens."),
+    ]
+    for option in reversed(options):
+        function = option(function)
+    return function
+
+
+def sampling_from(temperature, top_p, top_k, max_tokens, seed, repetition_penalty):
+    from mlxft.generation import Sampling
+
+    return Sampling(temperature=temperature, top_p=top_p, top_k=top_k, max_tokens=max_tokens, seed=seed,
+                    repetition_penalty=repetition_penalty)
+
+
+def load_generator(model, adapter, backend, trust_remote_code, what):
+    mlx_only(backend, what)
+    from mlxft.backends.mlx.stream import load_generator
+
+    return load_generator(model, adapter, trust_remote_code=trust_remote_code)
+
+
+def load_any(path: Path):
+    """Rows from a file, or TALLRec rows from a MIND folder."""
+    from mlxft.data.records import load_records
+
+    if path.is_dir() and (path / "behaviors.tsv").exists():
+        from mlxft.data.dataset import mind_records
+
+        return mind_records(path)
+    return load_records(path)

@@ -1,0 +1,127 @@
+"""`mlxft fuse`, `export gguf`, `generate`, `chat` and `serve`: what is done with a model once trained."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from mlxft.cli.common import BACKEND_OPTION, Group, cli, generation_options, load_generator, mlx_only, sampling_from, sampling_options
+from mlxft.errors import UserError
+
+
+@cli.command("fuse")
+@click.option("--adapter", required=True, type=click.Path(path_type=Path), help="An adapter folder (PEFT layout) or a run folder (its best/, else last/).")
+@click.option("--model", default=None, help="Base model; default: the adapter's base_model_name_or_path.")
+@click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path), help="Folder for the fused model.")
+@click.option("--dequantize", is_flag=True, help="Full-precision output (the default for a quantized base; kept for mlx-lm users).")
+@click.option("--quantize", type=click.Choice(["4", "8"]), default=None, help="Quantize the fused model to 4 or 8 bits.")
+@click.option("--force", is_flag=True, help="Replace a non-empty --out.")
+@BACKEND_OPTION
+@click.option("--trust-remote-code", is_flag=True, help="Allow a hub model to run its own code (off by default).")
+def fuse_command(adapter, model, out_dir, dequantize, quantize, force, backend, trust_remote_code):
+    """Merge an adapter into its base model: a standalone Hugging Face folder that mlx-lm,
+    transformers and mlxft load. A quantized base comes out de-quantized unless --quantize."""
+    from mlxft.adapters import whole_model_folder
+
+    mlx_only(backend, "fuse")
+    if dequantize and quantize:
+        raise UserError("--dequantize and --quantize contradict each other; give one")
+    whole = whole_model_folder(adapter)
+    if whole is not None:
+        click.echo(f"{whole} is already a whole model (full fine-tuning): nothing to fuse; use --model {whole}")
+        return
+    from mlxft.backends.mlx.fuse import fuse
+
+    result = fuse(adapter, out_dir, model=model, quantize=int(quantize) if quantize else None, force=force,
+                  trust_remote_code=trust_remote_code)
+    precision = f"{result.quantization['bits']}-bit" if result.quantization else "full precision"
+    click.echo(f"fused {result.merged_modules} modules of {adapter} into {result.base_model} ({precision}): {result.out}")
+    click.echo(f"checked: the fused model's logits differ from base + adapter by {result.check['fused_vs_adapted']:.1e} "
+               f"of the largest on a {result.check['probe_tokens']}-token probe" + (f" ({result.check['note']})" if "note" in result.check else ""))
+
+
+@cli.group("export", cls=Group)
+def export_group():
+    """Write a model in another format (GGUF for llama.cpp and Ollama)."""
+
+
+@export_group.command("gguf")
+@click.argument("source", type=click.Path(path_type=Path))
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="The .gguf file to write.")
+@click.option("--type", "kind", type=click.Choice(["f16", "f32", "q8_0"]), default="f16", show_default=True,
+              help="Weight type; norms stay f32.")
+@click.option("--model", default=None, help="Base model of an adapter; default: the adapter's base_model_name_or_path.")
+@click.option("--ollama", "ollama_name", default=None, help="Also write a Modelfile beside the file for `ollama create NAME`.")
+def export_gguf_command(source, out, kind, model, ollama_name):
+    """SOURCE (a model folder, a run, or an adapter: fused first) as one GGUF file, read back and
+    checked against SOURCE's logits before it is kept."""
+    from mlxft.export import describe, export_gguf
+
+    if not out.name.endswith(".gguf"):
+        raise UserError(f"--out {out}: name a .gguf file")
+    click.echo(describe(export_gguf(source, out, kind, model=model, ollama_name=ollama_name, echo=click.echo)))
+
+
+@cli.command("generate")
+@generation_options
+@sampling_options
+@click.option("--prompt", required=True, help="The message (with --template alpaca: the instruction).")
+@click.option("--input", "input_text", default="", help="Alpaca input that goes with the instruction.")
+def generate_command(model, adapter, template, backend, trust_remote_code, system, temperature, top_p, top_k,
+                     max_tokens, seed, repetition_penalty, prompt, input_text):
+    """Answer one prompt, streaming the tokens as they come."""
+    from mlxft.chat import stream_answer
+    from mlxft.conversation import Conversation, resolve_template
+
+    generator = load_generator(model, adapter, backend, trust_remote_code, "generate")
+    conversation = Conversation(resolve_template(template, generator.tokenizer), generator.tokenizer, system)
+    sampling = sampling_from(temperature, top_p, top_k, max_tokens, seed, repetition_penalty)
+    stream_answer(generator, conversation.prompt(prompt, input_text), sampling, lambda text: click.echo(text, nl=False))
+    click.echo()
+
+
+@cli.command("chat")
+@generation_options
+@sampling_options
+def chat_command(model, adapter, template, backend, trust_remote_code, system, temperature, top_p, top_k,
+                 max_tokens, seed, repetition_penalty):
+    """Talk with a model in the terminal; answers stream as they come. /reset, /input TEXT, /quit."""
+    from mlxft.chat import run_chat
+    from mlxft.conversation import Conversation, resolve_template
+
+    try:
+        import readline  # noqa: F401  (line editing and history for input())
+    except ImportError:
+        pass
+    generator = load_generator(model, adapter, backend, trust_remote_code, "chat")
+    conversation = Conversation(resolve_template(template, generator.tokenizer), generator.tokenizer, system)
+    run_chat(generator, conversation, sampling_from(temperature, top_p, top_k, max_tokens, seed, repetition_penalty),
+             read=input, write=lambda text: click.echo(text, nl=False))
+
+
+@cli.command("serve")
+@generation_options
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind; loopback keeps the server private to this machine.")
+@click.option("--port", type=click.IntRange(0, 65535), default=8080, show_default=True, help="Port; 0 picks a free one.")
+@click.option("--api-key", default=None, envvar="MLXFT_API_KEY", help="Require 'Authorization: Bearer KEY' on /v1 requests (or set MLXFT_API_KEY).")
+@click.option("--quiet", is_flag=True, help="Do not log each request.")
+def serve_command(model, adapter, template, backend, trust_remote_code, host, port, api_key, quiet):
+    """OpenAI-compatible API (/v1/chat/completions, /v1/completions, /v1/models) and a chat page at /."""
+    from mlxft.serve.server import is_loopback, make_server
+
+    generator = load_generator(model, adapter, backend, trust_remote_code, "serve")
+    try:
+        server = make_server(generator, host=host, port=port, template=template, api_key=api_key,
+                             log=None if quiet else (lambda line: click.echo(line, err=True)))
+    except OSError as e:
+        raise UserError(f"cannot listen on {host}:{port} ({e.strerror or e})") from None
+    if not is_loopback(host) and not api_key:
+        click.echo(f"warning: listening on {host} without --api-key: anyone who can reach this machine can use the model", err=True)
+    click.echo(f"serving {server.model_id} at {server.url} (chat page at /, OpenAI API at /v1); Ctrl-C stops", err=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()

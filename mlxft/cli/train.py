@@ -1,0 +1,135 @@
+"""`mlxft lora`, `mlxft dpo` and `mlxft sweep`: config -> runs.start -> the backend's trainer."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from mlxft.cli.common import cli, int_list, resolve_config, run_options
+from mlxft.errors import UserError
+
+
+@cli.command("lora")
+@run_options
+@click.option("--resume", "resume_dir", default=None, type=click.Path(path_type=Path), help="Continue a stopped run from its last checkpoint.")
+@click.option("--adapter", default=None, type=click.Path(path_type=Path), help="Start from an existing adapter (PEFT layout) instead of a new one.")
+def lora_command(recipe, model, data_source, out_dir, overrides, quantize, backend, trust_remote_code, resume_dir, adapter):
+    """Fine-tune with LoRA (or full fine-tuning: --set lora.full_finetune=true).
+
+    Prints validation loss (and AUC for Yes/No data) before and after, and writes the run folder:
+    config.yaml, metrics.jsonl, summary.json, best/ and last/ adapters, checkpoint/.
+    """
+    summary = _train("sft", recipe, model, data_source, out_dir, overrides, quantize, backend, trust_remote_code,
+                     resume_dir, adapter)
+    _print_outcome(summary)
+
+
+def _train(method, recipe, model, data_source, out_dir, overrides, quantize, backend, trust_remote_code, resume_dir, adapter):
+    """Check everything a user gave, then create (or resume) the run folder, hold it, and train.
+    A mistake found before the first report leaves no run folder behind (see runs.start)."""
+    from mlxft import backends, runs
+    from mlxft.backends import is_mlx_quantized, resolve_backend
+
+    if resume_dir:
+        if recipe or model or data_source or out_dir or overrides or quantize or adapter:
+            raise UserError("--resume continues a run with its own config.yaml; give no other settings")
+        config = None
+    else:
+        if recipe is None:
+            raise UserError(f"name a recipe: --recipe {'tallrec' if method == 'sft' else 'dpo'} (see `mlxft recipes`)")
+        config = resolve_config(recipe, model, data_source, out_dir, overrides, quantize, trust_remote_code)
+        if adapter:
+            _check_start_adapter(adapter, config)
+        backend = resolve_backend(backend, quantized=bool(config.model.quantize) or is_mlx_quantized(config.model.name))
+    with runs.start(config, resume_dir) as (config, run):
+        if resume_dir:
+            # A checkpoint holds one backend's optimizer state.
+            written_by = run.checkpoint_state()["backend"]
+            if backend not in ("auto", written_by):
+                raise UserError(f"--resume {resume_dir}: its checkpoint was written by the {written_by} backend; "
+                                f"resume it with --backend {written_by}")
+            backend = resolve_backend(written_by)
+        trainer = getattr(backends.get(backend), method)
+        return trainer.train(config, run, resume=run.resumed, adapter=str(adapter) if adapter else None, echo=click.echo)
+
+
+def _check_start_adapter(adapter: Path, config) -> None:
+    """--adapter continues a LoRA adapter: refuse what would silently ignore it."""
+    from mlxft.adapters import adapter_folder
+
+    if config.lora.full_finetune:
+        why = " (the recipe's builtin_model section turns it on for the built-in model)" if config.builtin_model.get("lora.full_finetune") else ""
+        raise UserError(f"--adapter continues a LoRA adapter, but this run is full fine-tuning (lora.full_finetune=true{why}); "
+                        "add --set lora.full_finetune=false to train the adapter")
+    adapter_folder(adapter)  # missing, a file, empty: said now, before a run folder exists
+
+
+def _print_outcome(summary: dict) -> None:
+    before, after = summary.get("before") or {}, summary.get("after") or {}
+    for key in ("eval_auc", "eval_loss"):
+        if key in before and key in after:
+            click.echo(f"validation {key[5:]}: {before[key]:.4f} -> {after[key]:.4f}")
+    if summary.get("generations"):
+        for item in summary["generations"]:
+            click.echo(f"--- {item['origin']}\nprompt: {item['prompt']!r}\nanswer: {item['answer']!r}\nexpected: {item['expected']!r}")
+    click.echo(f"adapter: {summary['adapter']}")
+
+
+@cli.command("dpo")
+@run_options
+@click.option("--resume", "resume_dir", default=None, type=click.Path(path_type=Path), help="Continue a stopped run from its last checkpoint.")
+@click.option("--adapter", default=None, type=click.Path(path_type=Path),
+              help="Continue an existing adapter (PEFT layout, e.g. an SFT run's best/); it is also the reference.")
+def dpo_command(recipe, model, data_source, out_dir, overrides, quantize, backend, trust_remote_code, resume_dir, adapter):
+    """Direct preference optimisation on {prompt, chosen, rejected} pairs (or support/oppose rows
+    with --set dpo.support_ratio=R).
+
+    The reference is the base model with the adapter switched off (no second copy of the
+    weights), or the adapter it continues. Prints validation loss and reward accuracy before and
+    after, and writes the run folder: config.yaml, metrics.jsonl (TRL's metric names),
+    summary.json, best/ and last/ adapters, checkpoint/, and comparison.md / comparison.json
+    with held-out answers before and after.
+    """
+    summary = _train("dpo", recipe, model, data_source, out_dir, overrides, quantize, backend, trust_remote_code,
+                     resume_dir, adapter)
+    before, after = summary.get("before") or {}, summary.get("after") or {}
+    for key in ("eval_loss", "eval_rewards/accuracies", "eval_rewards/margins"):
+        if key in before and key in after:
+            click.echo(f"validation {key[5:]}: {before[key]:.4f} -> {after[key]:.4f}")
+    if summary.get("comparison"):
+        comparison = summary["comparison"]
+        click.echo(f"answers before and after: {comparison['markdown']}")
+        empty = comparison.get("empty_answers") or {}
+        if any(empty.values()):
+            click.echo(f"warning: empty answers, {empty['before']} of {comparison['prompts']} before and {empty['after']} "
+                       "after: is the template right for this model (data.template)?", err=True)
+    click.echo(f"adapter: {summary['adapter']}")
+
+
+@cli.command("sweep")
+@click.option("--recipe", required=True, help="A bundled recipe name or a .yaml path.")
+@click.option("--shots", default="16,64,256", show_default=True, help="Training rows K per run, comma-separated.")
+@click.option("--seeds", default="0,1,2", show_default=True, help="Seeds per K (which K rows, and training), comma-separated.")
+@click.option("--model", default=None, help="'builtin' (default), a local Hugging Face folder or a hub id.")
+@click.option("--data", "data_source", default=None, help="A MIND folder, a .json/.jsonl/.csv file, or a folder of splits.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a recipe setting in every run (repeatable).")
+@click.option("--out", "out_dir", default=None, type=click.Path(path_type=Path), help="Sweep folder (default runs/sweep-<recipe>).")
+@click.option("--backend", default="auto", show_default=True, type=click.Choice(["auto", "mlx", "torch"]), help="Which backend trains and scores.")
+def sweep_command(recipe, shots, seeds, model, data_source, overrides, out_dir, backend):
+    """TALLRec's Table 1: a run per (K, seed) on K sampled rows, each scored by AUC on the same
+    test split; prints mean ± std per K and writes sweep.md, sweep.json and sweep.png.
+
+    Finished runs are reused only when their whole config matches (its hash names the folder).
+    """
+    from mlxft.backends import is_mlx_quantized, resolve_backend
+    from mlxft.sweep import sweep
+
+    settings = list(overrides) + ([f"model.name={model}"] if model else []) + ([f"data.source={data_source}"] if data_source else [])
+    name = Path(recipe).stem
+    out = out_dir or Path("runs") / f"sweep-{name}"
+    report = sweep(recipe, int_list(shots, "--shots"), int_list(seeds, "--seeds"), settings, out,
+                   backend=resolve_backend(backend, quantized=is_mlx_quantized(model)), echo=click.echo)
+    click.echo((out / "sweep.md").read_text(), nl=False)
+    click.echo(f"sweep folder: {out}")
+    return report
