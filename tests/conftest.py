@@ -90,23 +90,28 @@ def unpatched_llama_blocks():
 
 @pytest.fixture
 def stop_after_step(monkeypatch):
-    """stop_after_step(n): the next training run in this process is killed (KeyboardInterrupt)
-    right after its n-th optimizer step, as Ctrl-C or a kill would stop it; later runs go on."""
+    """stop_after_step(n): the next training run in this process is killed (KeyboardInterrupt, as
+    Ctrl-C or a kill stops it) right after its n-th optimizer step. The returned counter then
+    counts the optimizer steps taken after the kill, so a resume test can assert that only the
+    remaining steps ran."""
     from mlxft.progress import Progress
 
     original = Progress.update
 
-    def arm(n: int):
-        calls = {"n": 0}
+    def arm(n: int) -> dict:
+        counter = {"before_stop": 0, "after_stop": 0}
 
         def update(self, *args, **kwargs):
-            calls["n"] += 1
-            if calls["n"] == n:
-                monkeypatch.setattr(Progress, "update", original)
-                raise KeyboardInterrupt
+            if counter["before_stop"] < n:
+                counter["before_stop"] += 1
+                if counter["before_stop"] == n:
+                    raise KeyboardInterrupt
+            else:
+                counter["after_stop"] += 1
             return original(self, *args, **kwargs)
 
         monkeypatch.setattr(Progress, "update", update)
+        return counter
 
     return arm
 

@@ -25,7 +25,6 @@ from mlxft.data.templates import render_preference
 from mlxft.dpo_common import REFERENCE_FILE
 from mlxft.dpo_loss import dpo_losses, summarize
 from mlxft.errors import UserError
-from mlxft.progress import Progress
 from mlxft.runs import Run
 
 TRL_NAMES = ["rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
@@ -309,27 +308,19 @@ def test_accumulation_equals_one_big_batch_weighted_by_pairs(tiny_model_dir):
 
 # --- runs ------------------------------------------------------------------------------------------
 
-def test_resume_after_a_kill_reproduces_the_losses(tiny_model_dir, tmp_path, monkeypatch):
+def test_resume_after_a_kill_reproduces_the_losses(tiny_model_dir, tmp_path, stop_after_step):
     run_training(tiny_config(tiny_model_dir, tmp_path / "a"), tmp_path / "a")
     uninterrupted = losses(tmp_path / "a")
     assert uninterrupted[0] == pytest.approx(math.log(2), abs=1e-5) and uninterrupted[-1] < uninterrupted[0]
 
     killed = tiny_config(tiny_model_dir, tmp_path / "b")
-    original, calls = Progress.update, {"n": 0}
-
-    def dies_at_step_5(self, loss):
-        calls["n"] += 1
-        if calls["n"] == 5:
-            raise KeyboardInterrupt  # killed after step 5, with a checkpoint at step 3
-        original(self, loss)
-
-    monkeypatch.setattr(Progress, "update", dies_at_step_5)
+    steps = stop_after_step(5)  # killed after step 5, with a checkpoint at step 3
     with pytest.raises(KeyboardInterrupt):
         run_training(killed, tmp_path / "b")
-    monkeypatch.setattr(Progress, "update", original)
     assert json.loads((tmp_path / "b/checkpoint/state.json").read_text())["step"] == 3
 
     dpo.train(killed, Run.open_for_resume(tmp_path / "b"), resume=True, echo=lambda *a: None)
+    assert steps["after_stop"] == 3  # steps 4 to 6, and only those
     assert losses(tmp_path / "b") == pytest.approx(uninterrupted, rel=1e-5)
 
 

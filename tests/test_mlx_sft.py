@@ -15,7 +15,6 @@ from mlxft.backends.mlx.sft import make_step, train
 from mlxft.config import load_config
 from mlxft.data.batching import collate, scored_targets
 from mlxft.data.encode import Example
-from mlxft.progress import Progress
 from mlxft.runs import Run
 
 
@@ -51,28 +50,19 @@ def test_golden_losses_and_run_folder(tiny_model_dir, tmp_path):
     assert summary["steps"] == 6 and summary["trainable_parameters"] == 2048
 
 
-def test_resume_after_a_kill_reproduces_the_losses(tiny_model_dir, tmp_path, monkeypatch):
+def test_resume_after_a_kill_reproduces_the_losses(tiny_model_dir, tmp_path, stop_after_step):
     config = tiny_config(tiny_model_dir, tmp_path / "a")
     run_training(config, tmp_path / "a")
     uninterrupted = losses(tmp_path / "a")
 
     killed = tiny_config(tiny_model_dir, tmp_path / "b")
-    original = Progress.update
-    calls = {"n": 0}
-
-    def dies_at_step_5(self, loss):
-        calls["n"] += 1
-        if calls["n"] == 5:
-            raise KeyboardInterrupt  # killed after step 5, with a checkpoint at step 3
-        original(self, loss)
-
-    monkeypatch.setattr(Progress, "update", dies_at_step_5)
+    steps = stop_after_step(5)  # killed after step 5, with a checkpoint at step 3
     with pytest.raises(KeyboardInterrupt):
         run_training(killed, tmp_path / "b")
-    monkeypatch.setattr(Progress, "update", original)
     assert json.loads((tmp_path / "b/checkpoint/state.json").read_text())["step"] == 3
 
     train(killed, Run.open_for_resume(tmp_path / "b"), resume=True, echo=lambda *a: None)
+    assert steps["after_stop"] == 3  # steps 4 to 6, and only those
     assert losses(tmp_path / "b") == pytest.approx(uninterrupted, rel=1e-5)
 
 
@@ -229,7 +219,7 @@ def test_gradient_checkpointing_with_dropout_is_refused(tiny_model_dir, tmp_path
 
 
 @pytest.mark.parametrize("backend", ["mlx", "torch"])
-def test_resume_of_a_run_that_continued_another_adapter(tiny_model_dir, tmp_path, monkeypatch, backend):
+def test_resume_of_a_run_that_continued_another_adapter(tiny_model_dir, tmp_path, stop_after_step, backend):
     # The continued adapter covers other modules than the recipe's q_proj/v_proj: a resume must
     # rebuild that adapter's layers, not the recipe's.
     if backend == "torch":
@@ -248,19 +238,11 @@ def test_resume_of_a_run_that_continued_another_adapter(tiny_model_dir, tmp_path
     config, run = continued("a")
     backend_train(config, run, adapter=str(tmp_path / "first/last"), echo=lambda *a: None)
     config, run = continued("b")
-    original, calls = Progress.update, {"n": 0}
-
-    def dies_at_step_3(self, loss=None):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt
-        original(self, loss)
-
-    monkeypatch.setattr(Progress, "update", dies_at_step_3)
+    steps = stop_after_step(3)
     with pytest.raises(KeyboardInterrupt):
         backend_train(config, run, adapter=str(tmp_path / "first/last"), echo=lambda *a: None)
-    monkeypatch.setattr(Progress, "update", original)
     backend_train(config, Run.open_for_resume(tmp_path / "b"), resume=True, echo=lambda *a: None)
+    assert steps["after_stop"] == 3  # checkpoint at 2 of 5: steps 3 to 5
     assert losses(tmp_path / "b") == pytest.approx(losses(tmp_path / "a"), rel=1e-5)
     assert len(load_adapter(tmp_path / "b/last")[1]) == 2 * 4  # 2 layers x 4 attention projections
 

@@ -28,7 +28,6 @@ from mlxft.cli import cli
 from mlxft.config import load_config
 from mlxft.data.batching import collate, scored_targets
 from mlxft.data.encode import Example
-from mlxft.progress import Progress
 from mlxft.runs import Run
 from mlxft.schedule import learning_rate
 
@@ -247,29 +246,20 @@ def test_cli_torch_run_matches_the_mlx_run_folder(tiny_model_dir, tmp_path):
     (["lora.dropout=0.3", "train.weight_decay=0.01"], 2 * 2 * 8 * (32 + 32)),  # layers x (q, v) x r x (in + out)
     (["lora.full_finetune=true"], 2048 * 32 + 2 * (4 * 32 * 32 + 3 * 32 * 64 + 2 * 32) + 32),  # tied head: once
 ], ids=["lora-dropout", "full"])
-def test_resume_after_a_kill_reproduces_the_losses(tiny_model_dir, tmp_path, monkeypatch, extra, trainable):
+def test_resume_after_a_kill_reproduces_the_losses(tiny_model_dir, tmp_path, stop_after_step, extra, trainable):
     config = tiny_config(tiny_model_dir, tmp_path / "a", *extra)
     summary = torch_sft.train(config, Run.create(tmp_path / "a", config), echo=lambda *a: None)
     assert summary["trainable_parameters"] == trainable  # the same counts as the MLX trainer's
     uninterrupted = losses(tmp_path / "a")
 
     killed = tiny_config(tiny_model_dir, tmp_path / "b", *extra)
-    original = Progress.update
-    calls = {"n": 0}
-
-    def dies_at_step_5(self, loss):
-        calls["n"] += 1
-        if calls["n"] == 5:
-            raise KeyboardInterrupt  # killed after step 5, with a checkpoint at step 3
-        original(self, loss)
-
-    monkeypatch.setattr(Progress, "update", dies_at_step_5)
+    steps = stop_after_step(5)  # killed after step 5, with a checkpoint at step 3
     with pytest.raises(KeyboardInterrupt):
         torch_sft.train(killed, Run.create(tmp_path / "b", killed), echo=lambda *a: None)
-    monkeypatch.setattr(Progress, "update", original)
     assert json.loads((tmp_path / "b/checkpoint/state.json").read_text())["step"] == 3
 
     torch_sft.train(killed, Run.open_for_resume(tmp_path / "b"), resume=True, echo=lambda *a: None)
+    assert steps["after_stop"] == 3  # steps 4 to 6, and only those
     assert losses(tmp_path / "b") == pytest.approx(uninterrupted, rel=1e-6)
     assert len(set(uninterrupted)) == 6  # six different steps, not one loss six times
     if "lora.full_finetune=true" in extra:  # a fully fine-tuned model folder loads on MLX as it is

@@ -28,7 +28,6 @@ from mlxft.data.batching import collate_pairs
 from mlxft.data.encode import PreferenceExample
 from mlxft.dpo_common import REFERENCE_FILE
 from mlxft.dpo_loss import summarize
-from mlxft.progress import Progress
 from mlxft.runs import Run
 from mlxft.schedule import learning_rate
 
@@ -317,7 +316,7 @@ def test_cli_torch_run_matches_the_mlx_run_folder(tiny_model_dir, tmp_path):
 
 @pytest.mark.parametrize("extra", [["lora.dropout=0.1"], ["dpo.precompute_reference=true", "train.grad_accumulation=2"]],
                          ids=["adapter-off-reference-with-dropout", "cached-reference-accumulated"])
-def test_resume_after_a_kill_reproduces_the_losses(tiny_model_dir, tmp_path, monkeypatch, extra):
+def test_resume_after_a_kill_reproduces_the_losses(tiny_model_dir, tmp_path, stop_after_step, extra):
     config = tiny_config(tiny_model_dir, tmp_path / "a", *extra)
     torch_dpo.train(config, Run.create(tmp_path / "a", config), echo=lambda *a: None)
     uninterrupted = losses(tmp_path / "a")
@@ -325,22 +324,14 @@ def test_resume_after_a_kill_reproduces_the_losses(tiny_model_dir, tmp_path, mon
     assert len(set(uninterrupted)) == 6
 
     killed = tiny_config(tiny_model_dir, tmp_path / "b", *extra)
-    original, calls = Progress.update, {"n": 0}
-
-    def dies_at_step_5(self, loss):
-        calls["n"] += 1
-        if calls["n"] == 5:
-            raise KeyboardInterrupt  # killed after step 5, with a checkpoint at step 3
-        original(self, loss)
-
-    monkeypatch.setattr(Progress, "update", dies_at_step_5)
+    steps = stop_after_step(5)  # killed after step 5, with a checkpoint at step 3
     with pytest.raises(KeyboardInterrupt):
         torch_dpo.train(killed, Run.create(tmp_path / "b", killed), echo=lambda *a: None)
-    monkeypatch.setattr(Progress, "update", original)
     assert json.loads((tmp_path / "b/checkpoint/state.json").read_text())["step"] == 3
     assert (tmp_path / "b" / REFERENCE_FILE).exists() == ("dpo.precompute_reference=true" in extra)
 
     torch_dpo.train(killed, Run.open_for_resume(tmp_path / "b"), resume=True, echo=lambda *a: None)
+    assert steps["after_stop"] == 3  # steps 4 to 6, and only those
     assert losses(tmp_path / "b") == pytest.approx(uninterrupted, rel=1e-6)
 
 
