@@ -214,7 +214,7 @@ def test_same_weights_same_pairs_same_loss_and_metrics(adapted_twins, name):
     scale = max(np.abs(np.array(g)).max() for g in mlx_grads.values())
     worst = max(np.abs(grads[k] - np.array(mlx_grads[k])).max() for k in grads)
     print(f"gradients: max |torch - mlx| {worst:.2e} of max |g| {scale:.2e}")
-    assert worst < 1e-3 * scale
+    assert worst < 3e-5 * scale  # measured: up to 2.2e-6 of the scale
 
 
 def test_optimizer_steps_agree_with_mlx(tiny_model_dir):
@@ -261,8 +261,8 @@ def test_optimizer_steps_agree_with_mlx(tiny_model_dir):
     print(f"losses MLX {np.round(mlx_steps[:, 0], 5).tolist()}, max |torch - mlx| loss "
           f"{np.abs(torch_steps[:, 0] - mlx_steps[:, 0]).max():.2e}, grad norm {np.abs(torch_steps[:, 1] - mlx_steps[:, 1]).max():.2e}")
     assert mlx_steps[0, 0] == pytest.approx(math.log(2), abs=1e-6)
-    assert np.abs(torch_steps[:, 0] - mlx_steps[:, 0]).max() < 1e-3
-    assert np.abs(torch_steps[:, 1] - mlx_steps[:, 1]).max() < 1e-3 * mlx_steps[:, 1].max()
+    assert np.abs(torch_steps[:, 0] - mlx_steps[:, 0]).max() < 1e-5  # measured: 8.9e-7
+    assert np.abs(torch_steps[:, 1] - mlx_steps[:, 1]).max() < 3e-5 * mlx_steps[:, 1].max()  # measured: 3.4e-6 of it
     assert mlx_steps[-1, 0] < mlx_steps[0, 0] - 0.05  # it trained: the agreement is not of two idle runs
     assert (mlx_steps[:, 1] > max_norm).any()  # and clipping was in play
     mlx_end, torch_end = mlx_lora.adapter_weights(m), torch_lora.adapter_weights(t)
