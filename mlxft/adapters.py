@@ -168,3 +168,25 @@ def check_modules(adapter_modules, model_modules: dict[str, tuple[int, int]], wh
                 f"adapter {where} does not fit this base model: '{module}' is {out_dim}x{in_dim} in the model "
                 f"but the adapter is for {b.shape[0]}x{a.shape[1]}"
             )
+
+
+def layer_index(path: str) -> int:
+    """The block a module path belongs to: 'model.layers.3.self_attn.q_proj' -> 3."""
+    parts = path.split(".")
+    return int(parts[parts.index("layers") + 1])
+
+
+def select_modules(modules: dict[str, tuple[int, int]], target_modules: list[str], layers: list[int] | None) -> list[str]:
+    """The paths an adapter spec adapts among a model's linear layers ({path: (out, in)}, from a
+    backend's linear_modules), in block order; one-line errors name what the model has instead."""
+    names = sorted({p.rsplit(".", 1)[-1] for p in modules})
+    unknown = [t for t in target_modules if t not in names]
+    if unknown:
+        raise UserError(f"target module '{unknown[0]}' is not in this model; its linear layers are: {', '.join(names)}")
+    n_layers = len({layer_index(p) for p in modules})
+    if layers is not None:
+        bad = [i for i in layers if not 0 <= i < n_layers]
+        if bad:
+            raise UserError(f"layer {bad[0]} does not exist; this model has layers 0..{n_layers - 1}")
+    chosen = [p for p in modules if p.rsplit(".", 1)[-1] in target_modules and (layers is None or layer_index(p) in layers)]
+    return sorted(chosen, key=lambda p: (layer_index(p), p))

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mlxft.adapters import AdapterSpec
+from mlxft.adapters import AdapterSpec, layer_index
 from mlxft.config import RunConfig, dump_config, load_config
 from mlxft.data.batching import Batch, iterate_pair_batches, widen
 from mlxft.errors import UserError
@@ -143,16 +143,11 @@ def initial_adapter(paths: dict[str, tuple[int, int]], r: int, seed: int) -> dic
     the modules' order from `seed`: the starting point of every backend."""
     rng = np.random.default_rng(seed)
     weights = {}
-    for path in sorted(paths, key=lambda p: (_layer_index(p), p)):
+    for path in sorted(paths, key=lambda p: (layer_index(p), p)):
         out_dim, in_dim = paths[path]
         bound = 1 / np.sqrt(in_dim)
         weights[path] = (rng.uniform(-bound, bound, (r, in_dim)).astype(np.float32), np.zeros((out_dim, r), np.float32))
     return weights
-
-
-def _layer_index(path: str) -> int:
-    parts = path.split(".")
-    return int(parts[parts.index("layers") + 1])
 
 
 def distinct_shapes(workload: Workload, inputs_of) -> list:

@@ -15,7 +15,7 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 from mlx_lm.tuner.lora import LoRALinear
 
-from mlxft.adapters import AdapterSpec, check_modules
+from mlxft.adapters import AdapterSpec, check_modules, select_modules
 from mlxft.errors import UserError
 
 
@@ -36,29 +36,9 @@ def dims(linear) -> tuple[int, int]:
     return (out_dim, packed * 32 // linear.bits) if isinstance(linear, nn.QuantizedLinear) else (out_dim, packed)
 
 
-def layer_index(path: str) -> int:
-    parts = path.split(".")
-    return int(parts[parts.index("layers") + 1])
-
-
-def select_modules(model, target_modules: list[str], layers: list[int] | None) -> list[str]:
-    modules = linear_modules(model)
-    names = sorted({p.rsplit(".", 1)[-1] for p in modules})
-    unknown = [t for t in target_modules if t not in names]
-    if unknown:
-        raise UserError(f"target module '{unknown[0]}' is not in this model; its linear layers are: {', '.join(names)}")
-    n_layers = len({layer_index(p) for p in modules})
-    if layers is not None:
-        bad = [i for i in layers if not 0 <= i < n_layers]
-        if bad:
-            raise UserError(f"layer {bad[0]} does not exist; this model has layers 0..{n_layers - 1}")
-    chosen = [p for p in modules if p.rsplit(".", 1)[-1] in target_modules and (layers is None or layer_index(p) in layers)]
-    return sorted(chosen, key=lambda p: (layer_index(p), p))
-
-
 def apply_lora(model, spec: AdapterSpec) -> list[str]:
     """Freeze the model and put LoRA layers on the chosen modules; only they train."""
-    paths = select_modules(model, spec.target_modules, spec.layers)
+    paths = select_modules(linear_modules(model), spec.target_modules, spec.layers)
     model.freeze()
     modules = dict(model.named_modules())
     replacements = [

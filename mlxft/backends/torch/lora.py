@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from mlxft.adapters import AdapterSpec, check_modules
+from mlxft.adapters import AdapterSpec, check_modules, layer_index, select_modules
 from mlxft.errors import UserError
 
 ADAPTER = "default"  # PEFT's adapter name; mlxft keeps one adapter per model
@@ -41,32 +41,11 @@ def linear_modules(model) -> dict[str, tuple[int, int]]:
     return found
 
 
-def layer_index(path: str) -> int:
-    parts = path.split(".")
-    return int(parts[parts.index("layers") + 1])
-
-
-def select_modules(model, target_modules: list[str], layers: list[int] | None) -> list[str]:
-    """The paths a spec adapts, with the same one-line errors as on MLX."""
-    modules = linear_modules(model)
-    names = sorted({p.rsplit(".", 1)[-1] for p in modules})
-    unknown = [t for t in target_modules if t not in names]
-    if unknown:
-        raise UserError(f"target module '{unknown[0]}' is not in this model; its linear layers are: {', '.join(names)}")
-    n_layers = len({layer_index(p) for p in modules})
-    if layers is not None:
-        bad = [i for i in layers if not 0 <= i < n_layers]
-        if bad:
-            raise UserError(f"layer {bad[0]} does not exist; this model has layers 0..{n_layers - 1}")
-    chosen = [p for p in modules if p.rsplit(".", 1)[-1] in target_modules and (layers is None or layer_index(p) in layers)]
-    return sorted(chosen, key=lambda p: (layer_index(p), p))
-
-
 def apply_lora(model, spec: AdapterSpec) -> list[str]:
     """Freeze the model and inject LoRA layers on the chosen modules; only they train."""
     from peft import LoraConfig, inject_adapter_in_model
 
-    paths = select_modules(model, spec.target_modules, spec.layers)
+    paths = select_modules(linear_modules(model), spec.target_modules, spec.layers)
     config = LoraConfig(r=spec.r, lora_alpha=spec.alpha, lora_dropout=spec.dropout,
                         target_modules=list(spec.target_modules), layers_to_transform=spec.layers,
                         layers_pattern="layers" if spec.layers is not None else None, bias="none")
