@@ -54,3 +54,4 @@ def test_an_adapter_that_changes_nothing_is_said_out_loud(tiny_model_dir, tmp_pa
     summary = mlx_sft.train(c, Run.create(tmp_path / "run", c), echo=said.append)
     assert summary["saved_check"]["adapter_changes_logits"] is False
     assert any("does not change the model's logits" in line for line in said)
+
