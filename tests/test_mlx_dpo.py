@@ -57,7 +57,7 @@ def random_pairs(n, seed=0, prompt=(5, 30), answer=(2, 12), vocab=500):
 
 def arrays_of(pb, shared=True):
     """A pair batch as the trainer lays it out: shared prompts (the default) or its 2B rows."""
-    return dpo._arrays(pb.batch, 0, shared)
+    return dpo.batch_arrays(pb.batch, 0, shared)
 
 
 def adapted_model(model_dir, b_scale=0.0):

@@ -55,11 +55,11 @@ def random_pairs(n, seed=0, prompt=(5, 30), answer=(2, 12), vocab=500):
 
 def tensors_of(pb, shared=True):
     """A pair batch as the trainer lays it out: shared prompts (the default) or its 2B rows."""
-    return torch_dpo._tensors(pb.batch, 0, shared, CPU)
+    return torch_dpo.batch_tensors(pb.batch, 0, shared, CPU)
 
 
 def arrays_of(pb, shared=True):
-    return mlx_dpo._arrays(pb.batch, 0, shared)
+    return mlx_dpo.batch_arrays(pb.batch, 0, shared)
 
 
 def twin_models(model_dir, b_scale=0.0, seed=0):

@@ -39,7 +39,7 @@ def run(workload: Workload) -> dict:
         reference_step = dpo.make_reference_step(model, split_head)
 
         def arrays_of(batch):  # as the trainer lays out a pair batch
-            return dpo._arrays(batch, workload.pad_id, shared, workload.pad_multiple)
+            return dpo.batch_arrays(batch, workload.pad_id, shared, workload.pad_multiple)
     else:
         from mlxft.backends.mlx import sft
 

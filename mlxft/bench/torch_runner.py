@@ -100,7 +100,7 @@ def _dpo_pieces():
 
     def make(model, split_head, device, dc, pad_id, shared, pad_multiple):
         def micro_step(batch):
-            tensors = dpo._tensors(batch, pad_id, shared, device, pad_multiple)
+            tensors = dpo.batch_tensors(batch, pad_id, shared, device, pad_multiple)
             with torch_model.autocast(device):
                 reference = dpo.reference_logps(model, tensors, split_head=split_head)
             sums = dpo.micro_step(model, tensors, reference, split_head=split_head, dc=dc, device=device)

@@ -53,14 +53,13 @@ import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
-from mlx.utils import tree_map, tree_unflatten
+from mlx.utils import tree_map
 
 from mlxft.adapters import AdapterSpec, load_adapter
-from mlxft.backends.mlx import PAD_MULTIPLE, SHARED_PROMPT_FEW_WIDTHS, SHARED_PROMPT_PAD_MULTIPLE, lora
+from mlxft.backends.mlx import PAD_MULTIPLE, SHARED_PROMPT_FEW_WIDTHS, SHARED_PROMPT_PAD_MULTIPLE, checkpoint, lora
 from mlxft.backends.mlx import model as mlx_model
 from mlxft.backends.mlx.generate import generate_answer
 from mlxft.backends.mlx.model import logits_at, shared_prompt_logits
-from mlxft.backends.mlx.sft import _save_checkpoint, _save_weights
 from mlxft.config import RunConfig
 from mlxft.data.batching import iterate_pair_batches
 from mlxft.data.dataset import load_preference_splits, prompt_records, resolve_source
@@ -109,7 +108,7 @@ def train(config: RunConfig, run: Run, *, resume: bool = False, adapter: str | N
     shared = dc.share_prompt and mlx_model.can_share_prompts(model, folder) and not tc.grad_checkpoint
 
     def arrays_of(pairs) -> dict:
-        return _arrays(pairs.batch, pad_id, shared)
+        return batch_arrays(pairs.batch, pad_id, shared)
 
     train_set, valid_set, truncated_pairs = encode_pairs(splits, tokenizer, config, echo)
 
@@ -160,10 +159,7 @@ def train(config: RunConfig, run: Run, *, resume: bool = False, adapter: str | N
                             bias_correction=tc.bias_correction)
     step, best, stale = 0, None, 0
     if resume:  # before the step is compiled: it must capture the restored optimizer state
-        saved = run.checkpoint_state()
-        step, best, stale = saved["step"], saved["best"], saved["stale"]
-        optimizer.init(model.trainable_parameters())
-        optimizer.state = tree_unflatten(list(mx.load(str(run.checkpoint_dir / "optimizer.safetensors")).items()))
+        step, best, stale = checkpoint.load_optimizer(run, model, optimizer)  # the weights came in above
         run.truncate_log(step)
         echo(f"resumed {run.folder} at step {step}")
     state = [model.state, optimizer.state, mx.random.state]
@@ -244,7 +240,7 @@ def train(config: RunConfig, run: Run, *, resume: bool = False, adapter: str | N
                 record.update(validate())
                 best, stale, improved = track_best(record, best, stale, ec.metric)
                 if improved:
-                    _save_weights(run.folder / "best", model, spec, config, tokenizer, folder)
+                    checkpoint.save_weights(run.folder / "best", model, spec, config, folder)
             run.log(record)
             progress.set_rate(tokens_per_second)
             progress.report(f"step {step}/{total_steps}: " + describe({k: v for k, v in record.items() if k != "step"}))
@@ -253,7 +249,7 @@ def train(config: RunConfig, run: Run, *, resume: bool = False, adapter: str | N
                 echo(f"early stop at step {step}: no better eval_{ec.metric} for {stale} evaluations")
                 stopped_early = True
         if step % tc.checkpoint_every == 0 or stopped_early:
-            _save_checkpoint(run, model, optimizer, spec, config, tokenizer, folder, step, best, stale)
+            checkpoint.save(run, model, optimizer, spec, config, folder, step, best, stale)
         if stopped_early:
             break
     progress.close()
@@ -264,8 +260,8 @@ def train(config: RunConfig, run: Run, *, resume: bool = False, adapter: str | N
         echo("after training:  " + describe(after, "eval_"))
         best, stale, improved = track_best({"step": step, **after}, best, stale, ec.metric)
         if improved:
-            _save_weights(run.folder / "best", model, spec, config, tokenizer, folder)
-    _save_weights(run.folder / "last", model, spec, config, tokenizer, folder)
+            checkpoint.save_weights(run.folder / "best", model, spec, config, folder)
+    checkpoint.save_weights(run.folder / "last", model, spec, config, folder)
     saved_check = None if config.lora.full_finetune else check_saved_adapter(
         lora, model, run.folder / "last", probe_ids(valid_set or train_set), echo)
 
@@ -372,7 +368,7 @@ def make_reference_step(model, split_head: bool):
     return reference_step
 
 
-def _arrays(batch, pad_id: int, shared: bool, pad_to_multiple: int | None = None) -> dict:
+def batch_arrays(batch, pad_id: int, shared: bool, pad_to_multiple: int | None = None) -> dict:
     """A pair batch's rows as the step takes them (mlxft.data.shared_prompt.pair_inputs)."""
     multiple = pad_to_multiple or (SHARED_PROMPT_PAD_MULTIPLE if shared else PAD_MULTIPLE)
     arrays = pair_inputs(batch, pad_id, shared=shared, pad_to_multiple=multiple, few_widths=SHARED_PROMPT_FEW_WIDTHS)

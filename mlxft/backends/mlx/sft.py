@@ -20,15 +20,14 @@ from __future__ import annotations
 import json
 import time
 from functools import partial
-from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
-from mlx.utils import tree_flatten, tree_map, tree_unflatten
+from mlx.utils import tree_map
 
-from mlxft.adapters import AdapterSpec, load_adapter, save_adapter
-from mlxft.backends.mlx import PAD_MULTIPLE, lora
+from mlxft.adapters import AdapterSpec, load_adapter
+from mlxft.backends.mlx import PAD_MULTIPLE, checkpoint, lora
 from mlxft.backends.mlx import model as mlx_model
 from mlxft.backends.mlx.evaluate import evaluate
 from mlxft.config import RunConfig
@@ -36,8 +35,7 @@ from mlxft.data.batching import scored_targets
 from mlxft.data.dataset import encode_split, load_splits
 from mlxft.data.templates import describe_template
 from mlxft.errors import UserError
-from mlxft.files import staged_folder
-from mlxft.model_files import BUILTIN, TOKENIZER_OUTPUTS
+from mlxft.model_files import BUILTIN
 from mlxft.model_files import pad_id as pad_id_of
 from mlxft.progress import Progress
 from mlxft.runs import Run
@@ -107,7 +105,7 @@ def train(config: RunConfig, run: Run, *, resume: bool = False, adapter: str | N
                             bias_correction=tc.bias_correction)
     step, best, stale = 0, None, 0
     if resume:  # before the step is compiled: it must capture the restored optimizer state
-        step, best, stale = _load_checkpoint(run, model, optimizer, config.lora.full_finetune)
+        step, best, stale = checkpoint.load(run, model, optimizer, config.lora.full_finetune)
         run.truncate_log(step)
         echo(f"resumed {run.folder} at step {step}")
     state = [model.state, optimizer.state, mx.random.state]
@@ -172,7 +170,7 @@ def train(config: RunConfig, run: Run, *, resume: bool = False, adapter: str | N
                 record.update(validate())
                 best, stale, improved = track_best(record, best, stale, ec.metric)
                 if improved:
-                    _save_weights(run.folder / "best", model, spec, config, tokenizer, folder)
+                    checkpoint.save_weights(run.folder / "best", model, spec, config, folder)
             run.log(record)
             progress.set_rate(tokens_per_second)
             progress.report(f"step {step}/{total_steps}: " + describe({k: v for k, v in record.items() if k != "step"}))
@@ -181,7 +179,7 @@ def train(config: RunConfig, run: Run, *, resume: bool = False, adapter: str | N
                 echo(f"early stop at step {step}: no better eval_{ec.metric} for {stale} evaluations")
                 stopped_early = True
         if step % tc.checkpoint_every == 0 or stopped_early:
-            _save_checkpoint(run, model, optimizer, spec, config, tokenizer, folder, step, best, stale)
+            checkpoint.save(run, model, optimizer, spec, config, folder, step, best, stale)
         if stopped_early:
             break
     progress.close()
@@ -193,8 +191,8 @@ def train(config: RunConfig, run: Run, *, resume: bool = False, adapter: str | N
         final = {"step": step, **after}
         best, stale, improved = track_best(final, best, stale, ec.metric)
         if improved:
-            _save_weights(run.folder / "best", model, spec, config, tokenizer, folder)
-    _save_weights(run.folder / "last", model, spec, config, tokenizer, folder)
+            checkpoint.save_weights(run.folder / "best", model, spec, config, folder)
+    checkpoint.save_weights(run.folder / "last", model, spec, config, folder)
     saved_check = None if config.lora.full_finetune else check_saved_adapter(
         lora, model, run.folder / "last", probe_ids(valid_set or train_set), echo)
     generations = _answer_held_out(model, tokenizer, splits, config) if ec.generate_examples else []
@@ -263,40 +261,3 @@ def _answer_held_out(model, tokenizer, splits, config) -> list[dict]:
         answers.append({"origin": record.origin, "prompt": prompted.prompt, "answer": answer,
                         "expected": prompted.completion})
     return answers
-
-
-def _save_weights(folder: Path, model, spec, config, tokenizer, base_folder) -> None:
-    """The adapter in PEFT layout, or for full fine-tuning a whole model folder."""
-    if not config.lora.full_finetune:
-        save_adapter(folder, spec, lora.adapter_weights(model))
-        return
-    import shutil
-
-    from mlx_lm.utils import save_model
-
-    with staged_folder(folder) as staging:
-        save_model(staging, model)
-        for name in ("config.json", "generation_config.json", *TOKENIZER_OUTPUTS):
-            if (Path(base_folder) / name).exists():
-                shutil.copy(Path(base_folder) / name, staging / name)
-
-
-def _save_checkpoint(run, model, optimizer, spec, config, tokenizer, base_folder, step, best, stale) -> None:
-    """Weights, optimizer state and the step, written to a new folder and swapped in whole."""
-    with staged_folder(run.checkpoint_dir) as staging:
-        _save_weights(staging / "weights", model, spec, config, tokenizer, base_folder)
-        mx.save_safetensors(str(staging / "optimizer.safetensors"), dict(tree_flatten(optimizer.state)))
-        (staging / "state.json").write_text(json.dumps({"step": step, "best": best, "stale": stale, "backend": "mlx"}))
-
-
-def _load_checkpoint(run, model, optimizer, full_finetune: bool):
-    folder = run.checkpoint_dir
-    state = run.checkpoint_state()
-    if full_finetune:
-        weights = mx.load(str(folder / "weights" / "model.safetensors"))
-        model.load_weights(list(weights.items()))
-    else:
-        lora.set_adapter_weights(model, load_adapter(folder / "weights")[1])
-    optimizer.init(model.trainable_parameters())
-    optimizer.state = tree_unflatten(list(mx.load(str(folder / "optimizer.safetensors")).items()))
-    return state["step"], state["best"], state["stale"]

@@ -48,12 +48,12 @@ import torch
 import torch.nn.functional as F
 
 from mlxft.adapters import AdapterSpec, load_adapter
-from mlxft.backends.torch import PAD_MULTIPLE, SHARED_PROMPT_FEW_WIDTHS, SHARED_PROMPT_PAD_MULTIPLE, lora
+from mlxft.backends.torch import PAD_MULTIPLE, SHARED_PROMPT_FEW_WIDTHS, SHARED_PROMPT_PAD_MULTIPLE, checkpoint, lora
 from mlxft.backends.torch import model as torch_model
 from mlxft.backends.torch.adamw import MLXAdamW
 from mlxft.backends.torch.generate import generate_answer
 from mlxft.backends.torch.model import logits_at, shared_prompt_logits
-from mlxft.backends.torch.sft import _load_checkpoint, _save_checkpoint, _save_weights, update
+from mlxft.backends.torch.sft import update
 from mlxft.config import RunConfig
 from mlxft.data.batching import iterate_pair_batches
 from mlxft.data.dataset import load_preference_splits, prompt_records, resolve_source
@@ -99,7 +99,7 @@ def train(config: RunConfig, run: Run, *, resume: bool = False, adapter: str | N
     shared = dc.share_prompt and torch_model.can_share_prompts(model, folder)
 
     def tensors_of(pairs) -> dict:
-        return _tensors(pairs.batch, pad_id, shared, device)
+        return batch_tensors(pairs.batch, pad_id, shared, device)
 
     train_set, valid_set, truncated_pairs = encode_pairs(splits, tokenizer, config, echo)
 
@@ -119,7 +119,7 @@ def train(config: RunConfig, run: Run, *, resume: bool = False, adapter: str | N
     if config.lora.full_finetune:
         if config.model.quantize or torch_model.is_quantized(model):
             raise UserError("full fine-tuning needs a full-precision model; use LoRA on a quantized one")
-        lora.unfreeze_all(model)  # on --resume, _load_checkpoint below reads the weights back
+        lora.unfreeze_all(model)  # on --resume, checkpoint.load below reads the weights back
     elif start_from:
         spec, weights = load_adapter(start_from)  # the checkpoint's own spec: a continued adapter's, maybe not the recipe's
         lora.load_adapter_weights(model, spec, weights, str(start_from))
@@ -141,7 +141,7 @@ def train(config: RunConfig, run: Run, *, resume: bool = False, adapter: str | N
                          bias_correction=tc.bias_correction)
     step, best, stale = 0, None, 0
     if resume:
-        step, best, stale = _load_checkpoint(run, model, optimizer, named, config.lora.full_finetune,
+        step, best, stale = checkpoint.load(run, model, optimizer, named, config.lora.full_finetune,
                                              config.model.trust_remote_code)
         run.truncate_log(step)
         echo(f"resumed {run.folder} at step {step}")
@@ -218,7 +218,7 @@ def train(config: RunConfig, run: Run, *, resume: bool = False, adapter: str | N
                 record.update(validate())
                 best, stale, improved = track_best(record, best, stale, ec.metric)
                 if improved:
-                    _save_weights(run.folder / "best", model, spec, config, folder)
+                    checkpoint.save_weights(run.folder / "best", model, spec, config, folder)
             run.log(record)
             progress.set_rate(tokens_per_second)
             progress.report(f"step {step}/{total_steps}: " + describe({k: v for k, v in record.items() if k != "step"}))
@@ -227,7 +227,7 @@ def train(config: RunConfig, run: Run, *, resume: bool = False, adapter: str | N
                 echo(f"early stop at step {step}: no better eval_{ec.metric} for {stale} evaluations")
                 stopped_early = True
         if step % tc.checkpoint_every == 0 or stopped_early:
-            _save_checkpoint(run, model, optimizer, named, spec, config, folder, step, best, stale)
+            checkpoint.save(run, model, optimizer, named, spec, config, folder, step, best, stale)
         if stopped_early:
             break
     progress.close()
@@ -238,8 +238,8 @@ def train(config: RunConfig, run: Run, *, resume: bool = False, adapter: str | N
         echo("after training:  " + describe(after, "eval_"))
         best, stale, improved = track_best({"step": step, **after}, best, stale, ec.metric)
         if improved:
-            _save_weights(run.folder / "best", model, spec, config, folder)
-    _save_weights(run.folder / "last", model, spec, config, folder)
+            checkpoint.save_weights(run.folder / "best", model, spec, config, folder)
+    checkpoint.save_weights(run.folder / "last", model, spec, config, folder)
     saved_check = None if config.lora.full_finetune else check_saved_adapter(
         lora, model, run.folder / "last", probe_ids(valid_set or train_set), echo)
 
@@ -327,7 +327,7 @@ def reference_logps(model, tensors: dict, *, split_head: bool) -> torch.Tensor:
         return sequence_logps(model, tensors, split_head)[0]
 
 
-def _tensors(batch, pad_id: int, shared: bool, device, pad_to_multiple: int | None = None) -> dict:
+def batch_tensors(batch, pad_id: int, shared: bool, device, pad_to_multiple: int | None = None) -> dict:
     """A pair batch's rows as the step takes them (mlxft.data.shared_prompt.pair_inputs)."""
     multiple = pad_to_multiple or (SHARED_PROMPT_PAD_MULTIPLE if shared else PAD_MULTIPLE)
     arrays = pair_inputs(batch, pad_id, shared=shared, pad_to_multiple=multiple, few_widths=SHARED_PROMPT_FEW_WIDTHS)

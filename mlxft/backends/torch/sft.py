@@ -20,14 +20,12 @@ Raises UserError for bad recipes, data, models and adapters, and for --quantize 
 from __future__ import annotations
 
 import json
-import shutil
 import time
-from pathlib import Path
 
 import torch
 
-from mlxft.adapters import AdapterSpec, load_adapter, save_adapter
-from mlxft.backends.torch import PAD_MULTIPLE, lora
+from mlxft.adapters import AdapterSpec, load_adapter
+from mlxft.backends.torch import PAD_MULTIPLE, checkpoint, lora
 from mlxft.backends.torch import model as torch_model
 from mlxft.backends.torch.adamw import MLXAdamW
 from mlxft.backends.torch.evaluate import evaluate
@@ -36,8 +34,7 @@ from mlxft.data.batching import scored_targets
 from mlxft.data.dataset import encode_split, load_splits
 from mlxft.data.templates import describe_template
 from mlxft.errors import UserError
-from mlxft.files import staged_folder
-from mlxft.model_files import BUILTIN, TOKENIZER_OUTPUTS
+from mlxft.model_files import BUILTIN
 from mlxft.model_files import pad_id as pad_id_of
 from mlxft.progress import Progress
 from mlxft.runs import Run
@@ -96,7 +93,7 @@ def train(config: RunConfig, run: Run, *, resume: bool = False, adapter: str | N
                          bias_correction=tc.bias_correction)
     step, best, stale = 0, None, 0
     if resume:
-        step, best, stale = _load_checkpoint(run, model, optimizer, named, config.lora.full_finetune,
+        step, best, stale = checkpoint.load(run, model, optimizer, named, config.lora.full_finetune,
                                              config.model.trust_remote_code)
         run.truncate_log(step)
         echo(f"resumed {run.folder} at step {step}")
@@ -154,7 +151,7 @@ def train(config: RunConfig, run: Run, *, resume: bool = False, adapter: str | N
                 record.update(validate())
                 best, stale, improved = track_best(record, best, stale, ec.metric)
                 if improved:
-                    _save_weights(run.folder / "best", model, spec, config, folder)
+                    checkpoint.save_weights(run.folder / "best", model, spec, config, folder)
             run.log(record)
             progress.set_rate(tokens_per_second)
             progress.report(f"step {step}/{total_steps}: " + describe({k: v for k, v in record.items() if k != "step"}))
@@ -163,7 +160,7 @@ def train(config: RunConfig, run: Run, *, resume: bool = False, adapter: str | N
                 echo(f"early stop at step {step}: no better eval_{ec.metric} for {stale} evaluations")
                 stopped_early = True
         if step % tc.checkpoint_every == 0 or stopped_early:
-            _save_checkpoint(run, model, optimizer, named, spec, config, folder, step, best, stale)
+            checkpoint.save(run, model, optimizer, named, spec, config, folder, step, best, stale)
         if stopped_early:
             break
     progress.close()
@@ -175,8 +172,8 @@ def train(config: RunConfig, run: Run, *, resume: bool = False, adapter: str | N
         final = {"step": step, **after}
         best, stale, improved = track_best(final, best, stale, ec.metric)
         if improved:
-            _save_weights(run.folder / "best", model, spec, config, folder)
-    _save_weights(run.folder / "last", model, spec, config, folder)
+            checkpoint.save_weights(run.folder / "best", model, spec, config, folder)
+    checkpoint.save_weights(run.folder / "last", model, spec, config, folder)
     saved_check = None if config.lora.full_finetune else check_saved_adapter(
         lora, model, run.folder / "last", probe_ids(valid_set or train_set), echo)
     generations = _answer_held_out(model, tokenizer, splits, config) if ec.generate_examples else []
@@ -247,60 +244,3 @@ def _answer_held_out(model, tokenizer, splits, config) -> list[dict]:
         answers.append({"origin": record.origin, "prompt": prompted.prompt, "answer": answer,
                         "expected": prompted.completion})
     return answers
-
-
-def _save_weights(folder: Path, model, spec, config, base_folder) -> None:
-    """The adapter in PEFT layout, or for full fine-tuning a whole model folder."""
-    if not config.lora.full_finetune:
-        save_adapter(folder, spec, lora.adapter_weights(model))
-        return
-    with staged_folder(folder) as staging:
-        with torch_model.quiet_progress():
-            model.save_pretrained(staging, safe_serialization=True)  # knows tied weights and shards
-        # The base's own config.json, as on MLX: transformers 5 rewrites rope settings in a form
-        # that mlx-lm and older transformers do not read, and the folder must load on both.
-        for name in ("config.json", "generation_config.json", *TOKENIZER_OUTPUTS):
-            if (Path(base_folder) / name).exists():
-                shutil.copy(Path(base_folder) / name, staging / name)
-
-
-def _save_checkpoint(run, model, optimizer, named, spec, config, base_folder, step, best, stale) -> None:
-    """Weights, optimizer state and the step, written to a new folder and swapped in whole. No RNG
-    state: dropout is seeded from the step, and the batch order from (seed, epoch)."""
-    from safetensors.torch import save_file
-
-    tensors = {}
-    for name, p in named.items():
-        for key, value in optimizer.state.get(p, {}).items():
-            tensors[f"{name}.{key}"] = value.contiguous() if torch.is_tensor(value) else torch.tensor(value)
-    with staged_folder(run.checkpoint_dir) as staging:
-        _save_weights(staging / "weights", model, spec, config, base_folder)
-        save_file({k: v.cpu() for k, v in tensors.items()}, str(staging / "optimizer.safetensors"))
-        (staging / "state.json").write_text(json.dumps({"step": step, "best": best, "stale": stale, "backend": "torch"}))
-
-
-def _load_checkpoint(run, model, optimizer, named, full_finetune: bool, trust_remote_code: bool):
-    from safetensors.torch import load_file
-
-    folder = run.checkpoint_dir
-    state = run.checkpoint_state()
-    written_by = state["backend"]
-    if written_by != "torch":
-        raise UserError(f"--resume {run.folder}: its checkpoint was written by the {written_by} backend; "
-                        f"resume it with --backend {written_by}")
-    device = next(model.parameters()).device
-    if full_finetune:
-        from transformers import AutoModelForCausalLM
-
-        # Read back through transformers, which undoes whatever key mapping save_pretrained applied.
-        with torch_model.quiet_progress():
-            saved = AutoModelForCausalLM.from_pretrained(str(folder / "weights"), dtype=torch.float32,
-                                                         trust_remote_code=trust_remote_code)
-        model.load_state_dict(saved.state_dict())
-    else:
-        lora.set_adapter_weights(model, load_adapter(folder / "weights")[1])
-    moments = load_file(str(folder / "optimizer.safetensors"), device=str(device))
-    for name, p in named.items():
-        if f"{name}.m" in moments:
-            optimizer.state[p] = {"step": int(moments[f"{name}.step"]), "m": moments[f"{name}.m"], "v": moments[f"{name}.v"]}
-    return state["step"], state["best"], state["stale"]

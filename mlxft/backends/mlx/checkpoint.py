@@ -1,0 +1,61 @@
+"""Checkpoints and saved weights of the MLX trainers: an adapter in PEFT's layout (or a whole
+model folder for full fine-tuning), the optimizer's moments and the step, written into a staging
+folder and swapped in whole, so a kill leaves the previous checkpoint or the new one.
+
+    checkpoint/weights/  optimizer.safetensors  state.json {step, best, stale, backend: "mlx"}
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import mlx.core as mx
+from mlx.utils import tree_flatten, tree_unflatten
+
+from mlxft.adapters import load_adapter, save_adapter
+from mlxft.backends.mlx import lora
+from mlxft.files import staged_folder
+from mlxft.model_files import TOKENIZER_OUTPUTS
+
+
+def save_weights(folder: Path, model, spec, config, base_folder) -> None:
+    """The adapter in PEFT layout, or for full fine-tuning a whole model folder."""
+    if not config.lora.full_finetune:
+        save_adapter(folder, spec, lora.adapter_weights(model))
+        return
+    from mlx_lm.utils import save_model
+
+    with staged_folder(folder) as staging:
+        save_model(staging, model)
+        for name in ("config.json", "generation_config.json", *TOKENIZER_OUTPUTS):
+            if (Path(base_folder) / name).exists():
+                shutil.copy(Path(base_folder) / name, staging / name)
+
+
+def save(run, model, optimizer, spec, config, base_folder, step, best, stale) -> None:
+    """Weights, optimizer state and the step, written to a new folder and swapped in whole."""
+    with staged_folder(run.checkpoint_dir) as staging:
+        save_weights(staging / "weights", model, spec, config, base_folder)
+        mx.save_safetensors(str(staging / "optimizer.safetensors"), dict(tree_flatten(optimizer.state)))
+        (staging / "state.json").write_text(json.dumps({"step": step, "best": best, "stale": stale, "backend": "mlx"}))
+
+
+def load(run, model, optimizer, full_finetune: bool) -> tuple[int, dict | None, int]:
+    """The checkpoint's weights into `model` and its moments into `optimizer`: (step, best, stale)."""
+    folder = run.checkpoint_dir
+    if full_finetune:
+        weights = mx.load(str(folder / "weights" / "model.safetensors"))
+        model.load_weights(list(weights.items()))
+    else:
+        lora.set_adapter_weights(model, load_adapter(folder / "weights")[1])
+    return load_optimizer(run, model, optimizer)
+
+
+def load_optimizer(run, model, optimizer) -> tuple[int, dict | None, int]:
+    """The optimizer's moments alone, for a trainer that loaded the weights itself."""
+    state = run.checkpoint_state()
+    optimizer.init(model.trainable_parameters())
+    optimizer.state = tree_unflatten(list(mx.load(str(run.checkpoint_dir / "optimizer.safetensors")).items()))
+    return state["step"], state["best"], state["stale"]
