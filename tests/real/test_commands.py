@@ -108,3 +108,22 @@ def test_eval_rank_scores_mind_impressions(real_model, adapter_run):
                                  "data/mind-sample", "--max-impressions", "6", "--max-history", "3", "--json")))
     assert report["impressions"] + report["skipped_one_class"] == 6 and report["impressions"] > 0
     assert report["candidates"] > 6 and 0 < report["mrr"] <= 1
+
+
+def test_bench_runs_the_same_steps_on_both_backends(real_model, tmp_path):
+    ok(mlxft("bench", "--workload", "lora", "--backends", "mlx,torch", "--model", real_model, "--steps", "1",
+             "--warmup", "0", "--batch-size", "2", "--seq-len", "256", "--threads", "2", "--set", "data.max_history=2",
+             "--out", tmp_path / "bench"))
+    report = json.loads((tmp_path / "bench" / "bench.json").read_text())
+    mlx, torch = report["rows"]
+    assert mlx["available"] and torch["available"] and mlx["tokens_per_second"] > 0
+    assert mlx["last_loss"] == pytest.approx(torch["last_loss"], abs=1e-3)  # the same work on both
+
+
+def test_sweep_trains_and_scores_each_shot_count(real_model, tmp_path):
+    ok(mlxft("sweep", "--recipe", "tallrec", "--model", real_model, "--backend", "torch", "--shots", "8", "--seeds", "0",
+             "--out", tmp_path / "sweep", "--set", "data.max_history=2", "--set", "train.steps=2",
+             "--set", "train.batch_size=4", "--set", "eval.every=0", "--set", "data.max_valid_rows=8"))
+    table = json.loads((tmp_path / "sweep" / "sweep.json").read_text())["table"]
+    assert [row["k"] for row in table] == [8] and 0 < table[0]["auc_mean"] < 1
+    assert (tmp_path / "sweep" / "sweep.md").read_text().startswith("Test AUC of `tallrec`")
