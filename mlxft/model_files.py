@@ -6,6 +6,7 @@ tokenizer ids. Nothing here runs code from a model repository unless trust_remot
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from mlxft.errors import UserError
@@ -70,6 +71,26 @@ def load_tokenizer(name_or_dir: str | Path, *, trust_remote_code: bool = False):
         return AutoTokenizer.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
     except ValueError as e:  # e.g. a tokenizer class that needs remote code
         raise UserError(f"model folder {folder}: cannot load its tokenizer ({e})".splitlines()[0]) from None
+
+
+# Families whose model class (mlx-lm's and transformers') is `model.model`, the transformer, plus a
+# plain head with nothing after it, so a backend can run the head on the scored positions only.
+# Not granite: it divides the logits by `logits_scaling` after the head.
+SPLIT_HEAD_TYPES = {"llama", "mistral", "qwen2", "qwen3", "phi3", "smollm3", "olmo2"}
+
+
+def model_type(folder: str | Path) -> str:
+    return json.loads((Path(folder) / "config.json").read_text()).get("model_type", "")
+
+
+def check_model_folder(folder: Path) -> None:
+    """What both backends need of a model folder, said in one line before either loads it."""
+    if not (folder / "config.json").exists():
+        raise UserError(f"model {folder}: no config.json (not a Hugging Face model folder)")
+    if not any((folder / f).exists() for f in TOKENIZER_FILES):
+        raise UserError(f"model {folder}: no tokenizer files ({', '.join(TOKENIZER_FILES)})")
+    if not list(folder.glob("*.safetensors")):
+        raise UserError(f"model {folder}: no *.safetensors weights")
 
 
 def mlx_config_overrides(config: dict) -> dict:

@@ -15,12 +15,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from mlxft.errors import UserError
-from mlxft.model_files import TOKENIZER_FILES, mlx_config_overrides, resolve_model_dir
-
-# Model families whose mlx-lm class is `model.model` (the transformer) plus a plain head, so the
-# head can run on the scored positions only. Others fall back to full logits. (Not granite: its
-# mlx-lm class divides the logits by `logits_scaling` after the head.)
-SPLIT_HEAD_TYPES = {"llama", "mistral", "qwen2", "qwen3", "phi3", "smollm3", "olmo2"}
+from mlxft.model_files import SPLIT_HEAD_TYPES, check_model_folder, mlx_config_overrides, model_type, resolve_model_dir
 
 
 def load(name: str, *, quantize: int | None = None, trust_remote_code: bool = False):
@@ -29,12 +24,7 @@ def load(name: str, *, quantize: int | None = None, trust_remote_code: bool = Fa
     from mlx_lm.utils import quantize_model
 
     folder = resolve_model_dir(name)
-    if not (folder / "config.json").exists():
-        raise UserError(f"model {folder}: no config.json (not a Hugging Face model folder)")
-    if not any((folder / f).exists() for f in TOKENIZER_FILES):
-        raise UserError(f"model {folder}: no tokenizer files ({', '.join(TOKENIZER_FILES)})")
-    if not list(folder.glob("*.safetensors")):
-        raise UserError(f"model {folder}: no *.safetensors weights")
+    check_model_folder(folder)
     try:
         model, tokenizer, config = mlx_lm_load(str(folder), return_config=True, trust_remote_code=trust_remote_code,
                                                model_config=mlx_config_overrides(json.loads((folder / "config.json").read_text())))
@@ -47,10 +37,6 @@ def load(name: str, *, quantize: int | None = None, trust_remote_code: bool = Fa
             raise UserError(f"model {folder} is already quantized; drop --quantize")
         model, _ = quantize_model(model, config, group_size=64, bits=quantize)
     return model, tokenizer, folder
-
-
-def model_type(folder: Path) -> str:
-    return json.loads((Path(folder) / "config.json").read_text()).get("model_type", "")
 
 
 def logits_at(model, inputs: mx.array, positions: mx.array, split_head: bool) -> mx.array:

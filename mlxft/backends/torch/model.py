@@ -18,12 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from mlxft.errors import UserError
-from mlxft.model_files import TOKENIZER_FILES, load_tokenizer, resolve_model_dir
-
-# Families whose transformers class is `model.model` (the transformer) plus `lm_head` with nothing
-# after the head, so the head can run on the scored positions only (the same list as MLX's; not
-# granite, which divides the logits by `logits_scaling` after the head).
-SPLIT_HEAD_TYPES = {"llama", "mistral", "qwen2", "qwen3", "phi3", "smollm3", "olmo2"}
+from mlxft.model_files import SPLIT_HEAD_TYPES, check_model_folder, load_tokenizer, model_type, resolve_model_dir
 
 
 def pick_device() -> torch.device:
@@ -41,12 +36,7 @@ def load(name: str, *, quantize: int | None = None, trust_remote_code: bool = Fa
 
     device = device or pick_device()
     folder = resolve_model_dir(name)
-    if not (folder / "config.json").exists():
-        raise UserError(f"model {folder}: no config.json (not a Hugging Face model folder)")
-    if not any((folder / f).exists() for f in TOKENIZER_FILES):
-        raise UserError(f"model {folder}: no tokenizer files ({', '.join(TOKENIZER_FILES)})")
-    if not list(folder.glob("*.safetensors")):
-        raise UserError(f"model {folder}: no *.safetensors weights")
+    check_model_folder(folder)
     config = json.loads((folder / "config.json").read_text())
     # mlx-lm writes "quantization" (and a copy as "quantization_config", without the
     # "quant_method" every transformers quantizer has).
@@ -108,10 +98,6 @@ def _bitsandbytes_config(bits: int, config: dict, folder: Path, device: torch.de
 def is_quantized(model) -> bool:
     """Loaded through a transformers quantizer (bitsandbytes, GPTQ, AWQ, ...)."""
     return getattr(model, "hf_quantizer", None) is not None or bool(getattr(model, "is_quantized", False))
-
-
-def model_type(folder: Path) -> str:
-    return json.loads((Path(folder) / "config.json").read_text()).get("model_type", "")
 
 
 def can_split_head(model, folder: Path) -> bool:
