@@ -72,3 +72,20 @@ def describe(metrics: dict, strip: str = "") -> str:
 def mean_rate(history):
     rates = [r["tokens_per_second"] for r in history if "tokens_per_second" in r]
     return float(np.mean(rates)) if rates else None
+
+
+def answer_held_out(generate_answer, model, tokenizer, splits, config) -> list[dict]:
+    """Answers of the trained model to the first held-out rows (test split, else validation), each
+    rendered with the run's template; `generate_answer(model, tokenizer, prompt, max_tokens=...)` is
+    the backend's."""
+    from mlxft.data.templates import render
+
+    rows = (splits.test or splits.valid)[: config.eval.generate_examples]
+    answers = []
+    for record in rows:
+        prompted = render(record, splits.schema, splits.template, tokenizer,
+                          completion_field=config.data.completion_field, system_prompt=config.data.system_prompt)
+        answer = generate_answer(model, tokenizer, prompted.prompt, max_tokens=config.eval.max_new_tokens)
+        answers.append({"origin": record.origin, "prompt": prompted.prompt, "answer": answer,
+                        "expected": prompted.completion})
+    return answers

@@ -30,6 +30,7 @@ from mlxft.adapters import AdapterSpec, load_adapter
 from mlxft.backends.mlx import PAD_MULTIPLE, checkpoint, lora
 from mlxft.backends.mlx import model as mlx_model
 from mlxft.backends.mlx.evaluate import evaluate
+from mlxft.backends.mlx.generate import generate_answer
 from mlxft.config import RunConfig
 from mlxft.data.batching import scored_targets
 from mlxft.data.dataset import encode_split, load_splits
@@ -41,7 +42,7 @@ from mlxft.progress import Progress
 from mlxft.runs import Run
 from mlxft.saved_check import check_saved_adapter, probe_ids
 from mlxft.schedule import learning_rate
-from mlxft.training import answer_ids_for, batch_stream, count_steps, describe, mean_rate, track_best
+from mlxft.training import answer_held_out, answer_ids_for, batch_stream, count_steps, describe, mean_rate, track_best
 
 
 def train(config: RunConfig, run: Run, *, resume: bool = False, adapter: str | None = None, echo=print) -> dict:
@@ -195,7 +196,7 @@ def train(config: RunConfig, run: Run, *, resume: bool = False, adapter: str | N
     checkpoint.save_weights(run.folder / "last", model, spec, config, folder)
     saved_check = None if config.lora.full_finetune else check_saved_adapter(
         lora, model, run.folder / "last", probe_ids(valid_set or train_set), echo)
-    generations = _answer_held_out(model, tokenizer, splits, config) if ec.generate_examples else []
+    generations = answer_held_out(generate_answer, model, tokenizer, splits, config) if ec.generate_examples else []
     history = run.metrics()
     summary = {
         "recipe": config.recipe,
@@ -245,19 +246,3 @@ def make_step(model, optimizer, split_head: bool, max_grad_norm: float | None):
         return norm
 
     return micro_step, update
-
-
-def _answer_held_out(model, tokenizer, splits, config) -> list[dict]:
-    """Answers of the trained model to the first held-out rows (test split, else validation)."""
-    from mlxft.backends.mlx.generate import generate_answer
-    from mlxft.data.templates import render
-
-    rows = (splits.test or splits.valid)[: config.eval.generate_examples]
-    answers = []
-    for record in rows:
-        prompted = render(record, splits.schema, splits.template, tokenizer,
-                          completion_field=config.data.completion_field, system_prompt=config.data.system_prompt)
-        answer = generate_answer(model, tokenizer, prompted.prompt, max_tokens=config.eval.max_new_tokens)
-        answers.append({"origin": record.origin, "prompt": prompted.prompt, "answer": answer,
-                        "expected": prompted.completion})
-    return answers
