@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -41,7 +42,10 @@ def run_one(config: RunConfig, folder: Path, backend: str, echo) -> dict:
     if (folder / RESULT).exists():
         echo(f"{folder.name}: reused (same config)")
         return json.loads((folder / RESULT).read_text())
-    train, score_yes_no = _backend(backend)
+    from mlxft import backends
+    from mlxft.eval.yes_no import score_yes_no
+
+    train = backends.get(backend).sft.train
     config.out = str(folder)
     if (folder / "checkpoint" / "state.json").exists():
         echo(f"{folder.name}: resuming")
@@ -54,7 +58,7 @@ def run_one(config: RunConfig, folder: Path, backend: str, echo) -> dict:
         echo(f"{folder.name}: training")
         summary = train(config, Run.create(folder, config), echo=lambda *a: None)
     result = {"valid_before": summary["before"].get("eval_auc"), "valid_best": (summary["best"] or {}).get("value"),
-              "steps": summary["steps"], **_test_auc(config, folder, score_yes_no)}
+              "steps": summary["steps"], **_test_auc(config, folder, partial(score_yes_no, backend))}
     write_atomic(folder / RESULT, json.dumps(result, indent=2))
     return result
 
@@ -116,10 +120,3 @@ def _test_auc(config: RunConfig, folder: Path, score_yes_no) -> dict:
     report = score_yes_no(model, adapter, splits.test, template=splits.template, answers=list(config.eval.answers),
                           batch_size=config.eval.batch_size, trust_remote_code=config.model.trust_remote_code)
     return {"auc": report["auc"], "accuracy": report["accuracy"], "test_rows": report["rows"]}
-
-
-def _backend(name: str):
-    from mlxft import backends
-
-    backend = backends.get(name)
-    return backend.sft.train, backend.evaluate.score_yes_no

@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from mlxft import sweep as sweep_module
 from mlxft.cli import cli
 from mlxft.eval.plots import run_panels
 from mlxft.sweep import config_for, config_hash, summarize
@@ -41,7 +40,10 @@ def test_sweep_writes_the_table_plot_and_json_and_reuses_only_matching_runs(tiny
     def no_training(*a, **k):
         raise AssertionError("a finished run with the same config was trained again")
 
-    monkeypatch.setattr(sweep_module, "_backend", lambda name: (no_training, no_training))
+    from types import SimpleNamespace
+
+    monkeypatch.setattr("mlxft.backends.get", lambda name: SimpleNamespace(sft=SimpleNamespace(train=no_training)))
+    monkeypatch.setattr("mlxft.eval.yes_no.score_yes_no", no_training)
     again = CliRunner().invoke(cli, sweep_args(tiny_model_dir, tmp_path / "sw"))
     assert again.exit_code == 0, again.output
     assert again.output.count("reused") == 4

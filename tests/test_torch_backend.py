@@ -384,6 +384,6 @@ def test_one_dispatch_gives_each_backend_its_modules():
     from mlxft.errors import UserError
 
     assert backends.get("mlx").sft.train is mlx_sft.train
-    assert backends.get("torch").evaluate.score_yes_no.__module__ == "mlxft.backends.torch.evaluate"
+    assert backends.get("torch").evaluate.evaluate.__module__ == "mlxft.backends.torch.evaluate"
     with pytest.raises(UserError, match="no backend 'auto'"):
         backends.get("auto")

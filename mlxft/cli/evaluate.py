@@ -32,15 +32,15 @@ def eval_auc(model, adapter, data_path, template, answers, batch_size, backend, 
     The two answer tokens come from the tokenizer and template (never hard-coded ids); also
     prints label balance and accuracy at 0.5.
     """
-    from mlxft import backends
     from mlxft.backends import is_mlx_quantized, resolve_backend
+    from mlxft.eval.yes_no import score_yes_no
 
-    score_yes_no = backends.get(resolve_backend(backend, quantized=is_mlx_quantized(model))).evaluate.score_yes_no
+    backend = resolve_backend(backend, quantized=is_mlx_quantized(model))
     positive, _, negative = answers.partition(",")
     if not negative:
         raise UserError("--answers takes two answers, like Yes.,No.")
     records = load_any(data_path)
-    report = score_yes_no(model, str(adapter) if adapter else None, records, template=template,
+    report = score_yes_no(backend, model, str(adapter) if adapter else None, records, template=template,
                           answers=[positive, negative], batch_size=batch_size, trust_remote_code=trust_remote_code)
     report.pop("probabilities")
     if as_json:
@@ -72,19 +72,19 @@ def eval_rank(model, adapter, mind_dir, max_history, max_impressions, template, 
     """
     import itertools
 
-    from mlxft import backends
     from mlxft.backends import is_mlx_quantized, resolve_backend
     from mlxft.data.records import Record
     from mlxft.data.sources.mind import iter_impressions
     from mlxft.eval.ranking import ranking_report
+    from mlxft.eval.yes_no import score_yes_no
 
-    score_yes_no = backends.get(resolve_backend(backend, quantized=is_mlx_quantized(model))).evaluate.score_yes_no
+    backend = resolve_backend(backend, quantized=is_mlx_quantized(model))
     impressions = list(itertools.islice(iter_impressions(mind_dir, max_history=max_history), max_impressions))
     records = [Record(row, f"{mind_dir}/behaviors.tsv impression {impression}")
                for impression, rows in impressions for row in rows]
     if not records:
         raise UserError(f"{mind_dir}: no impressions to rank")
-    scored = score_yes_no(model, str(adapter) if adapter else None, records, template=template,
+    scored = score_yes_no(backend, model, str(adapter) if adapter else None, records, template=template,
                           answers=["Yes.", "No."], batch_size=batch_size, trust_remote_code=trust_remote_code)
     probabilities, start, groups = scored["probabilities"], 0, []
     for _, rows in impressions:

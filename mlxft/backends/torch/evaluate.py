@@ -50,26 +50,3 @@ def evaluate(model, examples, *, pad_id: int, split_head: bool, batch_size: int 
         if (labels >= 0).all():
             result.update(binary_report(np.concatenate(probabilities), labels))
     return result
-
-
-def score_yes_no(model_name: str, adapter: str | None, records, *, template: str, answers: list[str],
-                 batch_size: int = 32, trust_remote_code: bool = False) -> dict:
-    """`mlxft eval auc --backend torch`: load a model (+ adapter), encode Yes/No rows, report AUC."""
-    from mlxft.adapters import load_adapter
-    from mlxft.backends.torch import lora
-    from mlxft.backends.torch.model import can_split_head, load
-    from mlxft.data.encode import answer_token_ids, encode_records
-    from mlxft.data.templates import check_yes_no_rows
-    from mlxft.model_files import pad_id
-
-    schema, template = check_yes_no_rows(records, template, answers)
-    model, tokenizer, folder = load(model_name, trust_remote_code=trust_remote_code)
-    if adapter:
-        spec, weights = load_adapter(adapter)
-        lora.load_adapter_weights(model, spec, weights, adapter)
-    examples, _ = encode_records(records, schema, template, tokenizer)
-    ids = answer_token_ids(tokenizer, answers)
-    result = evaluate(model, examples, pad_id=pad_id(tokenizer), split_head=can_split_head(model, folder),
-                      batch_size=batch_size, answer_ids=ids)
-    result["answer_token_ids"] = ids
-    return result
