@@ -7,9 +7,6 @@ in a recipe or in --set, are errors: a typo must never silently train with the d
 from __future__ import annotations
 
 import dataclasses
-import math
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,16 +15,7 @@ import yaml
 from mlxft.errors import UserError
 from mlxft.model_files import BUILTIN
 from mlxft.resources import bundled
-
-
-def setting(default, *, low=None, high=None, above=None, below=None, choices=None):
-    """A field with the range or choices its values must keep; checked whenever a config is built.
-
-    low/high are inclusive bounds, above/below exclusive ones. Floats must also be finite."""
-    rules = {k: v for k, v in dict(low=low, high=high, above=above, below=below, choices=choices).items() if v is not None}
-    if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata=rules)
-    return field(default=default, metadata=rules)
+from mlxft.settings import Given, build, check_key, read_yaml, set_path, setting
 
 
 @dataclass
@@ -104,8 +92,10 @@ class TrainConfig:
                             f"train.learning_rate ({self.learning_rate:g})")
 
 
-# Which validation metrics can pick the best adapter (DPO's are reward accuracy and margin).
-EVAL_METRICS = ("loss", "auc", "accuracy", "rewards/accuracies", "rewards/margins")
+# Which validation metrics can pick the best adapter (DPO's are reward accuracy and margin), and
+# which of them are better higher (mlxft.training.track_best).
+HIGHER_IS_BETTER = ("auc", "accuracy", "rewards/accuracies", "rewards/margins")
+EVAL_METRICS = ("loss", *HIGHER_IS_BETTER)
 
 
 @dataclass
@@ -201,9 +191,11 @@ def load_config(recipe: str | None, overrides: list[str] = ()) -> RunConfig:
     """A recipe (name or .yaml path, or None for the defaults) with --set overrides applied, and
     the recipe's `builtin_model:` settings when the model is the built-in one (--set still wins).
     Every setting is checked here, before anything is loaded or written."""
-    values = _read_yaml(recipe_path(recipe), "recipe") if recipe is not None else {}
+    values = {}
     if recipe is not None:
-        values.setdefault("recipe", recipe_path(recipe).stem)
+        path = recipe_path(recipe)
+        values = read_yaml(path, "recipe")
+        values.setdefault("recipe", path.stem)
     given = set()
     for item in overrides:
         key, sep, raw = item.partition("=")
@@ -211,9 +203,9 @@ def load_config(recipe: str | None, overrides: list[str] = ()) -> RunConfig:
         if not sep or not key:
             raise UserError(f"--set {item!r}: expected key.sub=value, like train.steps=100")
         keys = key.split(".")
-        _check_key(keys, item)
+        check_key(RunConfig, keys, item)
         given.add(key)
-        _set_path(values, keys, Given(raw))
+        set_path(values, keys, Given(raw))
     model = values.get("model")
     name = model.get("name", ModelConfig.name) if isinstance(model, dict) else None
     if (name.value(str, "model.name") if isinstance(name, Given) else name) == BUILTIN:
@@ -226,200 +218,15 @@ def load_config(recipe: str | None, overrides: list[str] = ()) -> RunConfig:
         for key, value in overlay.items():
             if key not in given:
                 keys = str(key).split(".")
-                _check_key(keys, f"builtin_model: {key}")
-                _set_path(values, keys, value)
-    return _build(RunConfig, values, "")
+                check_key(RunConfig, keys, f"builtin_model: {key}")
+                set_path(values, keys, value)
+    return build(RunConfig, values, "")
 
 
 def load_run_config(path: str | Path) -> RunConfig:
     """The config.yaml of a run, exactly as that run was started: it is already resolved, so the
     recipe's `builtin_model:` settings are not applied again over what --set chose then."""
-    return _build(RunConfig, _read_yaml(Path(path), "run config"), "")
-
-
-def _read_yaml(path: Path, what: str) -> dict:
-    try:
-        values = yaml.safe_load(path.read_text(encoding="utf-8-sig"))
-    except FileNotFoundError:
-        raise UserError(f"{what} {path}: no such file") from None
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
-        raise UserError(f"{what} {path}: not valid YAML ({str(e).splitlines()[0]})") from None
-    if values is None:
-        return {}
-    _acyclic(values, f"{what} {path}")
-    if not isinstance(values, dict):
-        raise UserError(f"{what} {path}: expected sections of settings (model:, data:, train:, ...), not {type(values).__name__}")
-    return values
-
-
-class Given:
-    """A --set value as typed. It is read as YAML (numbers, lists, null), except where the setting
-    is text: there the typed text is kept when YAML would make something else of it, so a
-    template such as 'Features: {features}' is a template, not a YAML mapping."""
-
-    def __init__(self, raw: str):
-        self.raw = raw
-
-    def value(self, hint, key: str):
-        options = _options(hint)
-        if not self.raw.strip():
-            return None
-        try:
-            parsed, error = yaml.safe_load(self.raw), None
-        except yaml.YAMLError as e:
-            parsed, error = None, str(e).splitlines()[0]
-        if str in options and not (isinstance(parsed, str) and error is None or parsed is None and type(None) in options):
-            return self.raw
-        if error is not None:
-            raise UserError(f"--set {key}={self.raw!r}: not valid YAML ({error})")
-        return _acyclic(parsed, f"--set {key}")
-
-
-def _acyclic(value, where: str, seen=()):
-    """YAML's anchors can make a list that holds itself (&a [*a]); no setting is one."""
-    if isinstance(value, (list, dict)):
-        if id(value) in seen:
-            raise UserError(f"{where}: a YAML alias refers to itself")
-        for item in value.values() if isinstance(value, dict) else value:
-            _acyclic(item, where, (*seen, id(value)))
-    return value
-
-
-def _options(hint) -> tuple:
-    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
-        return typing.get_args(hint)
-    return (hint,)
-
-
-def _check_key(keys: list[str], item: str) -> None:
-    """A --set key names one setting: every part exists, and it ends on a value, not a section."""
-    cls = RunConfig
-    for depth, key in enumerate(keys):
-        prefix = ".".join(keys[:depth])
-        fields = {f.name: f for f in dataclasses.fields(cls)}
-        if key not in fields:
-            raise UserError(f"unknown setting '{prefix + '.' if prefix else ''}{key}'; known in this section: "
-                            f"{', '.join(sorted(fields))}")
-        hint = typing.get_type_hints(cls)[key]
-        last = depth == len(keys) - 1
-        if dataclasses.is_dataclass(hint):
-            if last:
-                example = next(iter(f.name for f in dataclasses.fields(hint)))
-                raise UserError(f"--set {item!r}: '{'.'.join(keys)}' must be a section of keys, not a value; "
-                                f"set one of its keys, like {'.'.join(keys)}.{example}=...")
-            cls = hint
-        elif hint is dict:
-            if not last:  # builtin_model holds "section.key" names; --set names the setting itself
-                raise UserError(f"--set {item!r}: builtin_model's settings are a recipe's; on the command line "
-                                f"set the setting itself, like --set {'.'.join(keys[1:])}=...")
-            return
-        elif not last:
-            raise UserError(f"--set {item!r}: '{'.'.join(keys[:depth + 1])}' is a value, not a section")
-
-
-def _set_path(values: dict, keys: list[str], value) -> None:
-    node = values
-    for key in keys[:-1]:
-        child = node.get(key)
-        if not isinstance(child, dict):  # a recipe's scalar where a section belongs is replaced, and reported by _build
-            child = node[key] = {} if child is None else child
-            if not isinstance(child, dict):
-                raise UserError(f"setting '{key}' must be a section of keys, not {child!r}")
-        node = child
-    node[keys[-1]] = value
-
-
-def _build(cls, values, prefix: str):
-    if not isinstance(values, dict):
-        raise UserError(f"'{prefix.rstrip('.')}' must be a section of keys, not {values!r}")
-    hints = typing.get_type_hints(cls)
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(str(k) for k in set(values) - known)
-    if unknown:
-        raise UserError(f"unknown setting '{prefix}{unknown[0]}'; known in this section: {', '.join(sorted(known))}")
-    kwargs = {}
-    for name, value in values.items():
-        hint = hints[name]
-        if isinstance(value, Given):
-            value = value.value(hint, f"{prefix}{name}")
-        if dataclasses.is_dataclass(hint):
-            kwargs[name] = _build(hint, value or {}, f"{prefix}{name}.")
-        else:
-            kwargs[name] = _coerce(value, hint, f"{prefix}{name}")
-    built = cls(**kwargs)
-    _check_ranges(built, prefix)
-    if hasattr(built, "check"):
-        built.check()
-    return built
-
-
-def _check_ranges(section, prefix: str) -> None:
-    """Each setting within the range or among the choices its field declares; floats finite."""
-    for f in dataclasses.fields(section):
-        value = getattr(section, f.name)
-        items = value if isinstance(value, list) else [value]
-        for item in items:
-            if isinstance(item, float) and not math.isfinite(item):
-                raise UserError(f"setting '{prefix}{f.name}' must be a finite number, got {item}")
-            if item is None or isinstance(item, (bool, str, dict)) and "choices" not in f.metadata:
-                continue
-            rules = f.metadata
-            bounds = [("low", lambda x, b: x >= b, "at least"), ("high", lambda x, b: x <= b, "at most"),
-                      ("above", lambda x, b: x > b, "above"), ("below", lambda x, b: x < b, "below")]
-            for name, holds, words in bounds:
-                if name in rules and not holds(item, rules[name]):
-                    raise UserError(f"setting '{prefix}{f.name}' must be {words} {rules[name]:g}, got {item!r}")
-            if "choices" in rules and item not in rules["choices"]:
-                raise UserError(f"setting '{prefix}{f.name}' must be one of {', '.join(map(str, rules['choices']))}, "
-                                f"got {item!r}")
-
-
-def _coerce(value, hint, key: str):
-    """Check a YAML value against a field's annotation; ints are accepted where floats are."""
-    value = _yaml11_float(value)
-    options = _options(hint)
-    if value is None:
-        if type(None) in options:
-            return None
-        raise UserError(f"setting '{key}' cannot be empty")
-    for option in options:
-        origin = typing.get_origin(option)
-        if origin is list:
-            (item_type,) = typing.get_args(option)
-            items = value if isinstance(value, list) else [value]
-            if all(_fits(v, item_type) for v in items):
-                return [_float(v, key) if item_type is float else v for v in items]
-        elif option is not type(None) and _fits(value, option):
-            return _float(value, key) if option is float else value
-    expected = " or ".join(getattr(o, "__name__", str(o)) for o in options if o is not type(None))
-    raise UserError(f"setting '{key}' must be {expected}, got {value!r}")
-
-
-def _float(value, key: str) -> float:
-    try:
-        return float(value)
-    except OverflowError:  # an integer of 400 digits
-        raise UserError(f"setting '{key}' must be a finite number, got an integer of {len(str(value))} digits") from None
-
-
-def _yaml11_float(value):
-    # YAML 1.1 reads "1e-3" (no dot) as a string; everyone writes learning rates that way.
-    if isinstance(value, str):
-        try:
-            return float(value) if any(c.isdigit() for c in value) and "e" in value.lower() else value
-        except ValueError:
-            return value
-    if isinstance(value, list):
-        return [_yaml11_float(v) for v in value]
-    return value
-
-
-def _fits(value, typ) -> bool:
-    if typ is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if typ is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    return isinstance(value, typ)
+    return build(RunConfig, read_yaml(Path(path), "run config"), "")
 
 
 def dump_config(config: RunConfig) -> str:

@@ -10,6 +10,7 @@ import math
 
 import numpy as np
 
+from mlxft.config import HIGHER_IS_BETTER
 from mlxft.data.batching import iterate_batches
 from mlxft.data.encode import answer_token_ids
 from mlxft.errors import UserError
@@ -46,9 +47,6 @@ def count_steps(tc, rows: int) -> int:
         return tc.steps
     micro_per_epoch = math.ceil(rows / tc.batch_size)
     return max(1, math.ceil((tc.epochs or 1) * micro_per_epoch / tc.grad_accumulation))
-
-
-HIGHER_IS_BETTER = ("auc", "accuracy", "rewards/accuracies", "rewards/margins")
 
 
 def track_best(record, best, stale, metric):
