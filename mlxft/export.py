@@ -21,11 +21,11 @@ import numpy as np
 
 from mlxft.errors import UserError
 from mlxft.files import write_atomic
+from mlxft.saved_check import FIXED_PROBE, fixed_probe, relative_difference
 
 # Largest |exported - source| logit over the largest |source| logit, per weight type. Measured
 # on SmolLM2-135M-Instruct: f32 0, f16 1.0e-3, q8_0 3.2e-2 (benchmarks/RESULTS.md).
 TOLERANCE = {"f32": 1e-5, "f16": 5e-3, "q8_0": 6e-2}
-PROBE = [[1, 17, 230, 41, 990, 12, 7, 1500, 33, 600, 8, 20, 5, 77, 120, 43]]
 
 
 def export_gguf(source: str | Path, out: str | Path, kind: str = "f16", *, model: str | None = None,
@@ -62,8 +62,8 @@ def check_export(folder: Path, gguf_file: Path, kind: str, scratch: Path) -> dic
     scratch.mkdir()
     convert(gguf_file, scratch, echo=lambda *a: None)
     source, exported = _probe_logits(folder), _probe_logits(scratch)
-    relative = float(np.abs(exported - source).max() / np.abs(source).max())
-    check = {"probe_tokens": len(PROBE[0]), "max_relative_difference": relative, "tolerance": TOLERANCE[kind]}
+    relative = relative_difference(exported, source)
+    check = {"probe_tokens": len(FIXED_PROBE), "max_relative_difference": relative, "tolerance": TOLERANCE[kind]}
     if not relative <= TOLERANCE[kind]:
         raise UserError(f"export check failed: the GGUF file's logits differ from {folder}'s by {relative:.2e} of the "
                         f"largest logit (allowed for {kind}: {TOLERANCE[kind]:g}); the file was deleted")
@@ -71,13 +71,11 @@ def check_export(folder: Path, gguf_file: Path, kind: str, scratch: Path) -> dic
 
 
 def _probe_logits(folder: Path) -> np.ndarray:
-    import mlx.core as mx
-
+    from mlxft.backends.mlx import lora
     from mlxft.backends.mlx.model import load
 
     model, _, _ = load(str(folder))
-    vocab = model.args.vocab_size
-    return np.array(model(mx.array(PROBE) % vocab), dtype=np.float32)
+    return lora.probe_logits(model, fixed_probe(model.args.vocab_size))
 
 
 def write_modelfile(gguf_file: Path, folder: Path) -> Path:

@@ -22,7 +22,6 @@ from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
-import numpy as np
 from mlx.utils import tree_unflatten
 
 from mlxft.adapters import adapter_folder, check_modules, load_adapter
@@ -30,6 +29,7 @@ from mlxft.backends.mlx import lora
 from mlxft.errors import UserError
 from mlxft.files import staged_folder
 from mlxft.model_files import TOKENIZER_OUTPUTS
+from mlxft.saved_check import fixed_probe, relative_difference
 
 # Everything besides the weights and config.json that a model folder needs to load elsewhere:
 # tokenizer files in any of their layouts, generation defaults, and remote code if the model has it.
@@ -76,7 +76,7 @@ def fuse(adapter: str | Path, out: str | Path, *, model: str | None = None, quan
             raise UserError(f"--out {out} is where the fuse reads from; name another folder")
     check_modules(weights, linear_modules(base), str(adapter))
     config = json.loads((folder / "config.json").read_text())
-    ids = [[i % base.args.vocab_size for i in PROBE]]
+    ids = fixed_probe(base.args.vocab_size)
     lora.load_adapter_weights(base, spec, weights, str(adapter))
     adapted = lora.probe_logits(base, ids)  # what was trained: base + adapter, unfused
     lora.remove_lora(base)
@@ -94,7 +94,6 @@ def fuse(adapter: str | Path, out: str | Path, *, model: str | None = None, quan
 # The fused folder, loaded back, against base + adapter on a probe batch: the largest difference
 # relative to the largest logit. A float32 merge is exact up to rounding; bf16/f16 weights round
 # the merged sum once; re-quantizing adds quantization noise, which is recorded, not refused.
-PROBE = [1, 17, 230, 41, 990, 12, 7, 1500, 33, 600, 8, 20, 5, 77, 120, 43]
 FUSE_TOLERANCE = {mx.float32: 1e-4, mx.bfloat16: 3e-2, mx.float16: 1e-2}
 
 
@@ -102,7 +101,7 @@ def check_fused(folder: Path, adapted, ids, quantization: dict | None, dtype) ->
     from mlxft.backends.mlx.model import load
 
     fused, _, _ = load(str(folder))
-    relative = float(np.abs(lora.probe_logits(fused, ids) - adapted).max() / (np.abs(adapted).max() or 1.0))
+    relative = relative_difference(lora.probe_logits(fused, ids), adapted)
     check = {"probe_tokens": len(ids[0]), "fused_vs_adapted": relative}
     if quantization:
         check["note"] = f"re-quantized to {quantization['bits']} bits: the difference is quantization noise"
