@@ -79,10 +79,7 @@ def permute(weight: np.ndarray, heads: int) -> np.ndarray:
 
 def _field(reader, key: str, default=None):
     field = reader.fields.get(key)
-    if field is None:
-        return default
-    value = field.contents()
-    return value
+    return default if field is None else field.contents()
 
 
 def read_config(reader) -> dict:
@@ -132,10 +129,10 @@ def read_weights(reader, config: dict, progress=None) -> dict[str, np.ndarray]:
     reorders = ARCHITECTURES[arch][2]
     weights = {}
     for tensor in reader.tensors:
+        if progress:
+            progress.update()
         name = hf_name(tensor.name)
         if name is None:
-            if progress:
-                progress.update()
             continue
         try:
             array = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
@@ -148,8 +145,6 @@ def read_weights(reader, config: dict, progress=None) -> dict[str, np.ndarray]:
         elif reorders and name.endswith("k_proj.weight"):
             array = unpermute(array, config["num_key_value_heads"])
         weights[name] = np.ascontiguousarray(array)
-        if progress:
-            progress.update()
     return weights
 
 

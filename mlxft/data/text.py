@@ -10,10 +10,8 @@ from pathlib import Path
 from mlxft.errors import UserError
 
 
-def not_utf8(path: Path, number: int, error: UnicodeDecodeError) -> UserError:
-    byte = error.object[error.start:error.start + 1].hex()
-    return UserError(f"{path}:{number}: not UTF-8 text (byte 0x{byte} at column {error.start + 1}); "
-                     "save the file as UTF-8")
+def not_utf8(path: Path, number: int, byte: int, column: int) -> UserError:
+    return UserError(f"{path}:{number}: not UTF-8 text (byte 0x{byte:02x} at column {column}); save the file as UTF-8")
 
 
 def read_lines(path: Path) -> Iterator[tuple[int, str]]:
@@ -26,7 +24,7 @@ def read_lines(path: Path) -> Iterator[tuple[int, str]]:
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as e:
-                raise not_utf8(path, number, e) from None
+                raise not_utf8(path, number, raw[e.start], e.start + 1) from None
             yield number, line.removesuffix("\n").removesuffix("\r")
 
 
@@ -38,7 +36,5 @@ def read_text(path: Path) -> str:
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        number = raw.count(b"\n", 0, e.start) + 1
         line_start = raw.rfind(b"\n", 0, e.start) + 1
-        raise not_utf8(path, number, UnicodeDecodeError("utf-8", raw[line_start:e.end], e.start - line_start,
-                                                        e.end - line_start, e.reason)) from None
+        raise not_utf8(path, raw.count(b"\n", 0, e.start) + 1, raw[e.start], e.start - line_start + 1) from None
