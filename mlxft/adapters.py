@@ -190,3 +190,21 @@ def select_modules(modules: dict[str, tuple[int, int]], target_modules: list[str
             raise UserError(f"layer {bad[0]} does not exist; this model has layers 0..{n_layers - 1}")
     chosen = [p for p in modules if p.rsplit(".", 1)[-1] in target_modules and (layers is None or layer_index(p) in layers)]
     return sorted(chosen, key=lambda p: (layer_index(p), p))
+
+
+def apply_adapter(lora, model, spec: AdapterSpec, weights: dict, where: str) -> None:
+    """Put LoRA on `model` as the adapter's config says and load its tensors; `lora` is a backend's
+    lora module (linear_modules, apply_lora, set_adapter_weights). A mismatch is a UserError."""
+    check_modules(weights, lora.linear_modules(model), where)
+    paths = lora.apply_lora(model, spec)
+    missing = sorted(set(paths) - set(weights))
+    if missing:
+        raise UserError(f"adapter {where} lacks weights for '{missing[0]}', which its config targets")
+    lora.set_adapter_weights(model, weights)
+
+
+def attach_adapter(lora, model, path: str | Path) -> AdapterSpec:
+    """The adapter saved at `path`, on `model` (apply_adapter); returns its spec."""
+    spec, weights = load_adapter(path)
+    apply_adapter(lora, model, spec, weights, str(path))
+    return spec

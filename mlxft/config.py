@@ -93,7 +93,7 @@ class TrainConfig:
 
 
 # Which validation metrics can pick the best adapter (DPO's are reward accuracy and margin), and
-# which of them are better higher (mlxft.training.track_best).
+# which of them are better higher (mlxft.driver.track_best).
 HIGHER_IS_BETTER = ("auc", "accuracy", "rewards/accuracies", "rewards/margins")
 EVAL_METRICS = ("loss", *HIGHER_IS_BETTER)
 

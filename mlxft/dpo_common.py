@@ -3,7 +3,7 @@ mlxft.backends.torch.dpo: where the reference comes from, the cached reference l
 (reference_logps.safetensors: one file format, one check), and the before/after answers
 (comparison.json, comparison.md). No mlx, no torch: numpy arrays and files only.
 
-The loss math and the metric sums are in mlxft.dpo_loss; each backend keeps its own loop.
+The loss math and the metric sums are in mlxft.dpo_loss; the loop is mlxft.driver's.
 """
 
 from __future__ import annotations
@@ -21,6 +21,31 @@ from mlxft.errors import UserError
 from mlxft.files import write_atomic
 
 REFERENCE_FILE = "reference_logps.safetensors"
+
+
+# --- data ----------------------------------------------------------------------------------------
+
+def load_pair_data(config, adapter: str | None):
+    """(preference splits, the prompts asked before and after training or None), with the run's DPO
+    settings checked: everything that can be wrong before a model loads."""
+    from mlxft.adapters import load_adapter
+    from mlxft.data.dataset import load_preference_splits, prompt_records, resolve_source
+    from mlxft.data.records import load_records
+
+    dc = config.dpo
+    dc.check()
+    splits = load_preference_splits(config.data, dc.support_ratio)
+    asked = prompt_records(load_records(resolve_source(dc.compare_prompts))) if dc.compare_prompts else None
+    if adapter and config.lora.full_finetune:
+        raise UserError("--adapter continues a LoRA adapter; drop it, or lora.full_finetune")
+    if dc.reference_adapter:
+        load_adapter(dc.reference_adapter)  # a bad path fails now, not after the data is encoded
+    return splits, asked
+
+
+def describe_dpo(policy_line: str, dc, reference_name: str, shared: bool) -> str:
+    return (f"{policy_line}; DPO {dc.loss_type}, beta {dc.beta:g}; reference: {reference_name}"
+            f"; {'each prompt run once' if shared else 'prompts run with each answer'}")
 
 
 # --- the reference ---------------------------------------------------------------------------------
@@ -133,6 +158,16 @@ def answer_all(generate_answer, model, tokenizer, rows, splits, config) -> list[
                                                                 system_prompt=config.data.system_prompt),
                             max_tokens=config.eval.max_new_tokens)
             for row in rows]
+
+
+def compare_after(run, config, fitted, generate_answer, model, tokenizer, prompts, splits, adapter) -> tuple[list, dict | None]:
+    """(the answers before training, the comparison files written) once a run has trained: the
+    trained model answers the same prompts as before (fitted.baseline's before_answers)."""
+    before_answers = fitted.baseline.get("before_answers", [])
+    if not prompts:
+        return before_answers, None
+    after_answers = answer_all(generate_answer, model, tokenizer, prompts, splits, config)
+    return before_answers, write_comparison(run.folder, prompts, before_answers, after_answers, config, adapter, fitted.steps)
 
 
 def write_comparison(folder: Path, rows, before: list[str], after: list[str], config, adapter, steps: int) -> dict:

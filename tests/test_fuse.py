@@ -40,11 +40,11 @@ def logits(model, ids=IDS):
 
 
 def base_plus_adapter(model_dir, adapter):
-    from mlxft.adapters import load_adapter
+    from mlxft.adapters import apply_adapter, load_adapter
 
     model, _, _ = load(str(model_dir))
     spec, weights = load_adapter(adapter)
-    lora.load_adapter_weights(model, spec, weights, str(adapter))
+    apply_adapter(lora, model, spec, weights, str(adapter))
     model.eval()
     return model
 

@@ -3,6 +3,7 @@ reference as the adapter-off model, masks, memory, resume, the CLI and its error
 
 import json
 import math
+from functools import partial
 
 import mlx.core as mx
 import mlx.optimizers as optim
@@ -12,7 +13,7 @@ from click.testing import CliRunner
 from mlx.utils import tree_flatten
 
 from mlxft.adapters import AdapterSpec, save_adapter
-from mlxft.backends.mlx import dpo, lora, sft
+from mlxft.backends.mlx import dpo, lora, steps
 from mlxft.backends.mlx import model as mlx_model
 from mlxft.backends.mlx.model import load
 from mlxft.cli import cli
@@ -57,7 +58,7 @@ def random_pairs(n, seed=0, prompt=(5, 30), answer=(2, 12), vocab=500):
 
 def arrays_of(pb, shared=True):
     """A pair batch as the trainer lays it out: shared prompts (the default) or its 2B rows."""
-    return dpo.batch_arrays(pb.batch, 0, shared)
+    return steps.pair_arrays(pb.batch, 0, shared)
 
 
 def adapted_model(model_dir, b_scale=0.0):
@@ -154,7 +155,7 @@ def test_sequence_logps_sum_the_answer_tokens_only(tiny_model_dir, shared):
     model = adapted_model(tiny_model_dir, b_scale=0.5)
     pairs = random_pairs(3, seed=1)
     pb = collate_pairs(pairs, range(3), pad_id=0)
-    logps = np.array(dpo.sequence_logps(model, arrays_of(pb, shared), split_head=True)[0])
+    logps = np.array(steps.sequence_logps(model, arrays_of(pb, shared), split_head=True)[0])
     logits = model(mx.array(pb.batch.input_ids)).astype(mx.float32)
     full = np.array(logits - mx.logsumexp(logits, axis=-1, keepdims=True))
     for row, (pair, answer) in enumerate([(p, p.chosen_ids) for p in pairs] + [(p, p.rejected_ids) for p in pairs]):
@@ -171,7 +172,7 @@ def test_shared_prompts_give_the_gradients_of_the_rows(tiny_model_dir):
     pairs[2] = PreferenceExample([], pairs[2].chosen_ids, pairs[2].rejected_ids)
     pb = collate_pairs(pairs, range(4), pad_id=0)
     model = adapted_model(tiny_model_dir, b_scale=0.5)
-    micro_step, _ = dpo.make_step(model, optim.SGD(learning_rate=0.0), True, None, DPOConfig(beta=0.5))
+    micro_step, _ = steps.make_step(model, optim.SGD(learning_rate=0.0), partial(steps.pair_loss, split_head=True, dc=DPOConfig(beta=0.5)), None)
     reference = mx.array(np.linspace(-60, -20, 8, dtype=np.float32))  # pairs far from a tie: real gradients
     results = {shared: micro_step(arrays_of(pb, shared), reference) for shared in (True, False)}
     (shared_grads, shared_sums), (row_grads, row_sums) = results[True], results[False]
@@ -201,7 +202,7 @@ def test_every_family_that_shares_prompts_scores_as_its_rows(family, tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": family}))
     assert mlx_model.can_share_prompts(model, tmp_path)
     pb = collate_pairs(random_pairs(3, vocab=100), range(3), pad_id=0)  # the tiny models' vocabulary
-    shared, rows = (np.array(dpo.sequence_logps(model, arrays_of(pb, s), True)[0]) for s in (True, False))
+    shared, rows = (np.array(steps.sequence_logps(model, arrays_of(pb, s), True)[0]) for s in (True, False))
     np.testing.assert_allclose(shared, rows, rtol=1e-5)
 
 
@@ -220,8 +221,8 @@ def test_step_zero_loss_is_ln2_and_rewards_are_zero(tiny_model_dir):
     model = adapted_model(tiny_model_dir)  # B = 0: the adapter changes nothing yet
     pb = collate_pairs(random_pairs(6), range(6), pad_id=0)
     arrays = arrays_of(pb)
-    reference = dpo.make_reference_step(model, split_head=True)(arrays)
-    micro_step, _ = dpo.make_step(model, optim.SGD(learning_rate=0.0), True, None, DPOConfig())
+    reference = steps.make_reference_step(model, split_head=True)(arrays)
+    micro_step, _ = steps.make_step(model, optim.SGD(learning_rate=0.0), partial(steps.pair_loss, split_head=True, dc=DPOConfig()), None)
     grads, sums = micro_step(arrays, reference)
     metrics = summarize(np.array(sums))
     assert metrics["loss"] == pytest.approx(math.log(2), abs=1e-6)
@@ -236,14 +237,14 @@ def test_reference_is_the_base_model_inside_the_compiled_steps(tiny_model_dir, s
     model.train()
     pb = collate_pairs(random_pairs(4), range(4), pad_id=0)
     arrays = arrays_of(pb, shared)
-    micro_step, _ = dpo.make_step(model, optim.SGD(learning_rate=0.0), True, None, DPOConfig())
-    reference_step = dpo.make_reference_step(model, split_head=True)
+    micro_step, _ = steps.make_step(model, optim.SGD(learning_rate=0.0), partial(steps.pair_loss, split_head=True, dc=DPOConfig()), None)
+    reference_step = steps.make_reference_step(model, split_head=True)
     first = np.array(micro_step(arrays, mx.zeros(8))[1])  # the step traced before the reference
     reference = reference_step(arrays)
 
     base, _, _ = load(str(tiny_model_dir))
-    np.testing.assert_allclose(np.array(reference), np.array(dpo.sequence_logps(base, arrays, True)[0]), rtol=1e-5)
-    policy = np.array(dpo.sequence_logps(model, arrays, True)[0])
+    np.testing.assert_allclose(np.array(reference), np.array(steps.sequence_logps(base, arrays, True)[0]), rtol=1e-5)
+    policy = np.array(steps.sequence_logps(model, arrays, True)[0])
     assert np.abs(policy - np.array(reference)).max() > 1e-2  # the adapter is on again outside the reference
     # Both compiled functions, called again in either order, keep their own view of the adapter.
     np.testing.assert_array_equal(np.array(micro_step(arrays, mx.zeros(8))[1]), first)
@@ -259,14 +260,14 @@ def test_peak_memory_of_a_dpo_step_is_that_of_an_sft_step(tiny_model_dir):
     pb = collate_pairs(random_pairs(8, prompt=(40, 60), answer=(10, 20)), range(8), pad_id=0, pad_to_multiple=16)
     rows, arrays = arrays_of(pb, shared=False), arrays_of(pb)
     rows = (rows["inputs"], rows["positions"], rows["tokens"], rows["weights"])
-    sft_micro, sft_update = sft.make_step(model, optim.AdamW(learning_rate=1e-4), True, 1.0)
+    sft_micro, sft_update = steps.make_step(model, optim.AdamW(learning_rate=1e-4), partial(steps.sft_loss, split_head=True), 1.0)
     dpo_optimizer = optim.AdamW(learning_rate=1e-4)
-    dpo_micro, dpo_update = dpo.make_step(model, dpo_optimizer, True, 1.0, DPOConfig())
-    reference_step = dpo.make_reference_step(model, True)
+    dpo_micro, dpo_update = steps.make_step(model, dpo_optimizer, partial(steps.pair_loss, split_head=True, dc=DPOConfig()), 1.0)
+    reference_step = steps.make_reference_step(model, True)
 
     def sft_step():
-        _, n, grads = sft_micro(*rows)
-        mx.eval(model.state, sft_update(grads, n))
+        grads, sums = sft_micro(*rows)
+        mx.eval(model.state, sft_update(grads, sums[0]))
 
     def dpo_step():
         reference = reference_step(arrays)
@@ -287,8 +288,8 @@ def test_peak_memory_of_a_dpo_step_is_that_of_an_sft_step(tiny_model_dir):
 def test_accumulation_equals_one_big_batch_weighted_by_pairs(tiny_model_dir):
     def gradients(batches):
         model = adapted_model(tiny_model_dir, b_scale=0.1)
-        micro_step, _ = dpo.make_step(model, optim.SGD(learning_rate=0.0), True, None, DPOConfig())
-        reference_step = dpo.make_reference_step(model, True)
+        micro_step, _ = steps.make_step(model, optim.SGD(learning_rate=0.0), partial(steps.pair_loss, split_head=True, dc=DPOConfig()), None)
+        reference_step = steps.make_reference_step(model, True)
         total, summed = None, None
         for pb in batches:
             arrays = arrays_of(pb)

@@ -1,6 +1,7 @@
 """The MLX trainer on a 2-layer, 32-wide model: golden losses, resume, accumulation, counts."""
 
 import json
+from functools import partial
 
 import mlx.core as mx
 import mlx.optimizers as optim
@@ -9,11 +10,11 @@ import pytest
 from mlx.utils import tree_flatten
 
 from mlxft.adapters import AdapterSpec, load_adapter
-from mlxft.backends.mlx import lora
+from mlxft.backends.mlx import lora, steps
 from mlxft.backends.mlx.model import load
-from mlxft.backends.mlx.sft import make_step, train
+from mlxft.backends.mlx.sft import train
 from mlxft.config import load_config
-from mlxft.data.batching import collate, scored_targets
+from mlxft.data.batching import collate
 from mlxft.data.encode import Example
 from mlxft.runs import Run
 
@@ -89,13 +90,11 @@ def gradients(model_dir, batches):
     lora.apply_lora(model, AdapterSpec(4, 8, 0.0, ["q_proj", "v_proj"], "x"))
     for layer in lora.lora_layers(model).values():  # B = 0 would make A's gradient vanish
         layer.lora_b = mx.random.normal(layer.lora_b.shape) * 0.1
-    micro_step, _ = make_step(model, optim.SGD(learning_rate=0.0), split_head=True, max_grad_norm=None)
+    micro_step, _ = steps.make_step(model, optim.SGD(learning_rate=0.0), partial(steps.sft_loss, split_head=True), None)
     total, scored, summed = 0.0, 0.0, None
     for batch in batches:
-        targets = scored_targets(batch)
-        loss, n, grads = micro_step(mx.array(batch.input_ids[:, :-1]), mx.array(targets.positions),
-                                    mx.array(targets.tokens), mx.array(targets.weights))
-        total, scored = total + loss.item(), scored + n.item()
+        grads, sums = micro_step(*steps.sft_inputs(batch))
+        total, scored = total + sums[1].item(), scored + sums[0].item()
         flat = {k: np.array(v) for k, v in tree_flatten(grads)}
         summed = flat if summed is None else {k: summed[k] + flat[k] for k in flat}
     return total / scored, {k: v / scored for k, v in summed.items()}

@@ -5,6 +5,7 @@ plain PEFT, the CLI end to end, resume, and the install hint when torch is missi
 import json
 import sys
 import warnings
+from functools import partial
 from pathlib import Path
 
 import mlx.core as mx
@@ -13,16 +14,16 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from mlx.utils import tree_map
 
-from mlxft.adapters import AdapterSpec, load_adapter
+from mlxft.adapters import AdapterSpec, apply_adapter, load_adapter
 from mlxft.backends.mlx import lora as mlx_lora
 from mlxft.backends.mlx import model as mlx_model
-from mlxft.backends.mlx.sft import make_step
+from mlxft.backends.mlx import steps as mlx_steps
 from mlxft.backends.mlx.sft import train as mlx_train
 from mlxft.backends.torch import lora as torch_lora
 from mlxft.backends.torch import model as torch_model
 from mlxft.backends.torch import sft as torch_sft
+from mlxft.backends.torch import steps as torch_steps
 from mlxft.backends.torch.adamw import MLXAdamW
 from mlxft.cli import cli
 from mlxft.config import load_config
@@ -103,21 +104,13 @@ def _mlx_steps(model_dir, batches, rates, weight_decay, max_norm, bias_correctio
     mlx_lora.apply_lora(model, AdapterSpec(4, 8, 0.0, ["q_proj", "v_proj"], "x"))
     start = mlx_lora.adapter_weights(model)
     optimizer = optim.AdamW(learning_rate=rates[0], weight_decay=weight_decay, bias_correction=bias_correction)
-    micro_step, update = make_step(model, optimizer, split_head=True, max_grad_norm=max_norm)
+    micro_step, update = mlx_steps.make_step(model, optimizer, partial(mlx_steps.sft_loss, split_head=True), max_norm)
+    step = mlx_steps.train_step(model, optimizer, micro_step, update, mlx_steps.sft_inputs, seed=3)
     model.train()
     step_losses = []
-    for rate, step_batches in zip(rates, batches):
-        grads, total, scored = None, 0.0, 0.0
-        for batch in step_batches:
-            targets = scored_targets(batch)
-            loss, n, g = micro_step(mx.array(batch.input_ids[:, :-1]), mx.array(targets.positions),
-                                    mx.array(targets.tokens), mx.array(targets.weights))
-            grads = g if grads is None else tree_map(mx.add, grads, g)
-            total, scored = total + loss.item(), scored + n.item()
-        optimizer.learning_rate = rate
-        norm = update(grads, mx.array(scored))
-        mx.eval(model.state, optimizer.state)
-        step_losses.append((total / scored, norm.item()))
+    for index, (rate, step_batches) in enumerate(zip(rates, batches)):
+        result = step(index, step_batches, rate)
+        step_losses.append((result.sums[1] / result.sums[0], result.grad_norm))
     return start, np.array(step_losses), mlx_lora.adapter_weights(model)
 
 
@@ -127,16 +120,13 @@ def _torch_steps(model_dir, start, batches, rates, weight_decay, max_norm, bias_
     torch_lora.set_adapter_weights(model, start)
     optimizer = MLXAdamW([p for p in model.parameters() if p.requires_grad], lr=rates[0],
                          weight_decay=weight_decay, bias_correction=bias_correction)
+    step = torch_steps.train_step(optimizer, partial(torch_steps.sft_loss, model, split_head=True, device=CPU), seed=3,
+                                  max_grad_norm=max_norm)
     model.train()
     step_losses = []
-    for rate, step_batches in zip(rates, batches):
-        optimizer.zero_grad()
-        total, scored = 0.0, 0.0
-        for batch in step_batches:
-            loss, n = torch_sft.micro_step(model, batch, True, CPU)
-            total, scored = total + loss.item(), scored + n
-        norm = torch_sft.update(optimizer, scored, rate, max_norm)
-        step_losses.append((total / scored, norm))
+    for index, (rate, step_batches) in enumerate(zip(rates, batches)):
+        result = step(index, step_batches, rate)
+        step_losses.append((result.sums[1] / result.sums[0], result.grad_norm))
     return np.array(step_losses), torch_lora.adapter_weights(model)
 
 
@@ -185,7 +175,7 @@ def test_adapters_cross_between_mlx_peft_and_torch(tiny_model_dir, tmp_path):
     assert all(np.abs(b).sum() > 0 for _, b in weights.values())
     m, _, _ = mlx_model.load(str(tiny_model_dir))
     base = mlx_logits(m, ids)
-    mlx_lora.load_adapter_weights(m, spec, weights, "mlx")
+    apply_adapter(mlx_lora, m, spec, weights, "mlx")
     expected = mlx_logits(m, ids)
     assert np.abs(expected - base).max() > 1e-3  # the adapter matters
     assert np.abs(torch_logits(_peft(tiny_model_dir, tmp_path / "mlx/last"), ids) - expected).max() < 1e-4
@@ -195,11 +185,11 @@ def test_adapters_cross_between_mlx_peft_and_torch(tiny_model_dir, tmp_path):
     torch_sft.train(config, Run.create(tmp_path / "torch", config), echo=lambda *a: None)
     spec, weights = load_adapter(tmp_path / "torch/last")
     t, _, _ = torch_model.load(str(tiny_model_dir), device=CPU)
-    torch_lora.load_adapter_weights(t, spec, weights, "torch")
+    apply_adapter(torch_lora, t, spec, weights, "torch")
     expected = torch_logits(t, ids)
     m, _, _ = mlx_model.load(str(tiny_model_dir))
     assert np.abs(mlx_logits(m, ids) - expected).max() > 1e-3
-    mlx_lora.load_adapter_weights(m, spec, weights, "torch")
+    apply_adapter(mlx_lora, m, spec, weights, "torch")
     assert np.abs(mlx_logits(m, ids) - expected).max() < 1e-4
     assert np.abs(torch_logits(_peft(tiny_model_dir, tmp_path / "torch/last"), ids) - expected).max() < 1e-4
 
@@ -288,7 +278,8 @@ def test_gradient_checkpointing_keeps_the_dropout_mask(tiny_model_dir):
             torch_model.enable_gradient_checkpointing(model)
         model.train()
         torch.manual_seed(1)
-        loss, _ = torch_sft.micro_step(model, batch, True, CPU)
+        loss, _ = torch_steps.sft_loss(model, batch, split_head=True, device=CPU)
+        loss.backward()
         results.append((loss.item(), [p.grad.clone() for p in model.parameters() if p.requires_grad]))
     (plain_loss, plain), (checkpointed_loss, checkpointed) = results
     assert checkpointed_loss == pytest.approx(plain_loss, rel=1e-6)

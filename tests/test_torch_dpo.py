@@ -4,6 +4,7 @@ the same optimizer steps, the CLI end to end with the MLX run's summary keys, an
 
 import json
 import math
+from functools import partial
 
 import mlx.core as mx
 import mlx.optimizers as optim
@@ -11,17 +12,18 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from mlx.utils import tree_flatten, tree_map
+from mlx.utils import tree_flatten
 
 from mlxft.adapters import AdapterSpec, save_adapter
 from mlxft.backends.mlx import dpo as mlx_dpo
 from mlxft.backends.mlx import lora as mlx_lora
 from mlxft.backends.mlx import model as mlx_model
+from mlxft.backends.mlx import steps as mlx_steps
 from mlxft.backends.torch import dpo as torch_dpo
 from mlxft.backends.torch import lora as torch_lora
 from mlxft.backends.torch import model as torch_model
+from mlxft.backends.torch import steps as torch_steps
 from mlxft.backends.torch.adamw import MLXAdamW
-from mlxft.backends.torch.sft import update as torch_update
 from mlxft.cli import cli
 from mlxft.config import DPOConfig, load_config
 from mlxft.data.batching import collate_pairs
@@ -55,11 +57,18 @@ def random_pairs(n, seed=0, prompt=(5, 30), answer=(2, 12), vocab=500):
 
 def tensors_of(pb, shared=True):
     """A pair batch as the trainer lays it out: shared prompts (the default) or its 2B rows."""
-    return torch_dpo.batch_tensors(pb.batch, 0, shared, CPU)
+    return torch_steps.pair_tensors(pb.batch, 0, shared, CPU)
 
 
 def arrays_of(pb, shared=True):
-    return mlx_dpo.batch_arrays(pb.batch, 0, shared)
+    return mlx_steps.pair_arrays(pb.batch, 0, shared)
+
+
+def torch_micro_step(model, tensors, reference, dc):
+    """The PyTorch DPO step's forward and backward of one micro-batch; its STATISTICS sums."""
+    loss_sum, sums = torch_steps.pair_loss(model, tensors, reference, split_head=True, dc=dc)
+    loss_sum.backward()
+    return sums
 
 
 def twin_models(model_dir, b_scale=0.0, seed=0):
@@ -95,8 +104,8 @@ def test_step_zero_loss_is_ln2_and_rewards_are_zero(tiny_model_dir):
     _, model = twin_models(tiny_model_dir)  # B = 0, dropout 0: the adapter changes nothing yet
     model.train()
     tensors = tensors_of(collate_pairs(random_pairs(6), range(6), pad_id=0))
-    reference = torch_dpo.reference_logps(model, tensors, split_head=True)
-    sums = torch_dpo.micro_step(model, tensors, reference, split_head=True, dc=DPOConfig(), device=CPU)
+    reference = torch_steps.reference_logps(model, tensors, split_head=True)
+    sums = torch_micro_step(model, tensors, reference, DPOConfig())
     metrics = summarize(sums.numpy())
     assert metrics["loss"] == pytest.approx(math.log(2), abs=1e-6)
     assert metrics["rewards/chosen"] == 0.0 and metrics["rewards/rejected"] == 0.0 and metrics["rewards/margins"] == 0.0
@@ -110,12 +119,12 @@ def test_reference_is_the_base_model_with_the_adapter_off(tiny_model_dir, shared
     _, model = twin_models(tiny_model_dir, b_scale=0.5)  # an adapter that changes the outputs
     model.train()
     tensors = tensors_of(collate_pairs(random_pairs(4), range(4), pad_id=0), shared)
-    reference = torch_dpo.reference_logps(model, tensors, split_head=True)
+    reference = torch_steps.reference_logps(model, tensors, split_head=True)
     assert not reference.requires_grad
     base, _, _ = torch_model.load(str(tiny_model_dir), device=CPU)
     with torch.no_grad():
-        expected = torch_dpo.sequence_logps(base.eval(), tensors, True)[0]
-        policy = torch_dpo.sequence_logps(model, tensors, True)[0]
+        expected = torch_steps.sequence_logps(base.eval(), tensors, True)[0]
+        policy = torch_steps.sequence_logps(model, tensors, True)[0]
     np.testing.assert_allclose(reference.numpy(), expected.numpy(), rtol=1e-6)
     assert (policy - reference).abs().max() > 1e-2  # the adapter is on again afterwards, trainable, in training mode
     assert model.training and torch_lora.trainable_parameters(model) == 2 * 2 * 4 * (32 + 32)
@@ -137,7 +146,7 @@ def test_shared_prompts_give_the_gradients_of_the_rows(tiny_model_dir, attention
     results = {}
     for shared in (True, False):
         model.zero_grad(set_to_none=True)
-        sums = torch_dpo.micro_step(model, tensors_of(pb, shared), reference, split_head=True, dc=DPOConfig(beta=0.5), device=CPU)
+        sums = torch_micro_step(model, tensors_of(pb, shared), reference, DPOConfig(beta=0.5))
         results[shared] = sums.numpy(), torch_grads(model)
     (shared_sums, shared_grads), (row_sums, row_grads) = results[True], results[False]
     np.testing.assert_allclose(shared_sums, row_sums, rtol=1e-5)
@@ -163,7 +172,7 @@ def test_every_family_that_shares_prompts_scores_as_its_rows(family, tmp_path):
     assert torch_model.can_share_prompts(model, tmp_path)
     pb = collate_pairs(random_pairs(3, vocab=100), range(3), pad_id=0)  # the tiny models' vocabulary
     with torch.no_grad():
-        shared, rows = (torch_dpo.sequence_logps(model, tensors_of(pb, s), True)[0].numpy() for s in (True, False))
+        shared, rows = (torch_steps.sequence_logps(model, tensors_of(pb, s), True)[0].numpy() for s in (True, False))
     np.testing.assert_allclose(shared, rows, rtol=1e-5)
     if family == "mistral":
         model.config.sliding_window = 4096  # Mistral 7B v0.1's: the mask handed over would drop the window
@@ -190,15 +199,15 @@ def test_same_weights_same_pairs_same_loss_and_metrics(adapted_twins, name):
     pb = collate_pairs(random_pairs(6, seed=2), range(6), pad_id=0, pad_to_multiple=16)
 
     arrays = arrays_of(pb)
-    micro_step, _ = mlx_dpo.make_step(m, optim.SGD(learning_rate=0.0), True, None, dc)
-    mlx_grads, mlx_sums = micro_step(arrays, mlx_dpo.make_reference_step(m, True)(arrays))
+    micro_step, _ = mlx_steps.make_step(m, optim.SGD(learning_rate=0.0), partial(mlx_steps.pair_loss, split_head=True, dc=dc), None)
+    mlx_grads, mlx_sums = micro_step(arrays, mlx_steps.make_reference_step(m, True)(arrays))
     mlx_metrics, mlx_grads = summarize(np.array(mlx_sums)), dict(tree_flatten(mlx_grads))
 
     t.zero_grad(set_to_none=True)
     tensors = tensors_of(pb, shared=False)
     t.train()
-    reference = torch_dpo.reference_logps(t, tensors, split_head=True)
-    sums = torch_dpo.micro_step(t, tensors, reference, split_head=True, dc=dc, device=CPU)
+    reference = torch_steps.reference_logps(t, tensors, split_head=True)
+    sums = torch_micro_step(t, tensors, reference, dc)
     torch_metrics = summarize(sums.numpy())
 
     differences = {k: abs(torch_metrics[k] - mlx_metrics[k]) for k in mlx_metrics}
@@ -206,7 +215,7 @@ def test_same_weights_same_pairs_same_loss_and_metrics(adapted_twins, name):
           f"({max(differences, key=differences.get)})")
     assert max(differences.values()) < 1e-4, differences
     with torch.no_grad():  # the adapter moves the policy off the reference: the rewards are not all 0
-        moved = (torch_dpo.sequence_logps(t, tensors, True)[0] - reference).abs().max().item()
+        moved = (torch_steps.sequence_logps(t, tensors, True)[0] - reference).abs().max().item()
     print(f"largest |policy - reference| log-prob: {moved:.3f}")
     assert moved > 0.1
     grads = torch_grads(t)
@@ -227,44 +236,38 @@ def test_optimizer_steps_agree_with_mlx(tiny_model_dir):
     m, t = twin_models(tiny_model_dir, seed=3)
 
     optimizer = optim.AdamW(learning_rate=rates[0], weight_decay=weight_decay, bias_correction=True)  # the trainers' default
-    micro_step, update = mlx_dpo.make_step(m, optimizer, True, max_norm, dc)
-    reference_step = mlx_dpo.make_reference_step(m, True)
+    micro_step, update = mlx_steps.make_step(m, optimizer, partial(mlx_steps.pair_loss, split_head=True, dc=dc), max_norm)
+    reference_step = mlx_steps.make_reference_step(m, True)
+
+    def inputs_of(pb):
+        arrays = arrays_of(pb)
+        return arrays, reference_step(arrays)
+
     m.train()
-    mlx_steps = []
-    for rate in rates:
-        grads, total = None, 0.0
-        for pb in micro:
-            arrays = arrays_of(pb)
-            g, sums = micro_step(arrays, reference_step(arrays))
-            grads = g if grads is None else tree_map(mx.add, grads, g)
-            total = total + np.array(sums)
-        optimizer.learning_rate = rate
-        norm = update(grads, mx.array(total[0]))
-        mx.eval(m.state, optimizer.state)
-        mlx_steps.append((total[1] / total[0], norm.item()))
+    step = mlx_steps.train_step(m, optimizer, micro_step, update, inputs_of, seed=0)
+    results = [step(index, micro, rate) for index, rate in enumerate(rates)]
+    mlx_losses = [(r.sums[1] / r.sums[0], r.grad_norm) for r in results]
 
     t_optimizer = MLXAdamW([p for p in t.parameters() if p.requires_grad], lr=rates[0], weight_decay=weight_decay,
                            bias_correction=True)
-    t.train()
-    torch_steps = []
-    for rate in rates:
-        t_optimizer.zero_grad(set_to_none=True)
-        total = 0.0
-        for pb in micro:
-            tensors = tensors_of(pb)
-            reference = torch_dpo.reference_logps(t, tensors, split_head=True)
-            total = total + torch_dpo.micro_step(t, tensors, reference, split_head=True, dc=dc, device=CPU).numpy()
-        norm = torch_update(t_optimizer, float(total[0]), rate, max_norm)
-        torch_steps.append((total[1] / total[0], norm))
 
-    mlx_steps, torch_steps = np.array(mlx_steps), np.array(torch_steps)
-    print(f"losses MLX {np.round(mlx_steps[:, 0], 5).tolist()}, max |torch - mlx| loss "
-          f"{np.abs(torch_steps[:, 0] - mlx_steps[:, 0]).max():.2e}, grad norm {np.abs(torch_steps[:, 1] - mlx_steps[:, 1]).max():.2e}")
-    assert mlx_steps[0, 0] == pytest.approx(math.log(2), abs=1e-6)
-    assert np.abs(torch_steps[:, 0] - mlx_steps[:, 0]).max() < 1e-5  # measured: 8.9e-7
-    assert np.abs(torch_steps[:, 1] - mlx_steps[:, 1]).max() < 3e-5 * mlx_steps[:, 1].max()  # measured: 3.4e-6 of it
-    assert mlx_steps[-1, 0] < mlx_steps[0, 0] - 0.05  # it trained: the agreement is not of two idle runs
-    assert (mlx_steps[:, 1] > max_norm).any()  # and clipping was in play
+    def loss_of(pb):
+        tensors = tensors_of(pb)
+        return torch_steps.pair_loss(t, tensors, torch_steps.reference_logps(t, tensors, split_head=True), split_head=True, dc=dc)
+
+    t.train()
+    step = torch_steps.train_step(t_optimizer, loss_of, seed=0, max_grad_norm=max_norm)
+    results = [step(index, micro, rate) for index, rate in enumerate(rates)]
+    torch_losses = [(r.sums[1] / r.sums[0], r.grad_norm) for r in results]
+
+    mlx_run, torch_run = np.array(mlx_losses), np.array(torch_losses)
+    print(f"losses MLX {np.round(mlx_run[:, 0], 5).tolist()}, max |torch - mlx| loss "
+          f"{np.abs(torch_run[:, 0] - mlx_run[:, 0]).max():.2e}, grad norm {np.abs(torch_run[:, 1] - mlx_run[:, 1]).max():.2e}")
+    assert mlx_run[0, 0] == pytest.approx(math.log(2), abs=1e-6)
+    assert np.abs(torch_run[:, 0] - mlx_run[:, 0]).max() < 1e-5  # measured: 8.9e-7
+    assert np.abs(torch_run[:, 1] - mlx_run[:, 1]).max() < 3e-5 * mlx_run[:, 1].max()  # measured: 3.4e-6 of it
+    assert mlx_run[-1, 0] < mlx_run[0, 0] - 0.05  # it trained: the agreement is not of two idle runs
+    assert (mlx_run[:, 1] > max_norm).any()  # and clipping was in play
     mlx_end, torch_end = mlx_lora.adapter_weights(m), torch_lora.adapter_weights(t)
     assert max(np.abs(torch_end[k][i] - mlx_end[k][i]).max() for k in mlx_end for i in (0, 1)) < 1e-4
 

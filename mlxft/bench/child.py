@@ -42,10 +42,7 @@ def main(argv: list[str]) -> int:
 
             torch.set_num_threads(threads)
             rates = gemm.measure(("torch", "numpy"))
-            try:
-                result = torch_runner.run(work, threads)
-            except torch_runner.NotAvailable as e:
-                raise UserError(str(e)) from None
+            result = torch_runner.run(work, threads)
         else:
             raise UserError(f"unknown backend '{backend}'")
         result.update(available=True, gemm_gflops=rates)

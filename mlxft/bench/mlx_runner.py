@@ -1,19 +1,17 @@
-"""Time a workload on MLX with the trainers' own compiled steps (mlxft.backends.mlx.sft.make_step,
-mlxft.backends.mlx.dpo.make_step / make_reference_step), step by step as their loops run them."""
+"""Time a workload on MLX with the trainers' own step (mlxft.backends.mlx.steps), step by step."""
 
 from __future__ import annotations
 
 import time
+from functools import partial
 
 import mlx.core as mx
 import mlx.optimizers as optim
-from mlx.utils import tree_map
 
-from mlxft.backends.mlx import lora
+from mlxft.backends.mlx import lora, steps
 from mlxft.backends.mlx import model as mlx_model
 from mlxft.bench import memory
 from mlxft.bench.workload import Workload, distinct_shapes, initial_adapter, shared_layout, step_record
-from mlxft.data.batching import scored_targets
 from mlxft.schedule import learning_rate
 
 
@@ -29,32 +27,31 @@ def run(workload: Workload) -> dict:
     lora.set_adapter_weights(model, initial_adapter(shapes, workload.spec.r, tc.seed))
     optimizer = optim.AdamW(learning_rate=tc.learning_rate, weight_decay=tc.weight_decay,
                             bias_correction=tc.bias_correction)
-    state = [model.state, optimizer.state, mx.random.state]
     shared = workload.name == "dpo" and config.dpo.share_prompt and mlx_model.can_share_prompts(model, folder)
     layout = shared_layout(workload, "mlx") if shared else None
     if workload.name == "dpo":
-        from mlxft.backends.mlx import dpo
-
-        micro_step, update = dpo.make_step(model, optimizer, split_head, tc.max_grad_norm, config.dpo)
-        reference_step = dpo.make_reference_step(model, split_head)
+        loss = partial(steps.pair_loss, split_head=split_head, dc=config.dpo)
+        reference_step = steps.make_reference_step(model, split_head)
 
         def arrays_of(batch):  # as the trainer lays out a pair batch
-            return dpo.batch_arrays(batch, workload.pad_id, shared, workload.pad_multiple)
+            return steps.pair_arrays(batch, workload.pad_id, shared, workload.pad_multiple)
+
+        def inputs_of(batch):
+            arrays = arrays_of(batch)
+            reference = reference_step(arrays)
+            mx.eval(reference)  # as dpo.train: the reference's activations are gone before the policy's forward
+            return arrays, reference
     else:
-        from mlxft.backends.mlx import sft
-
-        micro_step, update = sft.make_step(model, optimizer, split_head, tc.max_grad_norm)
-
-        def arrays_of(batch):
-            targets = scored_targets(batch)
-            return (mx.array(batch.input_ids[:, :-1]), mx.array(targets.positions), mx.array(targets.tokens),
-                    mx.array(targets.weights))
+        loss, arrays_of = partial(steps.sft_loss, split_head=split_head), steps.sft_inputs
+        inputs_of = arrays_of
+    micro_step, update = steps.make_step(model, optimizer, loss, tc.max_grad_norm)
+    step_of = steps.train_step(model, optimizer, micro_step, update, inputs_of, tc.seed)
     model.train()
 
     # mx.compile traces a step again for every new batch shape. Trace each shape of the run first,
     # so the timed steps measure the steady state of a long run. Calling a compiled function
     # traces it; its outputs are dropped unevaluated, so nothing is computed and no weight,
-    # optimizer or random state changes (measured on SmolLM-135M's shape: ~0.2 s a shape).
+    # optimizer or random state changes.
     start = time.perf_counter()
     for arrays in distinct_shapes(workload, arrays_of):
         if workload.name == "dpo":
@@ -70,30 +67,13 @@ def run(workload: Workload) -> dict:
         if step == workload.warmup:  # peaks of the timed steps only
             mx.reset_peak_memory()
             memory.reset_peak()
-        mx.random.seed(tc.seed * 1_000_003 + step)  # as the trainers seed each step
+        rate = learning_rate(step, peak=tc.learning_rate, total_steps=total, warmup_steps=tc.warmup_steps,
+                             schedule=tc.schedule, minimum=tc.min_learning_rate)
         start, cpu_start = time.perf_counter(), time.process_time()
-        grads, step_loss, step_count = None, None, None
-        for batch in micro_batches:
-            arrays = arrays_of(batch)
-            if workload.name == "dpo":
-                reference = reference_step(arrays)
-                mx.eval(reference)  # as dpo.train: the reference's activations are gone before the policy's forward
-                micro_grads, sums = micro_step(arrays, reference)
-                loss_sum, count = sums[1], sums[0]  # STATISTICS: pairs, loss, ...
-            else:
-                loss_sum, count, micro_grads = micro_step(*arrays)
-            grads = micro_grads if grads is None else tree_map(mx.add, grads, micro_grads)
-            step_loss = loss_sum if step_loss is None else step_loss + loss_sum
-            step_count = count if step_count is None else step_count + count
-        optimizer.learning_rate = learning_rate(step, peak=tc.learning_rate, total_steps=total,
-                                                warmup_steps=tc.warmup_steps, schedule=tc.schedule,
-                                                minimum=tc.min_learning_rate)
-        grad_norm = update(grads, step_count)
-        mx.eval(state, step_loss, step_count, grad_norm)
-        mlx_model.trim_cache()
+        result = step_of(step, micro_batches, rate)
         seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
-        records.append(step_record(step, workload, micro_batches, seconds, step_loss.item() / step_count.item(),
-                                   grad_norm.item(), cpu_seconds, layout))
+        records.append(step_record(step, workload, micro_batches, seconds, float(result.sums[1] / result.sums[0]),
+                                   result.grad_norm, cpu_seconds, layout))
     return {
         "backend": "mlx",
         "device": str(mx.default_device()),

@@ -1,13 +1,14 @@
-"""Time a workload on PyTorch with the trainer's own step pieces (mlxft.backends.torch.sft's
-micro_step and update, MLX's AdamW update), step by step as its loop runs them."""
+"""Time a workload on PyTorch with the trainers' own step (mlxft.backends.torch.steps, MLX's AdamW
+update), step by step."""
 
 from __future__ import annotations
 
 import time
+from functools import partial
 
 import torch
 
-from mlxft.backends.torch import lora
+from mlxft.backends.torch import lora, steps
 from mlxft.backends.torch import model as torch_model
 from mlxft.backends.torch.adamw import MLXAdamW
 from mlxft.bench import memory
@@ -15,17 +16,11 @@ from mlxft.bench.workload import Workload, initial_adapter, shared_layout, step_
 from mlxft.schedule import learning_rate
 
 
-class NotAvailable(Exception):
-    """This backend cannot run this workload here; the message says why (shown in the table)."""
-
-
 def run(workload: Workload, threads: int | None = None) -> dict:
     config, tc = workload.config, workload.config.train
     if threads:
         torch.set_num_threads(threads)
     device = torch_model.pick_device()
-    if workload.name == "dpo":
-        step_pieces = _dpo_pieces()  # before loading a model: fail fast when there is no PyTorch DPO
     model, _, folder = torch_model.load(str(workload.model_dir), quantize=config.model.quantize,
                                         trust_remote_code=config.model.trust_remote_code, device=device)
     split_head = torch_model.can_split_head(model, folder)
@@ -38,15 +33,14 @@ def run(workload: Workload, threads: int | None = None) -> dict:
     shared = workload.name == "dpo" and config.dpo.share_prompt and torch_model.can_share_prompts(model, folder)
     layout = shared_layout(workload, "torch") if shared else None
     if workload.name == "dpo":
-        micro_step, update = step_pieces(model, split_head, device, config.dpo, workload.pad_id, shared, workload.pad_multiple)
+        def loss_of(batch):  # as dpo.train: the reference under no_grad, then the policy's forward
+            tensors = steps.pair_tensors(batch, workload.pad_id, shared, device, workload.pad_multiple)
+            with torch_model.autocast(device):
+                reference = steps.reference_logps(model, tensors, split_head=split_head)
+                return steps.pair_loss(model, tensors, reference, split_head=split_head, dc=config.dpo)
     else:
-        from mlxft.backends.torch import sft
-
-        def micro_step(batch):
-            loss_sum, n_tokens = sft.micro_step(model, batch, split_head, device)
-            return loss_sum, n_tokens
-
-        update = sft.update
+        loss_of = partial(steps.sft_loss, model, split_head=split_head, device=device)
+    step_of = steps.train_step(optimizer, loss_of, seed=tc.seed, max_grad_norm=tc.max_grad_norm)
     model.train()
 
     records = []
@@ -55,20 +49,13 @@ def run(workload: Workload, threads: int | None = None) -> dict:
         if step == workload.warmup:  # peaks of the timed steps only
             torch_model.reset_peak_memory(device)
             memory.reset_peak()
-        torch.manual_seed(tc.seed * 1_000_003 + step)  # as the trainer seeds each step
-        start, cpu_start = time.perf_counter(), time.process_time()
-        optimizer.zero_grad(set_to_none=True)
-        step_loss, step_count = torch.zeros((), device=device), 0.0
-        for batch in micro_batches:
-            loss_sum, count = micro_step(batch)
-            step_loss, step_count = step_loss + loss_sum, step_count + count
         rate = learning_rate(step, peak=tc.learning_rate, total_steps=total, warmup_steps=tc.warmup_steps,
                              schedule=tc.schedule, minimum=tc.min_learning_rate)
-        grad_norm = update(optimizer, step_count, rate, tc.max_grad_norm)
-        step_loss = step_loss.item()  # the device sync that ends the step
+        start, cpu_start = time.perf_counter(), time.process_time()
+        result = step_of(step, micro_batches, rate)  # ends with the step's one device sync
         seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
-        records.append(step_record(step, workload, micro_batches, seconds, step_loss / step_count, grad_norm, cpu_seconds,
-                                   layout))
+        records.append(step_record(step, workload, micro_batches, seconds, float(result.sums[1] / result.sums[0]),
+                                   result.grad_norm, cpu_seconds, layout))
     on_cpu = device.type == "cpu"
     return {
         "backend": "torch",
@@ -84,28 +71,3 @@ def run(workload: Workload, threads: int | None = None) -> dict:
         "steps": records,
     }
 
-
-def _dpo_pieces():
-    """make(model, split_head, device, dc, pad_id, shared, pad_multiple) -> (micro_step(batch) -> (loss
-    sum, pairs), update), the pair batches laid out as the trainer does (pad_multiple: the bench's); from
-    mlxft.backends.torch.dpo's own pieces, as its loop calls them (reference under no_grad, then
-    the policy's forward and backward)."""
-    try:
-        from mlxft.backends.torch import dpo
-    except ImportError:
-        raise NotAvailable("no PyTorch DPO trainer in this mlxft (mlxft.backends.torch.dpo)") from None
-    if not all(hasattr(dpo, name) for name in ("micro_step", "reference_logps")):
-        raise NotAvailable("mlxft.backends.torch.dpo has no micro_step / reference_logps for the bench to call")
-    from mlxft.backends.torch import sft
-
-    def make(model, split_head, device, dc, pad_id, shared, pad_multiple):
-        def micro_step(batch):
-            tensors = dpo.batch_tensors(batch, pad_id, shared, device, pad_multiple)
-            with torch_model.autocast(device):
-                reference = dpo.reference_logps(model, tensors, split_head=split_head)
-            sums = dpo.micro_step(model, tensors, reference, split_head=split_head, dc=dc, device=device)
-            return sums[1], len(batch.lengths) // 2  # STATISTICS: pairs, loss, ...; rows are chosen then rejected
-
-        return micro_step, sft.update
-
-    return make

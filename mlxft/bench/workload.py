@@ -23,8 +23,8 @@ import numpy as np
 from mlxft.adapters import AdapterSpec, layer_index
 from mlxft.config import RunConfig, dump_config, load_config
 from mlxft.data.batching import Batch, iterate_pair_batches, widen
+from mlxft.driver import batch_stream
 from mlxft.errors import UserError
-from mlxft.training import batch_stream
 
 RECIPES = {"lora": "tallrec", "dpo": "dpo"}
 # Bench defaults, before the user's --set (which wins): the workload is LoRA even on the built-in

@@ -27,3 +27,34 @@ def binary_report(probabilities, labels) -> dict:
         "rows": int(len(labels)),
         "probabilities": probabilities.tolist(),
     }
+
+
+class ValidationTally:
+    """What a validation pass adds up, batch by batch, on any backend: the token-weighted answer
+    loss and, with answer_ids (the Yes and No tokens), P(yes) against each row's label, read at the
+    first answer position. A row whose answer starts with neither token has no label; then there is
+    no AUC."""
+
+    def __init__(self, answer_ids: list[int] | None):
+        self.answer_ids = answer_ids
+        self.loss_sum, self.tokens = 0.0, 0.0
+        self.probabilities, self.labels = [], []
+
+    def add(self, loss_sum: float, targets, yes_probability=None) -> None:
+        """One batch: its loss sum, its scored targets, and (with answer_ids) P(yes) per row [B]."""
+        self.loss_sum += loss_sum
+        self.tokens += float(targets.weights.sum())
+        if self.answer_ids is not None:
+            first = targets.tokens[:, 0]
+            yes, no = self.answer_ids
+            self.labels.append(np.where(first == yes, 1, np.where(first == no, 0, -1)))
+            self.probabilities.append(np.asarray(yes_probability))
+
+    def result(self) -> dict:
+        """{'loss', 'tokens'} and, when every row has a label, binary_report's metrics."""
+        result = {"loss": self.loss_sum / max(self.tokens, 1.0), "tokens": int(self.tokens)}
+        if self.answer_ids is not None:
+            labels = np.concatenate(self.labels)
+            if (labels >= 0).all():
+                result.update(binary_report(np.concatenate(self.probabilities), labels))
+        return result

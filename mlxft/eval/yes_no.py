@@ -9,7 +9,7 @@ def score_yes_no(backend_name: str, model_name: str, adapter: str | None, record
     """Load the model (+ adapter), encode the rows, and report AUC, balance and answer loss from
     the probabilities of the answers' first tokens at the first answer position."""
     from mlxft import backends
-    from mlxft.adapters import load_adapter
+    from mlxft.adapters import attach_adapter
     from mlxft.data.encode import answer_token_ids, encode_records
     from mlxft.data.templates import check_yes_no_rows
     from mlxft.model_files import pad_id
@@ -18,8 +18,7 @@ def score_yes_no(backend_name: str, model_name: str, adapter: str | None, record
     schema, template = check_yes_no_rows(records, template, answers)
     model, tokenizer, folder = backend.model.load(model_name, trust_remote_code=trust_remote_code)
     if adapter:
-        spec, weights = load_adapter(adapter)
-        backend.lora.load_adapter_weights(model, spec, weights, adapter)
+        attach_adapter(backend.lora, model, adapter)
     examples, _ = encode_records(records, schema, template, tokenizer)
     ids = answer_token_ids(tokenizer, answers)
     result = backend.evaluate.evaluate(model, examples, pad_id=pad_id(tokenizer), split_head=backend.model.can_split_head(model, folder),

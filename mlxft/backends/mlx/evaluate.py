@@ -14,7 +14,7 @@ import numpy as np
 from mlxft.backends.mlx import PAD_MULTIPLE
 from mlxft.backends.mlx.model import logits_at
 from mlxft.data.batching import iterate_batches, scored_targets
-from mlxft.eval.metrics import binary_report
+from mlxft.eval.metrics import ValidationTally
 
 
 def evaluate(model, examples, *, pad_id: int, split_head: bool, batch_size: int = 32,
@@ -23,26 +23,16 @@ def evaluate(model, examples, *, pad_id: int, split_head: bool, batch_size: int 
     {'auc', 'accuracy', 'positive_rate', 'probabilities'}."""
     was_training = model.training
     model.eval()
-    loss_sum = n_tokens = 0.0
-    probabilities, labels = [], []
+    tally = ValidationTally(answer_ids)
     for batch in iterate_batches(examples, batch_size, pad_id, shuffle=False, pad_to_multiple=PAD_MULTIPLE):
         targets = scored_targets(batch)
         logits = logits_at(model, mx.array(batch.input_ids[:, :-1]), mx.array(targets.positions), split_head)
         logits = logits.astype(mx.float32)
-        weights = mx.array(targets.weights)
-        losses = nn.losses.cross_entropy(logits, mx.array(targets.tokens)) * weights
-        loss_sum += losses.sum().item()
-        n_tokens += float(targets.weights.sum())
-        if answer_ids is not None:
-            first = targets.tokens[:, 0]
-            labels.append(np.where(first == answer_ids[0], 1, np.where(first == answer_ids[1], 0, -1)))
-            pair = logits[:, 0, :][:, answer_ids]  # the first answer position: targets are in order
-            probabilities.append(np.array(mx.softmax(pair, axis=-1)[:, 0]))
+        losses = nn.losses.cross_entropy(logits, mx.array(targets.tokens)) * mx.array(targets.weights)
+        yes = None
+        if answer_ids is not None:  # the first answer position: targets are in order
+            yes = np.array(mx.softmax(logits[:, 0, :][:, answer_ids], axis=-1)[:, 0])
+        tally.add(losses.sum().item(), targets, yes)
     if was_training:
         model.train()
-    result = {"loss": loss_sum / max(n_tokens, 1.0), "tokens": int(n_tokens)}
-    if answer_ids is not None:
-        labels = np.concatenate(labels)
-        if (labels >= 0).all():
-            result.update(binary_report(np.concatenate(probabilities), labels))
-    return result
+    return tally.result()

@@ -24,7 +24,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_unflatten
 
-from mlxft.adapters import adapter_folder, check_modules, load_adapter
+from mlxft.adapters import adapter_folder, apply_adapter, check_modules, load_adapter
 from mlxft.backends.mlx import lora
 from mlxft.errors import UserError
 from mlxft.files import staged_folder
@@ -77,7 +77,7 @@ def fuse(adapter: str | Path, out: str | Path, *, model: str | None = None, quan
     check_modules(weights, linear_modules(base), str(adapter))
     config = json.loads((folder / "config.json").read_text())
     ids = fixed_probe(base.args.vocab_size)
-    lora.load_adapter_weights(base, spec, weights, str(adapter))
+    apply_adapter(lora, base, spec, weights, str(adapter))
     adapted = lora.probe_logits(base, ids)  # what was trained: base + adapter, unfused
     lora.remove_lora(base)
 

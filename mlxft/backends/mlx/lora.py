@@ -15,8 +15,7 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 from mlx_lm.tuner.lora import LoRALinear
 
-from mlxft.adapters import AdapterSpec, check_modules, select_modules
-from mlxft.errors import UserError
+from mlxft.adapters import AdapterSpec, select_modules
 
 
 def linear_modules(model) -> dict[str, tuple[int, int]]:
@@ -89,22 +88,17 @@ def adapter_weights(model) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     }
 
 
-def load_adapter_weights(model, spec: AdapterSpec, weights: dict, where: str) -> None:
-    """Apply LoRA as the adapter's config says and load its tensors; a mismatch is a UserError."""
-    check_modules(weights, linear_modules(model), where)
-    paths = apply_lora(model, spec)
-    missing = sorted(set(paths) - set(weights))
-    if missing:
-        raise UserError(f"adapter {where} lacks weights for '{missing[0]}', which its config targets")
-    set_adapter_weights(model, weights)
-
-
 def set_adapter_weights(model, weights: dict) -> None:
     """Copy PEFT-oriented (A, B) tensors into the model's LoRA layers (lora_a = A.T, lora_b = B.T)."""
     layers = lora_layers(model)
     for path, (a, b) in weights.items():
         layers[path].lora_a = mx.array(a.T)
         layers[path].lora_b = mx.array(b.T)
+
+
+def unfreeze_all(model) -> None:
+    """Full fine-tuning: every weight trains."""
+    model.unfreeze()
 
 
 def trainable_parameters(model) -> int:

@@ -136,6 +136,22 @@ def token_losses(model, inputs, positions, tokens, weights, split_head: bool) ->
     return losses.sum(), weights.sum()
 
 
+def is_quantized(model) -> bool:
+    return any(isinstance(m, nn.QuantizedLinear) for _, m in model.named_modules())
+
+
+def enable_gradient_checkpointing(model, lora_dropout: float) -> None:
+    """Recompute each block's activations in the backward pass instead of keeping them (mlx-lm's
+    grad_checkpoint patches the block class)."""
+    from mlx_lm.tuner.trainer import grad_checkpoint
+
+    if lora_dropout:
+        # The backward pass recomputes each block's forward and would draw a second dropout mask,
+        # unrelated to the one the loss saw: the gradients would be silently wrong.
+        raise UserError("train.grad_checkpoint needs lora.dropout=0: the recomputed forward pass would draw another dropout mask")
+    grad_checkpoint(model.layers[0])
+
+
 def configure_memory() -> None:
     """On Metal, what mlx-lm does for unified memory: wire the recommended working set so
     weights are not paged out mid-step. Nothing to do on the CPU backend."""

@@ -73,7 +73,7 @@ class TextGenerator:
 def load_generator(model_name: str | None, adapter: str | Path | None = None, *, trust_remote_code: bool = False) -> TextGenerator:
     """A base model (+ adapter, applied unfused) ready to answer. Without --model the adapter's
     own base model (adapter_config.json) is used, else the built-in model."""
-    from mlxft.adapters import load_adapter, whole_model_folder
+    from mlxft.adapters import apply_adapter, load_adapter, whole_model_folder
     from mlxft.backends.mlx import lora
     from mlxft.backends.mlx.model import load
 
@@ -90,6 +90,6 @@ def load_generator(model_name: str | None, adapter: str | Path | None = None, *,
     model_name = model_name or "builtin"
     model, tokenizer, folder = load(model_name, trust_remote_code=trust_remote_code)
     if spec is not None:
-        lora.load_adapter_weights(model, spec, weights, str(adapter))
+        apply_adapter(lora, model, spec, weights, str(adapter))
     model.eval()  # new LoRA layers start in training mode, where their dropout would be live
     return TextGenerator(model, tokenizer, folder, model_name)

@@ -7,14 +7,13 @@ P(yes) = softmax over those two. Padding rows and positions carry no weight.
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 from mlxft.backends.torch import PAD_MULTIPLE
 from mlxft.backends.torch.model import autocast, logits_at, to_device
 from mlxft.data.batching import iterate_batches, scored_targets
-from mlxft.eval.metrics import binary_report
+from mlxft.eval.metrics import ValidationTally
 
 
 @torch.no_grad()
@@ -25,8 +24,7 @@ def evaluate(model, examples, *, pad_id: int, split_head: bool, batch_size: int 
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    loss_sum = n_tokens = 0.0
-    probabilities, labels = [], []
+    tally = ValidationTally(answer_ids)
     for batch in iterate_batches(examples, batch_size, pad_id, shuffle=False, pad_to_multiple=PAD_MULTIPLE):
         targets = scored_targets(batch)
         inputs, positions, tokens, weights = to_device(device, batch.input_ids[:, :-1], targets.positions,
@@ -35,18 +33,10 @@ def evaluate(model, examples, *, pad_id: int, split_head: bool, batch_size: int 
             logits = logits_at(model, inputs, positions, split_head)
         logits = logits.float()
         losses = F.cross_entropy(logits.flatten(0, 1), tokens.flatten(), reduction="none") * weights.flatten()
-        loss_sum += losses.sum().item()
-        n_tokens += float(targets.weights.sum())
-        if answer_ids is not None:
-            first = targets.tokens[:, 0]
-            labels.append(np.where(first == answer_ids[0], 1, np.where(first == answer_ids[1], 0, -1)))
-            pair = logits[:, 0, :][:, answer_ids]  # the first answer position: targets are in order
-            probabilities.append(torch.softmax(pair, dim=-1)[:, 0].cpu().numpy())
+        yes = None
+        if answer_ids is not None:  # the first answer position: targets are in order
+            yes = torch.softmax(logits[:, 0, :][:, answer_ids], dim=-1)[:, 0].cpu().numpy()
+        tally.add(losses.sum().item(), targets, yes)
     if was_training:
         model.train()
-    result = {"loss": loss_sum / max(n_tokens, 1.0), "tokens": int(n_tokens)}
-    if answer_ids is not None:
-        labels = np.concatenate(labels)
-        if (labels >= 0).all():
-            result.update(binary_report(np.concatenate(probabilities), labels))
-    return result
+    return tally.result()

@@ -18,8 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from mlxft.adapters import AdapterSpec, check_modules, layer_index, select_modules
-from mlxft.errors import UserError
+from mlxft.adapters import AdapterSpec, layer_index, select_modules
 
 ADAPTER = "default"  # PEFT's adapter name; mlxft keeps one adapter per model
 
@@ -79,16 +78,6 @@ def adapter_weights(model) -> dict[str, tuple[np.ndarray, np.ndarray]]:
                m.lora_B[ADAPTER].weight.detach().float().cpu().numpy())
         for path, m in lora_layers(model).items()
     }
-
-
-def load_adapter_weights(model, spec: AdapterSpec, weights: dict, where: str) -> None:
-    """Apply LoRA as the adapter's config says and load its tensors; a mismatch is a UserError."""
-    check_modules(weights, linear_modules(model), where)
-    paths = apply_lora(model, spec)
-    missing = sorted(set(paths) - set(weights))
-    if missing:
-        raise UserError(f"adapter {where} lacks weights for '{missing[0]}', which its config targets")
-    set_adapter_weights(model, weights)
 
 
 @torch.no_grad()

@@ -132,7 +132,7 @@ def shared_prompt_logits(model, prompt_ids: torch.Tensor, answer_ids: torch.Tens
     return model.lm_head(torch.cat([chosen, rejected]))
 
 
-def enable_gradient_checkpointing(model) -> None:
+def enable_gradient_checkpointing(model, lora_dropout: float = 0.0) -> None:
     """Recompute each block's activations in the backward pass instead of keeping them.
 
     Non-reentrant checkpointing, so gradients reach the LoRA layers although the embeddings are

@@ -1,0 +1,153 @@
+"""The steps of the MLX trainers: one optimizer step for any objective, and each method's loss.
+The trainers (sft.py, dpo.py) and the bench run exactly these.
+
+An objective is a function loss(model, *inputs) -> (loss sum, sums): the loss summed over its
+micro-batch, and a vector of the method's statistic sums whose [0] is what the loss is a sum over
+(scored tokens, pairs) and [1] the loss sum (see mlxft.driver). Gradients of the sums add up over
+micro-batches and are divided once by the step's sums[0], so k micro-batches give exactly the
+gradient of one batch k times the size.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+import numpy as np
+from mlx.utils import tree_map
+
+from mlxft.backends.mlx import PAD_MULTIPLE, SHARED_PROMPT_FEW_WIDTHS, SHARED_PROMPT_PAD_MULTIPLE, lora
+from mlxft.backends.mlx import model as mlx_model
+from mlxft.backends.mlx.model import logits_at, shared_prompt_logits
+from mlxft.data.batching import iterate_pair_batches, scored_targets
+from mlxft.data.shared_prompt import pair_inputs
+from mlxft.dpo_loss import dpo_losses, pair_statistics, uses_mean_logps
+from mlxft.driver import StepResult
+
+# --- one optimizer step ----------------------------------------------------------------------------
+
+
+def make_step(model, optimizer, loss, max_grad_norm: float | None):
+    """The compiled pieces of an optimizer step, with the state they read and write named:
+    micro_step(*inputs) -> (gradient sums, statistic sums)
+    update(gradient sums, count) -> gradient norm (before clipping); applies AdamW."""
+    loss_and_grad = nn.value_and_grad(model, loss)
+    state = [model.state, optimizer.state, mx.random.state]
+
+    @partial(mx.compile, inputs=state, outputs=state)
+    def micro_step(*inputs):
+        (_, sums), grads = loss_and_grad(model, *inputs)
+        return grads, sums
+
+    @partial(mx.compile, inputs=state, outputs=state)
+    def update(grads, count):
+        # The step's loss sum / what it sums over: one big batch, whatever k is.
+        grads = tree_map(lambda g: g / count, grads)
+        grads, norm = optim.clip_grad_norm(grads, max_grad_norm or float("inf"))
+        optimizer.update(model, grads)
+        return norm
+
+    return micro_step, update
+
+
+def train_step(model, optimizer, micro_step, update, inputs_of, seed: int):
+    """The driver's step(step index, micro-batches, learning rate) -> StepResult; `inputs_of(batch)`
+    lays a micro-batch out as micro_step takes it."""
+    state = [model.state, optimizer.state, mx.random.state]
+
+    def step(index: int, batches: list, rate: float) -> StepResult:
+        mx.random.seed(seed * 1_000_003 + index)  # dropout noise is a function of the step: resume-exact
+        grads, sums = None, None
+        for batch in batches:
+            micro_grads, micro_sums = micro_step(*inputs_of(batch))
+            grads = micro_grads if grads is None else tree_map(mx.add, grads, micro_grads)
+            sums = micro_sums if sums is None else sums + micro_sums
+        optimizer.learning_rate = rate
+        grad_norm = update(grads, sums[0])
+        mx.eval(state, sums, grad_norm)
+        mlx_model.trim_cache()
+        return StepResult(np.array(sums), grad_norm.item(), float(optimizer.learning_rate.item()))
+
+    return step
+
+
+# --- supervised fine-tuning ----------------------------------------------------------------------
+
+
+def sft_loss(model, inputs, positions, tokens, weights, *, split_head: bool):
+    """(cross-entropy sum over the scored tokens, [scored tokens, that sum])."""
+    loss_sum, n_tokens = mlx_model.token_losses(model, inputs, positions, tokens, weights, split_head)
+    return loss_sum, mx.stack([n_tokens, mx.stop_gradient(loss_sum)])
+
+
+def sft_inputs(batch) -> tuple:
+    """A micro-batch as sft_loss takes it: the inputs, and the positions, tokens and weights scored."""
+    targets = scored_targets(batch)
+    return (mx.array(batch.input_ids[:, :-1]), mx.array(targets.positions), mx.array(targets.tokens),
+            mx.array(targets.weights))
+
+
+# --- DPO -----------------------------------------------------------------------------------------
+
+
+def sequence_logps(model, arrays: dict, split_head: bool):
+    """Per row of a pair batch (chosen rows, then rejected): (sum of the answer tokens'
+    log-probs, sum over the answer tokens of the mean logit over the vocabulary, answer tokens).
+    `arrays` is either layout of mlxft.data.shared_prompt.pair_inputs."""
+    if "mask" in arrays:
+        logits = shared_prompt_logits(model, arrays["prompt_ids"], arrays["answer_ids"], arrays["mask"])
+        tokens = arrays["answer_ids"]
+    else:
+        logits = logits_at(model, arrays["inputs"], arrays["positions"], split_head)
+        tokens = arrays["tokens"]
+    logits, weights = logits.astype(mx.float32), arrays["weights"]
+    token_logps = -nn.losses.cross_entropy(logits, tokens) * weights
+    return token_logps.sum(-1), (logits.mean(-1) * weights).sum(-1), weights.sum(-1)
+
+
+def pair_loss(model, arrays: dict, reference, *, split_head: bool, dc):
+    """(sum of the DPO losses of the batch's pairs, STATISTICS sums) given reference log-prob sums."""
+    logps, logit_sums, counts = sequence_logps(model, arrays, split_head)
+    if uses_mean_logps(dc.loss_type, dc.average_log_prob):
+        logps, reference = logps / counts, reference / counts
+    b = logps.shape[0] // 2
+    losses, chosen_rewards, rejected_rewards = dpo_losses(logps[:b], logps[b:], reference[:b], reference[b:], beta=dc.beta,
+                                                          loss_type=dc.loss_type, label_smoothing=dc.label_smoothing, xp=mx)
+    sums = pair_statistics(*map(mx.stop_gradient, (losses, chosen_rewards, rejected_rewards, logps[:b], logps[b:], logit_sums)),
+                           counts, xp=mx)
+    return losses.sum(), sums
+
+
+def make_reference_step(model, split_head: bool):
+    """Compiled: reference log-prob sums [2B] of a pair batch, from the base model (adapter off).
+    mx.compile reads `scale` and `training` while tracing, so this trace has the adapter off and
+    the policy step's trace has it on; neither reads them again."""
+
+    @partial(mx.compile, inputs=[model.state])
+    def reference_step(arrays):
+        with lora.adapter_off(model):
+            logps = sequence_logps(model, arrays, split_head)[0]
+        return mx.stop_gradient(logps)
+
+    return reference_step
+
+
+def pair_arrays(batch, pad_id: int, shared: bool, pad_to_multiple: int | None = None) -> dict:
+    """A pair batch's rows as the step takes them (mlxft.data.shared_prompt.pair_inputs)."""
+    multiple = pad_to_multiple or (SHARED_PROMPT_PAD_MULTIPLE if shared else PAD_MULTIPLE)
+    arrays = pair_inputs(batch, pad_id, shared=shared, pad_to_multiple=multiple, few_widths=SHARED_PROMPT_FEW_WIDTHS)
+    return {k: mx.array(v) for k, v in arrays.items()}
+
+
+def score_pairs(model, pairs, arrays_of, pad_id: int, split_head: bool, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Log-prob sums of every pair's chosen and rejected answer under the model as it is now."""
+    chosen, rejected = np.zeros(len(pairs), np.float32), np.zeros(len(pairs), np.float32)
+    was_training = model.training
+    model.eval()
+    for batch in iterate_pair_batches(pairs, batch_size, pad_id, shuffle=False, pad_to_multiple=PAD_MULTIPLE):
+        logps = np.array(mx.stop_gradient(sequence_logps(model, arrays_of(batch), split_head)[0]))
+        chosen[batch.index], rejected[batch.index] = logps[: batch.pairs], logps[batch.pairs :]
+    model.train(was_training)
+    return chosen, rejected

@@ -1,0 +1,128 @@
+"""The steps of the PyTorch trainers: one optimizer step for any objective, and each method's loss.
+The trainers (sft.py, dpo.py) and the bench run exactly these; the twins of
+mlxft.backends.mlx.steps, with the same sums (see mlxft.driver).
+
+An objective is a function loss_of(batch) -> (loss sum, sums): the loss summed over a micro-batch
+(with its graph), and the detached vector of the method's statistic sums whose [0] is what the
+loss is a sum over and [1] the loss sum. Each micro-batch's backward adds the gradient of its
+loss sum to .grad; the step divides once by its sums[0].
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from mlxft.backends.torch import PAD_MULTIPLE, SHARED_PROMPT_FEW_WIDTHS, SHARED_PROMPT_PAD_MULTIPLE, lora
+from mlxft.backends.torch import model as torch_model
+from mlxft.backends.torch.model import logits_at, shared_prompt_logits
+from mlxft.data.batching import iterate_pair_batches, scored_targets
+from mlxft.data.shared_prompt import pair_inputs
+from mlxft.dpo_loss import dpo_losses, pair_statistics, uses_mean_logps
+from mlxft.driver import StepResult
+
+# --- one optimizer step ----------------------------------------------------------------------------
+
+
+def train_step(optimizer, loss_of, *, seed: int, max_grad_norm: float | None):
+    """The driver's step(step index, micro-batches, learning rate) -> StepResult."""
+
+    def step(index: int, batches: list, rate: float) -> StepResult:
+        torch.manual_seed(seed * 1_000_003 + index)  # dropout noise is a function of the step: resume-exact
+        optimizer.zero_grad(set_to_none=True)
+        total = None
+        for batch in batches:
+            loss_sum, sums = loss_of(batch)
+            loss_sum.backward()
+            total = sums if total is None else total + sums
+        sums = total.cpu().numpy()  # one device sync per step
+        grad_norm = update(optimizer, float(sums[0]), rate, max_grad_norm)
+        return StepResult(sums, grad_norm, rate)
+
+    return step
+
+
+def update(optimizer, count: float, rate: float, max_grad_norm: float | None) -> float:
+    """Gradient sums / what the step's loss sums over, clipped (MLX's formula: scale by
+    min(1, max_norm / (norm + 1e-6))), then one AdamW step at `rate`. Returns the norm before clipping."""
+    parameters = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+    for p in parameters:
+        p.grad.div_(count)
+    norm = torch.nn.utils.clip_grad_norm_(parameters, max_grad_norm or float("inf"))
+    for group in optimizer.param_groups:
+        group["lr"] = rate
+    optimizer.step()
+    return norm.item()
+
+
+# --- supervised fine-tuning ----------------------------------------------------------------------
+
+
+def sft_loss(model, batch, *, split_head: bool, device):
+    """(cross-entropy sum over the scored tokens, [scored tokens, that sum] detached)."""
+    targets = scored_targets(batch)
+    inputs, positions, tokens, weights = torch_model.to_device(device, batch.input_ids[:, :-1], targets.positions,
+                                                               targets.tokens, targets.weights)
+    with torch_model.autocast(device):
+        loss_sum, n_tokens = torch_model.token_losses(model, inputs, positions, tokens, weights, split_head)
+    return loss_sum, torch.stack([n_tokens.detach(), loss_sum.detach()])
+
+
+# --- DPO -----------------------------------------------------------------------------------------
+
+
+def sequence_logps(model, tensors: dict, split_head: bool):
+    """Per row of a pair batch (chosen rows, then rejected): (sum of the answer tokens'
+    log-probs, sum over the answer tokens of the mean logit over the vocabulary (detached: a
+    metric), answer tokens). `tensors` is either layout of mlxft.data.shared_prompt.pair_inputs."""
+    if "mask" in tensors:
+        logits = shared_prompt_logits(model, tensors["prompt_ids"], tensors["answer_ids"], tensors["mask"]).float()
+        tokens = tensors["answer_ids"]
+    else:
+        logits = logits_at(model, tensors["inputs"], tensors["positions"], split_head).float()
+        tokens = tensors["tokens"]
+    weights = tensors["weights"]
+    token_logps = -F.cross_entropy(logits.flatten(0, 1), tokens.flatten(), reduction="none").view_as(weights) * weights
+    return token_logps.sum(-1), (logits.detach().mean(-1) * weights).sum(-1), weights.sum(-1)
+
+
+def pair_loss(model, tensors: dict, reference, *, split_head: bool, dc):
+    """(sum of the DPO losses of the batch's pairs, STATISTICS sums) given reference log-prob sums."""
+    logps, logit_sums, counts = sequence_logps(model, tensors, split_head)
+    if uses_mean_logps(dc.loss_type, dc.average_log_prob):
+        logps, reference = logps / counts, reference / counts
+    b = logps.shape[0] // 2
+    losses, chosen_rewards, rejected_rewards = dpo_losses(logps[:b], logps[b:], reference[:b], reference[b:], beta=dc.beta,
+                                                          loss_type=dc.loss_type, label_smoothing=dc.label_smoothing, xp=torch)
+    sums = pair_statistics(*(t.detach() for t in (losses, chosen_rewards, rejected_rewards, logps[:b], logps[b:], logit_sums)),
+                           counts, xp=torch)
+    return losses.sum(), sums
+
+
+@torch.no_grad()
+def reference_logps(model, tensors: dict, *, split_head: bool) -> torch.Tensor:
+    """Reference log-prob sums [2B] of a pair batch, from the base model (adapter off)."""
+    with lora.adapter_off(model):
+        return sequence_logps(model, tensors, split_head)[0]
+
+
+def pair_tensors(batch, pad_id: int, shared: bool, device, pad_to_multiple: int | None = None) -> dict:
+    """A pair batch's rows as the step takes them (mlxft.data.shared_prompt.pair_inputs)."""
+    multiple = pad_to_multiple or (SHARED_PROMPT_PAD_MULTIPLE if shared else PAD_MULTIPLE)
+    arrays = pair_inputs(batch, pad_id, shared=shared, pad_to_multiple=multiple, few_widths=SHARED_PROMPT_FEW_WIDTHS)
+    return dict(zip(arrays, torch_model.to_device(device, *arrays.values())))
+
+
+@torch.no_grad()
+def score_pairs(model, pairs, tensors_of, pad_id: int, split_head: bool, batch_size: int, device) -> tuple[np.ndarray, np.ndarray]:
+    """Log-prob sums of every pair's chosen and rejected answer under the model as it is now."""
+    chosen, rejected = np.zeros(len(pairs), np.float32), np.zeros(len(pairs), np.float32)
+    was_training = model.training
+    model.eval()
+    for batch in iterate_pair_batches(pairs, batch_size, pad_id, shuffle=False, pad_to_multiple=PAD_MULTIPLE):
+        with torch_model.autocast(device):
+            logps = sequence_logps(model, tensors_of(batch), split_head)[0].float().cpu().numpy()
+        chosen[batch.index], rejected[batch.index] = logps[: batch.pairs], logps[batch.pairs :]
+    model.train(was_training)
+    return chosen, rejected

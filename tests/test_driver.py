@@ -1,0 +1,132 @@
+"""The run driver (mlxft.driver) with a scripted trainer: no model, no backend. What every trainer
+gets from it: report windows, evaluation cadence, best/early stop, checkpoints, resume."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+
+from mlxft import driver
+from mlxft.config import load_config
+from mlxft.runs import Run
+
+
+@dataclass
+class FakeBatch:
+    rows: tuple
+    tokens: int
+
+
+def iterate(examples, batch_size, pad_id, seed, pad_to_multiple):
+    """One epoch of batches in an order that depends on the seed only, as the real iterators do."""
+    order = np.random.default_rng(seed).permutation(len(examples))
+    for i in range(0, len(order), batch_size):
+        rows = tuple(int(examples[j]) for j in order[i : i + batch_size])
+        yield FakeBatch(rows, tokens=10 * len(rows))
+
+
+class Scripted:
+    """A trainer whose step i has loss sum i + 1 over i + 2 tokens, and whose validation losses
+    are read from a list: what the driver does with them is then known exactly."""
+
+    def __init__(self, eval_losses=()):
+        self.eval_losses = list(eval_losses)
+        self.seen, self.saved, self.checkpoints, self.validations = [], [], [], 0
+
+    def step(self, index, batches, rate):
+        self.seen.extend(b.rows for b in batches)
+        return driver.StepResult(np.array([index + 2.0, index + 1.0], np.float32), grad_norm=0.5, learning_rate=rate)
+
+    def validate(self):
+        self.validations += 1
+        return {"eval_loss": self.eval_losses.pop(0)} if self.eval_losses else {}
+
+    def trainer(self) -> driver.Trainer:
+        return driver.Trainer(step=self.step, validate=self.validate,
+                              summarize=lambda sums: {"loss": float(sums[1]) / float(sums[0])},
+                              save_weights=lambda folder: self.saved.append(folder.name),
+                              save_checkpoint=lambda step, best, stale: self.checkpoints.append((step, best, stale)),
+                              peak_memory_gb=lambda: 0.0, reset_peak_memory=lambda: None)
+
+
+def config(tmp_path, *sets):
+    return load_config(None, [f"out={tmp_path / 'run'}", "train.batch_size=2", "train.warmup_steps=0",
+                              "eval.every=0", *sets])
+
+
+def fit(run, cfg, scripted, start=driver.Start(), rows=10, **kwargs):
+    return driver.fit(run, cfg, scripted.trainer(), list(range(rows)), start=start, iterate=iterate, pad_id=0,
+                      pad_multiple=1, echo=lambda *a: None, **kwargs)
+
+
+def test_reports_sum_the_window_and_divide_once(tmp_path):
+    cfg = config(tmp_path, "train.steps=7", "train.report_every=3")
+    run = Run.create(tmp_path / "run", cfg)
+    fitted = fit(run, cfg, Scripted())
+    records = run.metrics()
+    assert [r["step"] for r in records] == [3, 6, 7]
+    # steps 1-3 have loss sums 1, 2, 3 over 2, 3, 4 tokens: 6 / 9, not the mean of 1/2, 2/3, 3/4
+    assert records[0]["loss"] == pytest.approx(6 / 9, abs=1e-12)
+    assert records[1]["loss"] == pytest.approx((4 + 5 + 6) / (5 + 6 + 7), abs=1e-12)
+    assert records[2]["loss"] == pytest.approx(7 / 8, abs=1e-12)
+    assert [r["trained_tokens"] for r in records] == [60, 120, 140]  # 2 rows of 10 tokens a step
+    assert fitted.steps == 7 and fitted.trained_tokens == 140 and not fitted.stopped_early
+
+
+def test_best_adapter_early_stop_and_a_checkpoint_where_it_stopped(tmp_path):
+    # Validation losses: 9 before; 5 (best), 6, 4 (best), 7, 8 at steps 2-10: the second evaluation
+    # without improvement (patience 2) stops the run at step 10; 9.5 after, no better.
+    cfg = config(tmp_path, "train.steps=20", "eval.every=2", "eval.patience=2", "train.checkpoint_every=100")
+    run = Run.create(tmp_path / "run", cfg)
+    scripted = Scripted([9.0, 5.0, 6.0, 4.0, 7.0, 8.0, 9.5])
+    fitted = fit(run, cfg, scripted)
+    assert fitted.stopped_early and fitted.steps == 10
+    assert fitted.best == {"metric": "loss", "value": 4.0, "step": 6}
+    assert scripted.saved == ["best", "best", "last"]  # best/ at steps 2 and 6
+    assert scripted.checkpoints == [(10, fitted.best, 2)]  # the early stop is checkpointed
+    assert fitted.before == {"eval_loss": 9.0} and fitted.after == {"eval_loss": 9.5}
+    assert [r.get("eval_loss") for r in run.metrics()] == [5.0, 6.0, 4.0, 7.0, 8.0]
+
+
+def test_the_last_evaluation_counts_for_best(tmp_path):
+    cfg = config(tmp_path, "train.steps=4", "eval.every=2")
+    run = Run.create(tmp_path / "run", cfg)
+    scripted = Scripted([9.0, 5.0, 3.0])  # before, step 2, after (step 4)
+    fitted = fit(run, cfg, scripted)
+    assert fitted.best == {"metric": "loss", "value": 3.0, "step": 4}
+    assert scripted.saved == ["best", "best", "last"]
+
+
+def test_a_resumed_run_trains_only_the_batches_it_had_not_seen(tmp_path):
+    cfg = config(tmp_path, "train.steps=9", "train.grad_accumulation=2", "train.report_every=1")
+    whole = Scripted()
+    fit(Run.create(tmp_path / "run", cfg), cfg, whole)  # 9 steps of 2 micro-batches over 5 batches an epoch
+
+    cfg2 = config(tmp_path / "b", "train.steps=9", "train.grad_accumulation=2", "train.report_every=1")
+    first = Run.create(tmp_path / "b" / "run", cfg2)
+    fit(first, cfg2, Scripted(), start=driver.Start())
+    first.release()
+    run = Run(tmp_path / "b" / "run", resumed=True)  # as if killed after a checkpoint at step 4
+    tail = Scripted()
+    fitted = fit(run, cfg2, tail, start=driver.Start(step=4))
+    assert tail.seen == whole.seen[8:]  # steps 5-9: micro-batches 9-18, across the epoch boundary
+    assert fitted.steps == 9
+    assert [r["step"] for r in run.metrics()] == list(range(1, 10))  # reports after step 4 were written again, once
+    assert run.metrics()[-1]["trained_tokens"] == 9 * 2 * 20
+
+
+def test_the_baseline_is_measured_once_and_read_back_on_resume(tmp_path):
+    cfg = config(tmp_path, "train.steps=2")
+    run = Run.create(tmp_path / "run", cfg)
+    scripted = Scripted([3.0, 2.0])
+    fit(run, cfg, scripted, baseline=lambda: {"before_answers": ["a", "b"]})
+    assert json.loads((tmp_path / "run" / "summary.json").read_text()) == {"before": {"eval_loss": 3.0},
+                                                                         "before_answers": ["a", "b"]}
+    resumed = Scripted([1.0])  # only the "after" validation runs again
+    fitted = fit(Run(tmp_path / "run", resumed=True), cfg, resumed, start=driver.Start(step=1),
+                 baseline=lambda: pytest.fail("measured again"))
+    assert resumed.validations == 1
+    assert fitted.before == {"eval_loss": 3.0} and fitted.baseline == {"before_answers": ["a", "b"]}
