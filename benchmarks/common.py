@@ -67,7 +67,8 @@ def benchmark_model(given: str | None = None, vocab: str = "tokenizer") -> Path:
     embedding and LM head (the same config and initialisation, numbered past the tokenizer)."""
     if given:
         return Path(given)
-    from mlxft.builtin import cache_root, ensure_builtin_tokenizer, initial_weights, model_config, write_model
+    from mlxft.builtin import ensure_builtin, initial_weights, model_config, write_model
+    from mlxft.cache import cache_root
     from mlxft.model_files import TOKENIZER_OUTPUTS
 
     name = "smollm-135m-shape-random" if vocab == "tokenizer" else "smollm-135m-shape-49152-vocab-random"
@@ -77,7 +78,7 @@ def benchmark_model(given: str | None = None, vocab: str = "tokenizer") -> Path:
     staging = folder.with_name(folder.name + ".building")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
-    tokenizer = ensure_builtin_tokenizer()
+    tokenizer = ensure_builtin()
     for file in TOKENIZER_OUTPUTS:
         if (tokenizer / file).exists():
             shutil.copy(tokenizer / file, staging / file)

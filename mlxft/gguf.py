@@ -163,7 +163,7 @@ def cache_key(path: Path) -> str:
 
 def gguf_folder(path: str | Path, echo=None) -> Path:
     """The Hugging Face folder of a GGUF file, converted into the cache on first use."""
-    from mlxft.builtin import _build_once, cache_root
+    from mlxft.cache import build_once, cache_root
 
     path = Path(path).expanduser()
     if not path.is_file():
@@ -172,7 +172,7 @@ def gguf_folder(path: str | Path, echo=None) -> Path:
         if f.read(4) != b"GGUF":
             raise UserError(f"model {path}: not a GGUF file (it does not start with 'GGUF')")
     target = cache_root() / f"gguf-{cache_key(path)}"
-    return _build_once(target, "model.safetensors", lambda staging: convert(path, staging, echo))
+    return build_once(target, "model.safetensors", lambda staging: convert(path, staging, echo))
 
 
 def convert(path: Path, folder: Path, echo=None) -> None:

@@ -58,9 +58,9 @@ def _download(repo_id: str) -> Path:
 def load_tokenizer(name_or_dir: str | Path, *, trust_remote_code: bool = False):
     """A transformers tokenizer for a model name or folder; a clear error when there is none."""
     if str(name_or_dir) == BUILTIN:
-        from mlxft.builtin import ensure_builtin_tokenizer
+        from mlxft.builtin import ensure_builtin
 
-        folder = ensure_builtin_tokenizer()  # no need to build the model to count tokens
+        folder = ensure_builtin()
     else:
         folder = resolve_model_dir(str(name_or_dir))
     if not any((folder / f).exists() for f in TOKENIZER_FILES):

@@ -1,23 +1,23 @@
-"""The built-in tokenizer: built offline, the same bytes every time, loadable as a HF tokenizer."""
+"""The built-in model's tokenizer: shipped, rebuilt by the factory to the same bytes, loadable as a
+HF tokenizer."""
 
 import hashlib
 
-from mlxft.builtin import builtin_dir, corpus_lines, tokenizer_dir, write_tokenizer
+from mlxft.builtin import PACKAGED, builtin_dir, tokenizer_dir
+from mlxft.builtin_factory import corpus_lines, write_tokenizer
 from mlxft.data.encode import answer_token_ids, encode_prompted
 from mlxft.data.records import Record
 from mlxft.data.sources.mind import INSTRUCTION
 from mlxft.data.templates import render
 
 
-def test_build_is_deterministic(tmp_path):
-    lines = corpus_lines()
-    digests = []
-    for name in ("a", "b"):
-        folder = tmp_path / name
-        folder.mkdir()
-        write_tokenizer(folder, lines)
-        digests.append(hashlib.sha256((folder / "tokenizer.model").read_bytes()).hexdigest())
-    assert digests[0] == digests[1]
+def test_the_factory_rebuilds_the_shipped_tokenizer(tmp_path):
+    # What the shipped weights were trained with: a tokenizer the factory no longer builds would
+    # mean a model whose embedding rows are other tokens' than the data's.
+    write_tokenizer(tmp_path, corpus_lines())
+    for name in ("tokenizer.model", "tokenizer.json", "tokenizer_config.json"):
+        rebuilt, shipped = ((folder / name).read_bytes() for folder in (tmp_path, PACKAGED))
+        assert hashlib.sha256(rebuilt).hexdigest() == hashlib.sha256(shipped).hexdigest(), name
 
 
 def test_loads_and_round_trips(builtin_tokenizer):
@@ -49,9 +49,11 @@ def test_chat_template_is_shipped(builtin_tokenizer):
     assert text == "<|user|>\nhi<|end|>\n<|assistant|>\n"
 
 
-def test_cache_folder_is_named_by_its_sources(monkeypatch, tmp_path):
+def test_cache_folder_is_named_by_the_shipped_files(monkeypatch, tmp_path):
     monkeypatch.setenv("MLXFT_HOME", str(tmp_path))
     assert builtin_dir().parent == tmp_path and builtin_dir().name.startswith("builtin-")
+    assert tokenizer_dir() == builtin_dir()  # copied from the package on first use
+    assert (builtin_dir() / "model.safetensors").read_bytes() == (PACKAGED / "model.safetensors").read_bytes()
 
 
 def test_mlx_lm_loads_it(builtin_tokenizer):
@@ -63,7 +65,7 @@ def test_mlx_lm_loads_it(builtin_tokenizer):
 
 
 def test_pretraining_texts_hold_no_answers_and_no_evaluation_rows():
-    from mlxft.builtin import pretraining_rows
+    from mlxft.builtin_factory import pretraining_rows
     from mlxft.data.sources.mind import iter_tallrec_rows
     from mlxft.data.templates import alpaca_prompt
     from mlxft.resources import bundled

@@ -52,10 +52,10 @@ def fetch() -> Path:
 
 def convert() -> Path:
     """The Hugging Face folder beside the GGUF file, converted by mlxft once."""
-    from mlxft.builtin import _build_once
+    from mlxft.cache import build_once
     from mlxft.gguf import convert as convert_gguf
 
-    return _build_once(folder_path(), "model.safetensors", lambda staging: convert_gguf(gguf_path(), staging))
+    return build_once(folder_path(), "model.safetensors", lambda staging: convert_gguf(gguf_path(), staging))
 
 
 if __name__ == "__main__":
