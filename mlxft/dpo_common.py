@@ -63,14 +63,14 @@ def encode_pairs(splits, tokenizer, config, echo) -> tuple[list, list, int]:
 
 
 def prepare_reference(run, config, *, adapter: str | None, model_folder, train_set, valid_set, resume: bool,
-                      score, carry_adapter, drop_adapter, echo) -> tuple[dict | None, str]:
+                      score, carry_adapter, drop_adapter, echo, write: bool = True) -> tuple[dict | None, str]:
     """(the reference log-probs of every train and validation pair, or None when the reference
     runs in each step as the model with its adapter switched off; the reference's name). Runs
     before the policy is built, with the backend's pieces:
     - a resumed run with a cache reads it back (checked against the model and every token id);
     - a precomputed reference is scored once, `score(pairs) -> (chosen, rejected)`, with the
       reference adapter on for that time (`carry_adapter(path)`, `drop_adapter()`), and saved
-      in the run folder (REFERENCE_FILE, written atomically)."""
+      in the run folder (REFERENCE_FILE, written atomically; by rank 0 alone: `write`)."""
     from mlxft.dpo_loss import uses_mean_logps
 
     dc = config.dpo
@@ -89,7 +89,8 @@ def prepare_reference(run, config, *, adapter: str | None, model_folder, train_s
     echo(f"reference: {name}; scoring {len(train_set) + len(valid_set)} pairs once")
     cache = {f"{split}_{side}": values for split, pairs in (("train", train_set), ("valid", valid_set))
              for side, values in zip(("chosen", "rejected"), score(pairs))}
-    save_reference(cache_path, cache, fingerprint, name)
+    if write:
+        save_reference(cache_path, cache, fingerprint, name)
     drop_adapter()
     return cache, name
 

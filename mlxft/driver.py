@@ -38,6 +38,7 @@ import numpy as np
 
 from mlxft.config import HIGHER_IS_BETTER, RunConfig
 from mlxft.data.batching import iterate_batches
+from mlxft.distributed import World
 from mlxft.errors import UserError
 from mlxft.progress import Progress
 from mlxft.runs import Run
@@ -86,7 +87,7 @@ class Fitted:
 
 
 def fit(run: Run, config: RunConfig, trainer: Trainer, train_set: list, *, start: Start, iterate, pad_id: int,
-        pad_multiple: int, baseline: Callable[[], dict] | None = None, echo=print) -> Fitted:
+        pad_multiple: int, baseline: Callable[[], dict] | None = None, world: World = World(), echo=print) -> Fitted:
     """Train from `start` to the run's last step; measure before and after, save best/ and last/.
     `iterate` makes one epoch's micro-batches (mlxft.data.batching.iterate_batches or
     iterate_pair_batches); `baseline()` measures anything else worth keeping from before training,
@@ -106,15 +107,16 @@ def fit(run: Run, config: RunConfig, trainer: Trainer, train_set: list, *, start
         extra = {k: v for k, v in earlier.items() if k.startswith("before_")} if baseline else {}
     else:
         before = trainer.validate()
-        extra = baseline() if baseline else {}
-        run.write_summary({"before": before, **extra})
+        extra = baseline() if baseline and world.main else {}
+        if world.main:
+            run.write_summary({"before": before, **extra})
     if before:
         echo("before training: " + describe(before, "eval_"))
 
     # --- the loop --------------------------------------------------------------------------------
     batches = batch_stream(train_set, tc, pad_id, skip=step * tc.grad_accumulation, pad_to_multiple=pad_multiple,
                            iterate=iterate)
-    progress = Progress(total_steps, initial=step)
+    progress = Progress(total_steps, initial=step, enabled=world.main)
     trained_tokens = sum(r.get("trained_tokens", 0) for r in run.metrics()[-1:]) if run.resumed else 0
     window = Window()
     trainer.reset_peak_memory()
@@ -144,16 +146,17 @@ def fit(run: Run, config: RunConfig, trainer: Trainer, train_set: list, *, start
             if evaluate_now:
                 record.update(trainer.validate())
                 best, stale, improved = track_best(record, best, stale, ec.metric)
-                if improved:
+                if improved and world.main:
                     trainer.save_weights(run.folder / "best")
-            run.log(record)
+            if world.main:
+                run.log(record)
             progress.set_rate(tokens_per_second)
             progress.report(f"step {step}/{total_steps}: " + describe({k: v for k, v in record.items() if k != "step"}))
             window = Window()
             if ec.patience and stale >= ec.patience:
                 echo(f"early stop at step {step}: no better eval_{ec.metric} for {stale} evaluations")
                 stopped_early = True
-        if step % tc.checkpoint_every == 0 or stopped_early:
+        if (step % tc.checkpoint_every == 0 or stopped_early) and world.main:
             trainer.save_checkpoint(step, best, stale)
         if stopped_early:
             break
@@ -164,9 +167,10 @@ def fit(run: Run, config: RunConfig, trainer: Trainer, train_set: list, *, start
     if after:
         echo("after training:  " + describe(after, "eval_"))
         best, stale, improved = track_best({"step": step, **after}, best, stale, ec.metric)
-        if improved:
+        if improved and world.main:
             trainer.save_weights(run.folder / "best")
-    trainer.save_weights(run.folder / "last")
+    if world.main:
+        trainer.save_weights(run.folder / "last")
     return Fitted(step, total_steps, stopped_early, trained_tokens, best, before, after, extra)
 
 

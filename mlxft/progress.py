@@ -8,9 +8,10 @@ from tqdm import tqdm
 
 
 class Progress:
-    def __init__(self, total: int, initial: int = 0, unit: str = "step"):
+    def __init__(self, total: int, initial: int = 0, unit: str = "step", enabled: bool = True):
         self.bar = tqdm(total=total, initial=initial, unit=unit, dynamic_ncols=True, mininterval=1.0,
-                        file=sys.stderr, disable=None)  # None: no bar when stderr is not a terminal
+                        file=sys.stderr, disable=None if enabled else True)  # None: no bar when stderr is not a terminal
+        self.enabled = enabled
         self.rate = None
 
     def update(self, loss: float | None = None) -> None:
@@ -26,7 +27,7 @@ class Progress:
 
     def report(self, text: str) -> None:
         """A line for logs: printed when there is no live bar to show the same numbers."""
-        if self.bar.disable:
+        if self.bar.disable and self.enabled:
             print(text, file=sys.stderr, flush=True)
 
     def close(self) -> None:

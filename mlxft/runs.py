@@ -35,8 +35,13 @@ CONFIG = "config.yaml"
 METRICS = "metrics.jsonl"
 
 
-def default_run_dir(recipe: str) -> Path:
-    return Path("runs") / f"{recipe}-{time.strftime('%Y%m%d-%H%M%S')}"
+def default_run_dir(recipe: str, world=None) -> Path:
+    """runs/<recipe>-<date>-<time>: rank 0's time on every rank of a distributed run."""
+    now = int(time.time())
+    if world is not None and world.size > 1:  # whole seconds, in two parts that float32 holds exactly
+        high, low = world.all_sum([now // 4096, now % 4096] if world.main else [0, 0])
+        now = int(high) * 4096 + int(low)
+    return Path("runs") / f"{recipe}-{time.strftime('%Y%m%d-%H%M%S', time.localtime(now))}"
 
 
 class Run:
@@ -157,21 +162,29 @@ class Run:
 
 
 @contextmanager
-def start(config: RunConfig | None, resume: str | Path | None = None):
+def start(config: RunConfig | None, resume: str | Path | None = None, world=None):
     """(config, run) for a new run of `config`, or for resuming the run in `resume` with the config
     it was started with. The folder is held for the block; when the block fails before anything was
-    trained, a new run's folder is removed, so a mistake leaves no half-made run behind."""
-    if resume is not None:
-        run = Run.open_for_resume(Path(resume))
-        config = run.config()
-    else:
-        folder = Path(config.out) if config.out else default_run_dir(config.recipe)
+    trained, a new run's folder is removed, so a mistake leaves no half-made run behind.
+
+    With several ranks (mlxft.distributed.World) rank 0 creates or opens and holds the folder; the
+    others get a Run that reads it (config, checkpoint) once rank 0 has it ready, and write nothing."""
+    main = world is None or world.main
+    if resume is None:
+        folder = Path(config.out) if config.out else default_run_dir(config.recipe, world)
         config.out = str(folder)
-        run = Run.create(folder, config)
+    if main:
+        run = Run.open_for_resume(Path(resume)) if resume is not None else Run.create(folder, config)
+    if world is not None and world.size > 1:
+        world.barrier()  # the folder is ready (created, or cleaned up for resuming) before the others read it
+    if not main:
+        run = Run(Path(resume) if resume is not None else folder, resumed=resume is not None)
+    if resume is not None:
+        config = run.config()
     try:
         yield config, run
     except BaseException:
-        if not run.resumed and not run.trained():
+        if main and not run.resumed and not run.trained():
             run.discard()
         raise
     finally:

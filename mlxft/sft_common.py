@@ -51,7 +51,7 @@ def encode_sft_data(splits, tokenizer, config, echo) -> tuple[list, list, object
     return train_set, valid_set, report
 
 
-def sft_validation(evaluate, model, valid_set, *, pad_id: int, split_head: bool, batch_size: int, answer_ids):
+def sft_validation(evaluate, model, valid_set, *, pad_id: int, split_head: bool, batch_size: int, answer_ids, world):
     """validate() -> eval_* metrics of the model on the validation examples ({} without any), through
     a backend's evaluate."""
 
@@ -59,7 +59,7 @@ def sft_validation(evaluate, model, valid_set, *, pad_id: int, split_head: bool,
         if not valid_set:
             return {}
         result = evaluate(model, valid_set, pad_id=pad_id, split_head=split_head, batch_size=batch_size,
-                          answer_ids=answer_ids)
+                          answer_ids=answer_ids, world=world)
         result.pop("probabilities", None)
         return {f"eval_{k}": v for k, v in result.items()}
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import click
@@ -9,26 +10,33 @@ import click
 from mlxft.cli.common import cli, int_list, resolve_config, run_options
 from mlxft.errors import UserError
 
+NPROC = click.option("--nproc", default=1, show_default=True, type=click.IntRange(1, 256),
+                     help="Data-parallel ranks on this machine, through mlx.launch (MLX) or torchrun (PyTorch).")
+
 
 @cli.command("lora")
 @run_options
 @click.option("--resume", "resume_dir", default=None, type=click.Path(path_type=Path), help="Continue a stopped run from its last checkpoint.")
 @click.option("--adapter", default=None, type=click.Path(path_type=Path), help="Start from an existing adapter (PEFT layout) instead of a new one.")
-def lora_command(recipe, model, data_source, out_dir, overrides, quantize, backend, trust_remote_code, resume_dir, adapter):
+@NPROC
+def lora_command(recipe, model, data_source, out_dir, overrides, quantize, backend, trust_remote_code, resume_dir, adapter, nproc):
     """Fine-tune with LoRA (or full fine-tuning: --set lora.full_finetune=true).
 
     Prints validation loss (and AUC for Yes/No data) before and after, and writes the run folder:
     config.yaml, metrics.jsonl, summary.json, best/ and last/ adapters, checkpoint/.
     """
     summary = _train("sft", recipe, model, data_source, out_dir, overrides, quantize, backend, trust_remote_code,
-                     resume_dir, adapter)
-    _print_outcome(summary)
+                     resume_dir, adapter, nproc)
+    if summary:  # rank 0 of several, or the only process
+        _print_outcome(summary)
 
 
-def _train(method, recipe, model, data_source, out_dir, overrides, quantize, backend, trust_remote_code, resume_dir, adapter):
+def _train(method, recipe, model, data_source, out_dir, overrides, quantize, backend, trust_remote_code, resume_dir, adapter,
+           nproc=1):
     """Check everything a user gave, then create (or resume) the run folder, hold it, and train.
-    A mistake found before the first report leaves no run folder behind (see runs.start)."""
-    from mlxft import backends, runs
+    A mistake found before the first report leaves no run folder behind (see runs.start).
+    Under mlx.launch or torchrun every rank runs this; --nproc N starts N ranks that way."""
+    from mlxft import backends, distributed, runs
     from mlxft.backends import is_mlx_quantized, resolve_backend
 
     if resume_dir:
@@ -42,7 +50,16 @@ def _train(method, recipe, model, data_source, out_dir, overrides, quantize, bac
         if adapter:
             _check_start_adapter(adapter, config)
         backend = resolve_backend(backend, quantized=bool(config.model.quantize) or is_mlx_quantized(config.model.name))
-    with runs.start(config, resume_dir) as (config, run):
+    launcher = distributed.launched_by()
+    if resume_dir and backend == "auto":
+        backend = launcher or _checkpoint_backend(resume_dir)
+    if nproc > 1:
+        if launcher:
+            raise UserError(f"--nproc {nproc}: this process is already one of several ranks; drop --nproc")
+        raise SystemExit(distributed.launch(backend, nproc, distributed.without_option(sys.argv[1:], "--nproc")))
+    world = distributed.init(backend)
+    echo = click.echo if world.main else (lambda *a, **k: None)
+    with runs.start(config, resume_dir, world) as (config, run):
         if resume_dir:
             # A checkpoint holds one backend's optimizer state.
             written_by = run.checkpoint_state()["backend"]
@@ -51,7 +68,17 @@ def _train(method, recipe, model, data_source, out_dir, overrides, quantize, bac
                                 f"resume it with --backend {written_by}")
             backend = resolve_backend(written_by)
         trainer = getattr(backends.get(backend), method)
-        return trainer.train(config, run, resume=run.resumed, adapter=str(adapter) if adapter else None, echo=click.echo)
+        return trainer.train(config, run, resume=run.resumed, adapter=str(adapter) if adapter else None, echo=echo, world=world)
+
+
+def _checkpoint_backend(resume_dir: Path) -> str:
+    """The backend that wrote a run's checkpoint (mlx when it does not say: the oldest runs)."""
+    import json
+
+    try:
+        return json.loads((Path(resume_dir) / "checkpoint" / "state.json").read_text()).get("backend", "mlx")
+    except (OSError, ValueError):
+        return "auto"  # runs.start says what is wrong with the folder
 
 
 def _check_start_adapter(adapter: Path, config) -> None:
@@ -81,7 +108,8 @@ def _print_outcome(summary: dict) -> None:
 @click.option("--resume", "resume_dir", default=None, type=click.Path(path_type=Path), help="Continue a stopped run from its last checkpoint.")
 @click.option("--adapter", default=None, type=click.Path(path_type=Path),
               help="Continue an existing adapter (PEFT layout, e.g. an SFT run's best/); it is also the reference.")
-def dpo_command(recipe, model, data_source, out_dir, overrides, quantize, backend, trust_remote_code, resume_dir, adapter):
+@NPROC
+def dpo_command(recipe, model, data_source, out_dir, overrides, quantize, backend, trust_remote_code, resume_dir, adapter, nproc):
     """Direct preference optimisation on {prompt, chosen, rejected} pairs (or support/oppose rows
     with --set dpo.support_ratio=R).
 
@@ -92,7 +120,9 @@ def dpo_command(recipe, model, data_source, out_dir, overrides, quantize, backen
     with held-out answers before and after.
     """
     summary = _train("dpo", recipe, model, data_source, out_dir, overrides, quantize, backend, trust_remote_code,
-                     resume_dir, adapter)
+                     resume_dir, adapter, nproc)
+    if not summary:  # a rank other than 0: rank 0 reports
+        return
     before, after = summary.get("before") or {}, summary.get("after") or {}
     for key in ("eval_loss", "eval_rewards/accuracies", "eval_rewards/margins"):
         if key in before and key in after:

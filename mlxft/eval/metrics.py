@@ -33,10 +33,12 @@ class ValidationTally:
     """What a validation pass adds up, batch by batch, on any backend: the token-weighted answer
     loss and, with answer_ids (the Yes and No tokens), P(yes) against each row's label, read at the
     first answer position. A row whose answer starts with neither token has no label; then there is
-    no AUC."""
+    no AUC. With several ranks each tallies its share of the rows (`rows`: their positions among
+    `total`), and result() adds the tallies up."""
 
-    def __init__(self, answer_ids: list[int] | None):
+    def __init__(self, answer_ids: list[int] | None, rows=None, total: int | None = None):
         self.answer_ids = answer_ids
+        self.rows, self.total = rows, total
         self.loss_sum, self.tokens = 0.0, 0.0
         self.probabilities, self.labels = [], []
 
@@ -50,11 +52,20 @@ class ValidationTally:
             self.labels.append(np.where(first == yes, 1, np.where(first == no, 0, -1)))
             self.probabilities.append(np.asarray(yes_probability))
 
-    def result(self) -> dict:
-        """{'loss', 'tokens'} and, when every row has a label, binary_report's metrics."""
-        result = {"loss": self.loss_sum / max(self.tokens, 1.0), "tokens": int(self.tokens)}
-        if self.answer_ids is not None:
-            labels = np.concatenate(self.labels)
-            if (labels >= 0).all():
-                result.update(binary_report(np.concatenate(self.probabilities), labels))
+    def result(self, world=None) -> dict:
+        """{'loss', 'tokens'} and, when every row has a label, binary_report's metrics; over every
+        rank's rows when given the world."""
+        loss_sum, tokens = self.loss_sum, self.tokens
+        probabilities = np.concatenate(self.probabilities) if self.probabilities else np.zeros(0)
+        labels = np.concatenate(self.labels) if self.labels else np.zeros(0)
+        if world is not None and world.size > 1:
+            loss_sum, tokens = (float(v) for v in world.all_sum([loss_sum, tokens]))
+            if self.answer_ids is not None:  # gathered by adding arrays that are zero outside each rank's rows
+                scattered = np.zeros((2, self.total), np.float32)
+                scattered[:, self.rows] = probabilities, labels
+                probabilities, labels = world.all_sum(scattered)
+                labels = labels.round().astype(int)
+        result = {"loss": loss_sum / max(tokens, 1.0), "tokens": int(tokens)}
+        if self.answer_ids is not None and len(labels) and (labels >= 0).all():
+            result.update(binary_report(probabilities, labels))
         return result

@@ -58,6 +58,7 @@ from mlxft.backends.mlx import model as mlx_model
 from mlxft.backends.mlx.generate import generate_answer
 from mlxft.config import RunConfig
 from mlxft.data.batching import iterate_pair_batches
+from mlxft.distributed import World
 from mlxft.dpo_common import (
     answer_all,
     cached_reference,
@@ -68,15 +69,17 @@ from mlxft.dpo_common import (
     load_pair_data,
     prepare_reference,
 )
-from mlxft.dpo_loss import summarize
+from mlxft.dpo_loss import STATISTICS, summarize
 from mlxft.model_files import pad_id as pad_id_of
 from mlxft.policy import build_policy, describe_policy
 from mlxft.runs import Run
 from mlxft.saved_check import check_saved_adapter, probe_ids
 
 
-def train(config: RunConfig, run: Run, *, resume: bool = False, adapter: str | None = None, echo=print) -> dict:
-    """Train as `config` says, writing into `run`; returns the summary (also in summary.json)."""
+def train(config: RunConfig, run: Run, *, resume: bool = False, adapter: str | None = None, echo=print,
+          world: World = World()) -> dict:
+    """Train as `config` says, writing into `run`; returns the summary (also in summary.json), or {}
+    on a rank other than 0 of several (mlxft.distributed)."""
     tc, ec, dc = config.train, config.eval, config.dpo
     backend = backends.get("mlx")
 
@@ -103,7 +106,7 @@ def train(config: RunConfig, run: Run, *, resume: bool = False, adapter: str | N
         run, config, adapter=adapter, model_folder=folder, train_set=train_set, valid_set=valid_set, resume=resume,
         score=lambda pairs: steps.score_pairs(model, pairs, arrays_of, pad_id, split_head, ec.batch_size),
         carry_adapter=lambda path: attach_adapter(lora, model, path),
-        drop_adapter=lambda: lora.remove_lora(model), echo=echo)
+        drop_adapter=lambda: lora.remove_lora(model), echo=echo, write=world.main)
 
     # --- policy ----------------------------------------------------------------------------
     mx.random.seed(tc.seed)  # a new adapter's A is the same whether or not the reference was scored first
@@ -122,10 +125,11 @@ def train(config: RunConfig, run: Run, *, resume: bool = False, adapter: str | N
                                          tc.max_grad_norm)
     reference_step = None if cache is not None else steps.make_reference_step(model, split_head)
 
-    def reference_for(pairs, split: str, arrays):
-        """Reference log-prob sums [2B] of a pair batch, in its row order (chosen, then rejected)."""
+    def reference_for(pairs, split: str, arrays, rows=None):
+        """Reference log-prob sums [2B] of a pair batch, in its row order (chosen, then rejected);
+        `rows` maps its pairs' indices to the split's."""
         if cache is not None:
-            return mx.array(cached_reference(cache, split, pairs.index))
+            return mx.array(cached_reference(cache, split, pairs.index if rows is None else rows[pairs.index]))
         return reference_step(arrays)
 
     def inputs_of(pairs) -> tuple:
@@ -138,16 +142,18 @@ def train(config: RunConfig, run: Run, *, resume: bool = False, adapter: str | N
         if not valid_set:
             return {}
         model.eval()
-        sums = 0.0
-        for pairs in iterate_pair_batches(valid_set, ec.batch_size, pad_id, shuffle=False, pad_to_multiple=PAD_MULTIPLE):
+        sums = np.zeros(len(STATISTICS), np.float32)
+        rows = world.share(len(valid_set))  # each rank its share; the sums are added up
+        for pairs in iterate_pair_batches([valid_set[i] for i in rows], ec.batch_size, pad_id, shuffle=False,
+                                          pad_to_multiple=PAD_MULTIPLE):
             arrays = arrays_of(pairs)
-            reference = reference_for(pairs, "valid", arrays)
+            reference = reference_for(pairs, "valid", arrays, rows)
             sums = sums + np.array(steps.pair_loss(model, arrays, reference, split_head=split_head, dc=dc)[1])
         model.train()
-        return {f"eval_{k}": v for k, v in summarize(sums).items()}
+        return {f"eval_{k}": v for k, v in summarize(world.all_sum(sums)).items()}
 
     trainer = driver.Trainer(
-        step=steps.train_step(model, optimizer, micro_step, update, inputs_of, tc.seed),
+        step=steps.train_step(model, optimizer, micro_step, update, inputs_of, tc.seed, world, len(STATISTICS)),
         validate=validate,
         summarize=summarize,
         save_weights=lambda where: checkpoint.save_weights(where, model, spec, config, folder),
@@ -161,7 +167,10 @@ def train(config: RunConfig, run: Run, *, resume: bool = False, adapter: str | N
     model.train()
     fitted = driver.fit(run, config, trainer, train_set, start=start, iterate=iterate_pair_batches, pad_id=pad_id,
                         pad_multiple=PAD_MULTIPLE, echo=echo,
-                        baseline=lambda: {"before_answers": answer_all(generate_answer, model, tokenizer, prompts, splits, config)})
+                        baseline=lambda: {"before_answers": answer_all(generate_answer, model, tokenizer, prompts, splits, config)},
+                        world=world)
+    if not world.main:
+        return {}
 
     # --- save ----------------------------------------------------------------------------------
     saved_check = None if config.lora.full_finetune else check_saved_adapter(

@@ -14,16 +14,19 @@ import numpy as np
 from mlxft.backends.mlx import PAD_MULTIPLE
 from mlxft.backends.mlx.model import logits_at
 from mlxft.data.batching import iterate_batches, scored_targets
+from mlxft.distributed import World
 from mlxft.eval.metrics import ValidationTally
 
 
 def evaluate(model, examples, *, pad_id: int, split_head: bool, batch_size: int = 32,
-             answer_ids: list[int] | None = None) -> dict:
+             answer_ids: list[int] | None = None, world: World = World()) -> dict:
     """{'loss', 'tokens'} and, when every row's answer starts with one of answer_ids,
     {'auc', 'accuracy', 'positive_rate', 'probabilities'}."""
     was_training = model.training
     model.eval()
-    tally = ValidationTally(answer_ids)
+    rows = world.share(len(examples))  # each rank its share; result() adds them up
+    tally = ValidationTally(answer_ids, rows, len(examples))
+    examples = [examples[i] for i in rows]
     for batch in iterate_batches(examples, batch_size, pad_id, shuffle=False, pad_to_multiple=PAD_MULTIPLE):
         targets = scored_targets(batch)
         logits = logits_at(model, mx.array(batch.input_ids[:, :-1]), mx.array(targets.positions), split_head)
@@ -35,4 +38,4 @@ def evaluate(model, examples, *, pad_id: int, split_head: bool, batch_size: int 
         tally.add(losses.sum().item(), targets, yes)
     if was_training:
         model.train()
-    return tally.result()
+    return tally.result(world)

@@ -30,6 +30,7 @@ from mlxft.backends.mlx.generate import generate_answer
 from mlxft.config import RunConfig
 from mlxft.data.batching import iterate_batches
 from mlxft.data.dataset import load_splits
+from mlxft.distributed import World
 from mlxft.model_files import pad_id as pad_id_of
 from mlxft.policy import build_policy, describe_policy
 from mlxft.runs import Run
@@ -37,8 +38,10 @@ from mlxft.saved_check import check_saved_adapter, probe_ids
 from mlxft.sft_common import answer_held_out, answer_ids_for, encode_sft_data, sft_validation, token_mean_loss
 
 
-def train(config: RunConfig, run: Run, *, resume: bool = False, adapter: str | None = None, echo=print) -> dict:
-    """Train as `config` says, writing into `run`; returns the summary (also in summary.json)."""
+def train(config: RunConfig, run: Run, *, resume: bool = False, adapter: str | None = None, echo=print,
+          world: World = World()) -> dict:
+    """Train as `config` says, writing into `run`; returns the summary (also in summary.json), or {}
+    on a rank other than 0 of several (mlxft.distributed)."""
     tc, ec = config.train, config.eval
     backend = backends.get("mlx")
 
@@ -70,9 +73,9 @@ def train(config: RunConfig, run: Run, *, resume: bool = False, adapter: str | N
     micro_step, update = steps.make_step(model, optimizer, partial(steps.sft_loss, split_head=split_head), tc.max_grad_norm)
 
     trainer = driver.Trainer(
-        step=steps.train_step(model, optimizer, micro_step, update, steps.sft_inputs, tc.seed),
+        step=steps.train_step(model, optimizer, micro_step, update, steps.sft_inputs, tc.seed, world),
         validate=sft_validation(evaluate, model, valid_set, pad_id=pad_id, split_head=split_head,
-                                batch_size=ec.batch_size, answer_ids=answer_ids),
+                                batch_size=ec.batch_size, answer_ids=answer_ids, world=world),
         summarize=token_mean_loss,
         save_weights=lambda where: checkpoint.save_weights(where, model, spec, config, folder),
         save_checkpoint=lambda step, best, stale: checkpoint.save(run, model, optimizer, spec, config, folder, step, best, stale),
@@ -83,7 +86,9 @@ def train(config: RunConfig, run: Run, *, resume: bool = False, adapter: str | N
     # --- loop ----------------------------------------------------------------------------------
     model.train()
     fitted = driver.fit(run, config, trainer, train_set, start=start, iterate=iterate_batches, pad_id=pad_id,
-                        pad_multiple=PAD_MULTIPLE, echo=echo)
+                        pad_multiple=PAD_MULTIPLE, world=world, echo=echo)
+    if not world.main:
+        return {}
 
     # --- save ----------------------------------------------------------------------------------
     saved_check = None if config.lora.full_finetune else check_saved_adapter(

@@ -16,13 +16,14 @@ import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
-from mlx.utils import tree_map
+from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 from mlxft.backends.mlx import PAD_MULTIPLE, SHARED_PROMPT_FEW_WIDTHS, SHARED_PROMPT_PAD_MULTIPLE, lora
 from mlxft.backends.mlx import model as mlx_model
 from mlxft.backends.mlx.model import logits_at, shared_prompt_logits
 from mlxft.data.batching import iterate_pair_batches, scored_targets
 from mlxft.data.shared_prompt import pair_inputs
+from mlxft.distributed import World, empty, step_seed
 from mlxft.dpo_loss import dpo_losses, pair_statistics, uses_mean_logps
 from mlxft.driver import StepResult
 
@@ -52,18 +53,26 @@ def make_step(model, optimizer, loss, max_grad_norm: float | None):
     return micro_step, update
 
 
-def train_step(model, optimizer, micro_step, update, inputs_of, seed: int):
+def train_step(model, optimizer, micro_step, update, inputs_of, seed: int, world: World = World(), statistics: int = 2):
     """The driver's step(step index, micro-batches, learning rate) -> StepResult; `inputs_of(batch)`
-    lays a micro-batch out as micro_step takes it."""
+    lays a micro-batch out as micro_step takes it. With several ranks each takes its share of every
+    micro-batch, and the gradient and statistic sums (`statistics` of them) are added across ranks
+    before the update divides by the global count."""
     state = [model.state, optimizer.state, mx.random.state]
 
     def step(index: int, batches: list, rate: float) -> StepResult:
-        mx.random.seed(seed * 1_000_003 + index)  # dropout noise is a function of the step: resume-exact
+        mx.random.seed(step_seed(seed, index, world.rank))  # resume-exact dropout noise
         grads, sums = None, None
-        for batch in batches:
+        for batch in map(world.shard, batches):
+            if empty(batch):  # fewer rows than ranks: this rank adds nothing to this micro-batch
+                continue
             micro_grads, micro_sums = micro_step(*inputs_of(batch))
             grads = micro_grads if grads is None else tree_map(mx.add, grads, micro_grads)
             sums = micro_sums if sums is None else sums + micro_sums
+        if world.size > 1:
+            grads = grads if grads is not None else tree_map(mx.zeros_like, model.trainable_parameters())
+            sums = sums if sums is not None else mx.zeros((statistics,), mx.float32)
+            grads, sums = all_sum(grads, sums, world)
         optimizer.learning_rate = rate
         grad_norm = update(grads, sums[0])
         mx.eval(state, sums, grad_norm)
@@ -71,6 +80,18 @@ def train_step(model, optimizer, micro_step, update, inputs_of, seed: int):
         return StepResult(np.array(sums), grad_norm.item(), float(optimizer.learning_rate.item()))
 
     return step
+
+
+def all_sum(grads, sums, world: World):
+    """Gradient and statistic sums added across the ranks, in one all-reduce of one flat buffer."""
+    leaves = tree_flatten(grads)
+    flat = mx.concatenate([g.reshape(-1) for _, g in leaves] + [sums.astype(mx.float32)])
+    flat = mx.distributed.all_sum(flat, group=world.group)
+    out, offset = [], 0
+    for name, g in leaves:
+        out.append((name, flat[offset : offset + g.size].reshape(g.shape).astype(g.dtype)))
+        offset += g.size
+    return tree_unflatten(out), flat[offset:]
 
 
 # --- supervised fine-tuning ----------------------------------------------------------------------

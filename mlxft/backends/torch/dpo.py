@@ -40,6 +40,7 @@ for resuming a run another backend wrote.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from mlxft import backends, driver
@@ -50,6 +51,7 @@ from mlxft.backends.torch.adamw import MLXAdamW
 from mlxft.backends.torch.generate import generate_answer
 from mlxft.config import RunConfig
 from mlxft.data.batching import iterate_pair_batches
+from mlxft.distributed import World
 from mlxft.dpo_common import (
     answer_all,
     cached_reference,
@@ -60,15 +62,17 @@ from mlxft.dpo_common import (
     load_pair_data,
     prepare_reference,
 )
-from mlxft.dpo_loss import summarize
+from mlxft.dpo_loss import STATISTICS, summarize
 from mlxft.model_files import pad_id as pad_id_of
 from mlxft.policy import build_policy, describe_policy
 from mlxft.runs import Run
 from mlxft.saved_check import check_saved_adapter, probe_ids
 
 
-def train(config: RunConfig, run: Run, *, resume: bool = False, adapter: str | None = None, echo=print) -> dict:
-    """Train as `config` says, writing into `run`; returns the summary (also in summary.json)."""
+def train(config: RunConfig, run: Run, *, resume: bool = False, adapter: str | None = None, echo=print,
+          world: World = World()) -> dict:
+    """Train as `config` says, writing into `run`; returns the summary (also in summary.json), or {}
+    on a rank other than 0 of several (mlxft.distributed)."""
     tc, ec, dc = config.train, config.eval, config.dpo
     backend = backends.get("torch")
 
@@ -92,7 +96,7 @@ def train(config: RunConfig, run: Run, *, resume: bool = False, adapter: str | N
         run, config, adapter=adapter, model_folder=folder, train_set=train_set, valid_set=valid_set, resume=resume,
         score=lambda pairs: steps.score_pairs(model, pairs, tensors_of, pad_id, split_head, ec.batch_size, device),
         carry_adapter=lambda path: attach_adapter(lora, model, path),
-        drop_adapter=lambda: lora.remove_lora(model), echo=echo)
+        drop_adapter=lambda: lora.remove_lora(model), echo=echo, write=world.main)
 
     # --- policy ----------------------------------------------------------------------------
     torch.manual_seed(tc.seed)  # a new adapter's A is the same whether or not the reference was scored first
@@ -110,10 +114,11 @@ def train(config: RunConfig, run: Run, *, resume: bool = False, adapter: str | N
         start = driver.Start(*checkpoint.load(run, model, optimizer, named, config.lora.full_finetune,
                                               config.model.trust_remote_code))
 
-    def reference_for(pairs, split: str, tensors) -> torch.Tensor:
-        """Reference log-prob sums [2B] of a pair batch, in its row order (chosen, then rejected)."""
+    def reference_for(pairs, split: str, tensors, rows=None) -> torch.Tensor:
+        """Reference log-prob sums [2B] of a pair batch, in its row order (chosen, then rejected);
+        `rows` maps its pairs' indices to the split's."""
         if cache is not None:
-            return torch.from_numpy(cached_reference(cache, split, pairs.index)).to(device)
+            return torch.from_numpy(cached_reference(cache, split, pairs.index if rows is None else rows[pairs.index])).to(device)
         with torch_model.autocast(device):
             return steps.reference_logps(model, tensors, split_head=split_head)
 
@@ -128,17 +133,20 @@ def train(config: RunConfig, run: Run, *, resume: bool = False, adapter: str | N
         if not valid_set:
             return {}
         model.eval()
-        sums = 0.0
-        for pairs in iterate_pair_batches(valid_set, ec.batch_size, pad_id, shuffle=False, pad_to_multiple=PAD_MULTIPLE):
+        sums = np.zeros(len(STATISTICS), np.float32)
+        rows = world.share(len(valid_set))  # each rank its share; the sums are added up
+        for pairs in iterate_pair_batches([valid_set[i] for i in rows], ec.batch_size, pad_id, shuffle=False,
+                                          pad_to_multiple=PAD_MULTIPLE):
             tensors = tensors_of(pairs)
-            reference = reference_for(pairs, "valid", tensors)
+            reference = reference_for(pairs, "valid", tensors, rows)
             with torch_model.autocast(device):
                 sums = sums + steps.pair_loss(model, tensors, reference, split_head=split_head, dc=dc)[1].cpu().numpy()
         model.train()
-        return {f"eval_{k}": v for k, v in summarize(sums).items()}
+        return {f"eval_{k}": v for k, v in summarize(world.all_sum(sums)).items()}
 
     trainer = driver.Trainer(
-        step=steps.train_step(optimizer, loss_of, seed=tc.seed, max_grad_norm=tc.max_grad_norm),
+        step=steps.train_step(optimizer, loss_of, seed=tc.seed, max_grad_norm=tc.max_grad_norm, world=world,
+                              statistics=len(STATISTICS)),
         validate=validate,
         summarize=summarize,
         save_weights=lambda where: checkpoint.save_weights(where, model, spec, config, folder),
@@ -153,7 +161,10 @@ def train(config: RunConfig, run: Run, *, resume: bool = False, adapter: str | N
     model.train()
     fitted = driver.fit(run, config, trainer, train_set, start=start, iterate=iterate_pair_batches, pad_id=pad_id,
                         pad_multiple=PAD_MULTIPLE, echo=echo,
-                        baseline=lambda: {"before_answers": answer_all(generate_answer, model, tokenizer, prompts, splits, config)})
+                        baseline=lambda: {"before_answers": answer_all(generate_answer, model, tokenizer, prompts, splits, config)},
+                        world=world)
+    if not world.main:
+        return {}
 
     # --- save ----------------------------------------------------------------------------------
     saved_check = None if config.lora.full_finetune else check_saved_adapter(

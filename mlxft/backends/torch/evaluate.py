@@ -13,18 +13,21 @@ import torch.nn.functional as F
 from mlxft.backends.torch import PAD_MULTIPLE
 from mlxft.backends.torch.model import autocast, logits_at, to_device
 from mlxft.data.batching import iterate_batches, scored_targets
+from mlxft.distributed import World
 from mlxft.eval.metrics import ValidationTally
 
 
 @torch.no_grad()
 def evaluate(model, examples, *, pad_id: int, split_head: bool, batch_size: int = 32,
-             answer_ids: list[int] | None = None) -> dict:
+             answer_ids: list[int] | None = None, world: World = World()) -> dict:
     """{'loss', 'tokens'} and, when every row's answer starts with one of answer_ids,
     {'auc', 'accuracy', 'positive_rate', 'probabilities'}."""
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    tally = ValidationTally(answer_ids)
+    rows = world.share(len(examples))  # each rank its share; result() adds them up
+    tally = ValidationTally(answer_ids, rows, len(examples))
+    examples = [examples[i] for i in rows]
     for batch in iterate_batches(examples, batch_size, pad_id, shuffle=False, pad_to_multiple=PAD_MULTIPLE):
         targets = scored_targets(batch)
         inputs, positions, tokens, weights = to_device(device, batch.input_ids[:, :-1], targets.positions,
@@ -39,4 +42,4 @@ def evaluate(model, examples, *, pad_id: int, split_head: bool, batch_size: int 
         tally.add(losses.sum().item(), targets, yes)
     if was_training:
         model.train()
-    return tally.result()
+    return tally.result(world)

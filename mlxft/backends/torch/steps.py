@@ -19,23 +19,45 @@ from mlxft.backends.torch import model as torch_model
 from mlxft.backends.torch.model import logits_at, shared_prompt_logits
 from mlxft.data.batching import iterate_pair_batches, scored_targets
 from mlxft.data.shared_prompt import pair_inputs
+from mlxft.distributed import World, empty, step_seed
 from mlxft.dpo_loss import dpo_losses, pair_statistics, uses_mean_logps
 from mlxft.driver import StepResult
 
 # --- one optimizer step ----------------------------------------------------------------------------
 
 
-def train_step(optimizer, loss_of, *, seed: int, max_grad_norm: float | None):
-    """The driver's step(step index, micro-batches, learning rate) -> StepResult."""
+def train_step(optimizer, loss_of, *, seed: int, max_grad_norm: float | None, world: World = World(), statistics: int = 2):
+    """The driver's step(step index, micro-batches, learning rate) -> StepResult. With several
+    ranks each takes its share of every micro-batch, and the gradient and statistic sums
+    (`statistics` of them) are added across ranks before the update divides by the global count:
+    DDP's all-reduce, done once per optimizer step rather than per micro-batch."""
+    parameters = [p for group in optimizer.param_groups for p in group["params"]]
 
     def step(index: int, batches: list, rate: float) -> StepResult:
-        torch.manual_seed(seed * 1_000_003 + index)  # dropout noise is a function of the step: resume-exact
+        torch.manual_seed(step_seed(seed, index, world.rank))  # resume-exact dropout noise
         optimizer.zero_grad(set_to_none=True)
         total = None
-        for batch in batches:
+        for batch in map(world.shard, batches):
+            if empty(batch):  # fewer rows than ranks: this rank adds nothing to this micro-batch
+                continue
             loss_sum, sums = loss_of(batch)
             loss_sum.backward()
             total = sums if total is None else total + sums
+        if world.size > 1:
+            import torch.distributed as dist
+
+            device = parameters[0].device
+            total = total if total is not None else torch.zeros(statistics, device=device)
+            for p in parameters:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+            flat = torch.cat([p.grad.reshape(-1).float() for p in parameters] + [total.float()])
+            dist.all_reduce(flat)  # one call, one buffer: gradients, then the statistic sums
+            offset = 0
+            for p in parameters:
+                p.grad.copy_(flat[offset : offset + p.numel()].view_as(p.grad))
+                offset += p.numel()
+            total = flat[offset:]
         sums = total.cpu().numpy()  # one device sync per step
         grad_norm = update(optimizer, float(sums[0]), rate, max_grad_norm)
         return StepResult(sums, grad_norm, rate)
