@@ -27,6 +27,7 @@ per-step means.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import time
@@ -36,9 +37,9 @@ from typing import Callable
 
 import numpy as np
 
-from mlxft.config import HIGHER_IS_BETTER, RunConfig
+from mlxft.config import HIGHER_IS_BETTER, RunConfig, dump_config
 from mlxft.data.batching import iterate_batches
-from mlxft.distributed import World
+from mlxft.distributed import World, data_digest
 from mlxft.errors import UserError
 from mlxft.progress import Progress
 from mlxft.runs import Run
@@ -91,12 +92,20 @@ def fit(run: Run, config: RunConfig, trainer: Trainer, train_set: list, *, start
     """Train from `start` to the run's last step; measure before and after, save best/ and last/.
     `iterate` makes one epoch's micro-batches (mlxft.data.batching.iterate_batches or
     iterate_pair_batches); `baseline()` measures anything else worth keeping from before training,
-    under keys named before_* (kept in summary.json, read back on resume instead of measured again)."""
+    under keys named before_* (kept in summary.json, read back on resume instead of measured again).
+
+    With several ranks (`world`) every rank runs this loop in step and rank 0 alone writes: reports,
+    checkpoints, weights and summary. `trainer.validate` reduces across ranks, so that every rank
+    takes the same best/early-stop decisions."""
     tc, ec = config.train, config.eval
+    if world.size > 1:
+        world.check_same("configuration", hashlib.sha256(dump_config(config).encode()).hexdigest())
+        world.check_same("training data", data_digest(train_set))
     total_steps = count_steps(tc, len(train_set))
     step, best, stale = start.step, start.best, start.stale
     if run.resumed:
-        run.truncate_log(step)  # reports after the checkpoint will be written again
+        if world.main:
+            run.truncate_log(step)  # reports after the checkpoint will be written again
         echo(f"resumed {run.folder} at step {step}")
 
     # --- before training: measured once, read back on resume -------------------------------------

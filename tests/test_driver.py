@@ -130,3 +130,18 @@ def test_the_baseline_is_measured_once_and_read_back_on_resume(tmp_path):
                  baseline=lambda: pytest.fail("measured again"))
     assert resumed.validations == 1
     assert fitted.before == {"eval_loss": 3.0} and fitted.baseline == {"before_answers": ["a", "b"]}
+
+
+def test_ranks_check_that_they_run_the_same_config_before_training(tmp_path):
+    from mlxft.distributed import World
+    from mlxft.errors import UserError
+
+    class OtherRankDiffers(World):
+        def all_sum(self, values):  # the other rank adds a digest of 1 where this one has its own
+            return np.asarray(values, dtype=np.float32) + np.array([1.0, 1.0 / 2**20], np.float32)[: len(values)]
+
+    cfg = config(tmp_path, "train.steps=2")
+    scripted = Scripted()
+    with pytest.raises(UserError, match="the 2 ranks disagree on the configuration"):
+        fit(Run.create(tmp_path / "run", cfg), cfg, scripted, world=OtherRankDiffers(0, 2))
+    assert scripted.seen == []  # nothing trained
