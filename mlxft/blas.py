@@ -112,8 +112,9 @@ def _preload_value(shim: Path) -> str:
     return f"{shim}:{existing}" if existing else str(shim)
 
 
-def reexec_with_fast_blas(argv: list[str]) -> None:
-    """Replace this process with itself plus the shim preloaded; return if that cannot be done."""
+def reexec_with_fast_blas(argv: list[str], module: str = "mlxft") -> None:
+    """Replace this process (`python -m module argv`) with itself plus the shim preloaded; return if
+    that cannot be done."""
     if not wanted() or os.environ.get(ACTIVE_ENV):
         return
     try:
@@ -125,7 +126,7 @@ def reexec_with_fast_blas(argv: list[str]) -> None:
     env = {**os.environ, "LD_PRELOAD": _preload_value(shim), ACTIVE_ENV: str(shim)}
     sys.stdout.flush()
     sys.stderr.flush()
-    os.execve(sys.executable, [sys.executable, "-m", "mlxft", *argv], env)
+    os.execve(sys.executable, [sys.executable, "-m", module, *argv], env)
 
 
 def describe() -> str:

@@ -158,6 +158,10 @@ def build(folder: Path, train, echo=print) -> None:
 
 
 def main(argv=None) -> int:
+    from mlxft.blas import reexec_with_fast_blas
+
+    # The shipped weights were trained with OpenBLAS's products, as `mlxft` runs them on Linux.
+    reexec_with_fast_blas(sys.argv[1:] if argv is None else argv, module="mlxft.builtin_factory")
     from mlxft.backends.mlx.sft import train
 
     parser = argparse.ArgumentParser(prog="python -m mlxft.builtin_factory", description=__doc__.split("\n\n")[0])
