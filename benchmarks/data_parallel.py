@@ -23,12 +23,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common
 
-# Links the estimates use: bytes/s a ring all-reduce can move between two hosts.
+# What the estimates assume (not measured here): ranks, and per link the bus bandwidth a ring
+# all-reduce achieves and the latency of one hop. A ring all-reduce of B bytes over N ranks sends
+# 2 (N - 1) / N * B bytes per rank in 2 (N - 1) hops.
 LINKS = {
-    "two Macs, Thunderbolt 5 (80 Gb/s; ~6 GB/s achieved by RDMA-less TCP, an assumption)": 6e9,
-    "8 GPUs, NVLink 4 (H100/H200 class, ~450 GB/s bus bandwidth per GPU)": 450e9,
+    "two Macs over Thunderbolt 5 (TCP; assumed 6 GB/s, 50 us a hop)": (2, 6e9, 50e-6),
+    "8 GPUs over NVLink 4 (NCCL; assumed 400 GB/s, 10 us a hop)": (8, 400e9, 10e-6),
 }
+# A size to set beside this run's: every weight of SmolLM2-135M (full fine-tuning), float32.
+FULL_135M_BYTES = 4 * 134_515_008
 
+
+def ring_seconds(nbytes: int, ranks: int, bandwidth: float, latency: float) -> float:
+    return 2 * (ranks - 1) / ranks * nbytes / bandwidth + 2 * (ranks - 1) * latency
 
 def side(backend: str, ranks: int, model: str, args, work: Path, env: dict) -> dict:
     out = work / f"{backend}-{ranks}"
@@ -85,7 +92,9 @@ def main() -> None:
             "all_reduce_seconds": reduce,
             "two_rank_step_seconds": two["step_seconds"],
             "communication_share": reduce / two["step_seconds"],
-            "estimates_seconds": {link: 2 * (1 - 1 / 2) * 4 * floats / rate for link, rate in LINKS.items()},
+            "estimates_seconds": {link: {"this run": ring_seconds(4 * floats, *spec),
+                                          "SmolLM2-135M, full fine-tuning": ring_seconds(FULL_135M_BYTES, *spec)}
+                                  for link, spec in LINKS.items()},
         }
     print(f"\nmodel {model}; {'full fine-tuning' if args.full_finetune else 'LoRA'}; global batch {args.batch_size}; "
           f"{args.steps} timed steps after {args.warmup}; one thread a rank")
@@ -95,9 +104,9 @@ def main() -> None:
         print(f"| {backend} | {r['one_rank_tokens_per_second']:,.0f} | {r['two_ranks_tokens_per_second']:,.0f} | "
               f"{r['speedup']:.2f}x | {r['largest_loss_difference']:.1e} | {r['bytes_all_reduced_per_step']:,} | "
               f"{r['all_reduce_seconds'] * 1e3:.2f} ms | {r['communication_share']:.1%} |")
-    for link in LINKS:
-        print(f"all-reduce estimate, {link}: " + ", ".join(f"{b} {r['estimates_seconds'][link] * 1e3:.3f} ms"
-                                                           for b, r in results.items()))
+    estimates = next(iter(results.values()))["estimates_seconds"]
+    for link, sizes in estimates.items():
+        print(f"all-reduce estimate, {link}: " + ", ".join(f"{what} {seconds * 1e3:.2f} ms" for what, seconds in sizes.items()))
     common.save(work, "data_parallel", {"args": vars(args), "model": model, "results": results,
                                         "versions": common.versions("mlx", "torch")})
 

@@ -15,6 +15,7 @@ order of float additions). Rank 0 alone writes the run folder; evaluation is sha
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import os
 from dataclasses import dataclass, replace
@@ -140,6 +141,7 @@ def init(backend: str) -> World:
     if not dist.is_initialized():
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo",
                                 timeout=timedelta(seconds=TIMEOUT_SECONDS))
+        atexit.register(dist.destroy_process_group)  # gloo may abort a process that exits with its group up
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     return World(dist.get_rank(), dist.get_world_size(), "torch")
