@@ -37,7 +37,7 @@ def builtin_dir() -> Path:
     return cache_root() / f"builtin-{_digest()}"
 
 
-def ensure_builtin(echo=None) -> Path:
+def ensure_builtin() -> Path:
     """The built-in model folder, copied from the package into the cache on first use."""
 
     def copy(staging: Path) -> None:

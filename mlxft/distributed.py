@@ -25,9 +25,10 @@ import numpy as np
 from mlxft.data.batching import Batch, PairBatch
 from mlxft.errors import UserError
 
-# How long a rank waits for the others (PyTorch): a rank that died stops the rest with an error
-# instead of a hang. MLX's launcher stops every rank when one exits with an error.
-TIMEOUT_SECONDS = 600
+# How long a PyTorch rank waits for the others in a collective. The launchers stop every rank
+# when one exits with an error; this bounds the rest. Long, because the other ranks wait for rank 0
+# while it alone writes checkpoints and answers the "before" prompts.
+TIMEOUT_SECONDS = 3600
 
 
 @dataclass
@@ -69,11 +70,12 @@ class World:
         """A UserError on every rank unless every rank has the same digest (of its config or data)."""
         if self.size == 1:
             return
-        value = int(digest[:5], 16)  # < 2**20: exact in float32 sums, and its square below
-        sums = self.all_sum([value, value * value / 2**20])
-        if sums[0] != self.size * value or not np.isclose(sums[1], self.size * value * value / 2**20, rtol=1e-6):
-            raise UserError(f"the {self.size} ranks disagree on the {what}; start every rank with the same "
-                            "command, files and mlxft version")
+        value = int(digest[:6], 16)  # < 2**24: exact in float32
+        rank0 = self.all_sum([value if self.main else 0])[0]  # rank 0's value, on every rank
+        differ = self.all_sum([float(rank0 != value)])[0]  # how many ranks hold another one
+        if differ:
+            raise UserError(f"{int(differ)} of the {self.size} ranks disagree with rank 0 on the {what}; start every "
+                            "rank with the same command, files and mlxft version")
 
     def shard(self, batch):
         """This rank's share of a micro-batch: contiguous rows (pairs, for a PairBatch); a rank may
@@ -151,12 +153,13 @@ def launch(backend: str, nproc: int, argv: list[str]) -> int:
     """Run `python -m mlxft.cli <argv>` as nproc ranks on this machine through the backend's own
     launcher (mlx.launch with the ring backend over loopback; torchrun), and return its exit code.
     For several machines, call the launcher yourself (a hostfile for mlx.launch, --nnodes for torchrun)."""
+    import shutil
     import subprocess
     import sys
 
     if backend == "mlx":
-        command = [sys.executable, "-c", "import sys; from mlx._distributed_utils.launch import main; sys.exit(main())",
-                   "-n", str(nproc), "--backend", "ring", "--", sys.executable, "-m", "mlxft.cli", *argv]
+        launcher = shutil.which("mlx.launch") or sys.exit("mlx.launch is not on PATH; it comes with the mlx package")
+        command = [launcher, "-n", str(nproc), "--backend", "ring", "--", sys.executable, "-m", "mlxft.cli", *argv]
     else:
         command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "-m", "mlxft.cli", *argv]
     return subprocess.call(command)

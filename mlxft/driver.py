@@ -111,7 +111,9 @@ def fit(run: Run, config: RunConfig, trainer: Trainer, train_set: list, *, start
     # --- before training: measured once, read back on resume -------------------------------------
     summary_path = run.folder / "summary.json"
     earlier = json.loads(summary_path.read_text()) if run.resumed and summary_path.exists() else None
-    if earlier:
+    if world.size > 1:  # rank 0's folder decides, so that every rank validates, or none does
+        earlier = (earlier or {}) if world.all_sum([earlier is not None and world.main])[0] else None
+    if earlier is not None:
         before = earlier.get("before", {})
         extra = {k: v for k, v in earlier.items() if k.startswith("before_")} if baseline else {}
     else:
@@ -152,8 +154,9 @@ def fit(run: Run, config: RunConfig, trainer: Trainer, train_set: list, *, start
                       "learning_rate": result.learning_rate, "grad_norm": result.grad_norm,
                       "tokens_per_second": tokens_per_second, "trained_tokens": trained_tokens,
                       "peak_memory_gb": trainer.peak_memory_gb(), **trained}
-            if evaluate_now:
-                record.update(trainer.validate())
+            measured = trainer.validate() if evaluate_now else {}
+            if measured:  # {}: no validation rows
+                record.update(measured)
                 best, stale, improved = track_best(record, best, stale, ec.metric)
                 if improved and world.main:
                     trainer.save_weights(run.folder / "best")
@@ -228,6 +231,7 @@ def summarize_run(run: Run, config: RunConfig, fitted: Fitted, trainer: Trainer,
 
 # --- the pieces the loop is made of ----------------------------------------------------------------
 
+
 def batch_stream(examples, tc, pad_id, skip: int, pad_to_multiple: int, iterate=iterate_batches):
     """Micro-batches forever, epoch after epoch; epoch e's order depends only on (seed, e), so a
     resumed run skips exactly the batches it already trained on. `iterate` makes one epoch's
@@ -242,12 +246,16 @@ def batch_stream(examples, tc, pad_id, skip: int, pad_to_multiple: int, iterate=
                 continue
             yield batch, epoch + (i + 1) / per_epoch
         epoch, offset = epoch + 1, 0
+
+
 def count_steps(tc, rows: int) -> int:
     """Optimizer steps of a run: train.steps, else train.epochs (default 1) over `rows` rows."""
     if tc.steps:
         return tc.steps
     micro_per_epoch = math.ceil(rows / tc.batch_size)
     return max(1, math.ceil((tc.epochs or 1) * micro_per_epoch / tc.grad_accumulation))
+
+
 def track_best(record, best, stale, metric):
     key = f"eval_{metric}"
     if key not in record:
@@ -258,10 +266,14 @@ def track_best(record, best, stale, metric):
     if better:
         return {"metric": metric, "value": value, "step": record["step"]}, 0, True
     return best, stale + 1, False
+
+
 def describe(metrics: dict, strip: str = "") -> str:
     """'loss 0.2310, auc 0.5320' from {'eval_loss': ..., 'eval_auc': ...} with strip='eval_'."""
     return ", ".join(f"{k.removeprefix(strip)} {v:.4g}" if isinstance(v, float) else f"{k.removeprefix(strip)} {v}"
                      for k, v in metrics.items())
+
+
 def mean_rate(history):
     rates = [r["tokens_per_second"] for r in history if "tokens_per_second" in r]
     return float(np.mean(rates)) if rates else None

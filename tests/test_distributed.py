@@ -132,17 +132,31 @@ def test_a_rank_takes_its_share_of_rows_and_pairs():
     assert second.index.tolist() == [12] and second.batch.input_ids[:, :2].tolist() == [[7, 8], [7, 9]]
 
 
-def test_ranks_that_disagree_stop_with_one_line():
-    class Uneven(World):
-        def all_sum(self, values):  # rank 1 holds another digest than this rank's
-            values = np.asarray(values, dtype=np.float32)
-            other = np.array([3.0, 9.0 / 2**20], np.float32)
-            return values + other
+class TwoRanks(World):
+    """Rank 0 of two, the other rank simulated: it adds `other(call, values)` to each all-sum."""
 
-    with pytest.raises(UserError, match="the 2 ranks disagree on the training data"):
-        Uneven(0, 2).check_same("training data", "00005" + "0" * 59)
-    same = Uneven(0, 2)
-    same.check_same("training data", "00003" + "0" * 59)  # the same digest: no error
+    def __init__(self, other_digest: str):
+        super().__init__(0, 2)
+        self.other = int(other_digest[:6], 16)
+        self.calls = 0
+
+    def all_sum(self, values):
+        values = np.asarray(values, dtype=np.float32)
+        self.calls += 1
+        if self.calls % 2:  # "rank 0's value": rank 1 adds nothing
+            return values
+        return values + float(values[0] == 0 and self.other != self.rank0)  # rank 1's "I differ" flag
+
+    def check_same(self, what, digest):
+        self.rank0 = int(digest[:6], 16)
+        super().check_same(what, digest)
+
+
+def test_ranks_that_disagree_stop_with_one_line():
+    digest = "abcdef" + "0" * 58
+    with pytest.raises(UserError, match="1 of the 2 ranks disagree with rank 0 on the training data"):
+        TwoRanks("123456" + "0" * 58).check_same("training data", digest)
+    TwoRanks(digest).check_same("training data", digest)  # the same digest: no error
 
 
 def test_a_launcher_of_the_other_backend_is_refused(tiny_model_dir, tmp_path, monkeypatch):
@@ -195,3 +209,45 @@ def test_each_rank_steps_on_its_share_only(tiny_model_dir, tmp_path):
             assert step(0, [batch], 0.0).sums[0] == scored
     finally:
         dist.destroy_process_group()
+
+
+def rank_process(text: str, rank: int) -> int | None:
+    """The pid of the rank-`rank` process whose command line holds `text` (from its environment)."""
+    from pathlib import Path
+
+    for entry in Path("/proc").iterdir():
+        try:
+            if not entry.name.isdigit() or text not in (entry / "cmdline").read_bytes().decode(errors="replace"):
+                continue
+            environ = (entry / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if f"MLX_RANK={rank}".encode() in environ or f"RANK={rank}".encode() in environ:
+            return int(entry.name)
+    return None
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["mlx", "torch"])
+def test_when_a_rank_dies_the_others_stop_instead_of_hanging(tiny_model_dir, tmp_path, backend):
+    if backend == "torch":
+        pytest.importorskip("peft")
+    out = tmp_path / "run"
+    started = subprocess.Popen(command("lora", tiny_model_dir, out, "--backend", backend, "--nproc", "2",
+                                       "--set", "train.steps=100000", "--set", "eval.every=0"),
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.time() + 300
+        while not (out / "metrics.jsonl").exists() and time.time() < deadline:  # training, both ranks in step
+            time.sleep(0.1)
+        victim = rank_process(str(out), 1)
+        assert victim is not None
+        os.kill(victim, signal.SIGKILL)
+        stopped = time.time()
+        started.wait(timeout=120)
+        while rank_process(str(out), 0) is not None and time.time() < stopped + 120:
+            time.sleep(0.2)
+        assert rank_process(str(out), 0) is None  # rank 0 stopped too
+        print(f"{backend}: rank 0 gone {time.time() - stopped:.1f} s after rank 1 was killed")
+    finally:
+        kill_every_process_naming(str(out))

@@ -137,11 +137,20 @@ def test_ranks_check_that_they_run_the_same_config_before_training(tmp_path):
     from mlxft.errors import UserError
 
     class OtherRankDiffers(World):
-        def all_sum(self, values):  # the other rank adds a digest of 1 where this one has its own
-            return np.asarray(values, dtype=np.float32) + np.array([1.0, 1.0 / 2**20], np.float32)[: len(values)]
+        def all_sum(self, values):  # rank 1 contributes 0 to "rank 0's value" and 1 to "ranks that differ"
+            values = np.asarray(values, dtype=np.float32)
+            return values + (1.0 if values[0] == 0 else 0.0)
 
     cfg = config(tmp_path, "train.steps=2")
     scripted = Scripted()
-    with pytest.raises(UserError, match="the 2 ranks disagree on the configuration"):
+    with pytest.raises(UserError, match="1 of the 2 ranks disagree with rank 0 on the configuration"):
         fit(Run.create(tmp_path / "run", cfg), cfg, scripted, world=OtherRankDiffers(0, 2))
     assert scripted.seen == []  # nothing trained
+
+
+def test_a_run_without_validation_rows_trains_past_its_evaluation_steps(tmp_path):
+    cfg = config(tmp_path, "train.steps=4", "eval.every=2")
+    run = Run.create(tmp_path / "run", cfg)
+    fitted = fit(run, cfg, Scripted())  # validate() gives {}: nothing to evaluate, nothing to compare
+    assert fitted.steps == 4 and fitted.best is None
+    assert all("eval_loss" not in r for r in run.metrics())

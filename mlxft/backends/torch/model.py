@@ -137,7 +137,8 @@ def enable_gradient_checkpointing(model, lora_dropout: float = 0.0) -> None:
 
     Non-reentrant checkpointing, so gradients reach the LoRA layers although the embeddings are
     frozen. torch's checkpoint restores the RNG state before recomputing, so LoRA dropout draws
-    the same mask again (MLX's trainer has to refuse that combination; this one need not).
+    the same mask again (MLX's trainer has to refuse that combination; this one need not, and so
+    ignores `lora_dropout`, which it takes to share MLX's signature).
     transformers 5 renamed the method and keeps the old name as a deprecated alias."""
     if hasattr(model, "activation_checkpointing_enable"):
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})

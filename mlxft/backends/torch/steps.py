@@ -52,7 +52,10 @@ def train_step(optimizer, loss_of, *, seed: int, max_grad_norm: float | None, wo
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)
             flat = torch.cat([p.grad.reshape(-1).float() for p in parameters] + [total.float()])
+            if dist.get_backend() != "nccl":  # gloo reduces CPU tensors only (not MPS ones)
+                flat = flat.cpu()
             dist.all_reduce(flat)  # one call, one buffer: gradients, then the statistic sums
+            flat = flat.to(device)
             offset = 0
             for p in parameters:
                 p.grad.copy_(flat[offset : offset + p.numel()].view_as(p.grad))

@@ -336,8 +336,8 @@ def write_samples(out_dir: str | Path, seed: int = DEFAULT_SEED) -> list[Path]:
     behaviors, news = make_mind(seed)
     train, test = make_opposing(seed)
     texts = {
-        "mind-sample/behaviors.tsv": _tsv(behaviors),
-        "mind-sample/news.tsv": _tsv(news),
+        "mind-sample/behaviors.tsv": tsv(behaviors),
+        "mind-sample/news.tsv": tsv(news),
         "alpaca-sample.json": _json(make_alpaca(seed)),
         "preference-sample.jsonl": "".join(json.dumps(r) + "\n" for r in make_preferences(seed)),
         "opposing-sample.json": _json(train),
@@ -353,7 +353,7 @@ def write_samples(out_dir: str | Path, seed: int = DEFAULT_SEED) -> list[Path]:
     return paths
 
 
-def _tsv(rows) -> str:
+def tsv(rows) -> str:
     for row in rows:
         assert not any("\t" in c or "\n" in c for c in row), row
     return "".join("\t".join(row) + "\n" for row in rows)
