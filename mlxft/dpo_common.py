@@ -71,9 +71,11 @@ def prepare_reference(run, config, *, adapter: str | None, model_folder, train_s
     - a precomputed reference is scored once, `score(pairs) -> (chosen, rejected)`, with the
       reference adapter on for that time (`carry_adapter(path)`, `drop_adapter()`), and saved
       in the run folder (REFERENCE_FILE, written atomically; by rank 0 alone: `write`)."""
-    from mlxft.dpo_loss import uses_mean_logps
+    from mlxft.dpo_loss import needs_reference, uses_mean_logps
 
     dc = config.dpo
+    if not needs_reference(dc.loss_type):
+        return None, f"none ({dc.loss_type} needs no reference model)"
     reference_from, precompute = reference_source(dc, adapter, config.lora.full_finetune)
     cache_path = run.folder / REFERENCE_FILE
     fingerprint = cache_fingerprint(model_folder, train_set, valid_set, uses_mean_logps(dc.loss_type, dc.average_log_prob))

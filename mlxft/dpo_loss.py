@@ -1,6 +1,6 @@
 """DPO loss math, once, for every backend: pure functions over arrays of an `xp` namespace
-(numpy, mlx.core or torch), using only arithmetic, `xp.logaddexp`, `xp.maximum`, `xp.sign`
-and `xp.zeros_like`, which the three spell the same way.
+(numpy, mlx.core or torch), using only arithmetic, `xp.logaddexp`, `xp.maximum`, `xp.sign`,
+`xp.exp`, `xp.log1p` and `xp.zeros_like`, which the three spell the same way.
 
     losses, chosen_rewards, rejected_rewards = dpo_losses(
         policy_chosen, policy_rejected, reference_chosen, reference_rejected,
@@ -15,6 +15,15 @@ log πref(y_l)) and ε the label smoothing, the per-pair losses are TRL's:
     hinge    relu(1 − βΔ)                           (SLiC)
     robust   (−(1−ε)·logσ(βΔ) + ε·logσ(−βΔ)) / (1−2ε)
 
+Two need no reference (its log-probs are ignored; the trainers skip its forward), and both work
+on length-normalised log-probs, as TRL's CPOTrainer (SimPO) and ORPOTrainer compute them:
+
+    simpo    −logσ(β·(log πθ(y_w) − log πθ(y_l)) − γ)             (γ: simpo_gamma)
+    orpo     −log πθ(y_w) − β·logσ(log odds(y_w) − log odds(y_l)),  odds(y) = p / (1 − p), p = πθ(y)
+
+ORPO's first term is the SFT loss on the chosen answer (its mean token NLL) and β is the paper's λ;
+their rewards are β·log πθ, as TRL logs them.
+
 Rewards are β·(log πθ − log πref); callers log them and must not differentiate through them
 (they are metrics). A backend reduces the per-pair losses itself (a sum over a micro-batch,
 divided by the pairs of the whole optimizer step), so accumulation stays exact.
@@ -22,7 +31,8 @@ divided by the pairs of the whole optimizer step), so accumulation stays exact.
 
 from __future__ import annotations
 
-LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust")
+LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust", "simpo", "orpo")
+REFERENCE_FREE = ("simpo", "orpo")
 
 
 def log_sigmoid(x, xp):
@@ -31,15 +41,27 @@ def log_sigmoid(x, xp):
 
 
 def uses_mean_logps(loss_type: str, average_log_prob: bool) -> bool:
-    """IPO is defined on length-normalised log-probs (TRL does the same); the others sum
-    unless `average_log_prob` asks for the mean."""
-    return average_log_prob or loss_type == "ipo"
+    """IPO, SimPO and ORPO are defined on length-normalised log-probs (TRL does the same); the
+    others sum unless `average_log_prob` asks for the mean."""
+    return average_log_prob or loss_type in ("ipo", "simpo", "orpo")
+
+
+def needs_reference(loss_type: str) -> bool:
+    return loss_type not in REFERENCE_FREE
 
 
 def dpo_losses(policy_chosen, policy_rejected, reference_chosen, reference_rejected, *, beta: float,
-               loss_type: str = "sigmoid", label_smoothing: float = 0.0, xp):
+               loss_type: str = "sigmoid", label_smoothing: float = 0.0, simpo_gamma: float = 0.5, xp):
     """(per-pair losses, chosen rewards, rejected rewards), each shaped like the inputs."""
     check_loss_settings(loss_type, beta, label_smoothing)
+    if loss_type == "simpo":
+        losses = -log_sigmoid(beta * (policy_chosen - policy_rejected) - simpo_gamma, xp)
+        return losses, beta * policy_chosen, beta * policy_rejected
+    if loss_type == "orpo":
+        # log(p / (1 - p)) = log p - log(1 - exp(log p)); log p < 0 for any answer of a token or more
+        log_odds = (policy_chosen - policy_rejected) - (xp.log1p(-xp.exp(policy_chosen)) - xp.log1p(-xp.exp(policy_rejected)))
+        losses = -policy_chosen - beta * log_sigmoid(log_odds, xp)
+        return losses, beta * policy_chosen, beta * policy_rejected
     chosen_ratio = policy_chosen - reference_chosen
     rejected_ratio = policy_rejected - reference_rejected
     delta = chosen_ratio - rejected_ratio
@@ -65,7 +87,7 @@ def check_loss_settings(loss_type: str, beta: float, label_smoothing: float) -> 
         raise ValueError(f"beta must be positive, got {beta}")
     if not 0 <= label_smoothing < 0.5:
         raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing}")
-    if label_smoothing and loss_type in ("ipo", "hinge"):
+    if label_smoothing and loss_type in ("ipo", "hinge", "simpo", "orpo"):
         raise ValueError(f"label_smoothing applies to the sigmoid and robust losses, not {loss_type}")
 
 

@@ -119,6 +119,27 @@ def test_hand_computed_values():
     assert one(loss_type="robust", label_smoothing=0.1) == pytest.approx((-0.9 * math.log(0.75) + 0.1 * math.log(0.25)) / 0.8, rel=1e-9)
 
 
+def test_reference_free_losses_by_hand():
+    # SimPO: beta (mean log-prob margin 1) - gamma = 2 - 0.5 = 1.5. ORPO: p(chosen) = 1/2 (odds 1),
+    # p(rejected) = 1/4 (odds 1/3): the odds ratio is 3, so the loss is -ln(1/2) - beta ln sigmoid(ln 3).
+    def one(chosen, rejected, **kw):
+        out = dpo_losses(np.array([chosen]), np.array([rejected]), np.array([9.0]), np.array([-9.0]), xp=np, **kw)
+        return [float(v[0]) for v in out]
+
+    loss, chosen_reward, rejected_reward = one(-1.0, -2.0, beta=2.0, loss_type="simpo", simpo_gamma=0.5)
+    assert loss == pytest.approx(math.log1p(math.exp(-1.5)), rel=1e-9)
+    assert (chosen_reward, rejected_reward) == (-2.0, -4.0)  # beta * log p; the reference (9, -9) plays no part
+    loss, *_ = one(math.log(0.5), math.log(0.25), beta=0.2, loss_type="orpo")
+    assert loss == pytest.approx(math.log(2) - 0.2 * math.log(0.75), rel=1e-9)
+    torch = pytest.importorskip("torch")
+    chosen, rejected = [-1.3, -0.2], [-0.2, -1.3]
+    for loss_type in ("simpo", "orpo"):
+        expected = dpo_losses(np.array(chosen), np.array(rejected), *[np.zeros(2)] * 2, beta=0.3, loss_type=loss_type, xp=np)[0]
+        for xp, array in ((mx, mx.array), (torch, torch.tensor)):
+            got = dpo_losses(array(chosen), array(rejected), *[array([0.0, 0.0])] * 2, beta=0.3, loss_type=loss_type, xp=xp)[0]
+            np.testing.assert_allclose(np.array(got.tolist()), expected, rtol=1e-6)
+
+
 def test_torch_computes_the_same_losses():
     torch = pytest.importorskip("torch")
     got = dpo_losses(*(torch.tensor(v) for v in CASE.values()), beta=0.5, loss_type="robust", label_smoothing=0.1, xp=torch)[0]

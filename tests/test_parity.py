@@ -79,3 +79,15 @@ def test_dpo_runs_agree_report_by_report(tiny_model_dir, tmp_path):
     assert worst < 1.5e-5  # measured: 1.5e-6 (rewards/chosen)
     assert "eval_rewards/accuracies" in mlx[1]
     assert mlx[-1]["rewards/margins"] > 0.01
+
+
+@pytest.mark.parametrize("loss_type", ["simpo", "orpo"])
+def test_reference_free_losses_agree_and_run_no_reference(tiny_model_dir, tmp_path, loss_type):
+    mlx, torch = train_both("dpo", "dpo", tiny_model_dir, tmp_path, f"dpo.loss_type={loss_type}", "dpo.beta=1.0")
+    worst, where = worst_difference(mlx, torch)
+    print(f"{loss_type}: {len(mlx)} reports, largest |torch - mlx| {worst:.1e} at {where}")
+    assert worst < 1.5e-5
+    summary = json.loads((tmp_path / "mlx" / "summary.json").read_text())
+    assert summary["reference"] == f"none ({loss_type} needs no reference model)" and summary["loss_type"] == loss_type
+    assert not (tmp_path / "mlx" / "reference_logps.safetensors").exists()  # not even for a continued adapter
+    assert mlx[-1]["loss"] < mlx[0]["loss"]

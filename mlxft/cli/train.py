@@ -113,6 +113,10 @@ def dpo_command(recipe, model, data_source, out_dir, overrides, quantize, backen
     """Direct preference optimisation on {prompt, chosen, rejected} pairs (or support/oppose rows
     with --set dpo.support_ratio=R).
 
+    Losses (--set dpo.loss_type=...): sigmoid (DPO, default), ipo, hinge, robust, and the
+    reference-free simpo (--set dpo.simpo_gamma=G) and orpo (SFT on the chosen answer plus an
+    odds-ratio term weighted by dpo.beta).
+
     The reference is the base model with the adapter switched off (no second copy of the
     weights), or the adapter it continues. Prints validation loss and reward accuracy before and
     after, and writes the run folder: config.yaml, metrics.jsonl (TRL's metric names),

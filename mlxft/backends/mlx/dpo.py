@@ -69,7 +69,7 @@ from mlxft.dpo_common import (
     load_pair_data,
     prepare_reference,
 )
-from mlxft.dpo_loss import STATISTICS, summarize
+from mlxft.dpo_loss import STATISTICS, needs_reference, summarize
 from mlxft.model_files import pad_id as pad_id_of
 from mlxft.policy import build_policy, describe_policy
 from mlxft.runs import Run
@@ -123,13 +123,15 @@ def train(config: RunConfig, run: Run, *, resume: bool = False, adapter: str | N
         start = driver.Start(*checkpoint.load(run, model, optimizer, config.lora.full_finetune))
     micro_step, update = steps.make_step(model, optimizer, partial(steps.pair_loss, split_head=split_head, dc=dc),
                                          tc.max_grad_norm)
-    reference_step = None if cache is not None else steps.make_reference_step(model, split_head)
+    reference_step = steps.make_reference_step(model, split_head) if cache is None and needs_reference(dc.loss_type) else None
 
     def reference_for(pairs, split: str, arrays, rows=None):
         """Reference log-prob sums [2B] of a pair batch, in its row order (chosen, then rejected);
         `rows` maps its pairs' indices to the split's."""
         if cache is not None:
             return mx.array(cached_reference(cache, split, pairs.index if rows is None else rows[pairs.index]))
+        if reference_step is None:  # a loss without a reference: never read
+            return mx.zeros((2 * pairs.pairs,), mx.float32)
         return reference_step(arrays)
 
     def inputs_of(pairs) -> tuple:

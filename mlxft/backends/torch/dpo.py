@@ -62,7 +62,7 @@ from mlxft.dpo_common import (
     load_pair_data,
     prepare_reference,
 )
-from mlxft.dpo_loss import STATISTICS, summarize
+from mlxft.dpo_loss import STATISTICS, needs_reference, summarize
 from mlxft.model_files import pad_id as pad_id_of
 from mlxft.policy import build_policy, describe_policy
 from mlxft.runs import Run
@@ -119,6 +119,8 @@ def train(config: RunConfig, run: Run, *, resume: bool = False, adapter: str | N
         `rows` maps its pairs' indices to the split's."""
         if cache is not None:
             return torch.from_numpy(cached_reference(cache, split, pairs.index if rows is None else rows[pairs.index])).to(device)
+        if not needs_reference(dc.loss_type):  # never read
+            return torch.zeros(2 * pairs.pairs, device=device)
         with torch_model.autocast(device):
             return steps.reference_logps(model, tensors, split_head=split_head)
 

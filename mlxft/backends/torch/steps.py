@@ -119,7 +119,8 @@ def pair_loss(model, tensors: dict, reference, *, split_head: bool, dc):
         logps, reference = logps / counts, reference / counts
     b = logps.shape[0] // 2
     losses, chosen_rewards, rejected_rewards = dpo_losses(logps[:b], logps[b:], reference[:b], reference[b:], beta=dc.beta,
-                                                          loss_type=dc.loss_type, label_smoothing=dc.label_smoothing, xp=torch)
+                                                          loss_type=dc.loss_type, label_smoothing=dc.label_smoothing,
+                                                          simpo_gamma=dc.simpo_gamma, xp=torch)
     sums = pair_statistics(*(t.detach() for t in (losses, chosen_rewards, rejected_rewards, logps[:b], logps[b:], logit_sums)),
                            counts, xp=torch)
     return losses.sum(), sums
