@@ -26,6 +26,7 @@ def both(tiny_model_dir, tmp_path_factory):
     return report, out, "\n".join(lines)
 
 
+@pytest.mark.slow
 def test_the_table_has_every_column_for_both_backends(both):
     report, _, printed = both
     assert [row["backend"] for row in report["rows"]] == ["mlx", "torch"]
@@ -41,6 +42,7 @@ def test_the_table_has_every_column_for_both_backends(both):
     assert re.search(r"^mlx +cpu|^mlx +Device\(cpu", printed, re.MULTILINE) and re.search(r"^torch +cpu", printed, re.MULTILINE)
 
 
+@pytest.mark.slow
 def test_warmup_is_run_but_not_timed_and_tokens_are_the_timed_batches(both):
     report, out, _ = both
     work = workloads.load(out / "workload" / "workload.json")
@@ -71,6 +73,7 @@ def test_warmup_is_run_but_not_timed_and_tokens_are_the_timed_batches(both):
     assert sum(int(b.lengths.sum()) for b in work.steps[0]) > 0
 
 
+@pytest.mark.slow
 def test_same_weights_and_batches_give_the_same_losses_on_both_backends(both):
     report, _, _ = both
     mlx_steps, torch_steps = (report["results"][b]["steps"] for b in ("mlx", "torch"))
@@ -81,6 +84,7 @@ def test_same_weights_and_batches_give_the_same_losses_on_both_backends(both):
     assert mlx_steps[-1]["grad_norm"] > 0 and len({round(s["loss"], 6) for s in mlx_steps}) == 3
 
 
+@pytest.mark.slow
 def test_bench_json_and_png_are_written(both):
     report, out, _ = both
     saved = json.loads((out / "bench.json").read_text())
@@ -102,6 +106,7 @@ def dpo_runs(tiny_model_dir, tmp_path_factory):
     return runs
 
 
+@pytest.mark.slow
 def test_dpo_with_shared_prompts_does_the_same_work_on_fewer_tokens(dpo_runs):
     from mlxft.backends.mlx import SHARED_PROMPT_FEW_WIDTHS, SHARED_PROMPT_PAD_MULTIPLE
     from mlxft.data.shared_prompt import share_prompts

@@ -28,6 +28,7 @@ def test_recipes_list_and_show():
     assert shown.exit_code == 0 and shown.output.startswith("# TALLRec") and "mlxft lora --recipe tallrec" in shown.output
 
 
+@pytest.mark.slow
 def test_lora_end_to_end_on_a_tiny_model(tiny_model_dir, tmp_path):
     result = run("lora", "--recipe", "tallrec", "--model", tiny_model_dir, "--out", tmp_path / "run",
                  "--set", "train.steps=3", "--set", "data.k_shot=16", "--set", "data.max_valid_rows=8",

@@ -7,6 +7,7 @@ import json
 import typing
 from pathlib import Path
 
+import pytest
 import yaml
 from click.testing import CliRunner
 from hypothesis import HealthCheck, given, settings
@@ -49,6 +50,7 @@ def user_error_or_success(call):
         return e
 
 
+@pytest.mark.slow
 @fuzz(1500)
 @given(st.lists(st.tuples(st.sampled_from(KEYS), VALUES), min_size=1, max_size=4))
 def test_set_values_build_a_config_or_say_why(overrides):
@@ -62,6 +64,7 @@ YAML_VALUES = st.recursive(YAML_SCALARS, lambda inner: st.one_of(st.lists(inner,
 SECTIONS = ["model", "data", "lora", "train", "eval", "dpo", "builtin_model", "recipe", "out", "extra"]
 
 
+@pytest.mark.slow
 @fuzz(500)
 @given(st.dictionaries(st.sampled_from(SECTIONS),
                        st.one_of(YAML_VALUES, st.dictionaries(st.sampled_from([k.split(".")[-1] for k in KEYS] + ["train.steps"]),
@@ -102,6 +105,7 @@ def write_rows(folder: Path, kind: str, rows, raw: bytes) -> Path:
     return path
 
 
+@pytest.mark.slow
 @fuzz(600)
 @given(kind=st.sampled_from(["jsonl", "json", "csv", "raw"]), rows=ROWS, raw=RAW,
        template=st.sampled_from(["auto", "alpaca", "phi3", "chat", "plain", "{instruction} {features}", "{", "{0}", "{a.b}"]),

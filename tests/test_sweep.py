@@ -22,6 +22,7 @@ def sweep_args(model, out, *extra):
     return args
 
 
+@pytest.mark.slow
 def test_sweep_writes_the_table_plot_and_json_and_reuses_only_matching_runs(tiny_model_dir, tmp_path, monkeypatch):
     result = CliRunner().invoke(cli, sweep_args(tiny_model_dir, tmp_path / "sw"))
     assert result.exit_code == 0, result.output
