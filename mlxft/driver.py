@@ -61,7 +61,7 @@ class Trainer:
     validate: Callable[[], dict]  # eval_* metrics of the model as it is; {} without validation data
     summarize: Callable[[np.ndarray], dict]  # sums -> {"loss": ..., the method's other metrics}
     save_weights: Callable[[Path], None]  # the adapter (or full model) into a folder
-    save_checkpoint: Callable[[int, dict | None, int], None]  # (step, best, stale), atomically
+    save_checkpoint: Callable[[int, dict | None, int, dict], None]  # (step, best, stale, progress), atomically
     peak_memory_gb: Callable[[], float]
     reset_peak_memory: Callable[[], None]
 
@@ -128,8 +128,7 @@ def fit(run: Run, config: RunConfig, trainer: Trainer, train_set: list, *, start
     batches = batch_stream(train_set, tc, pad_id, skip=step * tc.grad_accumulation, pad_to_multiple=pad_multiple,
                            iterate=iterate)
     progress = Progress(total_steps, initial=step, enabled=world.main)
-    trained_tokens = sum(r.get("trained_tokens", 0) for r in run.metrics()[-1:]) if run.resumed else 0
-    window = Window()
+    trained_tokens, window = resume_progress(run) if run.resumed else (0, Window())
     trainer.reset_peak_memory()
     stopped_early = False
     while step < total_steps:
@@ -169,7 +168,7 @@ def fit(run: Run, config: RunConfig, trainer: Trainer, train_set: list, *, start
                 echo(f"early stop at step {step}: no better eval_{ec.metric} for {stale} evaluations")
                 stopped_early = True
         if (step % tc.checkpoint_every == 0 or stopped_early) and world.main:
-            trainer.save_checkpoint(step, best, stale)
+            trainer.save_checkpoint(step, best, stale, {"trained_tokens": trained_tokens, **window.state()})
         if stopped_early:
             break
     progress.close()
@@ -190,12 +189,28 @@ class Window:
     """The sums and tokens since the last report, and when it began. float64: a long window adds
     many float32 step sums."""
 
-    def __init__(self):
-        self.sums, self.tokens, self.start = 0.0, 0, time.perf_counter()
+    def __init__(self, sums=None):
+        self.sums = np.asarray(sums, dtype=np.float64) if sums is not None else 0.0
+        self.tokens, self.start = 0, time.perf_counter()
 
     def add(self, sums: np.ndarray, tokens: int) -> None:
         self.sums = self.sums + np.asarray(sums, dtype=np.float64)
         self.tokens += tokens
+
+    def state(self) -> dict:
+        """What a checkpoint keeps of an open window: its sums. Not its tokens and clock: tokens/s
+        after a resume counts what the resumed process trained, in its own time."""
+        return {"window_sums": np.asarray(self.sums).tolist() if np.ndim(self.sums) else None}
+
+
+def resume_progress(run: Run) -> tuple[int, Window]:
+    """(tokens trained, the report window left open) at a resumed run's checkpoint, so that the
+    reports after it are those of an uninterrupted run. Checkpoints written before they kept this
+    fall back to the last report's count and a fresh window."""
+    progress = run.checkpoint_state().get("progress") if (run.checkpoint_dir / "state.json").exists() else None
+    if not progress:
+        return sum(r.get("trained_tokens", 0) for r in run.metrics()[-1:]), Window()
+    return progress["trained_tokens"], Window(progress["window_sums"])
 
 
 def summarize_run(run: Run, config: RunConfig, fitted: Fitted, trainer: Trainer, *, method: str, backend: str,

@@ -102,7 +102,12 @@ class Run:
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
             raise UserError(f"--resume {self.folder}: {path} is damaged ({getattr(e, 'msg', e)}); "
                             "the run cannot continue from it") from None
+        progress = state.get("progress") if isinstance(state, dict) else None
         valid = (isinstance(state, dict) and _count(state.get("step")) and _count(state.get("stale"))
+                 and (progress is None or (isinstance(progress, dict) and _count(progress.get("trained_tokens"))
+                                           and (progress.get("window_sums") is None
+                                                or (isinstance(progress["window_sums"], list)
+                                                    and all(isinstance(v, (int, float)) for v in progress["window_sums"])))))
                  and (state.get("best") is None or isinstance(state.get("best"), dict))
                  and state.get("backend", "mlx") in ("mlx", "torch"))
         if not valid:

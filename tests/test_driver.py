@@ -44,11 +44,18 @@ class Scripted:
         self.validations += 1
         return {"eval_loss": self.eval_losses.pop(0)} if self.eval_losses else {}
 
+    def save_checkpoint(self, step, best, stale, progress):
+        """What the backends' checkpoint.save writes, without the weights: state.json."""
+        self.checkpoints.append((step, best, stale))
+        self.run.checkpoint_dir.mkdir(exist_ok=True)
+        state = {"step": step, "best": best, "stale": stale, "backend": "mlx", "progress": progress}
+        (self.run.checkpoint_dir / "state.json").write_text(json.dumps(state))
+
     def trainer(self) -> driver.Trainer:
         return driver.Trainer(step=self.step, validate=self.validate,
                               summarize=lambda sums: {"loss": float(sums[1]) / float(sums[0])},
                               save_weights=lambda folder: self.saved.append(folder.name),
-                              save_checkpoint=lambda step, best, stale: self.checkpoints.append((step, best, stale)),
+                              save_checkpoint=self.save_checkpoint,
                               peak_memory_gb=lambda: 0.0, reset_peak_memory=lambda: None)
 
 
@@ -58,6 +65,7 @@ def config(tmp_path, *sets):
 
 
 def fit(run, cfg, scripted, start=driver.Start(), rows=10, **kwargs):
+    scripted.run = run
     return driver.fit(run, cfg, scripted.trainer(), list(range(rows)), start=start, iterate=iterate, pad_id=0,
                       pad_multiple=1, echo=lambda *a: None, **kwargs)
 
@@ -154,3 +162,22 @@ def test_a_run_without_validation_rows_trains_past_its_evaluation_steps(tmp_path
     fitted = fit(run, cfg, Scripted())  # validate() gives {}: nothing to evaluate, nothing to compare
     assert fitted.steps == 4 and fitted.best is None
     assert all("eval_loss" not in r for r in run.metrics())
+
+
+def test_reports_after_a_resume_are_those_of_the_uninterrupted_run(tmp_path, stop_after_step):
+    # Reports every 3 steps, checkpoints every 4: the run resumes in the middle of a report window.
+    sets = ["train.steps=9", "train.report_every=3", "train.checkpoint_every=4"]
+    whole = Run.create(tmp_path / "a", config(tmp_path / "a", *sets))
+    fit(whole, config(tmp_path / "a", *sets), Scripted())
+    cfg = config(tmp_path / "b", *sets)
+    killed = Run.create(tmp_path / "b", cfg)
+    stop_after_step(5)
+    with pytest.raises(KeyboardInterrupt):
+        fit(killed, cfg, Scripted())
+    killed.release()
+    state = json.loads((tmp_path / "b" / "checkpoint" / "state.json").read_text())
+    assert state["step"] == 4 and state["progress"] == {"trained_tokens": 80, "window_sums": [5.0, 4.0]}  # step 4's sums
+    resumed = Run(tmp_path / "b", resumed=True)
+    fit(resumed, cfg, Scripted(), start=driver.Start(step=4))
+    keys = ("step", "loss", "trained_tokens")
+    assert [[r[k] for k in keys] for r in resumed.metrics()] == [[r[k] for k in keys] for r in whole.metrics()]

@@ -2,7 +2,9 @@
 model folder for full fine-tuning), the optimizer's moments and the step, written into a staging
 folder and swapped in whole, so a kill leaves the previous checkpoint or the new one.
 
-    checkpoint/weights/  optimizer.safetensors  state.json {step, best, stale, backend: "mlx"}
+    checkpoint/weights/  optimizer.safetensors  state.json {step, best, stale, backend: "mlx", progress}
+
+`progress` is the run driver's: the tokens trained and the open report window (mlxft.driver).
 """
 
 from __future__ import annotations
@@ -34,12 +36,13 @@ def save_weights(folder: Path, model, spec, config, base_folder) -> None:
                 shutil.copy(Path(base_folder) / name, staging / name)
 
 
-def save(run, model, optimizer, spec, config, base_folder, step, best, stale) -> None:
+def save(run, model, optimizer, spec, config, base_folder, step, best, stale, progress=None) -> None:
     """Weights, optimizer state and the step, written to a new folder and swapped in whole."""
     with staged_folder(run.checkpoint_dir) as staging:
         save_weights(staging / "weights", model, spec, config, base_folder)
         mx.save_safetensors(str(staging / "optimizer.safetensors"), dict(tree_flatten(optimizer.state)))
-        (staging / "state.json").write_text(json.dumps({"step": step, "best": best, "stale": stale, "backend": "mlx"}))
+        (staging / "state.json").write_text(json.dumps({"step": step, "best": best, "stale": stale, "backend": "mlx",
+                                                               "progress": progress}))
 
 
 def load(run, model, optimizer, full_finetune: bool) -> tuple[int, dict | None, int]:

@@ -2,7 +2,9 @@
 model folder for full fine-tuning), MLXAdamW's moments and the step, written into a staging
 folder and swapped in whole, so a kill leaves the previous checkpoint or the new one.
 
-    checkpoint/weights/  optimizer.safetensors  state.json {step, best, stale, backend: "torch"}
+    checkpoint/weights/  optimizer.safetensors  state.json {step, best, stale, backend: "torch", progress}
+
+`progress` is the run driver's: the tokens trained and the open report window (mlxft.driver).
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ def save_weights(folder: Path, model, spec, config, base_folder) -> None:
                 shutil.copy(Path(base_folder) / name, staging / name)
 
 
-def save(run, model, optimizer, named, spec, config, base_folder, step, best, stale) -> None:
+def save(run, model, optimizer, named, spec, config, base_folder, step, best, stale, progress=None) -> None:
     """Weights, optimizer state and the step, written to a new folder and swapped in whole. No RNG
     state: dropout is seeded from the step, and the batch order from (seed, epoch)."""
     from safetensors.torch import save_file
@@ -48,7 +50,8 @@ def save(run, model, optimizer, named, spec, config, base_folder, step, best, st
     with staged_folder(run.checkpoint_dir) as staging:
         save_weights(staging / "weights", model, spec, config, base_folder)
         save_file({k: v.cpu() for k, v in tensors.items()}, str(staging / "optimizer.safetensors"))
-        (staging / "state.json").write_text(json.dumps({"step": step, "best": best, "stale": stale, "backend": "torch"}))
+        (staging / "state.json").write_text(json.dumps({"step": step, "best": best, "stale": stale, "backend": "torch",
+                                                               "progress": progress}))
 
 
 def load(run, model, optimizer, named, full_finetune: bool, trust_remote_code: bool) -> tuple[int, dict | None, int]:
