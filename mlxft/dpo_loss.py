@@ -129,3 +129,18 @@ def summarize(sums) -> dict:
     for side in ("chosen", "rejected"):
         metrics[f"logits/{side}"] = total[f"logits/{side}"] / max(total[f"tokens/{side}"], 1.0)
     return metrics
+
+
+def pair_objective(logps, logit_sums, counts, reference, dc, *, xp, detach):
+    """(sum of the batch's pair losses, STATISTICS sums) from per-row answer log-prob sums [2B]
+    (chosen rows, then rejected), the rows' logit sums and answer token counts, and the reference's
+    log-prob sums [2B]; `dc` is the run's DPO config, `detach` the backend's stop-gradient. The
+    statistics are metrics: no gradient flows through them."""
+    if uses_mean_logps(dc.loss_type, dc.average_log_prob):
+        logps, reference = logps / counts, reference / counts
+    b = logps.shape[0] // 2
+    losses, chosen_rewards, rejected_rewards = dpo_losses(logps[:b], logps[b:], reference[:b], reference[b:], beta=dc.beta,
+                                                          loss_type=dc.loss_type, label_smoothing=dc.label_smoothing,
+                                                          simpo_gamma=dc.simpo_gamma, xp=xp)
+    sums = pair_statistics(*map(detach, (losses, chosen_rewards, rejected_rewards, logps[:b], logps[b:], logit_sums)), counts, xp=xp)
+    return losses.sum(), sums

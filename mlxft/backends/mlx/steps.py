@@ -24,7 +24,7 @@ from mlxft.backends.mlx.model import logits_at, shared_prompt_logits
 from mlxft.data.batching import iterate_pair_batches, scored_targets
 from mlxft.data.shared_prompt import pair_inputs
 from mlxft.distributed import World, empty, step_seed
-from mlxft.dpo_loss import dpo_losses, pair_statistics, uses_mean_logps
+from mlxft.dpo_loss import pair_objective
 from mlxft.driver import StepResult
 
 # --- one optimizer step ----------------------------------------------------------------------------
@@ -130,16 +130,7 @@ def sequence_logps(model, arrays: dict, split_head: bool):
 
 def pair_loss(model, arrays: dict, reference, *, split_head: bool, dc):
     """(sum of the DPO losses of the batch's pairs, STATISTICS sums) given reference log-prob sums."""
-    logps, logit_sums, counts = sequence_logps(model, arrays, split_head)
-    if uses_mean_logps(dc.loss_type, dc.average_log_prob):
-        logps, reference = logps / counts, reference / counts
-    b = logps.shape[0] // 2
-    losses, chosen_rewards, rejected_rewards = dpo_losses(logps[:b], logps[b:], reference[:b], reference[b:], beta=dc.beta,
-                                                          loss_type=dc.loss_type, label_smoothing=dc.label_smoothing,
-                                                          simpo_gamma=dc.simpo_gamma, xp=mx)
-    sums = pair_statistics(*map(mx.stop_gradient, (losses, chosen_rewards, rejected_rewards, logps[:b], logps[b:], logit_sums)),
-                           counts, xp=mx)
-    return losses.sum(), sums
+    return pair_objective(*sequence_logps(model, arrays, split_head), reference, dc, xp=mx, detach=mx.stop_gradient)
 
 
 def make_reference_step(model, split_head: bool):

@@ -20,7 +20,7 @@ from mlxft.backends.torch.model import logits_at, shared_prompt_logits
 from mlxft.data.batching import iterate_pair_batches, scored_targets
 from mlxft.data.shared_prompt import pair_inputs
 from mlxft.distributed import World, empty, step_seed
-from mlxft.dpo_loss import dpo_losses, pair_statistics, uses_mean_logps
+from mlxft.dpo_loss import pair_objective
 from mlxft.driver import StepResult
 
 # --- one optimizer step ----------------------------------------------------------------------------
@@ -114,16 +114,7 @@ def sequence_logps(model, tensors: dict, split_head: bool):
 
 def pair_loss(model, tensors: dict, reference, *, split_head: bool, dc):
     """(sum of the DPO losses of the batch's pairs, STATISTICS sums) given reference log-prob sums."""
-    logps, logit_sums, counts = sequence_logps(model, tensors, split_head)
-    if uses_mean_logps(dc.loss_type, dc.average_log_prob):
-        logps, reference = logps / counts, reference / counts
-    b = logps.shape[0] // 2
-    losses, chosen_rewards, rejected_rewards = dpo_losses(logps[:b], logps[b:], reference[:b], reference[b:], beta=dc.beta,
-                                                          loss_type=dc.loss_type, label_smoothing=dc.label_smoothing,
-                                                          simpo_gamma=dc.simpo_gamma, xp=torch)
-    sums = pair_statistics(*(t.detach() for t in (losses, chosen_rewards, rejected_rewards, logps[:b], logps[b:], logit_sums)),
-                           counts, xp=torch)
-    return losses.sum(), sums
+    return pair_objective(*sequence_logps(model, tensors, split_head), reference, dc, xp=torch, detach=torch.Tensor.detach)
 
 
 @torch.no_grad()
