@@ -125,7 +125,11 @@ def pretraining_rows() -> list[dict]:
     with tempfile.TemporaryDirectory() as folder:
         (Path(folder) / "behaviors.tsv").write_text(tsv(behaviors))
         (Path(folder) / "news.tsv").write_text(tsv(news))
-        rows = list(iter_tallrec_rows(folder, max_history=PRETRAIN["max_history"]))
+        # The shipped weights were pre-trained on rows cut as iter_tallrec_rows cut them until
+        # 2026-12-01: seen[len(seen) - 10:], which for 6 to 9 titles keeps only the last 2 to 8
+        # (a bug, since fixed). Kept here, so that --check rebuilds those weights exactly.
+        rows = list(iter_tallrec_rows(folder, max_history=PRETRAIN["max_history"],
+                                      keep=lambda seen, most: seen[len(seen) - most:]))
     return [{"text": alpaca_prompt(row["instruction"], row["input"])} for row in rows]
 
 

@@ -142,8 +142,11 @@ def test_max_history_keeps_the_most_recent_items(tmp_path):
         'Whether the user will like the target news "Chef\'s five-minute pasta"?'
     )
 
-    # A cap larger than the history changes nothing.
+    # A cap larger than the history changes nothing: far larger, and larger by less than the
+    # history's length (U4's 5 titles under a cap of 6 or 9 kept only the last 4 or 1, until fixed).
     assert list(iter_tallrec_rows(mind, max_history=100)) == EXPECTED
+    assert list(iter_tallrec_rows(mind, max_history=6)) == EXPECTED
+    assert list(iter_tallrec_rows(mind, max_history=9)) == EXPECTED
 
 
 def test_max_history_counts_history_and_impressions_together(tmp_path):

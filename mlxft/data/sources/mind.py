@@ -62,12 +62,15 @@ def iter_tallrec_rows(
     use_history: bool = False,
     min_impressions: int = 5,
     stats: ConvertStats | None = None,
+    keep=None,
 ) -> Iterator[dict]:
     """Yield one TALLRec row per behaviors.tsv row with enough impressions, in file order.
 
     `max_history` caps the liked + disliked titles shown, keeping those nearest the target.
-    `stats`, when given, is updated as rows stream past.
+    `stats`, when given, is updated as rows stream past. `keep(seen, max_history)` picks the
+    titles shown (default: recent_titles).
     """
+    keep = keep or recent_titles
     if max_history is not None and max_history < 0:
         raise UserError(f"max_history must be 0 or more, got {max_history}")
     if min_impressions < 1:
@@ -95,7 +98,7 @@ def iter_tallrec_rows(
         seen = [(news_id, True) for news_id in history.split()] if use_history else []
         seen += shown[:-1]
         if max_history is not None:
-            seen = seen[len(seen) - max_history :] if max_history else []
+            seen = keep(seen, max_history)
         target_id, target_liked = shown[-1]
 
         def title(news_id: str) -> str:
@@ -117,6 +120,11 @@ def iter_tallrec_rows(
             f"{behaviors_path}: no rows to write: {stats.skipped_few_impressions} of "
             f"{stats.rows_read} rows had fewer than {min_impressions} impressions"
         )
+
+
+def recent_titles(seen: list, max_history: int) -> list:
+    """The `max_history` most recent of `seen` (oldest first), or none for 0."""
+    return seen[-max_history:] if max_history else []
 
 
 def tallrec_row(seen: list[tuple[str, bool]], target: str, liked: bool) -> dict:
@@ -148,7 +156,7 @@ def iter_impressions(mind_dir: str | Path, *, max_history: int | None = 10) -> I
         impression_id, user_id, _, history, impressions = columns
         clicked = history.split()
         if max_history is not None:
-            clicked = clicked[len(clicked) - max_history:] if max_history else []
+            clicked = recent_titles(clicked, max_history)
         missing = next((n for n in clicked if n not in titles), None)
         candidates = [_parse_impression(token, where) for token in impressions.split()]
         missing = missing or next((n for n, _ in candidates if n not in titles), None)
@@ -158,6 +166,29 @@ def iter_impressions(mind_dir: str | Path, *, max_history: int | None = 10) -> I
         rows = [{**tallrec_row(seen, titles[n], liked), "impression_id": impression_id, "user_id": user_id}
                 for n, liked in candidates]
         yield impression_id, rows
+
+
+PREFERENCE_INSTRUCTION = "Given the news this user clicked before, name a news title the user will click next."
+
+
+def iter_preference_rows(mind_dir: str | Path, *, max_history: int | None = 10) -> Iterator[dict]:
+    """For reward models and DPO: {prompt, chosen, rejected} rows, a clicked title preferred over
+    a skipped one for the same user and history, in file order. An impression's clicked and
+    skipped titles are paired in the order shown (each used once), so an impression with c clicks
+    and s skips gives min(c, s) pairs. The prompt is the user's History column, as in
+    iter_impressions: never another candidate's label."""
+    for impression_id, rows in iter_impressions(mind_dir, max_history=max_history):
+        clicked = [r for r in rows if r["output"] == "Yes."]
+        skipped = [r for r in rows if r["output"] == "No."]
+        for chosen, rejected in zip(clicked, skipped):
+            preference = chosen["input"].split("\n", 1)[0]  # "User Preference: ..." (the same in every row)
+            yield {"prompt": f"{PREFERENCE_INSTRUCTION}\n{preference}\nNext click:",
+                   "chosen": _target_title(chosen["input"]), "rejected": _target_title(rejected["input"]),
+                   "impression_id": impression_id, "user_id": chosen["user_id"]}
+
+
+def _target_title(question: str) -> str:
+    return question.rsplit('target news "', 1)[1].rsplit('"?', 1)[0]
 
 
 def convert_mind(
