@@ -4,6 +4,9 @@
     adapter_model.safetensors    base_model.model.<module>.lora_A.weight [r, in]
                                  base_model.model.<module>.lora_B.weight [out, r]
 
+A reward model (mlxft.reward) is task_type SEQ_CLS with modules_to_save ["score"], its head
+saved whole as base_model.model.score.weight [1, hidden], as PEFT saves it.
+
 Tensors here are numpy arrays keyed by module path ("model.layers.0.self_attn.q_proj"); each
 backend converts to and from its own arrays. Reading checks what users trip over: a path that
 is a file, an empty folder, a Git LFS pointer instead of weights, a config that is not LoRA.
@@ -34,6 +37,8 @@ class AdapterSpec:
     target_modules: list[str]
     base_model: str
     layers: list[int] | None = None  # None: every block
+    task_type: str = "CAUSAL_LM"  # SEQ_CLS: a reward model (mlxft.reward), its head in modules_to_save
+    modules_to_save: list[str] | None = None  # modules trained in full beside the adapter (PEFT's name)
 
     @property
     def scaling(self) -> float:
@@ -42,7 +47,7 @@ class AdapterSpec:
     def to_peft(self) -> dict:
         config = {
             "peft_type": "LORA",
-            "task_type": "CAUSAL_LM",
+            "task_type": self.task_type,
             "r": self.r,
             "lora_alpha": self.alpha,
             "lora_dropout": self.dropout,
@@ -57,6 +62,8 @@ class AdapterSpec:
         if self.layers is not None:
             config["layers_to_transform"] = list(self.layers)
             config["layers_pattern"] = "layers"
+        if self.modules_to_save:
+            config["modules_to_save"] = list(self.modules_to_save)
         return config
 
     @classmethod
@@ -75,16 +82,21 @@ class AdapterSpec:
                 target_modules=list(config["target_modules"]),
                 base_model=str(config.get("base_model_name_or_path") or ""),
                 layers=[layers] if isinstance(layers, int) else layers,
+                task_type=str(config.get("task_type") or "CAUSAL_LM"),
+                modules_to_save=list(config["modules_to_save"]) if config.get("modules_to_save") else None,
             )
         except (KeyError, TypeError, ValueError) as e:
             raise UserError(f"{where}: not a LoRA adapter config ({type(e).__name__}: {e})") from None
 
 
-def save_adapter(folder: str | Path, spec: AdapterSpec, weights: dict[str, tuple[np.ndarray, np.ndarray]]) -> Path:
-    """Write {module path: (A [r, in], B [out, r])} atomically: a temporary folder, then a rename."""
+def save_adapter(folder: str | Path, spec: AdapterSpec, weights: dict[str, tuple[np.ndarray, np.ndarray]],
+                 modules: dict[str, np.ndarray] | None = None) -> Path:
+    """Write {module path: (A [r, in], B [out, r])}, and the tensors of modules trained in full
+    ({"score.weight": ...}, saved as PEFT saves modules_to_save), atomically: a temporary folder,
+    then a rename."""
     from safetensors.numpy import save_file
 
-    tensors = {}
+    tensors = {f"{PREFIX}{name}": np.ascontiguousarray(value, dtype=np.float32) for name, value in (modules or {}).items()}
     for module, (a, b) in weights.items():
         tensors[f"{PREFIX}{module}.lora_A.weight"] = np.ascontiguousarray(a, dtype=np.float32)
         tensors[f"{PREFIX}{module}.lora_B.weight"] = np.ascontiguousarray(b, dtype=np.float32)
@@ -123,7 +135,41 @@ def whole_model_folder(path: str | Path) -> Path | None:
     return None
 
 
-def load_adapter(path: str | Path) -> tuple[AdapterSpec, dict[str, tuple[np.ndarray, np.ndarray]]]:
+def load_adapter(path: str | Path, task_type: str | None = "CAUSAL_LM") -> tuple[AdapterSpec, dict[str, tuple[np.ndarray, np.ndarray]]]:
+    """(spec, {module path: (A, B)}) of a saved adapter; `task_type` is the kind the caller can
+    use (None: any). The tensors of modules_to_save are read by load_saved_modules."""
+    spec, tensors, where = read_adapter(path)
+    if task_type is not None and spec.task_type != task_type:
+        what = "a reward model (mlxft reward)" if spec.task_type == "SEQ_CLS" else f"a {spec.task_type} adapter"
+        raise UserError(f"adapter {where.parent}: {what}, not a {task_type} adapter; "
+                        + ("score with it through `mlxft eval reward`" if spec.task_type == "SEQ_CLS" else "use another adapter"))
+    saved = tuple(f"{PREFIX}{m}." for m in spec.modules_to_save or ())
+    weights: dict[str, list] = {}
+    for key, value in tensors.items():
+        if saved and key.startswith(saved):
+            if spec.task_type != "SEQ_CLS":  # a whole lm_head or embedding would be silently dropped
+                raise UserError(f"adapter {where}: it trains '{key[len(PREFIX):].rsplit('.', 1)[0]}' in full "
+                                "(modules_to_save); mlxft reads LoRA layers, and a reward model's head")
+            continue
+        if not key.startswith(PREFIX) or not key.endswith((".lora_A.weight", ".lora_B.weight")):
+            raise UserError(f"adapter {where}: unexpected tensor '{key}'")
+        module, part = key[len(PREFIX):].rsplit(".lora_", 1)
+        weights.setdefault(module, [None, None])["AB".index(part[0])] = value
+    incomplete = [m for m, (a, b) in weights.items() if a is None or b is None]
+    if incomplete:
+        raise UserError(f"adapter {where}: '{incomplete[0]}' lacks its lora_A or lora_B tensor")
+    return spec, {m: (a, b) for m, (a, b) in weights.items()}
+
+
+def load_saved_modules(path: str | Path) -> dict[str, np.ndarray]:
+    """{"score.weight": ...}: the tensors of an adapter's modules_to_save ({} when it has none)."""
+    spec, tensors, _ = read_adapter(path)
+    saved = tuple(f"{PREFIX}{m}." for m in spec.modules_to_save or ())
+    return {key[len(PREFIX):]: value for key, value in tensors.items() if saved and key.startswith(saved)}
+
+
+def read_adapter(path: str | Path) -> tuple[AdapterSpec, dict[str, np.ndarray], Path]:
+    """(spec, every tensor by its key in the file, the weights file), with the checks users need."""
     from safetensors import SafetensorError
     from safetensors.numpy import load_file
 
@@ -143,16 +189,7 @@ def load_adapter(path: str | Path) -> tuple[AdapterSpec, dict[str, tuple[np.ndar
         tensors = load_file(str(weights_path))
     except (SafetensorError, OSError) as e:
         raise UserError(f"adapter {weights_path}: unreadable safetensors file ({e})") from None
-    weights: dict[str, list] = {}
-    for key, value in tensors.items():
-        if not key.startswith(PREFIX) or not key.endswith((".lora_A.weight", ".lora_B.weight")):
-            raise UserError(f"adapter {weights_path}: unexpected tensor '{key}'")
-        module, part = key[len(PREFIX):].rsplit(".lora_", 1)
-        weights.setdefault(module, [None, None])["AB".index(part[0])] = value
-    incomplete = [m for m, (a, b) in weights.items() if a is None or b is None]
-    if incomplete:
-        raise UserError(f"adapter {weights_path}: '{incomplete[0]}' lacks its lora_A or lora_B tensor")
-    return spec, {m: (a, b) for m, (a, b) in weights.items()}
+    return spec, tensors, weights_path
 
 
 def check_modules(adapter_modules, model_modules: dict[str, tuple[int, int]], where: str) -> None:
@@ -203,8 +240,8 @@ def apply_adapter(lora, model, spec: AdapterSpec, weights: dict, where: str) -> 
     lora.set_adapter_weights(model, weights)
 
 
-def attach_adapter(lora, model, path: str | Path) -> AdapterSpec:
+def attach_adapter(lora, model, path: str | Path, task_type: str | None = "CAUSAL_LM") -> AdapterSpec:
     """The adapter saved at `path`, on `model` (apply_adapter); returns its spec."""
-    spec, weights = load_adapter(path)
+    spec, weights = load_adapter(path, task_type)
     apply_adapter(lora, model, spec, weights, str(path))
     return spec

@@ -94,7 +94,7 @@ class TrainConfig:
 
 # Which validation metrics can pick the best adapter (DPO's are reward accuracy and margin), and
 # which of them are better higher (mlxft.driver.track_best).
-HIGHER_IS_BETTER = ("auc", "accuracy", "rewards/accuracies", "rewards/margins")
+HIGHER_IS_BETTER = ("auc", "accuracy", "margin", "rewards/accuracies", "rewards/margins")
 EVAL_METRICS = ("loss", *HIGHER_IS_BETTER)
 
 
@@ -145,6 +145,21 @@ class DPOConfig:
 
 
 @dataclass
+class RewardConfig:
+    """A reward model (`mlxft reward`, mlxft.reward); names and defaults follow TRL's RewardConfig."""
+
+    max_length: int | None = setting(1024, low=2)  # prompt + answer, in tokens
+    max_prompt_length: int | None = setting(512, low=1)
+    truncation_mode: str = setting("keep_end", choices=("keep_end", "keep_start"))  # which end of a long prompt to keep
+    center_coefficient: float = setting(0.0, low=0.0)  # TRL's center_rewards_coefficient: keeps rewards near 0
+
+    def check(self) -> None:
+        if self.max_length is not None and self.max_prompt_length is not None and self.max_prompt_length >= self.max_length:
+            raise UserError(f"reward.max_prompt_length ({self.max_prompt_length}) must be below reward.max_length "
+                            f"({self.max_length}) to leave room for the answers")
+
+
+@dataclass
 class RunConfig:
     recipe: str = "custom"
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -153,6 +168,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     dpo: DPOConfig = field(default_factory=DPOConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
     out: str | None = None  # run folder; default runs/<recipe>-<time>
     # Settings for the built-in model only ({"train.learning_rate": 5e-3, ...}): a tiny model
     # trained from scratch needs other settings than a pre-trained one; --set still wins.

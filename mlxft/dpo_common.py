@@ -50,9 +50,10 @@ def describe_dpo(policy_line: str, dc, reference_name: str, shared: bool) -> str
 
 # --- the reference ---------------------------------------------------------------------------------
 
-def encode_pairs(splits, tokenizer, config, echo) -> tuple[list, list, int]:
-    """(train pairs, validation pairs, truncated pairs) encoded for DPO, with the data line printed."""
-    dc = config.dpo
+def encode_pairs(splits, tokenizer, config, echo, lengths=None) -> tuple[list, list, int]:
+    """(train pairs, validation pairs, truncated pairs) encoded with the lengths of the DPO section
+    (or `lengths`: the reward section), with the data line printed."""
+    dc = lengths or config.dpo
     train_set, report = encode_preference_split(splits.train, splits, tokenizer, config.data, dc)
     valid_set, valid_report = (encode_preference_split(splits.valid, splits, tokenizer, config.data, dc)
                                if splits.valid else ([], None))

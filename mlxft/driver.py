@@ -244,6 +244,29 @@ def summarize_run(run: Run, config: RunConfig, fitted: Fitted, trainer: Trainer,
     return summary
 
 
+def pair_validation(model, valid_set: list, sums_of, summarize, *, statistics: int, batch_size: int, pad_id: int,
+                    pad_multiple: int, world: World = World()):
+    """validate() -> eval_* metrics over the validation pairs ({} without any), for a method whose
+    step reports pair statistics (DPO, reward models). Each rank scores its share of the pairs,
+    `sums_of(pairs, rows)` giving a batch's statistic sums (numpy; `rows` maps the batch's pair
+    indices to the split's), and the sums are added across ranks before `summarize`."""
+    from mlxft.data.batching import iterate_pair_batches
+
+    def validate() -> dict:
+        if not valid_set:
+            return {}
+        model.eval()
+        sums = np.zeros(statistics, np.float32)
+        rows = world.share(len(valid_set))
+        for pairs in iterate_pair_batches([valid_set[i] for i in rows], batch_size, pad_id, shuffle=False,
+                                          pad_to_multiple=pad_multiple):
+            sums = sums + sums_of(pairs, rows)
+        model.train()
+        return {f"eval_{k}": v for k, v in summarize(world.all_sum(sums)).items()}
+
+    return validate
+
+
 # --- the pieces the loop is made of ----------------------------------------------------------------
 
 

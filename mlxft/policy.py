@@ -19,17 +19,17 @@ def recipe_spec(config: RunConfig, folder) -> AdapterSpec:
     return AdapterSpec(lc.r, lc.alpha, lc.dropout, list(lc.target_modules), base_name, lc.layers)
 
 
-def build_policy(backend, model, config: RunConfig, folder, *, start_from=None) -> AdapterSpec:
+def build_policy(backend, model, config: RunConfig, folder, *, start_from=None, task_type: str | None = "CAUSAL_LM") -> AdapterSpec:
     """Make `model` trainable as the run says and return the adapter's spec. `start_from`: an
-    adapter to continue (its own spec replaces the recipe's: a continued adapter keeps its modules),
-    or None for a new one; ignored for full fine-tuning, whose checkpoint the backend loads."""
+    adapter to continue (its own spec replaces the recipe's: a continued adapter keeps its modules)
+    of `task_type` (None: any), or None for a new one; ignored for full fine-tuning, whose checkpoint the backend loads."""
     spec = recipe_spec(config, folder)
     if config.lora.full_finetune:
         if config.model.quantize or backend.model.is_quantized(model):
             raise UserError("full fine-tuning needs a full-precision model; use LoRA on a quantized one")
         backend.lora.unfreeze_all(model)
     elif start_from:
-        spec = attach_adapter(backend.lora, model, start_from)
+        spec = attach_adapter(backend.lora, model, start_from, task_type)
     else:
         backend.lora.apply_lora(model, spec)
     if config.train.grad_checkpoint:

@@ -43,7 +43,7 @@ def probe_ids(examples, length: int = 64) -> list[list[int]]:
 def check_saved_adapter(lora, model, saved: str | Path, ids: list[list[int]], echo=print) -> dict:
     trained = lora.probe_logits(model, ids)
     current = lora.adapter_weights(model)
-    lora.set_adapter_weights(model, load_adapter(saved)[1])
+    lora.set_adapter_weights(model, load_adapter(saved, task_type=None)[1])
     try:
         reloaded = lora.probe_logits(model, ids)
     finally:

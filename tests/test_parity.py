@@ -91,3 +91,13 @@ def test_reference_free_losses_agree_and_run_no_reference(tiny_model_dir, tmp_pa
     assert summary["reference"] == f"none ({loss_type} needs no reference model)" and summary["loss_type"] == loss_type
     assert not (tmp_path / "mlx" / "reference_logps.safetensors").exists()  # not even for a continued adapter
     assert mlx[-1]["loss"] < mlx[0]["loss"]
+
+
+def test_reward_runs_agree_report_by_report(tiny_model_dir, tmp_path):
+    # The head starts from the same numbers on both (drawn in numpy), on a continued LM adapter.
+    mlx, torch = train_both("reward", "reward", tiny_model_dir, tmp_path)
+    worst, where = worst_difference(mlx, torch)
+    print(f"reward: {len(mlx)} reports, largest |torch - mlx| {worst:.1e} at {where}")
+    assert worst < 1.5e-5
+    assert "eval_accuracy" in mlx[1]
+    assert mlx[-1]["loss"] < mlx[0]["loss"]

@@ -1,4 +1,4 @@
-"""`mlxft eval auc|rank|generate|judge` and `mlxft plot`."""
+"""`mlxft eval auc|rank|generate|judge|reward` and `mlxft plot`."""
 
 from __future__ import annotations
 
@@ -179,6 +179,37 @@ def eval_judge(responses_path, judge_url, judge_model, api, seed, api_key, out, 
     for band, count in report["histogram"].items():
         click.echo(f"{band:>7} {'#' * round(30 * count / top):30s} {count}")
     click.echo(f"judged rows: {out}")
+
+
+@eval_group.command("reward")
+@click.option("--model", default="builtin", show_default=True, help="The reward model's base: 'builtin', a local Hugging Face folder or a hub id.")
+@click.option("--adapter", required=True, type=click.Path(path_type=Path), help="A reward adapter (mlxft reward's best/ or last/, or PEFT SEQ_CLS).")
+@click.option("--data", "data_path", required=True, type=click.Path(path_type=Path), help="{prompt, chosen, rejected} rows (.jsonl/.json) or a MIND folder.")
+@click.option("--template", default="auto", show_default=True, help="The template the reward model was trained with.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True, help="Pairs per forward pass.")
+@click.option("--backend", default="auto", show_default=True, type=click.Choice(["auto", "mlx", "torch"]), help="Which backend runs the model.")
+@click.option("--out", default=None, type=click.Path(path_type=Path), help="Write each pair's two scores here (.jsonl, file order).")
+@click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+@click.option("--trust-remote-code", is_flag=True, help="Allow a hub model to run its own code (off by default).")
+def eval_reward(model, adapter, data_path, template, batch_size, backend, out, as_json, trust_remote_code):
+    """Pairwise accuracy of a reward model: how often it scores the chosen answer above the
+    rejected one (ties count half), with the mean margin and Bradley-Terry loss."""
+    from mlxft import backends
+    from mlxft.backends import is_mlx_quantized, resolve_backend
+    from mlxft.files import write_atomic
+    from mlxft.reward import evaluate_pairs
+
+    backend = resolve_backend(backend, quantized=is_mlx_quantized(model))
+    report = evaluate_pairs(backends.get(backend), model, str(adapter), data_path, template=template,
+                            batch_size=batch_size, trust_remote_code=trust_remote_code)
+    scores = report.pop("scores")
+    if out:
+        write_atomic(out, "".join(json.dumps({"chosen": c, "rejected": r}) + "\n" for c, r in scores))
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+    else:
+        click.echo(f"pairs {report['pairs']}: accuracy {report['accuracy']:.4f}, margin {report['margin']:.4f}, "
+                   f"loss {report['loss']:.4f}")
 
 
 @cli.command("plot")

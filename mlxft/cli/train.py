@@ -1,4 +1,4 @@
-"""`mlxft lora`, `mlxft dpo` and `mlxft sweep`: config -> runs.start -> the backend's trainer."""
+"""`mlxft lora`, `mlxft dpo`, `mlxft reward` and `mlxft sweep`: config -> runs.start -> the backend's trainer."""
 
 from __future__ import annotations
 
@@ -45,7 +45,7 @@ def _train(method, recipe, model, data_source, out_dir, overrides, quantize, bac
         config = None
     else:
         if recipe is None:
-            raise UserError(f"name a recipe: --recipe {'tallrec' if method == 'sft' else 'dpo'} (see `mlxft recipes`)")
+            raise UserError(f"name a recipe: --recipe {dict(sft='tallrec').get(method, method)} (see `mlxft recipes`)")
         config = resolve_config(recipe, model, data_source, out_dir, overrides, quantize, trust_remote_code)
         if adapter:
             _check_start_adapter(adapter, config)
@@ -92,11 +92,15 @@ def _check_start_adapter(adapter: Path, config) -> None:
     adapter_folder(adapter)  # missing, a file, empty: said now, before a run folder exists
 
 
-def _print_outcome(summary: dict) -> None:
+def _print_before_after(summary: dict, keys) -> None:
     before, after = summary.get("before") or {}, summary.get("after") or {}
-    for key in ("eval_auc", "eval_loss"):
+    for key in keys:
         if key in before and key in after:
             click.echo(f"validation {key[5:]}: {before[key]:.4f} -> {after[key]:.4f}")
+
+
+def _print_outcome(summary: dict) -> None:
+    _print_before_after(summary, ("eval_auc", "eval_loss"))
     if summary.get("generations"):
         for item in summary["generations"]:
             click.echo(f"--- {item['origin']}\nprompt: {item['prompt']!r}\nanswer: {item['answer']!r}\nexpected: {item['expected']!r}")
@@ -127,10 +131,7 @@ def dpo_command(recipe, model, data_source, out_dir, overrides, quantize, backen
                      resume_dir, adapter, nproc)
     if not summary:  # a rank other than 0: rank 0 reports
         return
-    before, after = summary.get("before") or {}, summary.get("after") or {}
-    for key in ("eval_loss", "eval_rewards/accuracies", "eval_rewards/margins"):
-        if key in before and key in after:
-            click.echo(f"validation {key[5:]}: {before[key]:.4f} -> {after[key]:.4f}")
+    _print_before_after(summary, ("eval_loss", "eval_rewards/accuracies", "eval_rewards/margins"))
     if summary.get("comparison"):
         comparison = summary["comparison"]
         click.echo(f"answers before and after: {comparison['markdown']}")
@@ -139,6 +140,28 @@ def dpo_command(recipe, model, data_source, out_dir, overrides, quantize, backen
             click.echo(f"warning: empty answers, {empty['before']} of {comparison['prompts']} before and {empty['after']} "
                        "after: is the template right for this model (data.template)?", err=True)
     click.echo(f"adapter: {summary['adapter']}")
+
+
+@cli.command("reward")
+@run_options
+@click.option("--resume", "resume_dir", default=None, type=click.Path(path_type=Path), help="Continue a stopped run from its last checkpoint.")
+@click.option("--adapter", default=None, type=click.Path(path_type=Path),
+              help="Start from an adapter (an SFT run's best/, or a reward adapter to continue).")
+@NPROC
+def reward_command(recipe, model, data_source, out_dir, overrides, quantize, backend, trust_remote_code, resume_dir, adapter, nproc):
+    """Train a reward model on {prompt, chosen, rejected} pairs, or on a MIND folder (a clicked
+    title preferred over a skipped one): a LoRA adapter and a scalar head, Bradley-Terry loss.
+
+    Prints held-out pairwise accuracy and margin before and after, and writes the run folder:
+    config.yaml, metrics.jsonl (TRL's metric names), summary.json, best/ and last/ adapters in
+    PEFT's SEQ_CLS layout (AutoModelForSequenceClassification + PeftModel load them), checkpoint/.
+    """
+    summary = _train("reward", recipe, model, data_source, out_dir, overrides, quantize, backend, trust_remote_code,
+                     resume_dir, adapter, nproc)
+    if not summary:  # a rank other than 0: rank 0 reports
+        return
+    _print_before_after(summary, ("eval_loss", "eval_accuracy", "eval_margin"))
+    click.echo(f"adapter: {summary['adapter']} (load with {summary['load_with']})")
 
 
 @cli.command("sweep")

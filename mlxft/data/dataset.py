@@ -15,7 +15,7 @@ from pathlib import Path
 
 from mlxft.data.encode import EncodeReport, Example, PreferenceExample, encode_preference_records, encode_records
 from mlxft.data.records import Record, detect_schema, load_records
-from mlxft.data.sources.mind import iter_tallrec_rows
+from mlxft.data.sources.mind import iter_preference_rows, iter_tallrec_rows
 from mlxft.data.sources.pairs import opposing_to_preference
 from mlxft.data.splits import sample_k_shot, split_items
 from mlxft.data.templates import resolve_preference_template, schema_and_template
@@ -119,13 +119,18 @@ def prompt_records(records: list[Record]) -> list[Record]:
 def load_preference_splits(data, support_ratio: float | None = None) -> Splits:
     """Train / validation / test preference rows for a DataConfig, checked against the template.
 
-    A file is converted (support/oppose rows), then split with the recipe's fractions and seed; a
+    A file is converted (support/oppose rows), then split with the recipe's fractions and seed; so
+    is a MIND folder, as pairs of a clicked and a skipped title (iter_preference_rows); a
     folder holds train.jsonl (+ valid.jsonl, test.jsonl), each converted on its own. A test file
     of prompts alone ({id, prompt}, as in the DPO homework) is fine: it is only answered."""
     path = resolve_source(data.source)
-    if path.is_dir() and (path / "behaviors.tsv").exists():
-        raise UserError(f"data {path}: a MIND folder has no preference pairs; DPO needs rows with prompt, chosen and rejected")
-    if path.is_dir():
+    if path.is_dir() and (path / "behaviors.tsv").exists():  # a clicked title preferred over a skipped one
+        if support_ratio is not None:
+            raise UserError(f"data {path}: dpo.support_ratio applies to prompt/support/oppose rows, not to a MIND folder")
+        records = [Record(row, f"{path}/behaviors.tsv impression {row['impression_id']}")
+                   for row in iter_preference_rows(path, max_history=data.max_history)]
+        train, valid, test = split_items(records, tuple(data.split), data.seed)
+    elif path.is_dir():
         if not (path / "train.jsonl").exists():
             raise UserError(f"data {path}: a folder needs train.jsonl (and valid.jsonl, test.jsonl)")
         train = preference_records(load_records(path / "train.jsonl"), support_ratio)

@@ -9,6 +9,8 @@ import sys
 import numpy as np
 import pytest
 
+from mlxft.resources import bundled
+
 QUESTION = "What is the capital of France?"
 PROBE = "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\nThe capital"
 
@@ -104,6 +106,27 @@ def test_dpo_on_the_bundled_pairs_moves_an_instruct_model(real_model, tmp_path, 
     answers = [(item["before"], item["after"]) for item in comparison["items"]]
     assert all(sum(c.isalpha() for c in text) > 10 for pair in answers for text in pair), answers
     assert any(before != after for before, after in answers), answers
+
+
+def test_a_reward_model_learns_the_bundled_pairs_and_scores_the_same_on_both_backends(real_model, tmp_path):
+    # Trained on PyTorch (8 steps of 8 pairs, ~75 s), scored by `mlxft eval reward` on both backends.
+    out = tmp_path / "reward"
+    result = mlxft("reward", "--recipe", "reward", "--model", real_model, "--backend", "torch", "--out", out,
+                   "--set", "data.k_shot=32", "--set", "data.max_valid_rows=32", "--set", "train.epochs=2",
+                   "--set", "train.learning_rate=1e-3", "--set", "train.warmup_steps=1", "--set", "eval.every=0")
+    assert result.returncode == 0, result.stdout + result.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    # measured: 0.28 -> 0.72 (a new head starts below chance on these pairs)
+    assert summary["after"]["eval_accuracy"] >= summary["before"]["eval_accuracy"] + 0.3, summary
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(line + "\n" for line in bundled("data/preference-sample.jsonl").read_text().splitlines()[-12:]))
+    scores = {}
+    for backend in ("mlx", "torch"):
+        result = mlxft("eval", "reward", "--model", real_model, "--adapter", out / "last", "--data", pairs,
+                       "--backend", backend, "--out", tmp_path / f"{backend}.jsonl")
+        assert result.returncode == 0, result.stdout + result.stderr
+        scores[backend] = [list(json.loads(line).values()) for line in (tmp_path / f"{backend}.jsonl").read_text().splitlines()]
+    assert np.abs(np.array(scores["mlx"]) - np.array(scores["torch"])).max() < 2e-3, scores  # scores ~1-5
 
 
 def test_qlora_on_mlx_trains_and_starts_where_the_float_model_does(real_model, tmp_path):

@@ -16,7 +16,7 @@ from pathlib import Path
 import mlx.core as mx
 from mlx.utils import tree_flatten, tree_unflatten
 
-from mlxft.adapters import load_adapter, save_adapter
+from mlxft.adapters import load_adapter, load_saved_modules, save_adapter
 from mlxft.backends.mlx import lora
 from mlxft.files import staged_folder
 from mlxft.model_files import TOKENIZER_OUTPUTS
@@ -25,7 +25,7 @@ from mlxft.model_files import TOKENIZER_OUTPUTS
 def save_weights(folder: Path, model, spec, config, base_folder) -> None:
     """The adapter in PEFT layout, or for full fine-tuning a whole model folder."""
     if not config.lora.full_finetune:
-        save_adapter(folder, spec, lora.adapter_weights(model))
+        save_adapter(folder, spec, lora.adapter_weights(model), lora.saved_modules(model, spec))
         return
     from mlx_lm.utils import save_model
 
@@ -52,7 +52,8 @@ def load(run, model, optimizer, full_finetune: bool) -> tuple[int, dict | None, 
         weights = mx.load(str(folder / "weights" / "model.safetensors"))
         model.load_weights(list(weights.items()))
     else:
-        lora.set_adapter_weights(model, load_adapter(folder / "weights")[1])
+        lora.set_adapter_weights(model, load_adapter(folder / "weights", task_type=None)[1])
+        lora.set_saved_modules(model, load_saved_modules(folder / "weights"))
     return load_optimizer(run, model, optimizer)
 
 

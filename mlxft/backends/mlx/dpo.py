@@ -140,23 +140,15 @@ def train(config: RunConfig, run: Run, *, resume: bool = False, adapter: str | N
         mx.eval(reference)  # the reference forward's activations are freed before the policy's begins
         return arrays, reference
 
-    def validate() -> dict:
-        if not valid_set:
-            return {}
-        model.eval()
-        sums = np.zeros(len(STATISTICS), np.float32)
-        rows = world.share(len(valid_set))  # each rank its share; the sums are added up
-        for pairs in iterate_pair_batches([valid_set[i] for i in rows], ec.batch_size, pad_id, shuffle=False,
-                                          pad_to_multiple=PAD_MULTIPLE):
-            arrays = arrays_of(pairs)
-            reference = reference_for(pairs, "valid", arrays, rows)
-            sums = sums + np.array(steps.pair_loss(model, arrays, reference, split_head=split_head, dc=dc)[1])
-        model.train()
-        return {f"eval_{k}": v for k, v in summarize(world.all_sum(sums)).items()}
+    def validation_sums(pairs, rows) -> np.ndarray:
+        arrays = arrays_of(pairs)
+        reference = reference_for(pairs, "valid", arrays, rows)
+        return np.array(steps.pair_loss(model, arrays, reference, split_head=split_head, dc=dc)[1])
 
     trainer = driver.Trainer(
         step=steps.train_step(model, optimizer, micro_step, update, inputs_of, tc.seed, world, len(STATISTICS)),
-        validate=validate,
+        validate=driver.pair_validation(model, valid_set, validation_sums, summarize, statistics=len(STATISTICS),
+                                        batch_size=ec.batch_size, pad_id=pad_id, pad_multiple=PAD_MULTIPLE, world=world),
         summarize=summarize,
         save_weights=lambda where: checkpoint.save_weights(where, model, spec, config, folder),
         save_checkpoint=lambda *state: checkpoint.save(run, model, optimizer, spec, config, folder, *state),

@@ -88,6 +88,18 @@ def adapter_weights(model) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     }
 
 
+def saved_modules(model, spec: AdapterSpec) -> dict[str, np.ndarray]:
+    """{"score.weight": ...}: the modules trained in full beside the adapter (spec.modules_to_save)."""
+    return {f"{name}.weight": np.array(getattr(model, name).weight.astype(mx.float32)) for name in spec.modules_to_save or ()}
+
+
+def set_saved_modules(model, tensors: dict) -> None:
+    """The inverse of saved_modules."""
+    for key, value in tensors.items():
+        module, _, name = key.rpartition(".")
+        setattr(getattr(model, module), name, mx.array(value))
+
+
 def set_adapter_weights(model, weights: dict) -> None:
     """Copy PEFT-oriented (A, B) tensors into the model's LoRA layers (lora_a = A.T, lora_b = B.T)."""
     layers = lora_layers(model)

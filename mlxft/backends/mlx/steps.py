@@ -26,6 +26,7 @@ from mlxft.data.shared_prompt import pair_inputs
 from mlxft.distributed import World, empty, step_seed
 from mlxft.dpo_loss import pair_objective
 from mlxft.driver import StepResult
+from mlxft.reward import reward_objective, score_positions
 
 # --- one optimizer step ----------------------------------------------------------------------------
 
@@ -108,6 +109,27 @@ def sft_inputs(batch) -> tuple:
     targets = scored_targets(batch)
     return (mx.array(batch.input_ids[:, :-1]), mx.array(targets.positions), mx.array(targets.tokens),
             mx.array(targets.weights))
+
+
+# --- reward models ---------------------------------------------------------------------------------
+
+
+def reward_scores(model, input_ids, positions):
+    """Scores [N] of whole rows: the reward head (`model.score`, float32) on the hidden state at
+    each row's position (mlxft.reward.score_positions)."""
+    hidden = mx.take_along_axis(model.model(input_ids), positions[:, None, None], axis=1)[:, 0]
+    return model.score(hidden.astype(mx.float32))[:, 0]
+
+
+def reward_loss(model, input_ids, positions, *, center_coefficient: float):
+    """(sum of the Bradley-Terry losses of a pair batch, mlxft.reward.STATISTICS sums)."""
+    return reward_objective(reward_scores(model, input_ids, positions), center_coefficient, xp=mx, detach=mx.stop_gradient)
+
+
+def reward_inputs(pairs, pad_id: int) -> tuple:
+    """A pair batch as reward_loss takes it: its 2B rows (chosen, then rejected) and where each is scored."""
+    ids = pairs.batch.input_ids
+    return mx.array(ids), mx.array(score_positions(ids, pad_id))
 
 
 # --- DPO -----------------------------------------------------------------------------------------

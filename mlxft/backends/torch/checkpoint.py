@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from mlxft.adapters import load_adapter, save_adapter
+from mlxft.adapters import load_adapter, load_saved_modules, save_adapter
 from mlxft.backends.torch import lora
 from mlxft.backends.torch import model as torch_model
 from mlxft.errors import UserError
@@ -26,7 +26,7 @@ from mlxft.model_files import TOKENIZER_OUTPUTS
 def save_weights(folder: Path, model, spec, config, base_folder) -> None:
     """The adapter in PEFT layout, or for full fine-tuning a whole model folder."""
     if not config.lora.full_finetune:
-        save_adapter(folder, spec, lora.adapter_weights(model))
+        save_adapter(folder, spec, lora.adapter_weights(model), lora.saved_modules(model, spec))
         return
     with staged_folder(folder) as staging:
         with torch_model.quiet_progress():
@@ -74,7 +74,8 @@ def load(run, model, optimizer, named, full_finetune: bool, trust_remote_code: b
                                                          trust_remote_code=trust_remote_code)
         model.load_state_dict(saved.state_dict())
     else:
-        lora.set_adapter_weights(model, load_adapter(folder / "weights")[1])
+        lora.set_adapter_weights(model, load_adapter(folder / "weights", task_type=None)[1])
+        lora.set_saved_modules(model, load_saved_modules(folder / "weights"))
     moments = load_file(str(folder / "optimizer.safetensors"), device=str(device))
     for name, p in named.items():
         if f"{name}.m" in moments:

@@ -131,25 +131,17 @@ def train(config: RunConfig, run: Run, *, resume: bool = False, adapter: str | N
             return steps.pair_loss(model, tensors, reference, split_head=split_head, dc=dc)
 
     @torch.no_grad()
-    def validate() -> dict:
-        if not valid_set:
-            return {}
-        model.eval()
-        sums = np.zeros(len(STATISTICS), np.float32)
-        rows = world.share(len(valid_set))  # each rank its share; the sums are added up
-        for pairs in iterate_pair_batches([valid_set[i] for i in rows], ec.batch_size, pad_id, shuffle=False,
-                                          pad_to_multiple=PAD_MULTIPLE):
-            tensors = tensors_of(pairs)
-            reference = reference_for(pairs, "valid", tensors, rows)
-            with torch_model.autocast(device):
-                sums = sums + steps.pair_loss(model, tensors, reference, split_head=split_head, dc=dc)[1].cpu().numpy()
-        model.train()
-        return {f"eval_{k}": v for k, v in summarize(world.all_sum(sums)).items()}
+    def validation_sums(pairs, rows) -> np.ndarray:
+        tensors = tensors_of(pairs)
+        reference = reference_for(pairs, "valid", tensors, rows)
+        with torch_model.autocast(device):
+            return steps.pair_loss(model, tensors, reference, split_head=split_head, dc=dc)[1].cpu().numpy()
 
     trainer = driver.Trainer(
         step=steps.train_step(optimizer, loss_of, seed=tc.seed, max_grad_norm=tc.max_grad_norm, world=world,
                               statistics=len(STATISTICS)),
-        validate=validate,
+        validate=driver.pair_validation(model, valid_set, validation_sums, summarize, statistics=len(STATISTICS),
+                                        batch_size=ec.batch_size, pad_id=pad_id, pad_multiple=PAD_MULTIPLE, world=world),
         summarize=summarize,
         save_weights=lambda where: checkpoint.save_weights(where, model, spec, config, folder),
         save_checkpoint=lambda *state: checkpoint.save(run, model, optimizer, named, spec, config, folder, *state),

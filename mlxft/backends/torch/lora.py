@@ -80,6 +80,19 @@ def adapter_weights(model) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     }
 
 
+def saved_modules(model, spec: AdapterSpec) -> dict[str, np.ndarray]:
+    """{"score.weight": ...}: the modules trained in full beside the adapter (spec.modules_to_save)."""
+    return {f"{name}.weight": getattr(model, name).weight.detach().float().cpu().numpy() for name in spec.modules_to_save or ()}
+
+
+@torch.no_grad()
+def set_saved_modules(model, tensors: dict) -> None:
+    """The inverse of saved_modules."""
+    for key, value in tensors.items():
+        target = model.get_parameter(key)
+        target.copy_(torch.as_tensor(np.asarray(value), dtype=target.dtype))
+
+
 @torch.no_grad()
 def set_adapter_weights(model, weights: dict) -> None:
     """Copy PEFT-oriented (A, B) numpy tensors into the model's LoRA layers."""

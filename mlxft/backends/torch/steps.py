@@ -22,6 +22,7 @@ from mlxft.data.shared_prompt import pair_inputs
 from mlxft.distributed import World, empty, step_seed
 from mlxft.dpo_loss import pair_objective
 from mlxft.driver import StepResult
+from mlxft.reward import reward_objective, score_positions
 
 # --- one optimizer step ----------------------------------------------------------------------------
 
@@ -92,6 +93,26 @@ def sft_loss(model, batch, *, split_head: bool, device):
     with torch_model.autocast(device):
         loss_sum, n_tokens = torch_model.token_losses(model, inputs, positions, tokens, weights, split_head)
     return loss_sum, torch.stack([n_tokens.detach(), loss_sum.detach()])
+
+
+# --- reward models ---------------------------------------------------------------------------------
+
+
+def reward_scores(model, input_ids, positions):
+    """Scores [N] of whole rows: the reward head (`model.score`, float32) on the hidden state at
+    each row's position (mlxft.reward.score_positions)."""
+    hidden = model.model(input_ids=input_ids).last_hidden_state
+    hidden = hidden[torch.arange(len(positions), device=hidden.device), positions]
+    return model.score(hidden.float())[:, 0]
+
+
+def reward_loss(model, pairs, *, pad_id: int, center_coefficient: float, device):
+    """(sum of the Bradley-Terry losses of a pair batch, mlxft.reward.STATISTICS sums detached)."""
+    ids = pairs.batch.input_ids
+    input_ids, positions = torch_model.to_device(device, ids, score_positions(ids, pad_id))
+    with torch_model.autocast(device):
+        scores = reward_scores(model, input_ids, positions)
+    return reward_objective(scores.float(), center_coefficient, xp=torch, detach=torch.Tensor.detach)
 
 
 # --- DPO -----------------------------------------------------------------------------------------
