@@ -94,7 +94,7 @@ class TrainConfig:
 
 # Which validation metrics can pick the best adapter (DPO's are reward accuracy and margin), and
 # which of them are better higher (mlxft.driver.track_best).
-HIGHER_IS_BETTER = ("auc", "accuracy", "margin", "rewards/accuracies", "rewards/margins")
+HIGHER_IS_BETTER = ("auc", "accuracy", "margin", "reward", "rewards/accuracies", "rewards/margins")
 EVAL_METRICS = ("loss", *HIGHER_IS_BETTER)
 
 
@@ -160,6 +160,33 @@ class RewardConfig:
 
 
 @dataclass
+class RLConfig:
+    """Online RL from prompts (`mlxft rl`, mlxft.rl); names and defaults follow TRL's GRPOConfig."""
+
+    algo: str = setting("grpo", choices=("grpo", "rloo"))  # group-normalised or leave-one-out advantages
+    loss_type: str = setting("grpo", choices=("grpo", "dr_grpo", "dapo"))  # how token losses are averaged
+    num_generations: int = setting(4, low=2)  # G: completions sampled per prompt
+    max_prompt_length: int | None = setting(512, low=1)  # longer prompts keep their end, and are counted
+    max_completion_length: int = setting(64, low=1)
+    temperature: float = setting(1.0, above=0.0)  # sampling the completions
+    top_p: float = setting(1.0, above=0.0, high=1.0)
+    beta: float = setting(0.04, low=0.0)  # weight of the KL to the reference (the base, adapter off)
+    epsilon: float = setting(0.2, above=0.0, below=1.0)  # the policy ratio's clip range, below 1
+    epsilon_high: float | None = setting(None, above=0.0)  # above 1 (DAPO's clip-higher); default epsilon
+    scale_rewards: bool = True  # divide advantages by the group's reward std (Dr. GRPO: false)
+    reward_functions: list[str] = field(default_factory=lambda: ["mlxft.rewards:arithmetic"])  # module:function or file.py:function
+    reward_weights: list[float] | None = None  # one per function; default 1 each
+    log_completions_every: int = setting(10, low=0)  # steps between samples in completions.jsonl (0: never)
+
+    def check(self) -> None:
+        if self.reward_weights is not None and len(self.reward_weights) != len(self.reward_functions):
+            raise UserError(f"rl.reward_weights has {len(self.reward_weights)} weights for {len(self.reward_functions)} "
+                            "reward functions; give one per function")
+        if not self.reward_functions:
+            raise UserError("rl.reward_functions is empty; name at least one, like mlxft.rewards:arithmetic")
+
+
+@dataclass
 class RunConfig:
     recipe: str = "custom"
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -169,6 +196,7 @@ class RunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     dpo: DPOConfig = field(default_factory=DPOConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
+    rl: RLConfig = field(default_factory=RLConfig)
     out: str | None = None  # run folder; default runs/<recipe>-<time>
     # Settings for the built-in model only ({"train.learning_rate": 5e-3, ...}): a tiny model
     # trained from scratch needs other settings than a pre-trained one; --set still wins.

@@ -1,4 +1,4 @@
-"""`mlxft lora`, `mlxft dpo`, `mlxft reward` and `mlxft sweep`: config -> runs.start -> the backend's trainer."""
+"""`mlxft lora`, `mlxft dpo`, `mlxft reward`, `mlxft rl` and `mlxft sweep`: config -> runs.start -> the backend's trainer."""
 
 from __future__ import annotations
 
@@ -45,7 +45,7 @@ def _train(method, recipe, model, data_source, out_dir, overrides, quantize, bac
         config = None
     else:
         if recipe is None:
-            raise UserError(f"name a recipe: --recipe {dict(sft='tallrec').get(method, method)} (see `mlxft recipes`)")
+            raise UserError(f"name a recipe: --recipe {dict(sft='tallrec', rl='grpo').get(method, method)} (see `mlxft recipes`)")
         config = resolve_config(recipe, model, data_source, out_dir, overrides, quantize, trust_remote_code)
         if adapter:
             _check_start_adapter(adapter, config)
@@ -162,6 +162,30 @@ def reward_command(recipe, model, data_source, out_dir, overrides, quantize, bac
         return
     _print_before_after(summary, ("eval_loss", "eval_accuracy", "eval_margin"))
     click.echo(f"adapter: {summary['adapter']} (load with {summary['load_with']})")
+
+
+@cli.command("rl")
+@run_options
+@click.option("--resume", "resume_dir", default=None, type=click.Path(path_type=Path), help="Continue a stopped run from its last checkpoint.")
+@click.option("--adapter", default=None, type=click.Path(path_type=Path),
+              help="Start from an adapter (e.g. an SFT run's best/); needs rl.beta=0.")
+def rl_command(recipe, model, data_source, out_dir, overrides, quantize, backend, trust_remote_code, resume_dir, adapter):
+    """Online RL from prompts: GRPO (--set rl.loss_type=dr_grpo|dapo for its variants) or RLOO
+    (--set rl.algo=rloo). Each step samples rl.num_generations completions per prompt, scores them
+    with the reward functions (rl.reward_functions: module:function or file.py:function, TRL's
+    signature), and moves the adapter toward the better ones, with a KL to the base model.
+
+    Prints the held-out reward of greedy answers before and after, and writes the run folder:
+    config.yaml, metrics.jsonl (TRL's metric names), completions.jsonl, summary.json, best/ and
+    last/ adapters, checkpoint/.
+    """
+    summary = _train("rl", recipe, model, data_source, out_dir, overrides, quantize, backend, trust_remote_code,
+                     resume_dir, adapter)
+    if not summary:
+        return
+    before = summary.get("before") or {}
+    _print_before_after(summary, [k for k in before if k.startswith("eval_reward")])
+    click.echo(f"adapter: {summary['adapter']}")
 
 
 @cli.command("sweep")

@@ -27,6 +27,7 @@ from mlxft.distributed import World, empty, step_seed
 from mlxft.dpo_loss import pair_objective
 from mlxft.driver import StepResult
 from mlxft.reward import reward_objective, score_positions
+from mlxft.rl import policy_objective
 
 # --- one optimizer step ----------------------------------------------------------------------------
 
@@ -109,6 +110,37 @@ def sft_inputs(batch) -> tuple:
     targets = scored_targets(batch)
     return (mx.array(batch.input_ids[:, :-1]), mx.array(targets.positions), mx.array(targets.tokens),
             mx.array(targets.weights))
+
+
+# --- online RL -------------------------------------------------------------------------------------
+
+
+def token_logps(model, inputs, positions, tokens, split_head: bool):
+    """(log-probs [N, K] of the scored tokens, their logits [N, K, V] in float32)."""
+    logits = logits_at(model, inputs, positions, split_head).astype(mx.float32)
+    return -nn.losses.cross_entropy(logits, tokens), logits
+
+
+def rl_loss(model, inputs, positions, tokens, weights, reference, advantages, carried, *, split_head: bool, rc):
+    """(the policy loss sum of a rollout's completions, mlxft.rl statistic sums): the loss
+    statistics, the completion tokens' entropy, then the rollout's reward sums (`carried`)."""
+    logps, logits = token_logps(model, inputs, positions, tokens, split_head)
+    loss_sum, sums = policy_objective(logps, reference, weights, advantages, rc, xp=mx, detach=mx.stop_gradient)
+    entropy = mx.logsumexp(logits, axis=-1) - (mx.softmax(logits, axis=-1) * logits).sum(-1)
+    return loss_sum, mx.concatenate([sums, mx.stop_gradient((entropy * weights).sum())[None], carried])
+
+
+def make_token_reference_step(model, split_head: bool):
+    """Compiled: the reference's log-probs [N, K] of a rollout's completion tokens, from the base
+    model (adapter off; see make_reference_step)."""
+
+    @partial(mx.compile, inputs=[model.state])
+    def reference_step(inputs, positions, tokens):
+        with lora.adapter_off(model):
+            logps = token_logps(model, inputs, positions, tokens, split_head)[0]
+        return mx.stop_gradient(logps)
+
+    return reference_step
 
 
 # --- reward models ---------------------------------------------------------------------------------

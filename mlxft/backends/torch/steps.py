@@ -23,6 +23,7 @@ from mlxft.distributed import World, empty, step_seed
 from mlxft.dpo_loss import pair_objective
 from mlxft.driver import StepResult
 from mlxft.reward import reward_objective, score_positions
+from mlxft.rl import policy_objective
 
 # --- one optimizer step ----------------------------------------------------------------------------
 
@@ -93,6 +94,33 @@ def sft_loss(model, batch, *, split_head: bool, device):
     with torch_model.autocast(device):
         loss_sum, n_tokens = torch_model.token_losses(model, inputs, positions, tokens, weights, split_head)
     return loss_sum, torch.stack([n_tokens.detach(), loss_sum.detach()])
+
+
+# --- online RL -------------------------------------------------------------------------------------
+
+
+def token_logps(model, inputs, positions, tokens, split_head: bool):
+    """(log-probs [N, K] of the scored tokens, their logits [N, K, V] in float32)."""
+    logits = logits_at(model, inputs, positions, split_head).float()
+    logps = -F.cross_entropy(logits.flatten(0, 1), tokens.flatten(), reduction="none").view_as(tokens)
+    return logps, logits
+
+
+def rl_loss(model, inputs, positions, tokens, weights, reference, advantages, carried, *, split_head: bool, rc):
+    """(the policy loss sum of a rollout's completions, mlxft.rl statistic sums detached): the
+    loss statistics, the completion tokens' entropy, then the rollout's reward sums (`carried`)."""
+    logps, logits = token_logps(model, inputs, positions, tokens, split_head)
+    loss_sum, sums = policy_objective(logps, reference, weights, advantages, rc, xp=torch, detach=torch.Tensor.detach)
+    logits = logits.detach()
+    entropy = torch.logsumexp(logits, dim=-1) - (torch.softmax(logits, dim=-1) * logits).sum(-1)
+    return loss_sum, torch.cat([sums, (entropy * weights).sum()[None], carried])
+
+
+@torch.no_grad()
+def reference_token_logps(model, inputs, positions, tokens, *, split_head: bool) -> torch.Tensor:
+    """The reference's log-probs [N, K] of a rollout's completion tokens, from the base model (adapter off)."""
+    with lora.adapter_off(model):
+        return token_logps(model, inputs, positions, tokens, split_head)[0]
 
 
 # --- reward models ---------------------------------------------------------------------------------

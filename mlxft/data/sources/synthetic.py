@@ -40,8 +40,9 @@ SAMPLE_FILES = (
     "opposing-sample.json",
     "opposing-test.json",
     "products.csv",
+    "arithmetic.jsonl",
 )
-_STREAMS = {"alpaca": 2, "preference": 3, "opposing": 4, "products": 5}
+_STREAMS = {"alpaca": 2, "preference": 3, "opposing": 4, "products": 5, "arithmetic": 6}
 
 # ---------------------------------------------------------------------------------------------
 # Instruction rows (Alpaca), preference pairs, opposing answers, products
@@ -305,6 +306,17 @@ COLORS = ("black", "white", "navy blue", "forest green", "charcoal gray", "red",
           "rose pink", "mustard yellow")
 
 
+def make_arithmetic(seed: int = DEFAULT_SEED, n: int = 300) -> list[dict]:
+    """Questions with a verifiable answer, for online RL (mlxft.rewards.arithmetic): sums of two
+    numbers from 1 to 30, asked for the number alone."""
+    rng = np.random.default_rng([seed, _STREAMS["arithmetic"]])
+    rows = []
+    for _ in range(n):
+        a, b = (int(x) for x in rng.integers(1, 31, size=2))
+        rows.append({"prompt": f"What is {a} + {b}? Answer with the number only.", "answer": str(a + b)})
+    return rows
+
+
 def make_products(seed: int = DEFAULT_SEED, n: int = 300) -> list[dict]:
     """{category, name, features, color, description}; the description is a template over the rest:
     "The {name} is a {color} {type} with {f1}, {f2} and {f3}, made for {use}."."""
@@ -343,6 +355,7 @@ def write_samples(out_dir: str | Path, seed: int = DEFAULT_SEED) -> list[Path]:
         "opposing-sample.json": _json(train),
         "opposing-test.json": _json(test),
         "products.csv": _csv(make_products(seed)),
+        "arithmetic.jsonl": "".join(json.dumps(r) + "\n" for r in make_arithmetic(seed)),
     }
     paths = []
     for name in SAMPLE_FILES:

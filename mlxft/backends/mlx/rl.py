@@ -1,0 +1,144 @@
+"""Online RL on MLX: GRPO (with the Dr. GRPO and DAPO losses) and RLOO from prompts and reward
+functions (mlxft.rl, mlxft.rewards), on the shared run driver and one copy of the weights. Reads
+top to bottom: setup -> model -> data -> policy -> optimizer -> rollouts and step -> loop -> save.
+
+    mlxft rl --recipe grpo                                        # built-in model, bundled arithmetic questions
+    mlxft rl --recipe grpo --model HuggingFaceTB/SmolLM2-135M-Instruct
+    mlxft rl --recipe grpo --set rl.algo=rloo --set "rl.reward_functions=[my_rewards.py:brevity]" --data prompts.jsonl
+
+The policy is the base + the adapter being trained; the reference is the same model with the
+adapter switched off (lora.adapter_off, as DPO's), run as its own compiled function under
+stop_gradient: no second copy of the weights. Each prompt's G completions are sampled together
+from one run of the prompt (its KV cache copied to G rows).
+
+Supports: GRPO with group-normalised advantages (or Dr. GRPO's unscaled ones, rl.scale_rewards),
+RLOO's leave-one-out advantages; grpo / dr_grpo / dapo token averaging; the clipped ratio with
+DAPO's clip-higher (rl.epsilon_high); KL to the reference (rl.beta, 0 skips its forward);
+weighted reward functions in TRL's signature; LoRA (QLoRA on quantized bases); AdamW with warmup
+and decay; gradient accumulation over micro-batches of prompts; clipping; held-out reward of
+greedy completions every eval.every steps with the best adapter kept and early stopping;
+atomic checkpoints and --resume (the same samples: sampling is seeded by the step);
+metrics.jsonl with TRL's names (reward, reward_std, rewards/<function>/mean, kl, clip_ratio,
+entropy, completions/mean_length); completions.jsonl every rl.log_completions_every steps.
+
+Raises UserError for bad recipes, data, reward functions (and what they return), models and
+adapters; NotImplementedYet for full fine-tuning, for a continued adapter with rl.beta > 0 (its
+reference would be that adapter, which cannot be switched off), and for several ranks.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import mlx.core as mx
+import mlx.optimizers as optim
+
+from mlxft import backends, driver
+from mlxft.backends.mlx import PAD_MULTIPLE, checkpoint, steps
+from mlxft.backends.mlx import model as mlx_model
+from mlxft.backends.mlx.generate import sample_completions
+from mlxft.config import RunConfig
+from mlxft.distributed import World
+from mlxft.model_files import pad_id as pad_id_of
+from mlxft.policy import build_policy, describe_policy
+from mlxft.rl import (
+    CompletionLog,
+    describe_rl,
+    encode_prompt_split,
+    iterate_prompt_batches,
+    load_rl_data,
+    make_rollout,
+    statistic_names,
+    stop_ids,
+    summarizer,
+    validation_metrics,
+)
+from mlxft.runs import Run
+
+
+def train(config: RunConfig, run: Run, *, resume: bool = False, adapter: str | None = None, echo=print,
+          world: World = World()) -> dict:
+    """Train as `config` says, writing into `run`; returns the summary (also in summary.json)."""
+    tc, rc = config.train, config.rl
+    backend = backends.get("mlx")
+
+    # --- setup ---------------------------------------------------------------------------------
+    mx.random.seed(tc.seed)
+    mlx_model.configure_memory()
+    splits, functions = load_rl_data(config, adapter, world)  # rows and reward functions first: a mistake should not wait for a model
+
+    # --- model and data --------------------------------------------------------------------------
+    model, tokenizer, folder = mlx_model.load(config.model.name, quantize=config.model.quantize,
+                                              trust_remote_code=config.model.trust_remote_code)
+    split_head = mlx_model.can_split_head(model, folder)
+    pad_id, stop = pad_id_of(tokenizer), stop_ids(tokenizer)
+    train_set, truncated = encode_prompt_split(splits.train, splits, tokenizer, config)
+    valid_set, _ = encode_prompt_split(splits.valid, splits, tokenizer, config)
+    echo(f"data {splits.source}: {len(train_set)} train / {len(valid_set)} valid prompts; {truncated} longer than "
+         f"rl.max_prompt_length ({rc.max_prompt_length}) kept their end")
+
+    # --- policy ----------------------------------------------------------------------------------
+    spec = build_policy(backend, model, config, folder, start_from=run.checkpoint_dir / "weights" if resume else adapter)
+    trainable, line = describe_policy(backend, model, folder, spec, config)
+    echo(describe_rl(line, rc, functions))
+    echo(f"run folder: {run.folder}")
+
+    # --- optimizer and step ----------------------------------------------------------------------
+    optimizer = optim.AdamW(learning_rate=tc.learning_rate, weight_decay=tc.weight_decay,
+                            bias_correction=tc.bias_correction)
+    start = driver.Start()
+    if resume:  # before the step is compiled: it must capture the restored optimizer state
+        start = driver.Start(*checkpoint.load(run, model, optimizer, False))
+    micro_step, update = steps.make_step(model, optimizer, partial(steps.rl_loss, split_head=split_head, rc=rc),
+                                         tc.max_grad_norm)
+    reference_step = steps.make_token_reference_step(model, split_head) if rc.beta else None
+    names = [name for name, _ in functions]
+    log = CompletionLog(run.folder / "completions.jsonl", rc.log_completions_every, names)
+    if resume:
+        log.truncate(start.step)
+
+    def sample(prompt_ids, n):
+        return sample_completions(model, prompt_ids, n, max_tokens=rc.max_completion_length, temperature=rc.temperature,
+                                  top_p=rc.top_p, stop=stop)
+
+    step_now = {"step": start.step}
+
+    def inputs_of(batch) -> tuple:
+        rollout = make_rollout(batch, sample, tokenizer, splits.train, functions, rc, pad_id, PAD_MULTIPLE, stop)
+        log.write(step_now["step"], rollout)
+        inputs, positions, tokens, weights = steps.sft_inputs(rollout.batch)
+        reference = reference_step(inputs, positions, tokens) if reference_step else mx.zeros(tokens.shape)
+        mx.eval(reference)  # its activations are freed before the policy's forward begins
+        return inputs, positions, tokens, weights, reference, mx.array(rollout.advantages), mx.array(rollout.carried)
+
+    optimizer_step = steps.train_step(model, optimizer, micro_step, update, inputs_of, tc.seed, world, len(statistic_names(names)))
+
+    def step(index: int, batches: list, rate: float):
+        step_now["step"] = index + 1
+        return optimizer_step(index, batches, rate)
+
+    def greedy(prompt_ids):
+        return sample_completions(model, prompt_ids, 1, max_tokens=rc.max_completion_length, temperature=0.0, stop=stop)[0]
+
+    trainer = driver.Trainer(
+        step=step,
+        validate=lambda: validation_metrics(valid_set, splits.valid, greedy, tokenizer, functions, rc, stop),
+        summarize=summarizer(names),
+        save_weights=lambda where: checkpoint.save_weights(where, model, spec, config, folder),
+        save_checkpoint=lambda *state: checkpoint.save(run, model, optimizer, spec, config, folder, *state),
+        peak_memory_gb=mlx_model.peak_memory_gb,
+        reset_peak_memory=mx.reset_peak_memory,
+    )
+
+    # --- loop ----------------------------------------------------------------------------------
+    model.train()
+    fitted = driver.fit(run, config, trainer, train_set, start=start, iterate=iterate_prompt_batches, pad_id=pad_id,
+                        pad_multiple=PAD_MULTIPLE, echo=echo, world=world)
+
+    # --- save ----------------------------------------------------------------------------------
+    return driver.summarize_run(
+        run, config, fitted, trainer, method="rl", backend="mlx", device=str(mx.default_device()), model=str(folder),
+        trainable=trainable, setup={"algo": rc.algo, "loss_type": rc.loss_type, "beta": rc.beta,
+                                    "num_generations": rc.num_generations, "reward_functions": list(rc.reward_functions)},
+        data={"train_prompts": len(train_set), "valid_prompts": len(valid_set), "truncated_prompts": truncated},
+        outputs={"completions": str(log.path) if log.path.exists() else None})

@@ -1,0 +1,135 @@
+"""Online RL on PyTorch (CUDA, MPS or CPU): the twin of mlxft.backends.mlx.rl, with the same
+rollouts, losses (mlxft.rl), reward functions, metric names and run folder. Reads top to bottom:
+setup -> model -> data -> policy -> optimizer -> rollouts and step -> loop -> save.
+
+    mlxft rl --recipe grpo --backend torch
+    mlxft rl --recipe grpo --backend torch --model HuggingFaceTB/SmolLM2-135M-Instruct
+
+The reference is the model with its LoRA layers switched off (lora.adapter_off), run under
+torch.no_grad(): no second copy of the weights. Each prompt's G completions are sampled together
+from one run of the prompt (its KV cache repeated for G rows; generate.sample_completions).
+
+Supports what the MLX trainer does (see its docstring), with LoRA through PEFT (QLoRA through
+bitsandbytes on CUDA), MLX's AdamW update and bf16 autocast on CUDA. Raises as the MLX trainer
+does, and for resuming a run another backend wrote.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from mlxft import backends, driver
+from mlxft.backends.torch import PAD_MULTIPLE, checkpoint, steps
+from mlxft.backends.torch import model as torch_model
+from mlxft.backends.torch.adamw import MLXAdamW
+from mlxft.backends.torch.generate import sample_completions
+from mlxft.config import RunConfig
+from mlxft.data.batching import scored_targets
+from mlxft.distributed import World
+from mlxft.model_files import pad_id as pad_id_of
+from mlxft.policy import build_policy, describe_policy
+from mlxft.rl import (
+    CompletionLog,
+    describe_rl,
+    encode_prompt_split,
+    iterate_prompt_batches,
+    load_rl_data,
+    make_rollout,
+    statistic_names,
+    stop_ids,
+    summarizer,
+    validation_metrics,
+)
+from mlxft.runs import Run
+
+
+def train(config: RunConfig, run: Run, *, resume: bool = False, adapter: str | None = None, echo=print,
+          world: World = World()) -> dict:
+    """Train as `config` says, writing into `run`; returns the summary (also in summary.json)."""
+    tc, rc = config.train, config.rl
+    backend = backends.get("torch")
+
+    # --- setup ---------------------------------------------------------------------------------
+    device = torch_model.pick_device()
+    splits, functions = load_rl_data(config, adapter, world)  # rows and reward functions first: a mistake should not wait for a model
+
+    # --- model and data --------------------------------------------------------------------------
+    model, tokenizer, folder = torch_model.load(config.model.name, quantize=config.model.quantize,
+                                                trust_remote_code=config.model.trust_remote_code, device=device)
+    split_head = torch_model.can_split_head(model, folder)
+    pad_id, stop = pad_id_of(tokenizer), stop_ids(tokenizer)
+    train_set, truncated = encode_prompt_split(splits.train, splits, tokenizer, config)
+    valid_set, _ = encode_prompt_split(splits.valid, splits, tokenizer, config)
+    echo(f"data {splits.source}: {len(train_set)} train / {len(valid_set)} valid prompts; {truncated} longer than "
+         f"rl.max_prompt_length ({rc.max_prompt_length}) kept their end")
+
+    # --- policy ----------------------------------------------------------------------------------
+    torch.manual_seed(tc.seed)
+    spec = build_policy(backend, model, config, folder, start_from=run.checkpoint_dir / "weights" if resume else adapter)
+    trainable, line = describe_policy(backend, model, folder, spec, config, where=f" on {device}")
+    echo(describe_rl(line, rc, functions))
+    echo(f"run folder: {run.folder}")
+
+    # --- optimizer and step ----------------------------------------------------------------------
+    named = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    optimizer = MLXAdamW(list(named.values()), lr=tc.learning_rate, weight_decay=tc.weight_decay,
+                         bias_correction=tc.bias_correction)
+    start = driver.Start()
+    if resume:
+        start = driver.Start(*checkpoint.load(run, model, optimizer, named, False, config.model.trust_remote_code))
+    names = [name for name, _ in functions]
+    log = CompletionLog(run.folder / "completions.jsonl", rc.log_completions_every, names)
+    if resume:
+        log.truncate(start.step)
+
+    def sample(prompt_ids, n):
+        return sample_completions(model, prompt_ids, n, max_tokens=rc.max_completion_length, temperature=rc.temperature,
+                                  top_p=rc.top_p, stop=stop)
+
+    step_now = {"step": start.step}
+
+    def loss_of(batch):
+        rollout = make_rollout(batch, sample, tokenizer, splits.train, functions, rc, pad_id, PAD_MULTIPLE, stop)
+        log.write(step_now["step"], rollout)
+        targets = scored_targets(rollout.batch)
+        inputs, positions, tokens, weights = torch_model.to_device(device, rollout.batch.input_ids[:, :-1], targets.positions,
+                                                                   targets.tokens, targets.weights)
+        advantages, carried = torch_model.to_device(device, rollout.advantages, rollout.carried)
+        with torch_model.autocast(device):
+            reference = (steps.reference_token_logps(model, inputs, positions, tokens, split_head=split_head) if rc.beta
+                         else torch.zeros(tokens.shape, device=device))
+            return steps.rl_loss(model, inputs, positions, tokens, weights, reference.float(), advantages, carried,
+                                 split_head=split_head, rc=rc)
+
+    optimizer_step = steps.train_step(optimizer, loss_of, seed=tc.seed, max_grad_norm=tc.max_grad_norm, world=world,
+                                      statistics=len(statistic_names(names)))
+
+    def step(index: int, batches: list, rate: float):
+        step_now["step"] = index + 1
+        return optimizer_step(index, batches, rate)
+
+    def greedy(prompt_ids):
+        return sample_completions(model, prompt_ids, 1, max_tokens=rc.max_completion_length, temperature=0.0, stop=stop)[0]
+
+    trainer = driver.Trainer(
+        step=step,
+        validate=lambda: validation_metrics(valid_set, splits.valid, greedy, tokenizer, functions, rc, stop),
+        summarize=summarizer(names),
+        save_weights=lambda where: checkpoint.save_weights(where, model, spec, config, folder),
+        save_checkpoint=lambda *state: checkpoint.save(run, model, optimizer, named, spec, config, folder, *state),
+        peak_memory_gb=lambda: torch_model.peak_memory_gb(device),
+        reset_peak_memory=lambda: torch_model.reset_peak_memory(device),
+    )
+
+    # --- loop ----------------------------------------------------------------------------------
+    model.train()
+    fitted = driver.fit(run, config, trainer, train_set, start=start, iterate=iterate_prompt_batches, pad_id=pad_id,
+                        pad_multiple=PAD_MULTIPLE, echo=echo, world=world)
+
+    # --- save ----------------------------------------------------------------------------------
+    return driver.summarize_run(
+        run, config, fitted, trainer, method="rl", backend="torch", device=str(device), model=str(folder),
+        trainable=trainable, setup={"algo": rc.algo, "loss_type": rc.loss_type, "beta": rc.beta,
+                                    "num_generations": rc.num_generations, "reward_functions": list(rc.reward_functions)},
+        data={"train_prompts": len(train_set), "valid_prompts": len(valid_set), "truncated_prompts": truncated},
+        outputs={"completions": str(log.path) if log.path.exists() else None})

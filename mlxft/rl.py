@@ -1,0 +1,322 @@
+"""Online RL from prompts, backend-neutral: rollouts, rewards, advantages and the policy loss, as
+TRL's GRPOTrainer and RLOOTrainer compute them. The trainers are mlxft.backends.<backend>.rl; the
+loop is mlxft.driver's. No mlx and no torch here: numpy, and loss math over an `xp` namespace.
+
+One optimizer step, for each of its micro-batches of prompts:
+1. sample G completions per prompt from the policy (base + adapter), each prompt run once and its
+   KV cache shared by its G completions (the backend's sampler);
+2. score them with the reward functions (mlxft.rewards), weighted and added;
+3. advantages within each prompt's group (group_advantages):
+   grpo  A_i = (r_i − mean(r)) / (std(r) + 1e-4), or r_i − mean(r) without rl.scale_rewards (Dr. GRPO)
+   rloo  A_i = r_i − mean of the other G − 1 rewards;
+4. the loss over the completion tokens (policy_objective), with ρ = π/π_old the policy ratio and
+   KL the k3 estimate exp(ref − logπ) − (ref − logπ) − 1 against the reference (the base model,
+   adapter off, as DPO's):
+   per token  −min(ρA, clip(ρ, 1 − ε, 1 + ε_high)A) + β·KL
+   averaged (rl.loss_type) per completion then over completions (grpo), over completions × the
+   completion budget (dr_grpo), or over all tokens of the step (dapo).
+
+Each rollout is trained on once (TRL's num_iterations = 1), so π_old is the policy itself, ρ = 1
+and no token is clipped; the gradient is the policy gradient. clip_ratio is still measured.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from mlxft.data.batching import Batch, collate
+from mlxft.data.encode import Example, encode_prompt
+from mlxft.errors import NotImplementedYet, UserError
+
+# --- data ------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PromptExample:
+    ids: list[int]  # the rendered prompt's token ids
+    row: int  # its row in the split (whose other fields the reward functions get)
+    text: str  # the prompt as the reward functions see it (the row's prompt, before any template)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+@dataclass
+class PromptBatch:
+    examples: list[PromptExample]
+    index: np.ndarray
+    tokens: int = 0  # prompt + completion tokens trained on: known once the step has sampled
+
+    @property
+    def lengths(self) -> np.ndarray:
+        """The prompts' lengths (a batch's rows, as mlxft.distributed counts them)."""
+        return np.array([len(e) for e in self.examples], dtype=np.int32)
+
+
+def load_rl_data(config, adapter=None, world=None):
+    """(splits of prompt rows, the reward functions): everything that can be wrong before a model loads."""
+    from mlxft.rewards import load_reward_function
+
+    rc = config.rl
+    rc.check()
+    if world is not None and world.size > 1:
+        raise NotImplementedYet("mlxft rl runs as one process for now; drop --nproc")
+    if adapter and rc.beta:
+        raise NotImplementedYet("--adapter with rl.beta > 0: the reference would be that adapter, which cannot be "
+                                "switched off; set rl.beta=0, or start a new adapter")
+    if config.lora.full_finetune:
+        raise NotImplementedYet("mlxft rl trains a LoRA adapter (the reference is the model with it switched off); "
+                                "full fine-tuning is not built for RL yet")
+    if config.eval.metric != "reward":
+        raise UserError(f"eval.metric '{config.eval.metric}' is not measured by RL; use eval.metric=reward")
+    functions = [load_reward_function(spec) for spec in rc.reward_functions]
+    return load_prompt_splits(config.data), functions
+
+
+def load_prompt_splits(data):
+    """Train / validation / test rows with a 'prompt' (any other fields are the reward functions'):
+    a file split with the recipe's fractions and seed, or a folder of train.jsonl (+ valid.jsonl)."""
+    from mlxft.data.dataset import Splits, resolve_source
+    from mlxft.data.records import load_records
+    from mlxft.data.splits import sample_k_shot, split_items
+
+    path = resolve_source(data.source)
+    if path.is_dir():
+        if not (path / "train.jsonl").exists():
+            raise UserError(f"data {path}: a folder needs train.jsonl (and valid.jsonl, test.jsonl)")
+        train, valid, test = (load_records(path / f"{name}.jsonl") if (path / f"{name}.jsonl").exists() else []
+                              for name in ("train", "valid", "test"))
+    else:
+        train, valid, test = split_items(load_records(path), tuple(data.split), data.seed)
+    if data.k_shot:
+        train = sample_k_shot(train, data.k_shot, data.seed if data.k_shot_seed is None else data.k_shot_seed)
+    if data.max_valid_rows:
+        valid = valid[: data.max_valid_rows]
+    for record in train + valid:
+        if not isinstance(record.get("prompt"), (str, list)):
+            raise UserError(f"{record.origin}: RL needs rows with a 'prompt' (a string or a list of messages), "
+                            f"not fields {sorted(record.fields)}")
+    return Splits(train, valid, test, None, data.template, str(path))
+
+
+def encode_prompt_split(records, splits, tokenizer, config) -> tuple[list[PromptExample], int]:
+    """(prompts, how many were longer than rl.max_prompt_length and lost their beginning)."""
+    from mlxft.data.templates import preference_prompt, resolve_preference_template
+
+    template = resolve_preference_template(config.data.template, records, tokenizer)
+    limit = config.rl.max_prompt_length
+    examples, truncated = [], 0
+    for i, record in enumerate(records):
+        ids = encode_prompt(tokenizer, preference_prompt(record, template, tokenizer, system_prompt=config.data.system_prompt))
+        if limit is not None and len(ids) > limit:
+            ids, truncated = ids[-limit:], truncated + 1
+        prompt = record["prompt"]
+        examples.append(PromptExample(ids, i, prompt if isinstance(prompt, str) else prompt[-1]["content"]))
+    return examples, truncated
+
+
+def iterate_prompt_batches(examples, batch_size: int, pad_id: int, seed: int = 0, shuffle: bool = True,
+                           pad_to_multiple: int = 1):
+    """Batches of prompts in a seeded order (the driver's `iterate`; padding happens after sampling)."""
+    order = np.random.default_rng(seed).permutation(len(examples)) if shuffle else np.arange(len(examples))
+    for start in range(0, len(order), batch_size):
+        index = order[start : start + batch_size]
+        yield PromptBatch([examples[i] for i in index], index)
+
+
+def columns_of(records, rows) -> dict[str, list]:
+    """The rows' fields other than the prompt, one list each, as TRL hands them to reward functions."""
+    names = [k for k in records[rows[0]].fields if k != "prompt"]
+    return {k: [records[r].get(k) for r in rows] for k in names}
+
+
+def stop_ids(tokenizer) -> set[int]:
+    """The tokens that end a completion: the tokenizer's end-of-sequence token(s)."""
+    ids = getattr(tokenizer, "eos_token_ids", None) or tokenizer.eos_token_id  # mlx-lm's wrapper: a set
+    return {int(i) for i in (ids if isinstance(ids, (set, list, tuple)) else [ids]) if i is not None}
+
+
+# --- rollouts ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class Rollout:
+    batch: Batch  # G rows per prompt, [prompt | completion], right-padded; the completion is scored
+    advantages: np.ndarray  # [N] float32
+    carried: np.ndarray  # [len(CARRIED) + 2F] float32: reward statistic sums (see statistic_names)
+    prompts: list[str]
+    completions: list[str]
+    rewards: np.ndarray  # [F, N]
+
+
+def make_rollout(batch: PromptBatch, sample, tokenizer, records, functions, rc, pad_id: int, pad_multiple: int,
+                 stop: set[int]) -> Rollout:
+    """Sample, score and lay out one micro-batch of prompts. `sample(prompt_ids, n)` is the
+    backend's sampler: n completions of one prompt, each a list of ids ending at a stop token or
+    at rl.max_completion_length."""
+    g = rc.num_generations
+    examples, prompts, completions, rows, truncated = [], [], [], [], 0
+    for prompt in batch.examples:
+        for ids in sample(prompt.ids, g):
+            truncated += not (ids and ids[-1] in stop)
+            examples.append(Example(list(prompt.ids) + list(ids), [0] * len(prompt.ids) + [1] * len(ids)))
+            completions.append(tokenizer.decode([i for i in ids if i not in stop]))
+            prompts.append(prompt.text)
+            rows.append(prompt.row)
+    from mlxft.rewards import score
+
+    table = score(functions, prompts, completions, columns_of(records, rows))
+    weights = np.asarray(rc.reward_weights if rc.reward_weights is not None else [1.0] * len(functions))
+    total = weights @ table
+    advantages = group_advantages(total, g, rc.algo, rc.scale_rewards)
+    collated = collate(examples, pad_id, pad_multiple)
+    batch.tokens = int(collated.lengths.sum())
+    return Rollout(collated, advantages.astype(np.float32), reward_sums(total, table, g, truncated), prompts, completions, table)
+
+
+def group_advantages(rewards: np.ndarray, g: int, algo: str = "grpo", scale_rewards: bool = True) -> np.ndarray:
+    """Advantages [N] of rewards [N] laid out as consecutive groups of g completions of one prompt."""
+    groups = np.asarray(rewards, dtype=np.float64).reshape(-1, g)
+    mean = groups.mean(axis=1, keepdims=True)
+    if algo == "rloo":  # baseline: the mean of the other g - 1
+        return ((groups - mean) * g / (g - 1)).reshape(-1)
+    advantages = groups - mean
+    if scale_rewards:  # the unbiased std, as torch.std and TRL compute it
+        advantages = advantages / (groups.std(axis=1, ddof=1, keepdims=True) + 1e-4)
+    return advantages.reshape(-1)
+
+
+# --- the loss --------------------------------------------------------------------------------------
+
+# Computed in the loss: [0] what the loss is averaged over (completions, or tokens for dapo), then
+# sums over the completions and their tokens.
+LOSS_STATISTICS = ("count", "loss", "completions", "completion_tokens", "kl", "clipped", "entropy")
+# Computed from the rewards before the loss runs, carried through it as a constant input.
+CARRIED = ("reward", "reward_squares", "group_std", "zero_std_groups", "groups", "truncated")
+
+
+def clip(x, low: float, high: float, xp):
+    return xp.minimum(xp.maximum(x, xp.zeros_like(x) + low), xp.zeros_like(x) + high)
+
+
+def policy_objective(logps, reference, weights, advantages, rc, *, xp, detach):
+    """(the loss sum, LOSS_STATISTICS sums but entropy) of completion tokens: per-token log-probs
+    under the policy `logps` [N, K], the reference's [N, K], `weights` [N, K] (1 on completion
+    tokens) and advantages [N]. The old policy is the policy itself (one update per rollout)."""
+    ratio = xp.exp(logps - detach(logps))
+    advantage = advantages[:, None]
+    high = rc.epsilon if rc.epsilon_high is None else rc.epsilon_high
+    per_token = -xp.minimum(ratio * advantage, clip(ratio, 1 - rc.epsilon, 1 + high, xp) * advantage)
+    delta = reference - logps
+    kl = xp.exp(delta) - delta - 1
+    if rc.beta:
+        per_token = per_token + rc.beta * kl
+    per_token = per_token * weights
+    tokens = weights.sum(-1)
+    completions = xp.zeros_like(tokens).sum() + tokens.shape[0]
+    if rc.loss_type == "grpo":
+        loss_sum, count = (per_token.sum(-1) / xp.maximum(tokens, xp.zeros_like(tokens) + 1)).sum(), completions
+    elif rc.loss_type == "dr_grpo":
+        loss_sum, count = per_token.sum() / rc.max_completion_length, completions
+    else:  # dapo: every token of the step weighs the same
+        loss_sum, count = per_token.sum(), tokens.sum()
+    ratio_d = detach(ratio)
+    advantage_d = detach(advantage) + xp.zeros_like(ratio_d)
+    clipped = (((ratio_d < 1 - rc.epsilon) & (advantage_d < 0)) | ((ratio_d > 1 + high) & (advantage_d > 0))) * weights
+    kl_sum = (detach(kl) * weights).sum() if rc.beta else xp.zeros_like(tokens).sum()  # no reference run: not measured
+    sums = [count, detach(loss_sum), completions, tokens.sum(), kl_sum, clipped.sum()]
+    return loss_sum, xp.stack([detach(s) for s in sums])
+
+
+def reward_sums(total: np.ndarray, table: np.ndarray, g: int, truncated: int) -> np.ndarray:
+    """CARRIED sums, then each function's reward sum and sum of squares."""
+    groups = total.reshape(-1, g)
+    stds = groups.std(axis=1, ddof=1)
+    carried = [total.sum(), (total ** 2).sum(), stds.sum(), float((stds == 0).sum()), len(groups), truncated]
+    for row in table:
+        carried += [row.sum(), (row ** 2).sum()]
+    return np.asarray(carried, dtype=np.float32)
+
+
+def statistic_names(function_names: list[str]) -> tuple[str, ...]:
+    return LOSS_STATISTICS + CARRIED + tuple(f"{n}/{part}" for n in function_names for part in ("sum", "squares"))
+
+
+def summarizer(function_names: list[str]):
+    """summarize(sums) -> metrics under TRL's names, for the driver."""
+    names = statistic_names(function_names)
+
+    def summarize(sums) -> dict:
+        s = dict(zip(names, (float(v) for v in sums)))
+        n, tokens = max(s["completions"], 1.0), max(s["completion_tokens"], 1.0)
+        metrics = {"loss": s["loss"] / max(s["count"], 1.0), "reward": s["reward"] / n,
+                   "reward_std": s["group_std"] / max(s["groups"], 1.0),
+                   "frac_reward_zero_std": s["zero_std_groups"] / max(s["groups"], 1.0)}
+        for name in function_names:
+            mean = s[f"{name}/sum"] / n
+            metrics[f"rewards/{name}/mean"] = mean
+            metrics[f"rewards/{name}/std"] = max(s[f"{name}/squares"] / n - mean ** 2, 0.0) ** 0.5
+        metrics.update({"kl": s["kl"] / tokens, "clip_ratio": s["clipped"] / tokens, "entropy": s["entropy"] / tokens,
+                        "completions/mean_length": s["completion_tokens"] / n, "completions/clipped_ratio": s["truncated"] / n})
+        return metrics
+
+    return summarize
+
+
+# --- validation and the completions log --------------------------------------------------------------
+
+
+def validation_metrics(examples, records, sample_greedy, tokenizer, functions, rc, stop) -> dict:
+    """eval_reward and each function's mean over one greedy completion per held-out prompt."""
+    from mlxft.rewards import score
+
+    if not examples:
+        return {}
+    completions, lengths = [], []
+    for prompt in examples:
+        ids = sample_greedy(prompt.ids)
+        lengths.append(len(ids))
+        completions.append(tokenizer.decode([i for i in ids if i not in stop]))
+    table = score(functions, [p.text for p in examples], completions, columns_of(records, [p.row for p in examples]))
+    weights = np.asarray(rc.reward_weights if rc.reward_weights is not None else [1.0] * len(functions))
+    metrics = {"eval_reward": float((weights @ table).mean())}
+    for (name, _), row in zip(functions, table):
+        metrics[f"eval_rewards/{name}/mean"] = float(row.mean())
+    metrics["eval_completions/mean_length"] = float(np.mean(lengths))
+    return metrics
+
+
+@dataclass
+class CompletionLog:
+    """completions.jsonl: every `every` steps, each completion the step sampled, with its prompt,
+    rewards and advantage (TRL's log_completions). A resumed run drops the lines
+    after its checkpoint, as metrics.jsonl does."""
+
+    path: Path
+    every: int
+    function_names: list[str] = field(default_factory=list)
+
+    def truncate(self, step: int) -> None:
+        if self.path.exists():
+            kept = [line for line in self.path.read_text().splitlines() if json.loads(line)["step"] <= step]
+            from mlxft.files import write_atomic
+
+            write_atomic(self.path, "".join(line + "\n" for line in kept))
+
+    def write(self, step: int, rollout: Rollout) -> None:
+        if not self.every or step % self.every:
+            return
+        with self.path.open("a") as f:
+            for i, (prompt, completion) in enumerate(zip(rollout.prompts, rollout.completions)):
+                rewards = {name: float(rollout.rewards[k, i]) for k, name in enumerate(self.function_names)}
+                f.write(json.dumps({"step": step, "prompt": prompt, "completion": completion, "rewards": rewards,
+                                    "advantage": float(rollout.advantages[i])}) + "\n")
+
+
+def describe_rl(policy_line: str, rc, functions) -> str:
+    return (f"{policy_line}; {rc.algo.upper()} ({rc.loss_type} loss), {rc.num_generations} completions per prompt of "
+            f"at most {rc.max_completion_length} tokens, beta {rc.beta:g}; rewards: {', '.join(n for n, _ in functions)}")

@@ -1,0 +1,278 @@
+"""Online RL (mlxft.rl, mlxft.rewards, mlxft.backends.<b>.rl): advantages and the policy loss by
+hand on three array libraries (its gradient is the policy gradient), reward functions and their
+errors, the sampler, both backends' loss and gradients on the same rollout, and runs end to end."""
+
+from __future__ import annotations
+
+import json
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from mlxft.config import RLConfig, load_config
+from mlxft.errors import UserError
+from mlxft.rewards import arithmetic, load_reward_function, number_only, score
+from mlxft.rl import group_advantages, policy_objective, summarizer
+from mlxft.runs import Run
+
+# --- advantages and the loss -------------------------------------------------------------------------
+
+
+def test_group_advantages_by_hand():
+    rewards = np.array([1, 0, 0, 1, 0, 0, 0, 0], dtype=float)  # two prompts, G = 4
+    # GRPO: (r - 0.5) / (unbiased std sqrt(1/3) + 1e-4); a group of equal rewards learns nothing.
+    assert group_advantages(rewards, 4).tolist() == pytest.approx([0.86588, -0.86588, -0.86588, 0.86588, 0, 0, 0, 0], abs=1e-5)
+    assert group_advantages(rewards, 4, scale_rewards=False).tolist() == [0.5, -0.5, -0.5, 0.5, 0, 0, 0, 0]  # Dr. GRPO
+    # RLOO: r - the mean of the other three.
+    assert group_advantages(rewards, 4, "rloo").tolist() == pytest.approx([2 / 3, -2 / 3, -2 / 3, 2 / 3, 0, 0, 0, 0])
+
+
+def objective_inputs(xp_name):
+    logps = [[-1.0, -2.0, 0.0], [-0.5, 0.0, 0.0]]
+    reference = [[-1.5, -2.0, 0.0], [-0.5, 0.0, 0.0]]  # the first token's log-ratio to the reference is 0.5
+    weights = [[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]]
+    advantages = [1.0, -2.0]
+    if xp_name == "numpy":
+        return np, (lambda x: x), [np.array(v) for v in (logps, reference, weights, advantages)]
+    if xp_name == "mlx":
+        return mx, mx.stop_gradient, [mx.array(v) for v in (logps, reference, weights, advantages)]
+    torch = pytest.importorskip("torch")
+    return torch, torch.Tensor.detach, [torch.tensor(v, dtype=torch.float64) for v in (logps, reference, weights, advantages)]
+
+
+@pytest.mark.parametrize("xp_name", ["numpy", "mlx", "torch"])
+@pytest.mark.parametrize("loss_type, loss, count", [("grpo", 1.0, 2), ("dr_grpo", 0.0, 2), ("dapo", 0.0, 3)])
+def test_policy_loss_by_hand(xp_name, loss_type, loss, count):
+    xp, detach, (logps, reference, weights, advantages) = objective_inputs(xp_name)
+    rc = RLConfig(beta=0.0, loss_type=loss_type, max_completion_length=4)
+    # ratio 1: the per-token loss is -A. grpo: mean(-1, -1) + mean(2) = 1 over 2 completions;
+    # dr_grpo: (-1 - 1 + 2) / 4; dapo: the same sum over 3 tokens.
+    loss_sum, sums = policy_objective(logps, reference, weights, advantages, rc, xp=xp, detach=detach)
+    assert float(loss_sum) == pytest.approx(loss) and float(sums[0]) == count
+    assert [float(v) for v in sums[2:]] == [2, 3, 0, 0]  # completions, tokens, KL (beta 0: no reference run), clipped
+    with_kl, sums = policy_objective(logps, reference, weights, advantages, RLConfig(beta=0.1, loss_type="grpo"), xp=xp, detach=detach)
+    kl = np.exp(-0.5) + 0.5 - 1  # k3 at the first token: exp(ref - logp) - (ref - logp) - 1
+    assert float(with_kl) == pytest.approx(1.0 + 0.1 * kl / 2, abs=1e-6)
+    assert float(sums[4]) == pytest.approx(kl, abs=1e-6)
+
+
+def test_the_gradient_is_the_policy_gradient():
+    # d loss / d logπ(token) = -A / (tokens of its completion) for grpo at ratio 1: not zero, as a
+    # loss written with π_old = π without the ratio trick would make it.
+    _, _, (logps, reference, weights, advantages) = objective_inputs("mlx")
+    rc = RLConfig(beta=0.0)
+    grad = mx.grad(lambda x: policy_objective(x, reference, weights, advantages, rc, xp=mx, detach=mx.stop_gradient)[0])(logps)
+    assert np.array(grad).ravel().tolist() == pytest.approx([-0.5, -0.5, 0.0, 2.0, 0.0, 0.0])
+
+
+def test_summary_metrics_carry_trl_names():
+    names = ["arithmetic"]
+    # count, loss, completions, tokens, kl, clipped, entropy | reward, reward², group std, zero-std groups, groups, truncated | sum, squares
+    sums = np.array([4, 2.0, 4, 20, 1.0, 0, 10.0, 2.0, 2.0, 1.1547, 1, 2, 1, 2.0, 2.0])
+    metrics = summarizer(names)(sums)
+    assert metrics["loss"] == 0.5 and metrics["reward"] == 0.5 and metrics["rewards/arithmetic/mean"] == 0.5
+    assert metrics["rewards/arithmetic/std"] == pytest.approx(0.5) and metrics["kl"] == 0.05 and metrics["entropy"] == 0.5
+    assert metrics["completions/mean_length"] == 5 and metrics["completions/clipped_ratio"] == 0.25
+    assert metrics["frac_reward_zero_std"] == 0.5 and metrics["reward_std"] == pytest.approx(0.57735)
+
+
+# --- reward functions ----------------------------------------------------------------------------------
+
+
+def test_bundled_reward_functions():
+    completions = ["12", "7 + 5 = 12", "The answer is 13.", "twelve", "12."]
+    assert arithmetic([""] * 5, completions, answer=["12"] * 5) == [1.0, 1.0, 0.0, 0.0, 1.0]
+    assert number_only([""] * 5, completions) == [1.0, 0.0, 0.0, 0.0, 1.0]
+
+
+def test_reward_functions_load_from_a_module_or_a_file(tmp_path):
+    assert load_reward_function("mlxft.rewards:arithmetic")[1] is arithmetic
+    (tmp_path / "mine.py").write_text("def brevity(prompts, completions, **kw):\n    return [-len(c) for c in completions]\n")
+    name, function = load_reward_function(f"{tmp_path / 'mine.py'}:brevity")
+    assert name == "brevity" and function(["p"], ["abc"]) == [-3]
+    for spec, message in [("nocolon", "module:function"), ("mlxft.rewards:nothing", "has no function nothing"),
+                          ("no_such_module_xyz:f", "cannot import"), (f"{tmp_path / 'absent.py'}:f", "no such file")]:
+        with pytest.raises(UserError, match=message):
+            load_reward_function(spec)
+
+
+@pytest.mark.parametrize("body, message", [
+    ("raise ValueError('bad row')", "raised ValueError: bad row .*'What is 1 \\+ 1\\?'"),
+    ("return [1.0]", "returned 1 values for 2 completions; it must return one number per completion"),
+    ("return [float('nan'), 1.0]", "returned nan for prompt 'What is 1 \\+ 1\\?' and completion '2'"),
+    ("return ['1', 1.0]", "returned '1'"),
+])
+def test_a_bad_reward_function_is_named_with_its_prompt_and_completion(tmp_path, body, message):
+    (tmp_path / "bad.py").write_text(f"def f(prompts, completions, **kw):\n    {body}\n")
+    functions = [load_reward_function(f"{tmp_path / 'bad.py'}:f")]
+    with pytest.raises(UserError, match=f"reward function f .*{message}"):
+        score(functions, ["What is 1 + 1?"] * 2, ["2", "3"], {"answer": ["2", "2"]})
+
+
+# --- the sampler and the loss on both backends -------------------------------------------------------
+
+
+def test_greedy_samples_are_mlx_lms_greedy_answer_and_stop_at_the_end_token(tiny_model_dir):
+    from mlx_lm import generate
+    from mlx_lm.sample_utils import make_sampler
+
+    from mlxft.backends.mlx import model as mlx_model
+    from mlxft.backends.mlx.generate import sample_completions
+
+    model, tokenizer, _ = mlx_model.load(str(tiny_model_dir))
+    prompt = tokenizer.encode("What is 3 + 4?")
+    samples = sample_completions(model, prompt, 3, max_tokens=12, temperature=0.0, stop=set())
+    assert samples[0] == samples[1] == samples[2] and len(samples[0]) == 12  # the KV cache copied to each row
+    reference = generate(model, tokenizer, prompt, max_tokens=12, sampler=make_sampler(temp=0.0))
+    assert tokenizer.decode(samples[0]) == reference
+    stop = {samples[0][4]}
+    cut = sample_completions(model, prompt, 2, max_tokens=12, temperature=0.0, stop=stop)
+    assert cut[0] == samples[0][: samples[0].index(samples[0][4]) + 1]  # ends with its first stop token
+    mx.random.seed(3)
+    drawn = sample_completions(model, prompt, 4, max_tokens=8, temperature=1.0, stop=set())
+    assert len({tuple(s) for s in drawn}) > 1  # sampled, not four copies
+
+
+@pytest.mark.slow
+def test_both_backends_give_the_same_loss_and_gradients_on_the_same_rollout(tiny_model_dir, tmp_path):
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("peft")
+    import mlx.nn as nn
+    from mlx.utils import tree_flatten
+    from test_parity import starting_adapter
+
+    from mlxft.adapters import attach_adapter
+    from mlxft.backends.mlx import lora as mlx_lora
+    from mlxft.backends.mlx import model as mlx_model
+    from mlxft.backends.mlx import steps as mlx_steps
+    from mlxft.backends.torch import lora as torch_lora
+    from mlxft.backends.torch import model as torch_model
+    from mlxft.backends.torch import steps as torch_steps
+    from mlxft.data.batching import collate, scored_targets
+    from mlxft.data.encode import Example
+    from mlxft.rl import reward_sums
+
+    adapter = starting_adapter(tiny_model_dir, tmp_path / "start")
+    rng = np.random.default_rng(0)
+    prompt = rng.integers(3, 200, size=7).tolist()
+    completions = [rng.integers(3, 200, size=n).tolist() for n in (5, 3, 6, 2)]  # fixed: no sampling on either side
+    batch = collate([Example(prompt + c, [0] * 7 + [1] * len(c)) for c in completions], pad_id=0, pad_to_multiple=4)
+    targets = scored_targets(batch)
+    rewards = np.array([1.0, 0.0, 0.0, 1.0])
+    advantages = group_advantages(rewards, 4).astype(np.float32)
+    carried = reward_sums(rewards, rewards[None], 4, 0)
+    rc = RLConfig(beta=0.1)
+    arrays = (batch.input_ids[:, :-1], targets.positions, targets.tokens, targets.weights)
+
+    model, _, _ = mlx_model.load(str(tiny_model_dir))
+    attach_adapter(mlx_lora, model, adapter)
+    model.eval()
+    inputs = [mx.array(a) for a in arrays]
+    reference = mlx_steps.make_token_reference_step(model, True)(*inputs[:3])
+    loss = lambda m: mlx_steps.rl_loss(m, *inputs, reference, mx.array(advantages), mx.array(carried), split_head=True, rc=rc)  # noqa: E731
+    (mlx_loss, mlx_sums), mlx_grads = nn.value_and_grad(model, loss)(model)
+    mlx_grads = {k: np.array(v) for k, v in tree_flatten(mlx_grads)}
+
+    tmodel, _, _ = torch_model.load(str(tiny_model_dir), device=torch.device("cpu"))
+    attach_adapter(torch_lora, tmodel, adapter)
+    tmodel.eval()
+    tensors = torch_model.to_device(torch.device("cpu"), *arrays)
+    treference = torch_steps.reference_token_logps(tmodel, *tensors[:3], split_head=True)
+    torch_loss, torch_sums = torch_steps.rl_loss(tmodel, *tensors, treference, torch.tensor(advantages), torch.tensor(carried),
+                                                 split_head=True, rc=rc)
+    torch_loss.backward()
+
+    assert float(torch_loss) == pytest.approx(float(mlx_loss), abs=1e-5)
+    assert np.abs(torch_sums.numpy() - np.array(mlx_sums)).max() < 1e-4
+    worst = 0.0
+    for name, p in tmodel.named_parameters():
+        if p.grad is None:
+            continue
+        module, part = name.replace(".default", "").rsplit(".lora_", 1)
+        mlx_grad = mlx_grads[f"{module}.lora_{part[0].lower()}"].T  # mlx-lm keeps lora_a [in, r]: PEFT's A transposed
+        worst = max(worst, float(np.abs(p.grad.numpy() - mlx_grad).max()))
+    print(f"RL loss {float(mlx_loss):.6f} on both; largest gradient difference {worst:.1e}")
+    assert worst < 1e-5
+    assert max(np.abs(g).max() for g in mlx_grads.values()) > 1e-3  # gradients that carry something
+
+
+# --- runs ---------------------------------------------------------------------------------------------
+
+
+def tiny_config(model_dir, out, rewards_file, *extra):
+    return load_config("grpo", [
+        f"model.name={model_dir}", "data.k_shot=16", "data.max_valid_rows=4", "train.batch_size=2", "train.steps=4",
+        "train.report_every=1", "train.warmup_steps=1", "train.learning_rate=1e-2", "train.checkpoint_every=2",
+        "eval.every=2", "rl.max_completion_length=8", "rl.log_completions_every=2",
+        f"rl.reward_functions=[{rewards_file}:brevity]", f"out={out}", *extra])
+
+
+def rewards_file(tmp_path):
+    path = tmp_path / "rewards.py"
+    path.write_text("def brevity(prompts, completions, **kw):\n    return [-len(c) / 10 for c in completions]\n")
+    return path
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["mlx", "torch"])
+def test_resume_after_a_kill_samples_and_reports_the_same(tiny_model_dir, tmp_path, stop_after_step, backend):
+    if backend == "torch":
+        pytest.importorskip("peft")
+    from mlxft import backends
+
+    trainer = backends.get(backend).rl
+    functions = rewards_file(tmp_path)
+    straight = tiny_config(tiny_model_dir, tmp_path / "a", functions)
+    summary = trainer.train(straight, Run.create(tmp_path / "a", straight), echo=lambda *a: None)
+    killed = tiny_config(tiny_model_dir, tmp_path / "b", functions)
+    counter = stop_after_step(3)  # killed after step 3, with a checkpoint at step 2
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train(killed, Run.create(tmp_path / "b", killed), echo=lambda *a: None)
+    trainer.train(killed, Run.open_for_resume(tmp_path / "b"), resume=True, echo=lambda *a: None)
+    assert counter["after_stop"] == 2
+    a, b = ([json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()] for run in "ab")
+    for key in ("loss", "reward", "rewards/brevity/mean", "kl", "entropy", "completions/mean_length", "eval_reward"):
+        assert [r.get(key) for r in b] == pytest.approx([r.get(key) for r in a], rel=1e-4, abs=1e-6), key
+    logged = [(tmp_path / run / "completions.jsonl").read_text() for run in "ab"]
+    assert logged[0] == logged[1] and {json.loads(line)["step"] for line in logged[0].splitlines()} == {2, 4}
+    assert a[0]["frac_reward_zero_std"] < 1 and any(r["grad_norm"] > 0 for r in a)  # completions differ: it learns
+    assert summary["algo"] == "grpo" and "eval_rewards/brevity/mean" in summary["after"]
+
+
+@pytest.mark.slow
+def test_a_reward_function_that_fails_mid_run_stops_it_with_the_checkpoint_intact(tiny_model_dir, tmp_path):
+    from click.testing import CliRunner
+
+    from mlxft.cli import cli
+
+    path = tmp_path / "flaky.py"
+    path.write_text("calls = []\n\ndef flaky(prompts, completions, **kw):\n    calls.append(1)\n"
+                    "    if len(calls) > 5:\n        raise RuntimeError('the grader is down')\n    return [0.0] * len(completions)\n")
+    out = tmp_path / "run"
+    result = CliRunner().invoke(cli, ["rl", "--recipe", "grpo", "--model", str(tiny_model_dir), "--backend", "mlx",
+                                      "--out", str(out), "--set", f"rl.reward_functions=[{path}:flaky]",
+                                      "--set", "train.batch_size=1", "--set", "train.checkpoint_every=2",
+                                      "--set", "eval.every=0", "--set", "data.max_valid_rows=1", "--set", "train.steps=8",
+                                      "--set", "rl.max_completion_length=4"])
+    # Calls: 1 before training (validation), then one per step: the 6th call is step 5's.
+    assert result.exit_code != 0 and "reward function flaky raised RuntimeError: the grader is down" in result.output
+    assert json.loads((out / "checkpoint" / "state.json").read_text())["step"] == 4
+
+
+def test_rl_mistakes_are_one_line_errors(tiny_model_dir, tmp_path):
+    from click.testing import CliRunner
+
+    from mlxft.cli import cli
+
+    runner = CliRunner()
+    out = str(tmp_path / "run")
+    for settings, message in [(["rl.reward_functions=[nowhere:f]"], "cannot import nowhere"),
+                              (["eval.metric=loss"], "use eval.metric=reward"),
+                              (["lora.full_finetune=true"], "full fine-tuning is not built for RL"),
+                              (["rl.reward_weights=[1, 2]"], "2 weights for 1 reward functions"),
+                              (["data.source=data/alpaca-sample.json"], "RL needs rows with a 'prompt'")]:
+        result = runner.invoke(cli, ["rl", "--recipe", "grpo", "--model", str(tiny_model_dir), "--out", out,
+                                     *[a for s in settings for a in ("--set", s)]])
+        assert result.exit_code != 0 and message in result.output, (settings, result.output)
+    assert not (tmp_path / "run").exists()
