@@ -119,9 +119,11 @@ class DPOConfig:
     """Direct preference optimisation (`mlxft dpo`); names and defaults follow TRL's DPOConfig."""
 
     beta: float = setting(0.1, above=0.0)  # how far the policy may move from the reference
-    loss_type: str = "sigmoid"  # sigmoid, ipo, hinge, robust; simpo, orpo (no reference) (see mlxft.dpo_loss)
+    loss_type: str = "sigmoid"  # sigmoid, ipo, hinge, robust; simpo, orpo (no reference); kto (unpaired rows) (see mlxft.dpo_loss)
     label_smoothing: float = setting(0.0, low=0.0, below=0.5)  # sigmoid and robust: the share of pairs assumed mislabelled
     simpo_gamma: float = setting(0.5, low=0.0)  # simpo: the target reward margin (TRL's CPOConfig.simpo_gamma)
+    desirable_weight: float = setting(1.0, above=0.0)  # kto: the weight of desirable rows' losses (TRL's KTOConfig)
+    undesirable_weight: float = setting(1.0, above=0.0)  # kto: the weight of undesirable rows' losses
     max_length: int | None = setting(1024, low=2)  # prompt + answer, in tokens
     max_prompt_length: int | None = setting(512, low=1)
     truncation_mode: str = setting("keep_end", choices=("keep_end", "keep_start"))  # which end of a long prompt to keep

@@ -34,13 +34,18 @@ def load_pair_data(config, adapter: str | None):
 
     dc = config.dpo
     dc.check()
-    splits = load_preference_splits(config.data, dc.support_ratio)
+    splits = load_preference_splits(config.data, dc.support_ratio, unpaired=dc.loss_type == "kto")
     asked = prompt_records(load_records(resolve_source(dc.compare_prompts))) if dc.compare_prompts else None
     if adapter and config.lora.full_finetune:
         raise UserError("--adapter continues a LoRA adapter; drop it, or lora.full_finetune")
     if dc.reference_adapter:
         load_adapter(dc.reference_adapter)  # a bad path fails now, not after the data is encoded
     return splits, asked
+
+
+def pair_labels(records) -> np.ndarray:
+    """Per row, 1.0 for a desirable answer (KTO's `label`; every pair's chosen answer is)."""
+    return np.array([float(r.get("label", True)) for r in records], dtype=np.float32)
 
 
 def describe_dpo(policy_line: str, dc, reference_name: str, shared: bool) -> str:

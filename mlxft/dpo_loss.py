@@ -24,6 +24,15 @@ on length-normalised log-probs, as TRL's CPOTrainer (SimPO) and ORPOTrainer comp
 ORPO's first term is the SFT loss on the chosen answer (its mean token NLL) and β is the paper's λ;
 their rewards are β·log πθ, as TRL logs them.
 
+KTO (TRL's KTOTrainer) takes unpaired rows, each answer labelled desirable or not. With
+r = log πθ(y) − log πref(y) (sums over the answer) and z₀ the batch's mean of the same ratio on
+mismatched answers (each prompt with another row's answer), clamped at 0 and not differentiated:
+
+    kto      desirable: λ_D·(1 − σ(β(r − z₀)));  undesirable: λ_U·(1 − σ(β(z₀ − r)))
+
+A KTO batch rides on the pair layout: the "chosen" rows are each prompt with its own answer, the
+"rejected" rows the mismatched answers that estimate z₀ (mlxft.data.dataset.kto_pairs).
+
 Rewards are β·(log πθ − log πref); callers log them and must not differentiate through them
 (they are metrics). A backend reduces the per-pair losses itself (a sum over a micro-batch,
 divided by the pairs of the whole optimizer step), so accumulation stays exact.
@@ -31,7 +40,7 @@ divided by the pairs of the whole optimizer step), so accumulation stays exact.
 
 from __future__ import annotations
 
-LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust", "simpo", "orpo")
+LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust", "simpo", "orpo", "kto")
 REFERENCE_FREE = ("simpo", "orpo")
 
 
@@ -87,7 +96,7 @@ def check_loss_settings(loss_type: str, beta: float, label_smoothing: float) -> 
         raise ValueError(f"beta must be positive, got {beta}")
     if not 0 <= label_smoothing < 0.5:
         raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing}")
-    if label_smoothing and loss_type in ("ipo", "hinge", "simpo", "orpo"):
+    if label_smoothing and loss_type in ("ipo", "hinge", "simpo", "orpo", "kto"):
         raise ValueError(f"label_smoothing applies to the sigmoid and robust losses, not {loss_type}")
 
 
@@ -131,7 +140,46 @@ def summarize(sums) -> dict:
     return metrics
 
 
-def pair_objective(logps, logit_sums, counts, reference, dc, *, xp, detach):
+def kto_losses(policy, policy_mismatched, reference, reference_mismatched, desirable, *, beta: float,
+               desirable_weight: float = 1.0, undesirable_weight: float = 1.0, xp, detach):
+    """(per-row losses, rewards β·r, z₀) for rows labelled `desirable` (1.0) or not (0.0)."""
+    z0 = detach(policy_mismatched - reference_mismatched).mean()
+    z0 = xp.maximum(z0, xp.zeros_like(z0))
+    ratio = policy - reference
+    # 1 − σ(x) = σ(−x) = exp(log σ(−x)): the same three operations in numpy, MLX and torch
+    desirable_losses = desirable_weight * xp.exp(log_sigmoid(-beta * (ratio - z0), xp))
+    undesirable_losses = undesirable_weight * xp.exp(log_sigmoid(-beta * (z0 - ratio), xp))
+    return desirable * desirable_losses + (1 - desirable) * undesirable_losses, beta * ratio, z0
+
+
+KTO_STATISTICS = ("rows", "loss", "desirable", "rewards/chosen", "rewards/rejected", "logps/chosen", "logps/rejected", "kl")
+
+
+def statistic_names(loss_type: str) -> tuple[str, ...]:
+    return KTO_STATISTICS if loss_type == "kto" else STATISTICS
+
+
+def summarizer(loss_type: str):
+    """summarize(sums) -> metrics for the loss type (KTO's rewards are means over the desirable
+    rows, or the undesirable ones; its kl is z₀, averaged over rows)."""
+    if loss_type != "kto":
+        return summarize
+
+    def summarize_kto(sums) -> dict:
+        total = dict(zip(KTO_STATISTICS, (float(v) for v in sums)))
+        rows, desirable = max(total["rows"], 1.0), total["desirable"]
+        chosen, rejected = max(desirable, 1.0), max(total["rows"] - desirable, 1.0)
+        metrics = {"loss": total["loss"] / rows, "rewards/chosen": total["rewards/chosen"] / chosen,
+                   "rewards/rejected": total["rewards/rejected"] / rejected}
+        metrics["rewards/margins"] = metrics["rewards/chosen"] - metrics["rewards/rejected"]
+        metrics.update({"logps/chosen": total["logps/chosen"] / chosen, "logps/rejected": total["logps/rejected"] / rejected,
+                        "kl": total["kl"] / rows})
+        return metrics
+
+    return summarize_kto
+
+
+def pair_objective(logps, logit_sums, counts, reference, dc, *, xp, detach, labels=None):
     """(sum of the batch's pair losses, STATISTICS sums) from per-row answer log-prob sums [2B]
     (chosen rows, then rejected), the rows' logit sums and answer token counts, and the reference's
     log-prob sums [2B]; `dc` is the run's DPO config, `detach` the backend's stop-gradient. The
@@ -139,6 +187,14 @@ def pair_objective(logps, logit_sums, counts, reference, dc, *, xp, detach):
     if uses_mean_logps(dc.loss_type, dc.average_log_prob):
         logps, reference = logps / counts, reference / counts
     b = logps.shape[0] // 2
+    if dc.loss_type == "kto":  # labels [B]: 1.0 for a desirable answer
+        losses, rewards, z0 = kto_losses(logps[:b], logps[b:], reference[:b], reference[b:], labels, beta=dc.beta,
+                                         desirable_weight=dc.desirable_weight, undesirable_weight=dc.undesirable_weight,
+                                         xp=xp, detach=detach)
+        r, lp = detach(rewards), detach(logps[:b])
+        sums = [xp.zeros_like(r).sum() + b, detach(losses).sum(), labels.sum(), (r * labels).sum(), (r * (1 - labels)).sum(),
+                (lp * labels).sum(), (lp * (1 - labels)).sum(), z0 * b]
+        return losses.sum(), xp.stack(sums)
     losses, chosen_rewards, rejected_rewards = dpo_losses(logps[:b], logps[b:], reference[:b], reference[b:], beta=dc.beta,
                                                           loss_type=dc.loss_type, label_smoothing=dc.label_smoothing,
                                                           simpo_gamma=dc.simpo_gamma, xp=xp)

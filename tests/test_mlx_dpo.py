@@ -147,7 +147,7 @@ def test_torch_computes_the_same_losses():
 
 
 def test_bad_loss_settings_are_user_errors():
-    for settings, message in [({"loss_type": "kto"}, "loss_type must be one of"), ({"beta": 0.0}, "beta must be positive"),
+    for settings, message in [({"loss_type": "bco_pair"}, "loss_type must be one of"), ({"beta": 0.0}, "beta must be positive"),
                               ({"label_smoothing": 0.5}, "label_smoothing must be in"),
                               ({"loss_type": "hinge", "label_smoothing": 0.1}, "not hinge"),
                               ({"max_length": 64, "max_prompt_length": 64}, "must be below dpo.max_length")]:
@@ -483,3 +483,36 @@ def test_empty_answers_are_counted_and_flagged_in_the_comparison(tmp_path):
     assert json.loads((tmp_path / "comparison.json").read_text())["empty_answers"] == {"before": 1, "after": 1}
     write_comparison(tmp_path, rows, ["A.", "B."], ["C.", "D."], config, None, 3)
     assert "Empty answers" not in (tmp_path / "comparison.md").read_text()
+
+
+def test_kto_losses_by_hand():
+    from mlxft.dpo_loss import kto_losses
+
+    # Rows: a desirable answer with r = 0.5, an undesirable one with r = -0.5; the mismatched
+    # answers' ratios 1.0 and 0.5 give z0 = 0.75 (not differentiated).
+    losses, rewards, z0 = kto_losses(np.array([-1.0, -2.0]), np.array([-3.0, -3.0]), np.array([-1.5, -1.5]),
+                                     np.array([-4.0, -3.5]), np.array([1.0, 0.0]), beta=0.1, desirable_weight=2.0,
+                                     xp=np, detach=lambda x: x)
+    # 2 * (1 - σ(0.1 * (0.5 - 0.75))) and 1 - σ(0.1 * (0.75 + 0.5))
+    assert losses.tolist() == pytest.approx([1.0124993, 0.4687906], abs=1e-6)
+    assert rewards.tolist() == pytest.approx([0.05, -0.05]) and float(z0) == pytest.approx(0.75)
+    # z0 is clamped at 0: mismatched answers the policy likes less than the reference does say nothing
+    _, _, clamped = kto_losses(np.array([0.0]), np.array([-5.0]), np.array([0.0]), np.array([-1.0]), np.array([1.0]),
+                               beta=0.1, xp=np, detach=lambda x: x)
+    assert float(clamped) == 0.0
+
+
+def test_kto_rows_and_pairs_become_rows_with_a_mismatched_answer(tmp_path):
+    from mlxft.data.dataset import kto_pairs, unpaired_records
+    from mlxft.data.records import Record
+
+    pairs = [Record({"prompt": "p1", "chosen": "good 1", "rejected": "bad 1"}, "a:1"),
+             Record({"prompt": "p2", "chosen": "good 2", "rejected": "bad 2"}, "a:2")]
+    rows = unpaired_records(pairs)
+    assert [(r["prompt"], r["completion"], r["label"]) for r in rows] == [
+        ("p1", "good 1", True), ("p1", "bad 1", False), ("p2", "good 2", True), ("p2", "bad 2", False)]
+    laid_out = kto_pairs(rows)
+    assert [(r["chosen"], r["rejected"]) for r in laid_out] == [
+        ("good 1", "bad 1"), ("bad 1", "good 2"), ("good 2", "bad 2"), ("bad 2", "good 1")]
+    with pytest.raises(UserError, match="'label' must be true"):
+        unpaired_records([Record({"prompt": "p", "completion": "c", "label": "yes"}, "b:1")])

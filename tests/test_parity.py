@@ -101,3 +101,13 @@ def test_reward_runs_agree_report_by_report(tiny_model_dir, tmp_path):
     assert worst < 1.5e-5
     assert "eval_accuracy" in mlx[1]
     assert mlx[-1]["loss"] < mlx[0]["loss"]
+
+
+def test_kto_runs_agree_report_by_report(tiny_model_dir, tmp_path):
+    # Unpaired rows (each bundled pair as a desirable and an undesirable answer), reference = base + the adapter.
+    mlx, torch = train_both("dpo", "dpo", tiny_model_dir, tmp_path, "dpo.loss_type=kto")
+    worst, where = worst_difference(mlx, torch)
+    print(f"kto: {len(mlx)} reports, largest |torch - mlx| {worst:.1e} at {where}")
+    assert worst < 1.5e-5
+    assert {"kl", "eval_rewards/margins"} <= set(mlx[1])
+    assert mlx[-1]["rewards/margins"] > mlx[0]["rewards/margins"]

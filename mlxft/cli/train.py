@@ -117,9 +117,11 @@ def dpo_command(recipe, model, data_source, out_dir, overrides, quantize, backen
     """Direct preference optimisation on {prompt, chosen, rejected} pairs (or support/oppose rows
     with --set dpo.support_ratio=R).
 
-    Losses (--set dpo.loss_type=...): sigmoid (DPO, default), ipo, hinge, robust, and the
+    Losses (--set dpo.loss_type=...): sigmoid (DPO, default), ipo, hinge, robust, the
     reference-free simpo (--set dpo.simpo_gamma=G) and orpo (SFT on the chosen answer plus an
-    odds-ratio term weighted by dpo.beta).
+    odds-ratio term weighted by dpo.beta), and kto on unpaired {prompt, completion, label} rows
+    (pairs are split into a desirable and an undesirable row; dpo.desirable_weight,
+    dpo.undesirable_weight).
 
     The reference is the base model with the adapter switched off (no second copy of the
     weights), or the adapter it continues. Prints validation loss and reward accuracy before and

@@ -116,13 +116,49 @@ def prompt_records(records: list[Record]) -> list[Record]:
     return records
 
 
-def load_preference_splits(data, support_ratio: float | None = None) -> Splits:
+def unpaired_records(records: list[Record]) -> list[Record]:
+    """KTO's rows {prompt, completion, label} as they are, or each {prompt, chosen, rejected} pair
+    as two of them (chosen: label true), as TRL's unpair_preference_dataset does."""
+    if all("completion" in r.fields and "label" in r.fields for r in records):
+        for record in records:
+            if not isinstance(record["label"], bool):
+                raise UserError(f"{record.origin}: 'label' must be true (a desirable answer) or false, not {record['label']!r}")
+        return records
+    return [Record({**{k: v for k, v in r.fields.items() if k not in ("chosen", "rejected")}, "completion": r[side],
+                    "label": side == "chosen"}, r.origin)
+            for r in preference_records(records, None) for side in ("chosen", "rejected")]
+
+
+def kto_pairs(records: list[Record]) -> list[Record]:
+    """Unpaired rows as the pair layout carries them: {prompt, chosen: its completion, rejected: the
+    next row's completion (the mismatched answer that estimates KTO's z₀), label}."""
+    if len(records) == 1:
+        raise UserError(f"{records[0].origin}: KTO needs at least two rows in a split (each is compared with another's answer)")
+    return [Record({**r.fields, "chosen": r["completion"], "rejected": records[(i + 1) % len(records)]["completion"]},
+                   r.origin) for i, r in enumerate(records)]
+
+
+def load_preference_splits(data, support_ratio: float | None = None, unpaired: bool = False) -> Splits:
     """Train / validation / test preference rows for a DataConfig, checked against the template.
 
     A file is converted (support/oppose rows), then split with the recipe's fractions and seed; so
     is a MIND folder, as pairs of a clicked and a skipped title (iter_preference_rows); a
     folder holds train.jsonl (+ valid.jsonl, test.jsonl), each converted on its own. A test file
-    of prompts alone ({id, prompt}, as in the DPO homework) is fine: it is only answered."""
+    of prompts alone ({id, prompt}, as in the DPO homework) is fine: it is only answered. `unpaired`
+    (KTO): rows {prompt, completion, label}, or pairs split in two, laid out by kto_pairs."""
+    if unpaired:
+        if support_ratio is not None:
+            raise UserError("dpo.support_ratio makes pairs; KTO reads {prompt, completion, label} rows (or pairs)")
+        path = resolve_source(data.source)
+        if path.is_dir():
+            raise UserError(f"data {path}: KTO reads one file of {{prompt, completion, label}} rows (or pairs)")
+        train, valid, test = split_items(unpaired_records(load_records(path)), tuple(data.split), data.seed)
+        if data.k_shot:
+            train = sample_k_shot(train, data.k_shot, data.seed if data.k_shot_seed is None else data.k_shot_seed)
+        valid = valid[: data.max_valid_rows] if data.max_valid_rows else valid
+        train, valid = kto_pairs(train), kto_pairs(valid) if valid else []
+        template = resolve_preference_template(data.template, train + valid)
+        return Splits(train, valid, prompt_records(test), "preference", template, str(path))
     path = resolve_source(data.source)
     if path.is_dir() and (path / "behaviors.tsv").exists():  # a clicked title preferred over a skipped one
         if support_ratio is not None:

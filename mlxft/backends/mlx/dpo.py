@@ -67,9 +67,10 @@ from mlxft.dpo_common import (
     describe_dpo,
     encode_pairs,
     load_pair_data,
+    pair_labels,
     prepare_reference,
 )
-from mlxft.dpo_loss import STATISTICS, needs_reference, summarize
+from mlxft.dpo_loss import needs_reference, statistic_names, summarizer
 from mlxft.model_files import pad_id as pad_id_of
 from mlxft.policy import build_policy, describe_policy
 from mlxft.runs import Run
@@ -134,20 +135,24 @@ def train(config: RunConfig, run: Run, *, resume: bool = False, adapter: str | N
             return mx.zeros((2 * pairs.pairs,), mx.float32)
         return reference_step(arrays)
 
+    labels = {"train": pair_labels(splits.train), "valid": pair_labels(splits.valid)}  # KTO's; 1 for every pair
+
     def inputs_of(pairs) -> tuple:
         arrays = arrays_of(pairs)
         reference = reference_for(pairs, "train", arrays)
         mx.eval(reference)  # the reference forward's activations are freed before the policy's begins
-        return arrays, reference
+        return arrays, reference, mx.array(labels["train"][pairs.index])
 
     def validation_sums(pairs, rows) -> np.ndarray:
         arrays = arrays_of(pairs)
         reference = reference_for(pairs, "valid", arrays, rows)
-        return np.array(steps.pair_loss(model, arrays, reference, split_head=split_head, dc=dc)[1])
+        return np.array(steps.pair_loss(model, arrays, reference, mx.array(labels["valid"][rows[pairs.index]]),
+                                        split_head=split_head, dc=dc)[1])
 
+    statistics, summarize = len(statistic_names(dc.loss_type)), summarizer(dc.loss_type)
     trainer = driver.Trainer(
-        step=steps.train_step(model, optimizer, micro_step, update, inputs_of, tc.seed, world, len(STATISTICS)),
-        validate=driver.pair_validation(model, valid_set, validation_sums, summarize, statistics=len(STATISTICS),
+        step=steps.train_step(model, optimizer, micro_step, update, inputs_of, tc.seed, world, statistics),
+        validate=driver.pair_validation(model, valid_set, validation_sums, summarize, statistics=statistics,
                                         batch_size=ec.batch_size, pad_id=pad_id, pad_multiple=PAD_MULTIPLE, world=world),
         summarize=summarize,
         save_weights=lambda where: checkpoint.save_weights(where, model, spec, config, folder),

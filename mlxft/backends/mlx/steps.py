@@ -182,9 +182,11 @@ def sequence_logps(model, arrays: dict, split_head: bool):
     return token_logps.sum(-1), (logits.mean(-1) * weights).sum(-1), weights.sum(-1)
 
 
-def pair_loss(model, arrays: dict, reference, *, split_head: bool, dc):
-    """(sum of the DPO losses of the batch's pairs, STATISTICS sums) given reference log-prob sums."""
-    return pair_objective(*sequence_logps(model, arrays, split_head), reference, dc, xp=mx, detach=mx.stop_gradient)
+def pair_loss(model, arrays: dict, reference, labels=None, *, split_head: bool, dc):
+    """(sum of the DPO losses of the batch's pairs, their statistic sums) given reference log-prob
+    sums (and, for KTO, the rows' labels)."""
+    return pair_objective(*sequence_logps(model, arrays, split_head), reference, dc, xp=mx, detach=mx.stop_gradient,
+                          labels=labels)
 
 
 def make_reference_step(model, split_head: bool):

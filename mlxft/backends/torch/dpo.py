@@ -60,9 +60,10 @@ from mlxft.dpo_common import (
     describe_dpo,
     encode_pairs,
     load_pair_data,
+    pair_labels,
     prepare_reference,
 )
-from mlxft.dpo_loss import STATISTICS, needs_reference, summarize
+from mlxft.dpo_loss import needs_reference, statistic_names, summarizer
 from mlxft.model_files import pad_id as pad_id_of
 from mlxft.policy import build_policy, describe_policy
 from mlxft.runs import Run
@@ -124,23 +125,28 @@ def train(config: RunConfig, run: Run, *, resume: bool = False, adapter: str | N
         with torch_model.autocast(device):
             return steps.reference_logps(model, tensors, split_head=split_head)
 
+    labels = {"train": pair_labels(splits.train), "valid": pair_labels(splits.valid)}  # KTO's; 1 for every pair
+
     def loss_of(pairs):
         tensors = tensors_of(pairs)
         reference = reference_for(pairs, "train", tensors)  # no_grad: nothing of it is kept for the backward
         with torch_model.autocast(device):
-            return steps.pair_loss(model, tensors, reference, split_head=split_head, dc=dc)
+            return steps.pair_loss(model, tensors, reference, torch.from_numpy(labels["train"][pairs.index]).to(device),
+                                   split_head=split_head, dc=dc)
 
     @torch.no_grad()
     def validation_sums(pairs, rows) -> np.ndarray:
         tensors = tensors_of(pairs)
         reference = reference_for(pairs, "valid", tensors, rows)
+        valid_labels = torch.from_numpy(labels["valid"][rows[pairs.index]]).to(device)
         with torch_model.autocast(device):
-            return steps.pair_loss(model, tensors, reference, split_head=split_head, dc=dc)[1].cpu().numpy()
+            return steps.pair_loss(model, tensors, reference, valid_labels, split_head=split_head, dc=dc)[1].cpu().numpy()
 
+    statistics, summarize = len(statistic_names(dc.loss_type)), summarizer(dc.loss_type)
     trainer = driver.Trainer(
         step=steps.train_step(optimizer, loss_of, seed=tc.seed, max_grad_norm=tc.max_grad_norm, world=world,
-                              statistics=len(STATISTICS)),
-        validate=driver.pair_validation(model, valid_set, validation_sums, summarize, statistics=len(STATISTICS),
+                              statistics=statistics),
+        validate=driver.pair_validation(model, valid_set, validation_sums, summarize, statistics=statistics,
                                         batch_size=ec.batch_size, pad_id=pad_id, pad_multiple=PAD_MULTIPLE, world=world),
         summarize=summarize,
         save_weights=lambda where: checkpoint.save_weights(where, model, spec, config, folder),

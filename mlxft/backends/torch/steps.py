@@ -161,9 +161,11 @@ def sequence_logps(model, tensors: dict, split_head: bool):
     return token_logps.sum(-1), (logits.detach().mean(-1) * weights).sum(-1), weights.sum(-1)
 
 
-def pair_loss(model, tensors: dict, reference, *, split_head: bool, dc):
-    """(sum of the DPO losses of the batch's pairs, STATISTICS sums) given reference log-prob sums."""
-    return pair_objective(*sequence_logps(model, tensors, split_head), reference, dc, xp=torch, detach=torch.Tensor.detach)
+def pair_loss(model, tensors: dict, reference, labels=None, *, split_head: bool, dc):
+    """(sum of the DPO losses of the batch's pairs, their statistic sums) given reference log-prob
+    sums (and, for KTO, the rows' labels)."""
+    return pair_objective(*sequence_logps(model, tensors, split_head), reference, dc, xp=torch, detach=torch.Tensor.detach,
+                          labels=labels)
 
 
 @torch.no_grad()
