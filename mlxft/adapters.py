@@ -207,6 +207,16 @@ def check_modules(adapter_modules, model_modules: dict[str, tuple[int, int]], wh
             )
 
 
+def check_swappable(adapter_modules, lora_dims: dict[str, tuple[int, int]], where: str) -> None:
+    """An adapter can stand in for the one on a model's LoRA layers ({path: (out, in)}; see
+    lora.adapter_swapped) when it adapts only modules that have a LoRA layer there, of their shapes."""
+    extra = sorted(set(adapter_modules) - set(lora_dims))
+    if extra:
+        raise UserError(f"adapter {where} adapts '{extra[0]}', which the trained adapter does not; train both with the "
+                        "same lora.target_modules and lora.layers")
+    check_modules(adapter_modules, lora_dims, where)
+
+
 def layer_index(path: str) -> int:
     """The block a module path belongs to: 'model.layers.3.self_attn.q_proj' -> 3."""
     parts = path.split(".")

@@ -177,15 +177,18 @@ class RLConfig:
     epsilon_high: float | None = setting(None, above=0.0)  # above 1 (DAPO's clip-higher); default epsilon
     scale_rewards: bool = True  # divide advantages by the group's reward std (Dr. GRPO: false)
     reward_functions: list[str] = field(default_factory=lambda: ["mlxft.rewards:arithmetic"])  # module:function or file.py:function
-    reward_weights: list[float] | None = None  # one per function; default 1 each
+    reward_adapter: str | None = None  # a reward model (mlxft reward) on this base: its score is one more reward, 'reward_model'
+    reward_weights: list[float] | None = None  # one per function (then the reward model); default 1 each
     log_completions_every: int = setting(10, low=0)  # steps between samples in completions.jsonl (0: never)
 
     def check(self) -> None:
-        if self.reward_weights is not None and len(self.reward_weights) != len(self.reward_functions):
-            raise UserError(f"rl.reward_weights has {len(self.reward_weights)} weights for {len(self.reward_functions)} "
-                            "reward functions; give one per function")
-        if not self.reward_functions:
-            raise UserError("rl.reward_functions is empty; name at least one, like mlxft.rewards:arithmetic")
+        rewards = len(self.reward_functions) + bool(self.reward_adapter)
+        if self.reward_weights is not None and len(self.reward_weights) != rewards:
+            raise UserError(f"rl.reward_weights has {len(self.reward_weights)} weights for {rewards} rewards; give one per "
+                            "reward function" + (", then one for the reward model" if self.reward_adapter else ""))
+        if not rewards:
+            raise UserError("no rewards: name a function in rl.reward_functions (like mlxft.rewards:arithmetic) "
+                            "or a reward model in rl.reward_adapter")
 
 
 @dataclass

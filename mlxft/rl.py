@@ -74,7 +74,29 @@ def load_rl_data(config, adapter=None, world=None):
     if config.eval.metric != "reward":
         raise UserError(f"eval.metric '{config.eval.metric}' is not measured by RL; use eval.metric=reward")
     functions = [load_reward_function(spec) for spec in rc.reward_functions]
+    if rc.reward_adapter:
+        from mlxft.adapters import load_adapter
+
+        load_adapter(rc.reward_adapter, task_type="SEQ_CLS")  # a wrong path or kind fails now
     return load_prompt_splits(config.data), functions
+
+
+REWARD_MODEL = "reward_model"  # the reward adapter's name among the rewards
+
+
+def reward_names(functions, rc) -> list[str]:
+    return [name for name, _ in functions] + ([REWARD_MODEL] if rc.reward_adapter else [])
+
+
+def reward_table(functions, reward_model, prompts, completions, columns, rows: np.ndarray) -> np.ndarray:
+    """Rewards [rewards, N]: each function's, then the reward model's scores of the rows
+    ([prompt | completion] ids, right-padded) when there is one."""
+    from mlxft.rewards import score
+
+    table = score(functions, prompts, completions, columns)
+    if reward_model is not None:
+        table = np.concatenate([table, np.asarray(reward_model(rows), dtype=np.float64)[None]])
+    return table
 
 
 def load_prompt_splits(data):
@@ -154,10 +176,10 @@ class Rollout:
 
 
 def make_rollout(batch: PromptBatch, sample, tokenizer, records, functions, rc, pad_id: int, pad_multiple: int,
-                 stop: set[int]) -> Rollout:
+                 stop: set[int], reward_model=None) -> Rollout:
     """Sample, score and lay out one micro-batch of prompts. `sample(prompt_ids, n)` is the
     backend's sampler: n completions of one prompt, each a list of ids ending at a stop token or
-    at rl.max_completion_length."""
+    at rl.max_completion_length; `reward_model(rows)` the reward adapter's scorer, if any."""
     g = rc.num_generations
     examples, prompts, completions, rows, truncated = [], [], [], [], 0
     for prompt in batch.examples:
@@ -167,13 +189,11 @@ def make_rollout(batch: PromptBatch, sample, tokenizer, records, functions, rc, 
             completions.append(tokenizer.decode([i for i in ids if i not in stop]))
             prompts.append(prompt.text)
             rows.append(prompt.row)
-    from mlxft.rewards import score
-
-    table = score(functions, prompts, completions, columns_of(records, rows))
-    weights = np.asarray(rc.reward_weights if rc.reward_weights is not None else [1.0] * len(functions))
+    collated = collate(examples, pad_id, pad_multiple)
+    table = reward_table(functions, reward_model, prompts, completions, columns_of(records, rows), collated.input_ids)
+    weights = np.asarray(rc.reward_weights if rc.reward_weights is not None else [1.0] * len(table))
     total = weights @ table
     advantages = group_advantages(total, g, rc.algo, rc.scale_rewards)
-    collated = collate(examples, pad_id, pad_multiple)
     batch.tokens = int(collated.lengths.sum())
     return Rollout(collated, advantages.astype(np.float32), reward_sums(total, table, g, truncated), prompts, completions, table)
 
@@ -270,21 +290,22 @@ def summarizer(function_names: list[str]):
 # --- validation and the completions log --------------------------------------------------------------
 
 
-def validation_metrics(examples, records, sample_greedy, tokenizer, functions, rc, stop) -> dict:
-    """eval_reward and each function's mean over one greedy completion per held-out prompt."""
-    from mlxft.rewards import score
-
+def validation_metrics(examples, records, sample_greedy, tokenizer, functions, rc, stop, pad_id: int,
+                       reward_model=None) -> dict:
+    """eval_reward and each reward's mean over one greedy completion per held-out prompt."""
     if not examples:
         return {}
-    completions, lengths = [], []
+    completions, lengths, rows = [], [], []
     for prompt in examples:
         ids = sample_greedy(prompt.ids)
         lengths.append(len(ids))
         completions.append(tokenizer.decode([i for i in ids if i not in stop]))
-    table = score(functions, [p.text for p in examples], completions, columns_of(records, [p.row for p in examples]))
-    weights = np.asarray(rc.reward_weights if rc.reward_weights is not None else [1.0] * len(functions))
+        rows.append(Example(list(prompt.ids) + list(ids), [0] * len(prompt.ids) + [1] * len(ids)))
+    table = reward_table(functions, reward_model, [p.text for p in examples], completions,
+                         columns_of(records, [p.row for p in examples]), collate(rows, pad_id).input_ids)
+    weights = np.asarray(rc.reward_weights if rc.reward_weights is not None else [1.0] * len(table))
     metrics = {"eval_reward": float((weights @ table).mean())}
-    for (name, _), row in zip(functions, table):
+    for name, row in zip(reward_names(functions, rc), table):
         metrics[f"eval_rewards/{name}/mean"] = float(row.mean())
     metrics["eval_completions/mean_length"] = float(np.mean(lengths))
     return metrics
@@ -318,5 +339,8 @@ class CompletionLog:
 
 
 def describe_rl(policy_line: str, rc, functions) -> str:
+    names = reward_names(functions, rc)
+    if rc.reward_adapter:
+        names[-1] = f"{REWARD_MODEL} ({rc.reward_adapter}, on this model's weights)"
     return (f"{policy_line}; {rc.algo.upper()} ({rc.loss_type} loss), {rc.num_generations} completions per prompt of "
-            f"at most {rc.max_completion_length} tokens, beta {rc.beta:g}; rewards: {', '.join(n for n, _ in functions)}")
+            f"at most {rc.max_completion_length} tokens, beta {rc.beta:g}; rewards: {', '.join(names)}")

@@ -276,3 +276,60 @@ def test_rl_mistakes_are_one_line_errors(tiny_model_dir, tmp_path):
                                      *[a for s in settings for a in ("--set", s)]])
         assert result.exit_code != 0 and message in result.output, (settings, result.output)
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["mlx", "torch"])
+def test_a_reward_adapter_scores_on_the_policys_weights_as_on_its_own(tiny_model_dir, tmp_path, backend):
+    # The reward model shares the policy's base weights: its adapter (r 8) is swapped into the
+    # policy's LoRA layers (r 4) for the forward, and the policy's come back untouched.
+    if backend == "torch":
+        pytest.importorskip("peft")
+    from mlxft import backends
+    from mlxft.adapters import attach_adapter
+    from mlxft.backends.mlx import reward as mlx_reward
+    from mlxft.data.batching import collate
+    from mlxft.data.encode import Example
+    from mlxft.model_files import pad_id as pad_id_of
+    from test_parity import starting_adapter
+
+    config = load_config("reward", [f"model.name={tiny_model_dir}", "data.k_shot=16", "train.steps=3", "eval.every=0",
+                                    "data.max_valid_rows=4", f"out={tmp_path / 'reward'}"])
+    mlx_reward.train(config, Run.create(tmp_path / "reward", config), echo=lambda *a: None)
+    reward_adapter = str(tmp_path / "reward" / "last")
+    policy_adapter = starting_adapter(tiny_model_dir, tmp_path / "policy")
+
+    b = backends.get(backend)
+    tokenizer, own = b.reward.load_scorer(str(tiny_model_dir), reward_adapter)
+    pad_id = pad_id_of(tokenizer)
+    rng = np.random.default_rng(1)
+    rows = collate([Example(rng.integers(3, 200, size=n).tolist(), [1] * n) for n in (9, 5, 12)], pad_id).input_ids
+
+    if backend == "mlx":
+        model = b.model.load(str(tiny_model_dir))[0]
+    else:
+        import torch
+
+        model = b.model.load(str(tiny_model_dir), device=torch.device("cpu"))[0]
+    attach_adapter(b.lora, model, policy_adapter)
+    before = b.lora.adapter_weights(model)
+    shared = b.reward.swapped_scorer(model, reward_adapter, pad_id)(rows)
+    assert np.abs(shared - own(rows)).max() < 1e-5
+    assert np.abs(shared).max() > 1e-3
+    after = b.lora.adapter_weights(model)
+    assert all(np.array_equal(before[p][i], after[p][i]) for p in before for i in (0, 1))  # the policy is back, bit for bit
+
+
+@pytest.mark.slow
+def test_rl_with_a_reward_model_alone(tiny_model_dir, tmp_path):
+    from mlxft.backends.mlx import reward, rl
+
+    config = load_config("reward", [f"model.name={tiny_model_dir}", "data.k_shot=16", "train.steps=2", "eval.every=0",
+                                    "data.max_valid_rows=4", f"out={tmp_path / 'reward'}"])
+    reward.train(config, Run.create(tmp_path / "reward", config), echo=lambda *a: None)
+    config = tiny_config(tiny_model_dir, tmp_path / "rl", rewards_file(tmp_path), "rl.reward_functions=[]",
+                         f"rl.reward_adapter={tmp_path / 'reward' / 'last'}", "train.steps=2", "eval.every=0")
+    summary = rl.train(config, Run.create(tmp_path / "rl", config), echo=lambda *a: None)
+    last = [json.loads(line) for line in (tmp_path / "rl" / "metrics.jsonl").read_text().splitlines()][-1]
+    assert last["rewards/reward_model/std"] > 0 and last["reward"] == pytest.approx(last["rewards/reward_model/mean"])
+    assert set(summary["after"]) == {"eval_reward", "eval_rewards/reward_model/mean", "eval_completions/mean_length"}

@@ -15,7 +15,7 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 from mlx_lm.tuner.lora import LoRALinear
 
-from mlxft.adapters import AdapterSpec, select_modules
+from mlxft.adapters import AdapterSpec, check_swappable, select_modules
 
 
 def linear_modules(model) -> dict[str, tuple[int, int]]:
@@ -149,6 +149,30 @@ def adapter_off(model):
     finally:
         for layer, scale in zip(layers, scales):
             layer.scale = scale
+        model.train(training)
+
+
+@contextmanager
+def adapter_swapped(model, weights: dict, scale: float):
+    """Another adapter ({path: (A, B)} in PEFT's orientation, any rank) in the LoRA layers for the
+    length of a block, dropout off; the layers it does not adapt contribute nothing (scale 0).
+    The trained adapter's arrays are put back as they were: nothing is copied into them."""
+    layers = lora_layers(model)
+    check_swappable(weights, {p: (m.lora_b.shape[1], m.lora_a.shape[0]) for p, m in layers.items()}, "swapped in")
+    saved = {path: (layer.lora_a, layer.lora_b, layer.scale) for path, layer in layers.items()}
+    training = model.training
+    for path, layer in layers.items():
+        if path in weights:
+            a, b = weights[path]
+            layer.lora_a, layer.lora_b, layer.scale = mx.array(a.T), mx.array(b.T), scale
+        else:
+            layer.scale = 0.0
+    model.eval()
+    try:
+        yield model
+    finally:
+        for path, (a, b, layer_scale) in saved.items():
+            layers[path].lora_a, layers[path].lora_b, layers[path].scale = a, b, layer_scale
         model.train(training)
 
 

@@ -38,7 +38,7 @@ from mlxft.config import RunConfig
 from mlxft.data.batching import iterate_pair_batches
 from mlxft.distributed import World
 from mlxft.dpo_common import encode_pairs
-from mlxft.errors import NotImplementedYet
+from mlxft.errors import NotImplementedYet, UserError
 from mlxft.model_files import SPLIT_HEAD_TYPES
 from mlxft.model_files import pad_id as pad_id_of
 from mlxft.policy import build_policy, describe_policy
@@ -113,6 +113,28 @@ def train(config: RunConfig, run: Run, *, resume: bool = False, adapter: str | N
         trainable=trainable, setup={"center_coefficient": rc.center_coefficient},
         data={"train_pairs": len(train_set), "valid_pairs": len(valid_set), "truncated_pairs": truncated_pairs},
         outputs={"load_with": load_instructions(pad_id)})
+
+
+def swapped_scorer(model, adapter: str, pad_id: int):
+    """score(input_ids [N, T]) -> scores [N] (numpy) of a reward adapter (mlxft reward, trained on
+    this model's base) run on the model being trained: its LoRA weights swapped in for the forward
+    (lora.adapter_swapped) and its head kept outside the model, so that nothing of it trains.
+    One copy of the base weights serves the policy, the reference and the reward model."""
+    from mlxft.adapters import load_adapter, load_saved_modules
+    from mlxft.backends.mlx import lora
+    from mlxft.reward import TASK_TYPE, score_positions, start_head
+
+    spec, weights = load_adapter(adapter, task_type=TASK_TYPE)
+    if not load_saved_modules(adapter):
+        raise UserError(f"adapter {adapter}: no reward head (score.weight) saved beside it")
+    head = nn.Linear(model.args.hidden_size, 1, bias=False)
+    head.weight = mx.array(start_head(model.args.hidden_size, adapter, 0))
+
+    def score(input_ids: np.ndarray) -> np.ndarray:
+        with lora.adapter_swapped(model, weights, spec.scaling):
+            return np.array(steps.reward_scores(model, mx.array(input_ids), mx.array(score_positions(input_ids, pad_id)), head))
+
+    return score
 
 
 def load_scorer(name: str, adapter: str, *, trust_remote_code: bool = False):

@@ -8,7 +8,9 @@ top to bottom: setup -> model -> data -> policy -> optimizer -> rollouts and ste
 
 The policy is the base + the adapter being trained; the reference is the same model with the
 adapter switched off (lora.adapter_off, as DPO's), run as its own compiled function under
-stop_gradient: no second copy of the weights. Each prompt's G completions are sampled together
+stop_gradient; a reward model (rl.reward_adapter, from `mlxft reward`) is the same model again with
+its adapter swapped into the LoRA layers for the scoring forward (lora.adapter_swapped) and its
+head beside it: one copy of the base weights for all three. Each prompt's G completions are sampled together
 from one run of the prompt (its KV cache copied to G rows).
 
 Supports: GRPO with group-normalised advantages (or Dr. GRPO's unscaled ones, rl.scale_rewards),
@@ -34,7 +36,7 @@ import mlx.core as mx
 import mlx.optimizers as optim
 
 from mlxft import backends, driver
-from mlxft.backends.mlx import PAD_MULTIPLE, checkpoint, steps
+from mlxft.backends.mlx import PAD_MULTIPLE, checkpoint, reward, steps
 from mlxft.backends.mlx import model as mlx_model
 from mlxft.backends.mlx.generate import sample_completions
 from mlxft.config import RunConfig
@@ -48,6 +50,7 @@ from mlxft.rl import (
     iterate_prompt_batches,
     load_rl_data,
     make_rollout,
+    reward_names,
     statistic_names,
     stop_ids,
     summarizer,
@@ -92,7 +95,8 @@ def train(config: RunConfig, run: Run, *, resume: bool = False, adapter: str | N
     micro_step, update = steps.make_step(model, optimizer, partial(steps.rl_loss, split_head=split_head, rc=rc),
                                          tc.max_grad_norm)
     reference_step = steps.make_token_reference_step(model, split_head) if rc.beta else None
-    names = [name for name, _ in functions]
+    names = reward_names(functions, rc)
+    reward_model = reward.swapped_scorer(model, rc.reward_adapter, pad_id) if rc.reward_adapter else None
     log = CompletionLog(run.folder / "completions.jsonl", rc.log_completions_every, names)
     if resume:
         log.truncate(start.step)
@@ -104,7 +108,7 @@ def train(config: RunConfig, run: Run, *, resume: bool = False, adapter: str | N
     step_now = {"step": start.step}
 
     def inputs_of(batch) -> tuple:
-        rollout = make_rollout(batch, sample, tokenizer, splits.train, functions, rc, pad_id, PAD_MULTIPLE, stop)
+        rollout = make_rollout(batch, sample, tokenizer, splits.train, functions, rc, pad_id, PAD_MULTIPLE, stop, reward_model)
         log.write(step_now["step"], rollout)
         inputs, positions, tokens, weights = steps.sft_inputs(rollout.batch)
         reference = reference_step(inputs, positions, tokens) if reference_step else mx.zeros(tokens.shape)
@@ -122,7 +126,8 @@ def train(config: RunConfig, run: Run, *, resume: bool = False, adapter: str | N
 
     trainer = driver.Trainer(
         step=step,
-        validate=lambda: validation_metrics(valid_set, splits.valid, greedy, tokenizer, functions, rc, stop),
+        validate=lambda: validation_metrics(valid_set, splits.valid, greedy, tokenizer, functions, rc, stop, pad_id,
+                                                    reward_model),
         summarize=summarizer(names),
         save_weights=lambda where: checkpoint.save_weights(where, model, spec, config, folder),
         save_checkpoint=lambda *state: checkpoint.save(run, model, optimizer, spec, config, folder, *state),

@@ -146,11 +146,11 @@ def make_token_reference_step(model, split_head: bool):
 # --- reward models ---------------------------------------------------------------------------------
 
 
-def reward_scores(model, input_ids, positions):
-    """Scores [N] of whole rows: the reward head (`model.score`, float32) on the hidden state at
-    each row's position (mlxft.reward.score_positions)."""
+def reward_scores(model, input_ids, positions, head=None):
+    """Scores [N] of whole rows: the reward head (`head`, else `model.score`; float32) on the
+    hidden state at each row's position (mlxft.reward.score_positions)."""
     hidden = mx.take_along_axis(model.model(input_ids), positions[:, None, None], axis=1)[:, 0]
-    return model.score(hidden.astype(mx.float32))[:, 0]
+    return (head or model.score)(hidden.astype(mx.float32))[:, 0]
 
 
 def reward_loss(model, input_ids, positions, *, center_coefficient: float):

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from mlxft.adapters import AdapterSpec, layer_index, select_modules
+from mlxft.adapters import AdapterSpec, check_swappable, layer_index, select_modules
 
 ADAPTER = "default"  # PEFT's adapter name; mlxft keeps one adapter per model
 
@@ -114,6 +114,37 @@ def trainable_parameters(model) -> int:
 
 def total_parameters(model) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+@contextmanager
+def adapter_swapped(model, weights: dict, scale: float):
+    """Another adapter ({path: (A, B)}, any rank) in the LoRA layers for the length of a block,
+    dropout off; the layers it does not adapt contribute nothing (scaling 0). The trained
+    adapter's tensors are put back as they were (the same storage: the optimizer's references hold)."""
+    layers = lora_layers(model)
+    check_swappable(weights, {p: (m.lora_B[ADAPTER].weight.shape[0], m.lora_A[ADAPTER].weight.shape[1])
+                              for p, m in layers.items()}, "swapped in")
+    saved = {path: (layer.lora_A[ADAPTER].weight.data, layer.lora_B[ADAPTER].weight.data, layer.scaling[ADAPTER])
+             for path, layer in layers.items()}
+    training = model.training
+    with torch.no_grad():
+        for path, layer in layers.items():
+            if path in weights:
+                a, b = weights[path]
+                a_weight, b_weight = layer.lora_A[ADAPTER].weight, layer.lora_B[ADAPTER].weight
+                a_weight.data = torch.as_tensor(np.asarray(a), dtype=a_weight.dtype, device=a_weight.device)
+                b_weight.data = torch.as_tensor(np.asarray(b), dtype=b_weight.dtype, device=b_weight.device)
+                layer.scaling[ADAPTER] = scale
+            else:
+                layer.scaling[ADAPTER] = 0.0
+    model.eval()
+    try:
+        yield model
+    finally:
+        for path, (a, b, layer_scale) in saved.items():
+            layers[path].lora_A[ADAPTER].weight.data, layers[path].lora_B[ADAPTER].weight.data = a, b
+            layers[path].scaling[ADAPTER] = layer_scale
+        model.train(training)
 
 
 @contextmanager

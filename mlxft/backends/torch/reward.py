@@ -105,6 +105,33 @@ def train(config: RunConfig, run: Run, *, resume: bool = False, adapter: str | N
         outputs={"load_with": load_instructions(pad_id)})
 
 
+def swapped_scorer(model, adapter: str, pad_id: int):
+    """score(input_ids [N, T]) -> scores [N] (numpy) of a reward adapter (mlxft reward, trained on
+    this model's base) run on the model being trained: its LoRA weights swapped in for the forward
+    (lora.adapter_swapped) and its head kept outside the model, so that nothing of it trains.
+    One copy of the base weights serves the policy, the reference and the reward model."""
+    from mlxft.adapters import load_adapter, load_saved_modules
+    from mlxft.backends.torch import lora
+    from mlxft.errors import UserError
+    from mlxft.reward import TASK_TYPE, score_positions, start_head
+
+    spec, weights = load_adapter(adapter, task_type=TASK_TYPE)
+    if not load_saved_modules(adapter):
+        raise UserError(f"adapter {adapter}: no reward head (score.weight) saved beside it")
+    device = next(model.parameters()).device
+    hidden = model.config.hidden_size
+    head = nn.Linear(hidden, 1, bias=False, device=device, dtype=torch.float32).requires_grad_(False)
+    head.weight.copy_(torch.from_numpy(start_head(hidden, adapter, 0)))
+
+    @torch.no_grad()
+    def score(input_ids: np.ndarray) -> np.ndarray:
+        ids, positions = torch_model.to_device(device, input_ids, score_positions(input_ids, pad_id))
+        with lora.adapter_swapped(model, weights, spec.scaling), torch_model.autocast(device):
+            return steps.reward_scores(model, ids, positions, head).float().cpu().numpy()
+
+    return score
+
+
 def load_scorer(name: str, adapter: str, *, trust_remote_code: bool = False):
     """(tokenizer, score): a saved reward adapter on its base model, and a function from rows of
     token ids [N, T] (right-padded with the tokenizer's pad id) to their scores [N] (numpy)."""

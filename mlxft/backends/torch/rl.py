@@ -6,7 +6,8 @@ setup -> model -> data -> policy -> optimizer -> rollouts and step -> loop -> sa
     mlxft rl --recipe grpo --backend torch --model HuggingFaceTB/SmolLM2-135M-Instruct
 
 The reference is the model with its LoRA layers switched off (lora.adapter_off), run under
-torch.no_grad(): no second copy of the weights. Each prompt's G completions are sampled together
+torch.no_grad(), and a reward model (rl.reward_adapter) the model with its adapter swapped in
+(lora.adapter_swapped): one copy of the base weights for all three. Each prompt's G completions are sampled together
 from one run of the prompt (its KV cache repeated for G rows; generate.sample_completions).
 
 Supports what the MLX trainer does (see its docstring), with LoRA through PEFT (QLoRA through
@@ -19,7 +20,7 @@ from __future__ import annotations
 import torch
 
 from mlxft import backends, driver
-from mlxft.backends.torch import PAD_MULTIPLE, checkpoint, steps
+from mlxft.backends.torch import PAD_MULTIPLE, checkpoint, reward, steps
 from mlxft.backends.torch import model as torch_model
 from mlxft.backends.torch.adamw import MLXAdamW
 from mlxft.backends.torch.generate import sample_completions
@@ -35,6 +36,7 @@ from mlxft.rl import (
     iterate_prompt_batches,
     load_rl_data,
     make_rollout,
+    reward_names,
     statistic_names,
     stop_ids,
     summarizer,
@@ -77,7 +79,8 @@ def train(config: RunConfig, run: Run, *, resume: bool = False, adapter: str | N
     start = driver.Start()
     if resume:
         start = driver.Start(*checkpoint.load(run, model, optimizer, named, False, config.model.trust_remote_code))
-    names = [name for name, _ in functions]
+    names = reward_names(functions, rc)
+    reward_model = reward.swapped_scorer(model, rc.reward_adapter, pad_id) if rc.reward_adapter else None
     log = CompletionLog(run.folder / "completions.jsonl", rc.log_completions_every, names)
     if resume:
         log.truncate(start.step)
@@ -89,7 +92,7 @@ def train(config: RunConfig, run: Run, *, resume: bool = False, adapter: str | N
     step_now = {"step": start.step}
 
     def loss_of(batch):
-        rollout = make_rollout(batch, sample, tokenizer, splits.train, functions, rc, pad_id, PAD_MULTIPLE, stop)
+        rollout = make_rollout(batch, sample, tokenizer, splits.train, functions, rc, pad_id, PAD_MULTIPLE, stop, reward_model)
         log.write(step_now["step"], rollout)
         targets = scored_targets(rollout.batch)
         inputs, positions, tokens, weights = torch_model.to_device(device, rollout.batch.input_ids[:, :-1], targets.positions,
@@ -113,7 +116,8 @@ def train(config: RunConfig, run: Run, *, resume: bool = False, adapter: str | N
 
     trainer = driver.Trainer(
         step=step,
-        validate=lambda: validation_metrics(valid_set, splits.valid, greedy, tokenizer, functions, rc, stop),
+        validate=lambda: validation_metrics(valid_set, splits.valid, greedy, tokenizer, functions, rc, stop, pad_id,
+                                                    reward_model),
         summarize=summarizer(names),
         save_weights=lambda where: checkpoint.save_weights(where, model, spec, config, folder),
         save_checkpoint=lambda *state: checkpoint.save(run, model, optimizer, named, spec, config, folder, *state),

@@ -126,12 +126,12 @@ def reference_token_logps(model, inputs, positions, tokens, *, split_head: bool)
 # --- reward models ---------------------------------------------------------------------------------
 
 
-def reward_scores(model, input_ids, positions):
-    """Scores [N] of whole rows: the reward head (`model.score`, float32) on the hidden state at
-    each row's position (mlxft.reward.score_positions)."""
+def reward_scores(model, input_ids, positions, head=None):
+    """Scores [N] of whole rows: the reward head (`head`, else `model.score`; float32) on the
+    hidden state at each row's position (mlxft.reward.score_positions)."""
     hidden = model.model(input_ids=input_ids).last_hidden_state
     hidden = hidden[torch.arange(len(positions), device=hidden.device), positions]
-    return model.score(hidden.float())[:, 0]
+    return (head or model.score)(hidden.float())[:, 0]
 
 
 def reward_loss(model, pairs, *, pad_id: int, center_coefficient: float, device):
