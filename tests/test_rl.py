@@ -285,13 +285,14 @@ def test_a_reward_adapter_scores_on_the_policys_weights_as_on_its_own(tiny_model
     # policy's LoRA layers (r 4) for the forward, and the policy's come back untouched.
     if backend == "torch":
         pytest.importorskip("peft")
+    from test_parity import starting_adapter
+
     from mlxft import backends
     from mlxft.adapters import attach_adapter
     from mlxft.backends.mlx import reward as mlx_reward
     from mlxft.data.batching import collate
     from mlxft.data.encode import Example
     from mlxft.model_files import pad_id as pad_id_of
-    from test_parity import starting_adapter
 
     config = load_config("reward", [f"model.name={tiny_model_dir}", "data.k_shot=16", "train.steps=3", "eval.every=0",
                                     "data.max_valid_rows=4", f"out={tmp_path / 'reward'}"])
