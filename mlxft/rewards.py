@@ -7,7 +7,8 @@ the Python path) or `path/to/file.py:function`:
       reward_functions: [mlxft.rewards:arithmetic, mlxft.rewards:number_only, my_rewards.py:brevity]
 
 Bundled: `arithmetic` (verifiable: the completion's last number is the row's `answer`),
-`number_only` (a format check) and `brevity` (shorter is better). A function that raises, or returns anything but one finite number
+`number_only` (a format check), `brevity` (shorter is better) and `judge` (an LLM judge over HTTP,
+grading against the row's reference answer). A function that raises, or returns anything but one finite number
 per completion, stops the run with a one-line error naming it, the prompt and the completion.
 """
 
@@ -45,6 +46,39 @@ def brevity(prompts, completions, **columns) -> list[float]:
     """1.0 for an empty completion, falling linearly to 0.0 at 100 characters: a reward any model
     can earn (the built-in one, which knows no arithmetic, shows the loop working on it)."""
     return [1.0 - min(len(c), 100) / 100 for c in completions]
+
+
+JUDGE_REFERENCES = ("answer", "reference", "completion", "output")
+
+
+def judge(prompts, completions, **columns) -> list[float]:
+    """The LLM judge of `mlxft eval judge` (mlxft.eval.judge: fixed prompt, temperature 0, a seed)
+    grading each completion against the row's reference answer (its 'answer', 'reference',
+    'completion' or 'output' field), 0-100 scaled to 0-1. The judge is a model behind an Ollama or
+    OpenAI-compatible endpoint (`mlxft serve` is one), named by the environment:
+    MLXFT_JUDGE_URL, MLXFT_JUDGE_MODEL, MLXFT_JUDGE_API (ollama, the default, or openai) and
+    MLXFT_JUDGE_API_KEY. A reply without a score stops the run (resume it once the judge answers):
+    a guessed reward would train the policy on noise."""
+    import os
+
+    from mlxft.eval.judge import JUDGE_PROMPT, ask, parse_score
+
+    url, model = os.environ.get("MLXFT_JUDGE_URL"), os.environ.get("MLXFT_JUDGE_MODEL")
+    if not url or not model:
+        raise UserError("mlxft.rewards:judge needs MLXFT_JUDGE_URL and MLXFT_JUDGE_MODEL set (and MLXFT_JUDGE_API=openai "
+                        "for an OpenAI-compatible endpoint)")
+    field = next((f for f in JUDGE_REFERENCES if f in columns), None)
+    if field is None:
+        raise UserError(f"mlxft.rewards:judge needs a reference answer in each row: a field named one of {', '.join(JUDGE_REFERENCES)}")
+    rewards = []
+    for prompt, completion, reference in zip(prompts, completions, columns[field]):
+        reply = ask(url, model, JUDGE_PROMPT.format(question=prompt, reference=reference, response=completion),
+                    api=os.environ.get("MLXFT_JUDGE_API", "ollama"), seed=0, api_key=os.environ.get("MLXFT_JUDGE_API_KEY"))
+        score = parse_score(reply)
+        if score is None:
+            raise UserError(f"the judge gave no score from 0 to 100 (reply {reply[:120]!r})")
+        rewards.append(score / 100)
+    return rewards
 
 
 def load_reward_function(spec: str):

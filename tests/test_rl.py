@@ -334,3 +334,23 @@ def test_rl_with_a_reward_model_alone(tiny_model_dir, tmp_path):
     last = [json.loads(line) for line in (tmp_path / "rl" / "metrics.jsonl").read_text().splitlines()][-1]
     assert last["rewards/reward_model/std"] > 0 and last["reward"] == pytest.approx(last["rewards/reward_model/mean"])
     assert set(summary["after"]) == {"eval_reward", "eval_rewards/reward_model/mean", "eval_completions/mean_length"}
+
+
+def test_the_llm_judge_as_a_reward(fake_judge, monkeypatch):
+    from conftest import FakeJudge
+
+    from mlxft.rewards import judge
+
+    FakeJudge.replies = ["<think>the sum is 12</think> 100", "Score: 40", "no idea"]
+    monkeypatch.setenv("MLXFT_JUDGE_URL", fake_judge)
+    monkeypatch.setenv("MLXFT_JUDGE_MODEL", "grader")
+    assert judge(["What is 7 + 5?"] * 2, ["12", "13"], answer=["12", "12"]) == [1.0, 0.4]
+    path, body, _ = FakeJudge.requests[0]
+    assert path == "/api/chat" and body["model"] == "grader" and "Reference answer:\n12" in body["messages"][0]["content"]
+    with pytest.raises(UserError, match="no score from 0 to 100"):
+        judge(["q"], ["a"], answer=["b"])
+    with pytest.raises(UserError, match="needs a reference answer"):
+        judge(["q"], ["a"], label=["b"])
+    monkeypatch.delenv("MLXFT_JUDGE_URL")
+    with pytest.raises(UserError, match="needs MLXFT_JUDGE_URL"):
+        judge(["q"], ["a"], answer=["b"])
