@@ -175,7 +175,8 @@ def rl_command(recipe, model, data_source, out_dir, overrides, quantize, backend
     """Online RL from prompts: GRPO (--set rl.loss_type=dr_grpo|dapo for its variants) or RLOO
     (--set rl.algo=rloo). Each step samples rl.num_generations completions per prompt, scores them
     with the reward functions (rl.reward_functions: module:function or file.py:function, TRL's
-    signature), and moves the adapter toward the better ones, with a KL to the base model.
+    signature) and/or a reward model from `mlxft reward` (rl.reward_adapter, run on the same
+    weights), and moves the adapter toward the better ones, with a KL to the base model.
 
     Prints the held-out reward of greedy answers before and after, and writes the run folder:
     config.yaml, metrics.jsonl (TRL's metric names), completions.jsonl, summary.json, best/ and
