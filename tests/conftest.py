@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import json
 import os
 import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 
 import pytest
 
@@ -132,34 +131,10 @@ def tiny_as_builtin(tiny_model_dir, tmp_path, monkeypatch):
     return builtin_dir()
 
 
-class FakeJudge(BaseHTTPRequestHandler):
-    replies: list = []
-    requests: list = []
-
-    def do_POST(self):
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        type(self).requests.append((self.path, body, self.headers.get("Authorization")))
-        content = type(self).replies[len(type(self).requests) - 1]
-        if self.path == "/api/chat":
-            payload = {"model": body["model"], "message": {"role": "assistant", "content": content}, "done": True}
-        elif self.path == "/v1/chat/completions":
-            payload = {"choices": [{"index": 0, "message": {"role": "assistant", "content": content}}]}
-        else:
-            self.send_error(404)
-            return
-        data = json.dumps(payload).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def log_message(self, *args):
-        pass
-
-
 @pytest.fixture
 def fake_judge():
+    from judge_server import FakeJudge
+
     FakeJudge.replies, FakeJudge.requests = [], []
     server = ThreadingHTTPServer(("127.0.0.1", 0), FakeJudge)
     threading.Thread(target=server.serve_forever, daemon=True).start()

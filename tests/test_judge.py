@@ -4,7 +4,7 @@ import json
 
 import pytest
 from click.testing import CliRunner
-from conftest import FakeJudge
+from judge_server import FakeJudge
 
 from mlxft.cli import cli
 from mlxft.errors import UserError

@@ -337,7 +337,7 @@ def test_rl_with_a_reward_model_alone(tiny_model_dir, tmp_path):
 
 
 def test_the_llm_judge_as_a_reward(fake_judge, monkeypatch):
-    from conftest import FakeJudge
+    from judge_server import FakeJudge
 
     from mlxft.rewards import judge
 
