@@ -184,8 +184,9 @@ class RLConfig:
     def check(self) -> None:
         rewards = len(self.reward_functions) + bool(self.reward_adapter)
         if self.reward_weights is not None and len(self.reward_weights) != rewards:
-            raise UserError(f"rl.reward_weights has {len(self.reward_weights)} weights for {rewards} rewards; give one per "
-                            "reward function" + (", then one for the reward model" if self.reward_adapter else ""))
+            raise UserError(f"rl.reward_weights has {len(self.reward_weights)} weights for {rewards} "
+                            f"reward{'s' if rewards != 1 else ''}; give one per reward function"
+                            + (", then one for the reward model" if self.reward_adapter else ""))
         if not rewards:
             raise UserError("no rewards: name a function in rl.reward_functions (like mlxft.rewards:arithmetic) "
                             "or a reward model in rl.reward_adapter")

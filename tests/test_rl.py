@@ -270,7 +270,7 @@ def test_rl_mistakes_are_one_line_errors(tiny_model_dir, tmp_path):
     for settings, message in [(["rl.reward_functions=[nowhere:f]"], "cannot import nowhere"),
                               (["eval.metric=loss"], "use eval.metric=reward"),
                               (["lora.full_finetune=true"], "full fine-tuning is not built for RL"),
-                              (["rl.reward_weights=[1, 2]"], "2 weights for 1 reward functions"),
+                              (["rl.reward_weights=[1, 2]"], "has 2 weights for 1 reward; give one per reward function"),
                               (["data.source=data/alpaca-sample.json"], "RL needs rows with a 'prompt'")]:
         result = runner.invoke(cli, ["rl", "--recipe", "grpo", "--model", str(tiny_model_dir), "--out", out,
                                      *[a for s in settings for a in ("--set", s)]])

@@ -37,8 +37,8 @@ def test_a_run_checks_its_saved_adapter_against_the_trained_model(tiny_model_dir
 def test_a_save_that_lost_the_training_stops_the_run(tiny_model_dir, tmp_path, monkeypatch, backend):
     real_save = adapters.save_adapter
 
-    def loses_b(folder, spec, weights):  # a writer bug: B written as zeros
-        return real_save(folder, spec, {m: (a, b * 0) for m, (a, b) in weights.items()})
+    def loses_b(folder, spec, weights, modules=None):  # a writer bug: B written as zeros
+        return real_save(folder, spec, {m: (a, b * 0) for m, (a, b) in weights.items()}, modules)
 
     monkeypatch.setattr(f"mlxft.backends.{backend}.checkpoint.save_adapter", loses_b)
     c = config(tiny_model_dir, tmp_path / "run")
