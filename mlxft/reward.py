@@ -107,17 +107,26 @@ def load_reward_data(config):
     return load_preference_splits(config.data)
 
 
+def saved_head(adapter, hidden_size: int, *, required: bool = True) -> np.ndarray | None:
+    """The head [1, hidden] saved beside an adapter (modules_to_save); without one, a UserError,
+    or None when not `required` (an SFT adapter a reward run starts from)."""
+    from mlxft.adapters import load_saved_modules
+
+    saved = load_saved_modules(adapter).get(f"{HEAD}.weight")
+    if saved is None:
+        if required:
+            raise UserError(f"adapter {adapter}: no reward head ({HEAD}.weight) saved beside it")
+        return None
+    if saved.shape != (1, hidden_size):
+        raise UserError(f"adapter {adapter}: its reward head is {list(saved.shape)}, this model needs [1, {hidden_size}]")
+    return saved.astype(np.float32)
+
+
 def start_head(hidden_size: int, start_from, seed: int) -> np.ndarray:
     """The head a run starts from: the one saved beside the adapter it continues (a reward adapter,
     or a resumed run's checkpoint), else a new one."""
-    from mlxft.adapters import load_saved_modules
-
-    saved = load_saved_modules(start_from).get(f"{HEAD}.weight") if start_from else None
-    if saved is None:
-        return init_head(hidden_size, seed)
-    if saved.shape != (1, hidden_size):
-        raise UserError(f"adapter {start_from}: its reward head is {list(saved.shape)}, this model needs [1, {hidden_size}]")
-    return saved.astype(np.float32)
+    saved = saved_head(start_from, hidden_size, required=False) if start_from else None
+    return init_head(hidden_size, seed) if saved is None else saved
 
 
 def reward_spec(spec):

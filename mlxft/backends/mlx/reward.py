@@ -38,11 +38,21 @@ from mlxft.config import RunConfig
 from mlxft.data.batching import iterate_pair_batches
 from mlxft.distributed import World
 from mlxft.dpo_common import encode_pairs
-from mlxft.errors import NotImplementedYet, UserError
+from mlxft.errors import NotImplementedYet
 from mlxft.model_files import SPLIT_HEAD_TYPES
 from mlxft.model_files import pad_id as pad_id_of
 from mlxft.policy import build_policy, describe_policy
-from mlxft.reward import HEAD, STATISTICS, describe_reward, load_instructions, load_reward_data, reward_spec, start_head, summarize
+from mlxft.reward import (
+    HEAD,
+    STATISTICS,
+    describe_reward,
+    load_instructions,
+    load_reward_data,
+    reward_spec,
+    saved_head,
+    start_head,
+    summarize,
+)
 from mlxft.runs import Run
 
 
@@ -120,15 +130,12 @@ def swapped_scorer(model, adapter: str, pad_id: int):
     this model's base) run on the model being trained: its LoRA weights swapped in for the forward
     (lora.adapter_swapped) and its head kept outside the model, so that nothing of it trains.
     One copy of the base weights serves the policy, the reference and the reward model."""
-    from mlxft.adapters import load_adapter, load_saved_modules
+    from mlxft.adapters import load_adapter
     from mlxft.backends.mlx import lora
-    from mlxft.reward import TASK_TYPE, score_positions, start_head
+    from mlxft.reward import TASK_TYPE, score_positions
 
     spec, weights = load_adapter(adapter, task_type=TASK_TYPE)
-    if not load_saved_modules(adapter):
-        raise UserError(f"adapter {adapter}: no reward head (score.weight) saved beside it")
-    head = nn.Linear(model.args.hidden_size, 1, bias=False)
-    head.weight = mx.array(start_head(model.args.hidden_size, adapter, 0))
+    head = head_of(adapter, model.args.hidden_size)
 
     def score(input_ids: np.ndarray) -> np.ndarray:
         with lora.adapter_swapped(model, weights, spec.scaling):
@@ -140,7 +147,7 @@ def swapped_scorer(model, adapter: str, pad_id: int):
 def load_scorer(name: str, adapter: str, *, trust_remote_code: bool = False):
     """(tokenizer, score): a saved reward adapter on its base model, and a function from rows of
     token ids [N, T] (right-padded with the tokenizer's pad id) to their scores [N] (numpy)."""
-    from mlxft.adapters import attach_adapter, load_saved_modules
+    from mlxft.adapters import attach_adapter
     from mlxft.backends.mlx import lora
     from mlxft.reward import TASK_TYPE, score_positions
 
@@ -148,12 +155,18 @@ def load_scorer(name: str, adapter: str, *, trust_remote_code: bool = False):
     if not mlx_model.can_split_head(model, folder):
         raise NotImplementedYet(f"model {folder}: reward models run on the families {', '.join(sorted(SPLIT_HEAD_TYPES))} for now")
     attach_adapter(lora, model, adapter, task_type=TASK_TYPE)
-    setattr(model, HEAD, nn.Linear(model.args.hidden_size, 1, bias=False))
-    lora.set_saved_modules(model, load_saved_modules(adapter))
+    head = head_of(adapter, model.args.hidden_size)
     model.eval()
     pad_id = pad_id_of(tokenizer)
 
     def score(input_ids: np.ndarray) -> np.ndarray:
-        return np.array(steps.reward_scores(model, mx.array(input_ids), mx.array(score_positions(input_ids, pad_id))))
+        return np.array(steps.reward_scores(model, mx.array(input_ids), mx.array(score_positions(input_ids, pad_id)), head))
 
     return tokenizer, score
+
+
+def head_of(adapter: str, hidden_size: int) -> nn.Linear:
+    """The reward head saved beside an adapter, as a layer outside the model (nothing trains it)."""
+    head = nn.Linear(hidden_size, 1, bias=False)
+    head.weight = mx.array(saved_head(adapter, hidden_size))
+    return head

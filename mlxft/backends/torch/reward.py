@@ -28,7 +28,17 @@ from mlxft.errors import NotImplementedYet
 from mlxft.model_files import SPLIT_HEAD_TYPES
 from mlxft.model_files import pad_id as pad_id_of
 from mlxft.policy import build_policy, describe_policy
-from mlxft.reward import HEAD, STATISTICS, describe_reward, load_instructions, load_reward_data, reward_spec, start_head, summarize
+from mlxft.reward import (
+    HEAD,
+    STATISTICS,
+    describe_reward,
+    load_instructions,
+    load_reward_data,
+    reward_spec,
+    saved_head,
+    start_head,
+    summarize,
+)
 from mlxft.runs import Run
 
 
@@ -110,18 +120,13 @@ def swapped_scorer(model, adapter: str, pad_id: int):
     this model's base) run on the model being trained: its LoRA weights swapped in for the forward
     (lora.adapter_swapped) and its head kept outside the model, so that nothing of it trains.
     One copy of the base weights serves the policy, the reference and the reward model."""
-    from mlxft.adapters import load_adapter, load_saved_modules
+    from mlxft.adapters import load_adapter
     from mlxft.backends.torch import lora
-    from mlxft.errors import UserError
-    from mlxft.reward import TASK_TYPE, score_positions, start_head
+    from mlxft.reward import TASK_TYPE, score_positions
 
     spec, weights = load_adapter(adapter, task_type=TASK_TYPE)
-    if not load_saved_modules(adapter):
-        raise UserError(f"adapter {adapter}: no reward head (score.weight) saved beside it")
     device = next(model.parameters()).device
-    hidden = model.config.hidden_size
-    head = nn.Linear(hidden, 1, bias=False, device=device, dtype=torch.float32).requires_grad_(False)
-    head.weight.copy_(torch.from_numpy(start_head(hidden, adapter, 0)))
+    head = head_of(adapter, model.config.hidden_size, device)
 
     @torch.no_grad()
     def score(input_ids: np.ndarray) -> np.ndarray:
@@ -135,7 +140,7 @@ def swapped_scorer(model, adapter: str, pad_id: int):
 def load_scorer(name: str, adapter: str, *, trust_remote_code: bool = False):
     """(tokenizer, score): a saved reward adapter on its base model, and a function from rows of
     token ids [N, T] (right-padded with the tokenizer's pad id) to their scores [N] (numpy)."""
-    from mlxft.adapters import attach_adapter, load_saved_modules
+    from mlxft.adapters import attach_adapter
     from mlxft.backends.torch import lora
     from mlxft.reward import TASK_TYPE, score_positions
 
@@ -144,8 +149,7 @@ def load_scorer(name: str, adapter: str, *, trust_remote_code: bool = False):
     if not torch_model.can_split_head(model, folder):
         raise NotImplementedYet(f"model {folder}: reward models run on the families {', '.join(sorted(SPLIT_HEAD_TYPES))} for now")
     attach_adapter(lora, model, adapter, task_type=TASK_TYPE)
-    setattr(model, HEAD, nn.Linear(model.config.hidden_size, 1, bias=False, device=device, dtype=torch.float32))
-    lora.set_saved_modules(model, load_saved_modules(adapter))
+    head = head_of(adapter, model.config.hidden_size, device)
     model.eval()
     pad_id = pad_id_of(tokenizer)
 
@@ -153,6 +157,14 @@ def load_scorer(name: str, adapter: str, *, trust_remote_code: bool = False):
     def score(input_ids: np.ndarray) -> np.ndarray:
         ids, positions = torch_model.to_device(device, input_ids, score_positions(input_ids, pad_id))
         with torch_model.autocast(device):
-            return steps.reward_scores(model, ids, positions).float().cpu().numpy()
+            return steps.reward_scores(model, ids, positions, head).float().cpu().numpy()
 
     return tokenizer, score
+
+
+def head_of(adapter: str, hidden_size: int, device) -> nn.Linear:
+    """The reward head saved beside an adapter, as a layer outside the model (nothing trains it)."""
+    head = nn.Linear(hidden_size, 1, bias=False, device=device, dtype=torch.float32).requires_grad_(False)
+    with torch.no_grad():
+        head.weight.copy_(torch.from_numpy(saved_head(adapter, hidden_size)))
+    return head
