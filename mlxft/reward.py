@@ -150,16 +150,15 @@ def evaluate_pairs(backend, model: str, adapter: str, source, *, template: str =
 
     from mlxft.config import RewardConfig
     from mlxft.data.batching import iterate_pair_batches
-    from mlxft.data.dataset import preference_records, resolve_source
+    from mlxft.data.dataset import mind_preference_records, preference_records, resolve_source
     from mlxft.data.encode import encode_preference_records
-    from mlxft.data.records import Record, load_records
-    from mlxft.data.sources.mind import iter_preference_rows
+    from mlxft.data.records import load_records
     from mlxft.data.templates import resolve_preference_template
     from mlxft.model_files import pad_id as pad_id_of
 
     path = resolve_source(str(source))
     if Path(path).is_dir() and (Path(path) / "behaviors.tsv").exists():
-        records = [Record(row, f"{path} impression {row['impression_id']}") for row in iter_preference_rows(path)]
+        records = mind_preference_records(path)
     else:
         records = preference_records(load_records(path), None)
     tokenizer, score = backend.reward.load_scorer(model, adapter, trust_remote_code=trust_remote_code)

@@ -59,6 +59,7 @@ class PromptBatch:
 
 def load_rl_data(config, adapter=None, world=None):
     """(splits of prompt rows, the reward functions): everything that can be wrong before a model loads."""
+    from mlxft.data.dataset import load_prompt_splits
     from mlxft.rewards import load_reward_function
 
     rc = config.rl
@@ -99,33 +100,16 @@ def reward_table(functions, reward_model, prompts, completions, columns, rows: n
     return table
 
 
-def load_prompt_splits(data):
-    """Train / validation / test rows with a 'prompt' (any other fields are the reward functions'):
-    a file split with the recipe's fractions and seed, or a folder of train.jsonl (+ valid.jsonl)."""
-    from mlxft.data.dataset import Splits, resolve_source
-    from mlxft.data.records import load_records
-    from mlxft.data.splits import sample_k_shot, split_items
-
-    path = resolve_source(data.source)
-    if path.is_dir():
-        if not (path / "train.jsonl").exists():
-            raise UserError(f"data {path}: a folder needs train.jsonl (and valid.jsonl, test.jsonl)")
-        train, valid, test = (load_records(path / f"{name}.jsonl") if (path / f"{name}.jsonl").exists() else []
-                              for name in ("train", "valid", "test"))
-    else:
-        train, valid, test = split_items(load_records(path), tuple(data.split), data.seed)
-    if data.k_shot:
-        train = sample_k_shot(train, data.k_shot, data.seed if data.k_shot_seed is None else data.k_shot_seed)
-    if data.max_valid_rows:
-        valid = valid[: data.max_valid_rows]
-    for record in train + valid:
-        if not isinstance(record.get("prompt"), (str, list)):
-            raise UserError(f"{record.origin}: RL needs rows with a 'prompt' (a string or a list of messages), "
-                            f"not fields {sorted(record.fields)}")
-    return Splits(train, valid, test, None, data.template, str(path))
+def encode_prompts(splits, tokenizer, config, echo) -> tuple[list[PromptExample], list[PromptExample], int]:
+    """(train prompts, validation prompts, train prompts cut), with the data line printed."""
+    train_set, truncated = encode_prompt_split(splits.train, tokenizer, config)
+    valid_set, _ = encode_prompt_split(splits.valid, tokenizer, config)
+    echo(f"data {splits.source}: {len(train_set)} train / {len(valid_set)} valid prompts; {truncated} longer than "
+         f"rl.max_prompt_length ({config.rl.max_prompt_length}) kept their end")
+    return train_set, valid_set, truncated
 
 
-def encode_prompt_split(records, splits, tokenizer, config) -> tuple[list[PromptExample], int]:
+def encode_prompt_split(records, tokenizer, config) -> tuple[list[PromptExample], int]:
     """(prompts, how many were longer than rl.max_prompt_length and lost their beginning)."""
     from mlxft.data.templates import preference_prompt, resolve_preference_template
 

@@ -49,6 +49,20 @@ def mind_records(path: Path, **options) -> list[Record]:
             for row in iter_tallrec_rows(path, **options)]
 
 
+def mind_preference_records(path: Path, max_history: int | None = None) -> list[Record]:
+    """A MIND folder's {prompt, chosen, rejected} pairs as records (iter_preference_rows)."""
+    return [Record(row, f"{path}/behaviors.tsv impression {row['impression_id']}")
+            for row in iter_preference_rows(path, max_history=max_history)]
+
+
+def limit_rows(train: list[Record], valid: list[Record], data) -> tuple[list[Record], list[Record]]:
+    """The recipe's limits: K training rows sampled (data.k_shot), the first data.max_valid_rows
+    validation rows."""
+    if data.k_shot:
+        train = sample_k_shot(train, data.k_shot, data.seed if data.k_shot_seed is None else data.k_shot_seed)
+    return train, valid[: data.max_valid_rows] if data.max_valid_rows else valid
+
+
 def load_splits(data) -> Splits:
     """Rows for a DataConfig (see mlxft.config), split and checked against the template."""
     path = resolve_source(data.source)
@@ -65,10 +79,7 @@ def load_splits(data) -> Splits:
         test = load_records(path / "test.jsonl") if (path / "test.jsonl").exists() else []
     else:
         train, valid, test = split_items(load_records(path), fractions, data.seed)
-    if data.k_shot:
-        train = sample_k_shot(train, data.k_shot, data.seed if data.k_shot_seed is None else data.k_shot_seed)
-    if data.max_valid_rows:
-        valid = valid[: data.max_valid_rows]
+    train, valid = limit_rows(train, valid, data)
     schema, template = schema_and_template(train, data.template, data.completion_field)
     for part in (valid, test):
         if part and schema:
@@ -153,9 +164,7 @@ def load_preference_splits(data, support_ratio: float | None = None, unpaired: b
         if path.is_dir():
             raise UserError(f"data {path}: KTO reads one file of {{prompt, completion, label}} rows (or pairs)")
         train, valid, test = split_items(unpaired_records(load_records(path)), tuple(data.split), data.seed)
-        if data.k_shot:
-            train = sample_k_shot(train, data.k_shot, data.seed if data.k_shot_seed is None else data.k_shot_seed)
-        valid = valid[: data.max_valid_rows] if data.max_valid_rows else valid
+        train, valid = limit_rows(train, valid, data)
         train, valid = kto_pairs(train), kto_pairs(valid) if valid else []
         template = resolve_preference_template(data.template, train + valid)
         return Splits(train, valid, prompt_records(test), "preference", template, str(path))
@@ -163,9 +172,7 @@ def load_preference_splits(data, support_ratio: float | None = None, unpaired: b
     if path.is_dir() and (path / "behaviors.tsv").exists():  # a clicked title preferred over a skipped one
         if support_ratio is not None:
             raise UserError(f"data {path}: dpo.support_ratio applies to prompt/support/oppose rows, not to a MIND folder")
-        records = [Record(row, f"{path}/behaviors.tsv impression {row['impression_id']}")
-                   for row in iter_preference_rows(path, max_history=data.max_history)]
-        train, valid, test = split_items(records, tuple(data.split), data.seed)
+        train, valid, test = split_items(mind_preference_records(path, data.max_history), tuple(data.split), data.seed)
     elif path.is_dir():
         if not (path / "train.jsonl").exists():
             raise UserError(f"data {path}: a folder needs train.jsonl (and valid.jsonl, test.jsonl)")
@@ -174,12 +181,29 @@ def load_preference_splits(data, support_ratio: float | None = None, unpaired: b
         test = prompt_records(load_records(path / "test.jsonl")) if (path / "test.jsonl").exists() else []
     else:
         train, valid, test = split_items(preference_records(load_records(path), support_ratio), tuple(data.split), data.seed)
-    if data.k_shot:
-        train = sample_k_shot(train, data.k_shot, data.seed if data.k_shot_seed is None else data.k_shot_seed)
-    if data.max_valid_rows:
-        valid = valid[: data.max_valid_rows]
+    train, valid = limit_rows(train, valid, data)
     template = resolve_preference_template(data.template, train + valid + test)
     return Splits(train, valid, test, "preference", template, str(path))
+
+
+def load_prompt_splits(data) -> Splits:
+    """Train / validation / test rows with a 'prompt' (any other fields are the reward functions',
+    for online RL): a file split with the recipe's fractions and seed, or a folder of train.jsonl
+    (+ valid.jsonl, test.jsonl)."""
+    path = resolve_source(data.source)
+    if path.is_dir():
+        if not (path / "train.jsonl").exists():
+            raise UserError(f"data {path}: a folder needs train.jsonl (and valid.jsonl, test.jsonl)")
+        train, valid, test = (load_records(path / f"{name}.jsonl") if (path / f"{name}.jsonl").exists() else []
+                              for name in ("train", "valid", "test"))
+    else:
+        train, valid, test = split_items(load_records(path), tuple(data.split), data.seed)
+    train, valid = limit_rows(train, valid, data)
+    for record in train + valid:
+        if not isinstance(record.get("prompt"), (str, list)):
+            raise UserError(f"{record.origin}: RL needs rows with a 'prompt' (a string or a list of messages), "
+                            f"not fields {sorted(record.fields)}")
+    return Splits(train, valid, test, None, data.template, str(path))
 
 
 def encode_preference_split(records: list[Record], splits: Splits, tokenizer, data, dpo) -> tuple[list[PreferenceExample], EncodeReport]:

@@ -32,7 +32,7 @@ from mlxft.policy import build_policy, describe_policy
 from mlxft.rl import (
     CompletionLog,
     describe_rl,
-    encode_prompt_split,
+    encode_prompts,
     iterate_prompt_batches,
     load_rl_data,
     make_rollout,
@@ -60,10 +60,7 @@ def train(config: RunConfig, run: Run, *, resume: bool = False, adapter: str | N
                                                 trust_remote_code=config.model.trust_remote_code, device=device)
     split_head = torch_model.can_split_head(model, folder)
     pad_id, stop = pad_id_of(tokenizer), stop_ids(tokenizer)
-    train_set, truncated = encode_prompt_split(splits.train, splits, tokenizer, config)
-    valid_set, _ = encode_prompt_split(splits.valid, splits, tokenizer, config)
-    echo(f"data {splits.source}: {len(train_set)} train / {len(valid_set)} valid prompts; {truncated} longer than "
-         f"rl.max_prompt_length ({rc.max_prompt_length}) kept their end")
+    train_set, valid_set, truncated = encode_prompts(splits, tokenizer, config, echo)
 
     # --- policy ----------------------------------------------------------------------------------
     torch.manual_seed(tc.seed)
