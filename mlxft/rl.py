@@ -322,6 +322,46 @@ class CompletionLog:
                                     "advantage": float(rollout.advantages[i])}) + "\n")
 
 
+@dataclass
+class Rollouts:
+    """What a trainer's rollouts need besides its step, set up once per run: `sample(prompt_ids, n)`
+    and `greedy(prompt_ids)` are the backend's samplers, `reward_model(rows)` its reward adapter's
+    scorer or None. `step` is the optimizer step being taken, for completions.jsonl."""
+
+    sample: object
+    greedy: object
+    tokenizer: object
+    splits: object
+    valid_set: list
+    functions: list
+    rc: object
+    pad_id: int
+    pad_multiple: int
+    stop: set
+    reward_model: object
+    log: CompletionLog
+    step: int = 0
+
+    def make(self, batch: PromptBatch) -> Rollout:
+        rollout = make_rollout(batch, self.sample, self.tokenizer, self.splits.train, self.functions, self.rc, self.pad_id,
+                               self.pad_multiple, self.stop, self.reward_model)
+        self.log.write(self.step, rollout)
+        return rollout
+
+    def validate(self) -> dict:
+        return validation_metrics(self.valid_set, self.splits.valid, self.greedy, self.tokenizer, self.functions, self.rc,
+                                  self.stop, self.pad_id, self.reward_model)
+
+    def counting(self, optimizer_step):
+        """The driver's step: `optimizer_step`, with `step` kept up to date for the log."""
+
+        def step(index: int, batches: list, rate: float):
+            self.step = index + 1
+            return optimizer_step(index, batches, rate)
+
+        return step
+
+
 def describe_rl(policy_line: str, rc, functions) -> str:
     names = reward_names(functions, rc)
     if rc.reward_adapter:

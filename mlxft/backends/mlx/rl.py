@@ -45,16 +45,15 @@ from mlxft.model_files import pad_id as pad_id_of
 from mlxft.policy import build_policy, describe_policy
 from mlxft.rl import (
     CompletionLog,
+    Rollouts,
     describe_rl,
     encode_prompts,
     iterate_prompt_batches,
     load_rl_data,
-    make_rollout,
     reward_names,
     statistic_names,
     stop_ids,
     summarizer,
-    validation_metrics,
 )
 from mlxft.runs import Run
 
@@ -93,38 +92,29 @@ def train(config: RunConfig, run: Run, *, resume: bool = False, adapter: str | N
                                          tc.max_grad_norm)
     reference_step = steps.make_token_reference_step(model, split_head) if rc.beta else None
     names = reward_names(functions, rc)
-    reward_model = reward.swapped_scorer(model, rc.reward_adapter, pad_id) if rc.reward_adapter else None
     log = CompletionLog(run.folder / "completions.jsonl", rc.log_completions_every, names)
     if resume:
         log.truncate(start.step)
-
-    def sample(prompt_ids, n):
-        return sample_completions(model, prompt_ids, n, max_tokens=rc.max_completion_length, temperature=rc.temperature,
-                                  top_p=rc.top_p, stop=stop)
-
-    step_now = {"step": start.step}
+    rollouts = Rollouts(
+        sample=lambda prompt_ids, n: sample_completions(model, prompt_ids, n, max_tokens=rc.max_completion_length,
+                                                        temperature=rc.temperature, top_p=rc.top_p, stop=stop),
+        greedy=lambda prompt_ids: sample_completions(model, prompt_ids, 1, max_tokens=rc.max_completion_length,
+                                                     temperature=0.0, stop=stop)[0],
+        tokenizer=tokenizer, splits=splits, valid_set=valid_set, functions=functions, rc=rc, pad_id=pad_id,
+        pad_multiple=PAD_MULTIPLE, stop=stop,
+        reward_model=reward.swapped_scorer(model, rc.reward_adapter, pad_id) if rc.reward_adapter else None, log=log)
 
     def inputs_of(batch) -> tuple:
-        rollout = make_rollout(batch, sample, tokenizer, splits.train, functions, rc, pad_id, PAD_MULTIPLE, stop, reward_model)
-        log.write(step_now["step"], rollout)
+        rollout = rollouts.make(batch)
         inputs, positions, tokens, weights = steps.sft_inputs(rollout.batch)
         reference = reference_step(inputs, positions, tokens) if reference_step else mx.zeros(tokens.shape)
         mx.eval(reference)  # its activations are freed before the policy's forward begins
         return inputs, positions, tokens, weights, reference, mx.array(rollout.advantages), mx.array(rollout.carried)
 
-    optimizer_step = steps.train_step(model, optimizer, micro_step, update, inputs_of, tc.seed, world, len(statistic_names(names)))
-
-    def step(index: int, batches: list, rate: float):
-        step_now["step"] = index + 1
-        return optimizer_step(index, batches, rate)
-
-    def greedy(prompt_ids):
-        return sample_completions(model, prompt_ids, 1, max_tokens=rc.max_completion_length, temperature=0.0, stop=stop)[0]
-
     trainer = driver.Trainer(
-        step=step,
-        validate=lambda: validation_metrics(valid_set, splits.valid, greedy, tokenizer, functions, rc, stop, pad_id,
-                                                    reward_model),
+        step=rollouts.counting(steps.train_step(model, optimizer, micro_step, update, inputs_of, tc.seed, world,
+                                                len(statistic_names(names)))),
+        validate=rollouts.validate,
         summarize=summarizer(names),
         save_weights=lambda where: checkpoint.save_weights(where, model, spec, config, folder),
         save_checkpoint=lambda *state: checkpoint.save(run, model, optimizer, spec, config, folder, *state),
