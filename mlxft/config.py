@@ -165,9 +165,11 @@ class RewardConfig:
 class RLConfig:
     """Online RL from prompts (`mlxft rl`, mlxft.rl); names and defaults follow TRL's GRPOConfig."""
 
-    algo: str = setting("grpo", choices=("grpo", "rloo"))  # group-normalised or leave-one-out advantages
+    # group-normalised or leave-one-out advantages, or PPO's: GAE from a value head on the policy
+    algo: str = setting("grpo", choices=("grpo", "rloo", "ppo"))
     loss_type: str = setting("grpo", choices=("grpo", "dr_grpo", "dapo"))  # how token losses are averaged
-    num_generations: int = setting(4, low=2)  # G: completions sampled per prompt
+    num_generations: int = setting(4, low=1)  # G: completions sampled per prompt (grpo and rloo: at least 2)
+    num_iterations: int = setting(1, low=1)  # updates on each rollout batch (TRL's num_iterations; PPO's epochs)
     max_prompt_length: int | None = setting(512, low=1)  # longer prompts keep their end, and are counted
     max_completion_length: int = setting(64, low=1)
     temperature: float = setting(1.0, above=0.0)  # sampling the completions
@@ -180,6 +182,11 @@ class RLConfig:
     reward_adapter: str | None = None  # a reward model (mlxft reward) on this base: its score is one more reward, 'reward_model'
     reward_weights: list[float] | None = None  # one per function (then the reward model); default 1 each
     log_completions_every: int = setting(10, low=0)  # steps between samples in completions.jsonl (0: never)
+    # PPO only (TRL's PPOConfig names and defaults); there rl.beta weighs the KL in the per-token reward
+    vf_coef: float = setting(0.1, low=0.0)  # weight of the value loss
+    cliprange_value: float = setting(0.2, above=0.0)  # how far a value may move from its rollout value
+    gamma: float = setting(1.0, low=0.0, high=1.0)  # discount over completion tokens
+    lam: float = setting(0.95, low=0.0, high=1.0)  # GAE's lambda
 
     def check(self) -> None:
         rewards = len(self.reward_functions) + bool(self.reward_adapter)
@@ -190,6 +197,9 @@ class RLConfig:
         if not rewards:
             raise UserError("no rewards: name a function in rl.reward_functions (like mlxft.rewards:arithmetic) "
                             "or a reward model in rl.reward_adapter")
+        if self.algo != "ppo" and self.num_generations < 2:
+            raise UserError(f"rl.algo={self.algo} compares completions of one prompt: rl.num_generations must be at "
+                            f"least 2, got {self.num_generations} (rl.algo=ppo learns a baseline and may sample one)")
 
 
 @dataclass

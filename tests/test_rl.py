@@ -13,7 +13,7 @@ import pytest
 from mlxft.config import RLConfig, load_config
 from mlxft.errors import UserError
 from mlxft.rewards import arithmetic, load_reward_function, number_only, score
-from mlxft.rl import group_advantages, policy_objective, summarizer
+from mlxft.rl import group_advantages, policy_objective, ppo_advantages, summarizer
 from mlxft.runs import Run
 
 # --- advantages and the loss -------------------------------------------------------------------------
@@ -50,7 +50,7 @@ def test_policy_loss_by_hand(xp_name, loss_type, loss, count):
     # dr_grpo: (-1 - 1 + 2) / 4; dapo: the same sum over 3 tokens.
     loss_sum, sums = policy_objective(logps, reference, weights, advantages, rc, xp=xp, detach=detach)
     assert float(loss_sum) == pytest.approx(loss) and float(sums[0]) == count
-    assert [float(v) for v in sums[2:]] == [2, 3, 0, 0]  # completions, tokens, KL (beta 0: no reference run), clipped
+    assert [float(v) for v in sums[2:]] == [2, 3, 0, 0, 0]  # completions, tokens, KL (beta 0: no reference run), clipped, value loss
     with_kl, sums = policy_objective(logps, reference, weights, advantages, RLConfig(beta=0.1, loss_type="grpo"), xp=xp, detach=detach)
     kl = np.exp(-0.5) + 0.5 - 1  # k3 at the first token: exp(ref - logp) - (ref - logp) - 1
     assert float(with_kl) == pytest.approx(1.0 + 0.1 * kl / 2, abs=1e-6)
@@ -66,11 +66,68 @@ def test_the_gradient_is_the_policy_gradient():
     assert np.array(grad).ravel().tolist() == pytest.approx([-0.5, -0.5, 0.0, 2.0, 0.0, 0.0])
 
 
+def test_ppo_advantages_by_hand():
+    # Two completions of 3 and 2 tokens, scored 1 and -1; beta 0.1 on log-ratios to the reference.
+    logps = np.array([[0.1, 0.2, 0.3], [0.5, 0.5, 0.0]])
+    values = np.array([[0.5, 0.2, 0.1], [0.3, 0.4, 9.0]])  # 9 sits on padding: it must not count
+    weights = np.array([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
+    rc = RLConfig(algo="ppo", beta=0.1, gamma=1.0, lam=0.95)
+    advantages, returns = ppo_advantages(np.array([1.0, -1.0]), logps, np.zeros_like(logps), values, weights, rc)
+    # Rewards: -0.1 * log-ratio per token, the score added at the last. Row 2: r = (-0.05, -1.05);
+    # deltas r_t + V_t+1 - V_t = (0.05, -1.45); GAE (-1.3275, -1.45); returns GAE + V = (-1.0275, -1.05).
+    # Row 1: r = (-0.01, -0.02, 0.97); deltas (-0.31, -0.12, 0.87); GAE (0.361175, 0.7065, 0.87).
+    assert returns.ravel().tolist() == pytest.approx([0.861175, 0.9065, 0.97, -1.0275, -1.05, 0.0], abs=1e-6)
+    raw = np.array([0.361175, 0.7065, 0.87, -1.3275, -1.45])
+    assert advantages[weights > 0].tolist() == pytest.approx(((raw - raw.mean()) / raw.std(ddof=1)).tolist(), abs=1e-5)
+    assert advantages[1, 2] == 0.0
+    # gamma = lambda = 1 without the KL: every token's return is its completion's score.
+    _, returns = ppo_advantages(np.array([1.0, -1.0]), logps, logps, values, weights, RLConfig(algo="ppo", lam=1.0))
+    assert returns.ravel().tolist() == pytest.approx([1, 1, 1, -1, -1, 0], abs=1e-6)
+
+
+def test_ppo_value_loss_is_clipped_around_the_rollout_values():
+    rc = RLConfig(algo="ppo", beta=0.0, vf_coef=1.0, cliprange_value=0.2, loss_type="dapo")
+    weights, zeros = mx.ones((1, 3)), mx.zeros((1, 3))
+    old = mx.array([[0.0, 0.0, 0.0]])
+    returns = mx.array([[0.0, 1.0, -1.0]])
+
+    def loss(values):
+        return policy_objective(zeros, zeros, weights, zeros, rc, xp=mx, detach=mx.stop_gradient, values=values,
+                                old_values=old, returns=returns)
+
+    values = mx.array([[0.5, 0.5, 0.5]])
+    (total, sums), grad = loss(values), mx.grad(lambda v: loss(v)[0])(values)
+    # Token 1: moved away from its return: the unclipped 0.5^2 is larger; gradient (v - R) = 0.5.
+    # Token 2: moved toward it past the clip: max(0.5^2, (0.2 - 1)^2) is the clipped branch: no gradient.
+    # Token 3: unclipped (1.5^2 > 1.2^2): gradient 1.5. A sum over tokens (dapo; the update divides).
+    assert float(total) == pytest.approx(0.5 * (0.25 + 0.64 + 2.25)) and float(sums[0]) == 3
+    assert np.array(grad).ravel().tolist() == pytest.approx([0.5, 0.0, 1.5])
+    assert float(sums[6]) == pytest.approx(0.5 * (0.25 + 0.64 + 2.25))  # value_loss
+
+
+def test_a_second_update_on_a_rollout_clips_the_ratio():
+    # num_iterations > 1: the ratio is to the rollout's log-probs. Up by 1.5x with a positive
+    # advantage is past 1 + epsilon: clipped, no gradient; down by 1.5x is not clipped.
+    rc = RLConfig(beta=0.0, epsilon=0.2, loss_type="dapo", num_iterations=2)
+    old = mx.zeros((1, 2))
+    logps = mx.array([[np.log(1.5), -np.log(1.5)]])
+    weights, advantages = mx.ones((1, 2)), mx.array([1.0])
+
+    def loss(x):
+        return policy_objective(x, old, weights, advantages, rc, xp=mx, detach=mx.stop_gradient, old_logps=old)
+
+    grad = mx.grad(lambda x: loss(x)[0])(logps)
+    assert np.array(grad).ravel().tolist() == pytest.approx([0.0, -1 / 1.5], abs=1e-6)  # d(-ρA)/d logπ = -ρA
+    assert float(loss(logps)[1][5]) == 1  # clipped tokens
+
+
 def test_summary_metrics_carry_trl_names():
     names = ["arithmetic"]
-    # count, loss, completions, tokens, kl, clipped, entropy | reward, reward², group std, zero-std groups, groups, truncated | sum, squares
-    sums = np.array([4, 2.0, 4, 20, 1.0, 0, 10.0, 2.0, 2.0, 1.1547, 1, 2, 1, 2.0, 2.0])
+    # count, loss, completions, tokens, kl, clipped, value loss, entropy | reward, reward², group std,
+    # zero-std groups, groups, truncated | sum, squares
+    sums = np.array([4, 2.0, 4, 20, 1.0, 0, 3.0, 10.0, 2.0, 2.0, 1.1547, 1, 2, 1, 2.0, 2.0])
     metrics = summarizer(names)(sums)
+    assert "value_loss" not in metrics and summarizer(names, ppo=True)(sums)["value_loss"] == 0.15  # per token
     assert metrics["loss"] == 0.5 and metrics["reward"] == 0.5 and metrics["rewards/arithmetic/mean"] == 0.5
     assert metrics["rewards/arithmetic/std"] == pytest.approx(0.5) and metrics["kl"] == 0.05 and metrics["entropy"] == 0.5
     assert metrics["completions/mean_length"] == 5 and metrics["completions/clipped_ratio"] == 0.25
@@ -135,7 +192,8 @@ def test_greedy_samples_are_mlx_lms_greedy_answer_and_stop_at_the_end_token(tiny
 
 
 @pytest.mark.slow
-def test_both_backends_give_the_same_loss_and_gradients_on_the_same_rollout(tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("algo", ["grpo", "ppo"])
+def test_both_backends_give_the_same_loss_and_gradients_on_the_same_rollout(tiny_model_dir, tmp_path, algo):
     torch = pytest.importorskip("torch")
     pytest.importorskip("peft")
     import mlx.nn as nn
@@ -151,7 +209,7 @@ def test_both_backends_give_the_same_loss_and_gradients_on_the_same_rollout(tiny
     from mlxft.backends.torch import steps as torch_steps
     from mlxft.data.batching import collate, scored_targets
     from mlxft.data.encode import Example
-    from mlxft.rl import reward_sums
+    from mlxft.rl import reward_sums, value_head_init
 
     adapter = starting_adapter(tiny_model_dir, tmp_path / "start")
     rng = np.random.default_rng(0)
@@ -160,27 +218,41 @@ def test_both_backends_give_the_same_loss_and_gradients_on_the_same_rollout(tiny
     batch = collate([Example(prompt + c, [0] * 7 + [1] * len(c)) for c in completions], pad_id=0, pad_to_multiple=4)
     targets = scored_targets(batch)
     rewards = np.array([1.0, 0.0, 0.0, 1.0])
-    advantages = group_advantages(rewards, 4).astype(np.float32)
     carried = reward_sums(rewards, rewards[None], 4, 0)
-    rc = RLConfig(beta=0.1)
+    shape = targets.tokens.shape
+    if algo == "grpo":
+        rc = RLConfig(beta=0.1)
+        advantages, returns = group_advantages(rewards, 4).astype(np.float32), np.zeros(shape, np.float32)
+    else:  # a second update on the rollout: π_old below is the reference, so the ratios are not 1 and some clip
+        rc = RLConfig(algo="ppo", beta=0.1, num_iterations=2, epsilon=0.05, cliprange_value=0.05, vf_coef=0.5)
+        advantages, returns = (rng.standard_normal(shape).astype(np.float32) for _ in range(2))
+    old_values = (0.1 * rng.standard_normal(shape)).astype(np.float32)
     arrays = (batch.input_ids[:, :-1], targets.positions, targets.tokens, targets.weights)
 
     model, _, _ = mlx_model.load(str(tiny_model_dir))
     attach_adapter(mlx_lora, model, adapter)
+    hidden = model.args.hidden_size
+    model.value_head = nn.Linear(hidden, 1)
+    model.value_head.update({"weight": mx.array(value_head_init(hidden, 0)), "bias": mx.array([0.1])})
     model.eval()
     inputs = [mx.array(a) for a in arrays]
     reference = mlx_steps.make_token_reference_step(model, True)(*inputs[:3])
-    loss = lambda m: mlx_steps.rl_loss(m, *inputs, reference, mx.array(advantages), mx.array(carried), split_head=True, rc=rc)  # noqa: E731
+    rest = [mx.array(a) for a in (old_values, advantages, returns, carried)]
+    loss = lambda m: mlx_steps.rl_loss(m, *inputs, reference, reference, *rest, split_head=True, rc=rc)  # noqa: E731
     (mlx_loss, mlx_sums), mlx_grads = nn.value_and_grad(model, loss)(model)
     mlx_grads = {k: np.array(v) for k, v in tree_flatten(mlx_grads)}
 
     tmodel, _, _ = torch_model.load(str(tiny_model_dir), device=torch.device("cpu"))
     attach_adapter(torch_lora, tmodel, adapter)
+    tmodel.value_head = torch.nn.Linear(hidden, 1)
+    with torch.no_grad():
+        tmodel.value_head.weight.copy_(torch.from_numpy(value_head_init(hidden, 0)))
+        tmodel.value_head.bias.fill_(0.1)
     tmodel.eval()
     tensors = torch_model.to_device(torch.device("cpu"), *arrays)
     treference = torch_steps.reference_token_logps(tmodel, *tensors[:3], split_head=True)
-    torch_loss, torch_sums = torch_steps.rl_loss(tmodel, *tensors, treference, torch.tensor(advantages), torch.tensor(carried),
-                                                 split_head=True, rc=rc)
+    trest = [torch.from_numpy(a) for a in (old_values, advantages, returns, carried)]
+    torch_loss, torch_sums = torch_steps.rl_loss(tmodel, *tensors, treference, treference, *trest, split_head=True, rc=rc)
     torch_loss.backward()
 
     assert float(torch_loss) == pytest.approx(float(mlx_loss), abs=1e-5)
@@ -189,12 +261,18 @@ def test_both_backends_give_the_same_loss_and_gradients_on_the_same_rollout(tiny
     for name, p in tmodel.named_parameters():
         if p.grad is None:
             continue
+        if name.startswith("value_head."):
+            worst = max(worst, float(np.abs(p.grad.numpy() - mlx_grads[name]).max()))
+            continue
         module, part = name.replace(".default", "").rsplit(".lora_", 1)
         mlx_grad = mlx_grads[f"{module}.lora_{part[0].lower()}"].T  # mlx-lm keeps lora_a [in, r]: PEFT's A transposed
         worst = max(worst, float(np.abs(p.grad.numpy() - mlx_grad).max()))
-    print(f"RL loss {float(mlx_loss):.6f} on both; largest gradient difference {worst:.1e}")
+    print(f"{algo} loss {float(mlx_loss):.6f} on both; largest gradient difference {worst:.1e}")
     assert worst < 1e-5
     assert max(np.abs(g).max() for g in mlx_grads.values()) > 1e-3  # gradients that carry something
+    if algo == "ppo":
+        assert float(mlx_sums[5]) > 0 and float(mlx_sums[6]) > 0  # clipped tokens, a value loss
+        assert np.abs(mlx_grads["value_head.weight"]).max() > 1e-3
 
 
 # --- runs ---------------------------------------------------------------------------------------------
@@ -215,29 +293,36 @@ def rewards_file(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("backend", ["mlx", "torch"])
-def test_resume_after_a_kill_samples_and_reports_the_same(tiny_model_dir, tmp_path, stop_after_step, backend):
+@pytest.mark.parametrize("backend, algo", [("mlx", "grpo"), ("torch", "grpo"), ("mlx", "ppo"), ("torch", "ppo")])
+def test_resume_after_a_kill_samples_and_reports_the_same(tiny_model_dir, tmp_path, stop_after_step, backend, algo):
+    # PPO, with 2 updates per rollout: its value head must come back from the checkpoint too, or
+    # the value loss and the advantages after the resume differ.
     if backend == "torch":
         pytest.importorskip("peft")
     from mlxft import backends
 
     trainer = backends.get(backend).rl
     functions = rewards_file(tmp_path)
-    straight = tiny_config(tiny_model_dir, tmp_path / "a", functions)
+    extra = ["rl.algo=ppo", "rl.num_iterations=2", "rl.num_generations=2"] if algo == "ppo" else []
+    straight = tiny_config(tiny_model_dir, tmp_path / "a", functions, *extra)
     summary = trainer.train(straight, Run.create(tmp_path / "a", straight), echo=lambda *a: None)
-    killed = tiny_config(tiny_model_dir, tmp_path / "b", functions)
+    killed = tiny_config(tiny_model_dir, tmp_path / "b", functions, *extra)
     counter = stop_after_step(3)  # killed after step 3, with a checkpoint at step 2
     with pytest.raises(KeyboardInterrupt):
         trainer.train(killed, Run.create(tmp_path / "b", killed), echo=lambda *a: None)
     trainer.train(killed, Run.open_for_resume(tmp_path / "b"), resume=True, echo=lambda *a: None)
     assert counter["after_stop"] == 2
     a, b = ([json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()] for run in "ab")
-    for key in ("loss", "reward", "rewards/brevity/mean", "kl", "entropy", "completions/mean_length", "eval_reward"):
+    keys = ("loss", "reward", "rewards/brevity/mean", "kl", "entropy", "completions/mean_length", "eval_reward",
+            *(("value_loss", "clip_ratio") if algo == "ppo" else ()))
+    for key in keys:
         assert [r.get(key) for r in b] == pytest.approx([r.get(key) for r in a], rel=1e-4, abs=1e-6), key
     logged = [(tmp_path / run / "completions.jsonl").read_text() for run in "ab"]
     assert logged[0] == logged[1] and {json.loads(line)["step"] for line in logged[0].splitlines()} == {2, 4}
     assert a[0]["frac_reward_zero_std"] < 1 and any(r["grad_norm"] > 0 for r in a)  # completions differ: it learns
-    assert summary["algo"] == "grpo" and "eval_rewards/brevity/mean" in summary["after"]
+    assert summary["algo"] == algo and "eval_rewards/brevity/mean" in summary["after"]
+    if algo == "ppo":  # the value head is trained: its loss is measured at every step
+        assert all(r["value_loss"] > 0 for r in a) and (tmp_path / "b" / "checkpoint" / "heads.safetensors").exists()
 
 
 @pytest.mark.slow
@@ -271,7 +356,8 @@ def test_rl_mistakes_are_one_line_errors(tiny_model_dir, tmp_path):
                               (["eval.metric=loss"], "use eval.metric=reward"),
                               (["lora.full_finetune=true"], "full fine-tuning is not built for RL"),
                               (["rl.reward_weights=[1, 2]"], "has 2 weights for 1 reward; give one per reward function"),
-                              (["data.source=data/alpaca-sample.json"], "RL needs rows with a 'prompt'")]:
+                              (["data.source=data/alpaca-sample.json"], "RL needs rows with a 'prompt'"),
+                              (["rl.num_generations=1"], "rl.algo=grpo compares completions of one prompt")]:
         result = runner.invoke(cli, ["rl", "--recipe", "grpo", "--model", str(tiny_model_dir), "--out", out,
                                      *[a for s in settings for a in ("--set", s)]])
         assert result.exit_code != 0 and message in result.output, (settings, result.output)

@@ -172,11 +172,12 @@ def reward_command(recipe, model, data_source, out_dir, overrides, quantize, bac
 @click.option("--adapter", default=None, type=click.Path(path_type=Path),
               help="Start from an adapter (e.g. an SFT run's best/); needs rl.beta=0.")
 def rl_command(recipe, model, data_source, out_dir, overrides, quantize, backend, trust_remote_code, resume_dir, adapter):
-    """Online RL from prompts: GRPO (--set rl.loss_type=dr_grpo|dapo for its variants) or RLOO
-    (--set rl.algo=rloo). Each step samples rl.num_generations completions per prompt, scores them
-    with the reward functions (rl.reward_functions: module:function or file.py:function, TRL's
-    signature) and/or a reward model from `mlxft reward` (rl.reward_adapter, run on the same
-    weights), and moves the adapter toward the better ones, with a KL to the base model.
+    """Online RL from prompts: GRPO (--set rl.loss_type=dr_grpo|dapo for its variants), RLOO
+    (--set rl.algo=rloo) or PPO (--set rl.algo=ppo: a value head and GAE, as GIRL's RLHF). Each
+    step samples rl.num_generations completions per prompt, scores them with the reward functions
+    (rl.reward_functions: module:function or file.py:function, TRL's signature) and/or a reward
+    model from `mlxft reward` (rl.reward_adapter, run on the same weights), and moves the adapter
+    toward the better ones (rl.num_iterations updates per rollout), with a KL to the base model.
 
     Prints the held-out reward of greedy answers before and after, and writes the run folder:
     config.yaml, metrics.jsonl (TRL's metric names), completions.jsonl, summary.json, best/ and

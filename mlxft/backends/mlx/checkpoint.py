@@ -3,6 +3,7 @@ model folder for full fine-tuning), the optimizer's moments and the step, writte
 folder and swapped in whole, so a kill leaves the previous checkpoint or the new one.
 
     checkpoint/weights/  optimizer.safetensors  state.json {step, best, stale, backend: "mlx", progress}
+    [heads.safetensors]
 
 `progress` is the run driver's: the tokens trained and the open report window (mlxft.driver).
 """
@@ -36,10 +37,13 @@ def save_weights(folder: Path, model, spec, config, base_folder) -> None:
                 shutil.copy(Path(base_folder) / name, staging / name)
 
 
-def save(run, model, optimizer, spec, config, base_folder, step, best, stale, progress=None) -> None:
-    """Weights, optimizer state and the step, written to a new folder and swapped in whole."""
+def save(run, model, optimizer, spec, config, base_folder, step, best, stale, progress=None, heads=None) -> None:
+    """Weights, optimizer state and the step, written to a new folder and swapped in whole; `heads`:
+    arrays trained beside the adapter that it does not carry (PPO's value head), in heads.safetensors."""
     with staged_folder(run.checkpoint_dir) as staging:
         save_weights(staging / "weights", model, spec, config, base_folder)
+        if heads:
+            mx.save_safetensors(str(staging / "heads.safetensors"), heads)
         mx.save_safetensors(str(staging / "optimizer.safetensors"), dict(tree_flatten(optimizer.state)))
         (staging / "state.json").write_text(json.dumps({"step": step, "best": best, "stale": stale, "backend": "mlx",
                                                                "progress": progress}))
@@ -63,3 +67,9 @@ def load_optimizer(run, model, optimizer) -> tuple[int, dict | None, int]:
     optimizer.init(model.trainable_parameters())
     optimizer.state = tree_unflatten(list(mx.load(str(run.checkpoint_dir / "optimizer.safetensors")).items()))
     return state["step"], state["best"], state["stale"]
+
+
+def load_heads(run) -> dict:
+    """The checkpoint's heads.safetensors (see save), or {} when it has none."""
+    path = run.checkpoint_dir / "heads.safetensors"
+    return mx.load(str(path)) if path.exists() else {}

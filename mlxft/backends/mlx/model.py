@@ -43,11 +43,16 @@ def logits_at(model, inputs: mx.array, positions: mx.array, split_head: bool) ->
     """Logits [B, K, V] for the outputs at `positions` [B, K] only."""
     if not split_head:
         return mx.take_along_axis(model(inputs), positions[..., None], axis=1)
-    hidden = model.model(inputs)
-    return _head(model, mx.take_along_axis(hidden, positions[..., None], axis=1))
+    return head_logits(model, hidden_at(model, inputs, positions))
 
 
-def _head(model, hidden: mx.array) -> mx.array:
+def hidden_at(model, inputs: mx.array, positions: mx.array) -> mx.array:
+    """The last hidden states [B, K, H] at `positions` [B, K] (a split-head model only)."""
+    return mx.take_along_axis(model.model(inputs), positions[..., None], axis=1)
+
+
+def head_logits(model, hidden: mx.array) -> mx.array:
+    """The LM head on hidden states (tied to the embedding where the model ties them)."""
     if getattr(model, "lm_head", None) is not None and not model.args.tie_word_embeddings:
         return model.lm_head(hidden)
     return model.model.embed_tokens.as_linear(hidden)
@@ -82,7 +87,7 @@ def shared_prompt_logits(model, prompt_ids: mx.array, answer_ids: mx.array, mask
         hidden = model.model(rows, cache=[_MaskOnly(mask)] * len(model.model.layers))
     chosen = hidden[:, p - 1 : p + a - 1]
     rejected = mx.concatenate([hidden[:, p - 1 : p], hidden[:, p + a : p + 2 * a - 1]], axis=1)
-    return _head(model, mx.concatenate([chosen, rejected], axis=0))
+    return head_logits(model, mx.concatenate([chosen, rejected], axis=0))
 
 
 class _MaskOnly:

@@ -1,10 +1,11 @@
-"""Online RL on MLX: GRPO (with the Dr. GRPO and DAPO losses) and RLOO from prompts and reward
-functions (mlxft.rl, mlxft.rewards), on the shared run driver and one copy of the weights. Reads
-top to bottom: setup -> model -> data -> policy -> optimizer -> rollouts and step -> loop -> save.
+"""Online RL on MLX: GRPO (with the Dr. GRPO and DAPO losses), RLOO and PPO from prompts and
+reward functions (mlxft.rl, mlxft.rewards), on the shared run driver and one copy of the weights.
+Reads top to bottom: setup -> model -> data -> policy -> optimizer -> rollouts and step -> loop -> save.
 
     mlxft rl --recipe grpo                                        # built-in model, bundled arithmetic questions
     mlxft rl --recipe grpo --model HuggingFaceTB/SmolLM2-135M-Instruct
     mlxft rl --recipe grpo --set rl.algo=rloo --set "rl.reward_functions=[my_rewards.py:brevity]" --data prompts.jsonl
+    mlxft rl --recipe grpo --set rl.algo=ppo --set rl.num_iterations=4 --set rl.reward_adapter=runs/reward-.../best
 
 The policy is the base + the adapter being trained; the reference is the same model with the
 adapter switched off (lora.adapter_off, as DPO's), run as its own compiled function under
@@ -14,8 +15,12 @@ head beside it: one copy of the base weights for all three. Each prompt's G comp
 from one run of the prompt (its KV cache copied to G rows).
 
 Supports: GRPO with group-normalised advantages (or Dr. GRPO's unscaled ones, rl.scale_rewards),
-RLOO's leave-one-out advantages; grpo / dr_grpo / dapo token averaging; the clipped ratio with
-DAPO's clip-higher (rl.epsilon_high); KL to the reference (rl.beta, 0 skips its forward);
+RLOO's leave-one-out advantages, PPO's per-token GAE advantages from a value head (model.value_head,
+float32, on the policy's last hidden states: one forward gives log-probs and values; trained in full
+beside the adapter, kept in the checkpoint's heads.safetensors, not in the adapter a user loads);
+rl.num_iterations updates per rollout batch against π_old from a forward without gradients;
+grpo / dr_grpo / dapo token averaging; the clipped ratio with DAPO's clip-higher (rl.epsilon_high);
+KL to the reference (rl.beta, 0 skips its forward; for PPO a penalty in the reward);
 weighted reward functions in TRL's signature; LoRA (QLoRA on quantized bases); AdamW with warmup
 and decay; gradient accumulation over micro-batches of prompts; clipping; held-out reward of
 greedy completions every eval.every steps with the best adapter kept and early stopping;
@@ -25,7 +30,8 @@ entropy, completions/mean_length); completions.jsonl every rl.log_completions_ev
 
 Raises UserError for bad recipes, data, reward functions (and what they return), models and
 adapters; NotImplementedYet for full fine-tuning, for a continued adapter with rl.beta > 0 (its
-reference would be that adapter, which cannot be switched off), and for several ranks.
+reference would be that adapter, which cannot be switched off), for several ranks, and for PPO on
+a model family whose LM head mlxft does not split off (no hidden states for the value head).
 """
 
 from __future__ import annotations
@@ -33,7 +39,10 @@ from __future__ import annotations
 from functools import partial
 
 import mlx.core as mx
+import mlx.nn as nn
 import mlx.optimizers as optim
+import numpy as np
+from mlx.utils import tree_flatten, tree_unflatten
 
 from mlxft import backends, driver
 from mlxft.backends.mlx import PAD_MULTIPLE, checkpoint, reward, steps
@@ -46,6 +55,8 @@ from mlxft.policy import build_policy, describe_policy
 from mlxft.rl import (
     CompletionLog,
     Rollouts,
+    advantages_of,
+    check_ppo,
     describe_rl,
     encode_prompts,
     iterate_prompt_batches,
@@ -54,6 +65,7 @@ from mlxft.rl import (
     statistic_names,
     stop_ids,
     summarizer,
+    value_head_init,
 )
 from mlxft.runs import Run
 
@@ -78,6 +90,12 @@ def train(config: RunConfig, run: Run, *, resume: bool = False, adapter: str | N
 
     # --- policy ----------------------------------------------------------------------------------
     spec = build_policy(backend, model, config, folder, start_from=run.checkpoint_dir / "weights" if resume else adapter)
+    ppo = rc.algo == "ppo"
+    if ppo:  # trained in full beside the adapter, on the policy's own hidden states
+        check_ppo(split_head)
+        model.value_head = nn.Linear(model.args.hidden_size, 1)
+        model.value_head.update({"weight": mx.array(value_head_init(model.args.hidden_size, tc.seed)),
+                                 "bias": mx.zeros((1,))})
     trainable, line = describe_policy(backend, model, folder, spec, config)
     echo(describe_rl(line, rc, functions))
     echo(f"run folder: {run.folder}")
@@ -88,9 +106,12 @@ def train(config: RunConfig, run: Run, *, resume: bool = False, adapter: str | N
     start = driver.Start()
     if resume:  # before the step is compiled: it must capture the restored optimizer state
         start = driver.Start(*checkpoint.load(run, model, optimizer, False))
+        if ppo:
+            model.value_head.update(tree_unflatten(list(checkpoint.load_heads(run).items()))["value_head"])
     micro_step, update = steps.make_step(model, optimizer, partial(steps.rl_loss, split_head=split_head, rc=rc),
                                          tc.max_grad_norm)
     reference_step = steps.make_token_reference_step(model, split_head) if rc.beta else None
+    old_policy_step = steps.make_old_policy_step(model, split_head, ppo) if ppo or rc.num_iterations > 1 else None
     names = reward_names(functions, rc)
     log = CompletionLog(run.folder / "completions.jsonl", rc.log_completions_every, names)
     if resume:
@@ -108,16 +129,22 @@ def train(config: RunConfig, run: Run, *, resume: bool = False, adapter: str | N
         rollout = rollouts.make(batch)
         inputs, positions, tokens, weights = steps.sft_inputs(rollout.batch)
         reference = reference_step(inputs, positions, tokens) if reference_step else mx.zeros(tokens.shape)
-        mx.eval(reference)  # its activations are freed before the policy's forward begins
-        return inputs, positions, tokens, weights, reference, mx.array(rollout.advantages), mx.array(rollout.carried)
+        old_logps, old_values = (old_policy_step(inputs, positions, tokens) if old_policy_step
+                                 else (mx.zeros(tokens.shape), mx.zeros(tokens.shape)))
+        mx.eval(reference, old_logps, old_values)  # their activations are freed before the policy's forward begins
+        advantages, returns = advantages_of(rollout, *map(np.array, (old_logps, reference, old_values, weights)), rc)
+        return (inputs, positions, tokens, weights, reference, old_logps, old_values, mx.array(advantages),
+                mx.array(returns), mx.array(rollout.carried))
 
     trainer = driver.Trainer(
         step=rollouts.counting(steps.train_step(model, optimizer, micro_step, update, inputs_of, tc.seed, world,
-                                                len(statistic_names(names)))),
+                                                len(statistic_names(names)), updates=rc.num_iterations)),
         validate=rollouts.validate,
-        summarize=summarizer(names),
+        summarize=summarizer(names, ppo),
         save_weights=lambda where: checkpoint.save_weights(where, model, spec, config, folder),
-        save_checkpoint=lambda *state: checkpoint.save(run, model, optimizer, spec, config, folder, *state),
+        save_checkpoint=lambda *state: checkpoint.save(
+            run, model, optimizer, spec, config, folder, *state,
+            heads=dict(tree_flatten({"value_head": model.value_head.parameters()})) if ppo else None),
         peak_memory_gb=mlx_model.peak_memory_gb,
         reset_peak_memory=mx.reset_peak_memory,
     )
@@ -131,6 +158,7 @@ def train(config: RunConfig, run: Run, *, resume: bool = False, adapter: str | N
     return driver.summarize_run(
         run, config, fitted, trainer, method="rl", backend="mlx", device=str(mx.default_device()), model=str(folder),
         trainable=trainable, setup={"algo": rc.algo, "loss_type": rc.loss_type, "beta": rc.beta,
-                                    "num_generations": rc.num_generations, "reward_functions": list(rc.reward_functions)},
+                                    "num_generations": rc.num_generations, "num_iterations": rc.num_iterations,
+                                    "reward_functions": list(rc.reward_functions)},
         data={"train_prompts": len(train_set), "valid_prompts": len(valid_set), "truncated_prompts": truncated},
         outputs={"completions": str(log.path) if log.path.exists() else None})

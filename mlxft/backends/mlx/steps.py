@@ -55,31 +55,37 @@ def make_step(model, optimizer, loss, max_grad_norm: float | None):
     return micro_step, update
 
 
-def train_step(model, optimizer, micro_step, update, inputs_of, seed: int, world: World = World(), statistics: int = 2):
+def train_step(model, optimizer, micro_step, update, inputs_of, seed: int, world: World = World(), statistics: int = 2,
+               updates: int = 1):
     """The driver's step(step index, micro-batches, learning rate) -> StepResult; `inputs_of(batch)`
     lays a micro-batch out as micro_step takes it. With several ranks each takes its share of every
     micro-batch, and the gradient and statistic sums (`statistics` of them) are added across ranks
-    before the update divides by the global count."""
+    before the update divides by the global count. With `updates` > 1 (online RL's
+    rl.num_iterations) the micro-batches are laid out once and trained on that many times, one
+    optimizer update each; the statistics sum over all of them."""
     state = [model.state, optimizer.state, mx.random.state]
 
     def step(index: int, batches: list, rate: float) -> StepResult:
         mx.random.seed(step_seed(seed, index, world.rank))  # resume-exact dropout noise
-        grads, sums = None, None
-        for batch in map(world.shard, batches):
-            if empty(batch):  # fewer rows than ranks: this rank adds nothing to this micro-batch
-                continue
-            micro_grads, micro_sums = micro_step(*inputs_of(batch))
-            grads = micro_grads if grads is None else tree_map(mx.add, grads, micro_grads)
-            sums = micro_sums if sums is None else sums + micro_sums
-        if world.size > 1:
-            grads = grads if grads is not None else tree_map(mx.zeros_like, model.trainable_parameters())
-            sums = sums if sums is not None else mx.zeros((statistics,), mx.float32)
-            grads, sums = all_sum(grads, sums, world)
+        mine = [batch for batch in map(world.shard, batches) if not empty(batch)]  # a rank may get no rows
+        laid_out = [inputs_of(batch) for batch in mine] if updates > 1 else None
         optimizer.learning_rate = rate
-        grad_norm = update(grads, sums[0])
-        mx.eval(state, sums, grad_norm)
+        total = None
+        for _ in range(updates):
+            grads, sums = None, None
+            for inputs in laid_out or map(inputs_of, mine):  # one at a time, when each is used once
+                micro_grads, micro_sums = micro_step(*inputs)
+                grads = micro_grads if grads is None else tree_map(mx.add, grads, micro_grads)
+                sums = micro_sums if sums is None else sums + micro_sums
+            if world.size > 1:
+                grads = grads if grads is not None else tree_map(mx.zeros_like, model.trainable_parameters())
+                sums = sums if sums is not None else mx.zeros((statistics,), mx.float32)
+                grads, sums = all_sum(grads, sums, world)
+            grad_norm = update(grads, sums[0])
+            mx.eval(state, sums, grad_norm)
+            total = sums if total is None else total + sums
         mlx_model.trim_cache()
-        return StepResult(np.array(sums), grad_norm.item(), float(optimizer.learning_rate.item()))
+        return StepResult(np.array(total), grad_norm.item(), float(optimizer.learning_rate.item()))
 
     return step
 
@@ -121,13 +127,46 @@ def token_logps(model, inputs, positions, tokens, split_head: bool):
     return -nn.losses.cross_entropy(logits, tokens), logits
 
 
-def rl_loss(model, inputs, positions, tokens, weights, reference, advantages, carried, *, split_head: bool, rc):
+def token_logps_values(model, inputs, positions, tokens):
+    """(log-probs [N, K], logits [N, K, V] in float32, PPO's values [N, K]): the LM head and the
+    value head (float32) on the same hidden states, from one forward."""
+    hidden = mlx_model.hidden_at(model, inputs, positions)
+    logits = mlx_model.head_logits(model, hidden).astype(mx.float32)
+    return -nn.losses.cross_entropy(logits, tokens), logits, model.value_head(hidden.astype(mx.float32))[..., 0]
+
+
+def rl_loss(model, inputs, positions, tokens, weights, reference, old_logps, old_values, advantages, returns, carried, *,
+            split_head: bool, rc):
     """(the policy loss sum of a rollout's completions, mlxft.rl statistic sums): the loss
-    statistics, the completion tokens' entropy, then the rollout's reward sums (`carried`)."""
-    logps, logits = token_logps(model, inputs, positions, tokens, split_head)
-    loss_sum, sums = policy_objective(logps, reference, weights, advantages, rc, xp=mx, detach=mx.stop_gradient)
+    statistics, the completion tokens' entropy, then the rollout's reward sums (`carried`).
+    `old_logps` count from a second update on a rollout (rl.num_iterations), `old_values` and
+    `returns` for PPO only; they are zeros otherwise."""
+    values = None
+    if rc.algo == "ppo":
+        logps, logits, values = token_logps_values(model, inputs, positions, tokens)
+    else:
+        logps, logits = token_logps(model, inputs, positions, tokens, split_head)
+    loss_sum, sums = policy_objective(logps, reference, weights, advantages, rc, xp=mx, detach=mx.stop_gradient,
+                                      old_logps=old_logps if rc.num_iterations > 1 else None, values=values,
+                                      old_values=old_values, returns=returns)
     entropy = mx.logsumexp(logits, axis=-1) - (mx.softmax(logits, axis=-1) * logits).sum(-1)
     return loss_sum, mx.concatenate([sums, mx.stop_gradient((entropy * weights).sum())[None], carried])
+
+
+def make_old_policy_step(model, split_head: bool, ppo: bool):
+    """Compiled: the policy's log-probs [N, K] of a rollout's completion tokens as it was when it
+    sampled them (π_old of a later update), and for PPO its values [N, K] (else zeros)."""
+
+    @partial(mx.compile, inputs=[model.state])
+    def old_policy_step(inputs, positions, tokens):
+        if ppo:
+            logps, _, values = token_logps_values(model, inputs, positions, tokens)
+        else:
+            logps = token_logps(model, inputs, positions, tokens, split_head)[0]
+            values = mx.zeros(logps.shape)
+        return mx.stop_gradient(logps), mx.stop_gradient(values)
+
+    return old_policy_step
 
 
 def make_token_reference_step(model, split_head: bool):

@@ -3,6 +3,7 @@ model folder for full fine-tuning), MLXAdamW's moments and the step, written int
 folder and swapped in whole, so a kill leaves the previous checkpoint or the new one.
 
     checkpoint/weights/  optimizer.safetensors  state.json {step, best, stale, backend: "torch", progress}
+    [heads.safetensors]
 
 `progress` is the run driver's: the tokens trained and the open report window (mlxft.driver).
 """
@@ -38,9 +39,11 @@ def save_weights(folder: Path, model, spec, config, base_folder) -> None:
                 shutil.copy(Path(base_folder) / name, staging / name)
 
 
-def save(run, model, optimizer, named, spec, config, base_folder, step, best, stale, progress=None) -> None:
-    """Weights, optimizer state and the step, written to a new folder and swapped in whole. No RNG
-    state: dropout is seeded from the step, and the batch order from (seed, epoch)."""
+def save(run, model, optimizer, named, spec, config, base_folder, step, best, stale, progress=None, heads=None) -> None:
+    """Weights, optimizer state and the step, written to a new folder and swapped in whole; `heads`:
+    tensors trained beside the adapter that it does not carry (PPO's value head), in
+    heads.safetensors. No RNG state: dropout is seeded from the step, and the batch order from
+    (seed, epoch)."""
     from safetensors.torch import save_file
 
     tensors = {}
@@ -50,6 +53,8 @@ def save(run, model, optimizer, named, spec, config, base_folder, step, best, st
     with staged_folder(run.checkpoint_dir) as staging:
         save_weights(staging / "weights", model, spec, config, base_folder)
         save_file({k: v.cpu() for k, v in tensors.items()}, str(staging / "optimizer.safetensors"))
+        if heads:
+            save_file({k: v.detach().cpu().contiguous() for k, v in heads.items()}, str(staging / "heads.safetensors"))
         (staging / "state.json").write_text(json.dumps({"step": step, "best": best, "stale": stale, "backend": "torch",
                                                                "progress": progress}))
 
@@ -81,3 +86,11 @@ def load(run, model, optimizer, named, full_finetune: bool, trust_remote_code: b
         if f"{name}.m" in moments:
             optimizer.state[p] = {"step": int(moments[f"{name}.step"]), "m": moments[f"{name}.m"], "v": moments[f"{name}.v"]}
     return state["step"], state["best"], state["stale"]
+
+
+def load_heads(run, device) -> dict:
+    """The checkpoint's heads.safetensors (see save), or {} when it has none."""
+    from safetensors.torch import load_file
+
+    path = run.checkpoint_dir / "heads.safetensors"
+    return load_file(str(path), device=str(device)) if path.exists() else {}

@@ -159,9 +159,13 @@ def logits_at(model, inputs: torch.Tensor, positions: torch.Tensor, split_head: 
     if not split_head:
         logits = model(input_ids=inputs).logits
         return logits.gather(1, positions[..., None].expand(-1, -1, logits.shape[-1]))
+    return model.lm_head(hidden_at(model, inputs, positions))  # tied embeddings: lm_head.weight is embed_tokens.weight
+
+
+def hidden_at(model, inputs: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """The last hidden states [B, K, H] at `positions` [B, K] (a split-head model only)."""
     hidden = model.model(input_ids=inputs).last_hidden_state
-    hidden = hidden.gather(1, positions[..., None].expand(-1, -1, hidden.shape[-1]))
-    return model.lm_head(hidden)  # tied embeddings: lm_head.weight is embed_tokens.weight
+    return hidden.gather(1, positions[..., None].expand(-1, -1, hidden.shape[-1]))
 
 
 def token_losses(model, inputs, positions, tokens, weights, split_head: bool) -> tuple[torch.Tensor, torch.Tensor]:

@@ -32,6 +32,8 @@ from mlxft.policy import build_policy, describe_policy
 from mlxft.rl import (
     CompletionLog,
     Rollouts,
+    advantages_of,
+    check_ppo,
     describe_rl,
     encode_prompts,
     iterate_prompt_batches,
@@ -40,6 +42,7 @@ from mlxft.rl import (
     statistic_names,
     stop_ids,
     summarizer,
+    value_head_init,
 )
 from mlxft.runs import Run
 
@@ -64,6 +67,14 @@ def train(config: RunConfig, run: Run, *, resume: bool = False, adapter: str | N
     # --- policy ----------------------------------------------------------------------------------
     torch.manual_seed(tc.seed)
     spec = build_policy(backend, model, config, folder, start_from=run.checkpoint_dir / "weights" if resume else adapter)
+    ppo = rc.algo == "ppo"
+    if ppo:  # trained in full beside the adapter, on the policy's own hidden states
+        check_ppo(split_head)
+        hidden = model.config.hidden_size
+        model.value_head = torch.nn.Linear(hidden, 1, device=device, dtype=torch.float32)
+        with torch.no_grad():
+            model.value_head.weight.copy_(torch.from_numpy(value_head_init(hidden, tc.seed)))
+            model.value_head.bias.zero_()
     trainable, line = describe_policy(backend, model, folder, spec, config, where=f" on {device}")
     echo(describe_rl(line, rc, functions))
     echo(f"run folder: {run.folder}")
@@ -75,6 +86,9 @@ def train(config: RunConfig, run: Run, *, resume: bool = False, adapter: str | N
     start = driver.Start()
     if resume:
         start = driver.Start(*checkpoint.load(run, model, optimizer, named, False, config.model.trust_remote_code))
+        if ppo:
+            heads = checkpoint.load_heads(run, device)
+            model.value_head.load_state_dict({k.removeprefix("value_head."): v for k, v in heads.items()})
     names = reward_names(functions, rc)
     log = CompletionLog(run.folder / "completions.jsonl", rc.log_completions_every, names)
     if resume:
@@ -88,25 +102,37 @@ def train(config: RunConfig, run: Run, *, resume: bool = False, adapter: str | N
         pad_multiple=PAD_MULTIPLE, stop=stop,
         reward_model=reward.swapped_scorer(model, rc.reward_adapter, pad_id) if rc.reward_adapter else None, log=log)
 
-    def loss_of(batch):
+    def inputs_of(batch) -> tuple:
         rollout = rollouts.make(batch)
         targets = scored_targets(rollout.batch)
         inputs, positions, tokens, weights = torch_model.to_device(device, rollout.batch.input_ids[:, :-1], targets.positions,
                                                                    targets.tokens, targets.weights)
-        advantages, carried = torch_model.to_device(device, rollout.advantages, rollout.carried)
+        zeros = torch.zeros(tokens.shape, device=device)
         with torch_model.autocast(device):
             reference = (steps.reference_token_logps(model, inputs, positions, tokens, split_head=split_head) if rc.beta
-                         else torch.zeros(tokens.shape, device=device))
-            return steps.rl_loss(model, inputs, positions, tokens, weights, reference.float(), advantages, carried,
-                                 split_head=split_head, rc=rc)
+                         else zeros)
+            old_logps, old_values = (steps.old_policy_outputs(model, inputs, positions, tokens, split_head=split_head, ppo=ppo)
+                                     if ppo or rc.num_iterations > 1 else (zeros, zeros))
+        reference, old_logps, old_values = reference.float(), old_logps.float(), old_values.float()
+        advantages, returns = advantages_of(rollout, *(t.cpu().numpy() for t in (old_logps, reference, old_values, weights)),
+                                            rc)
+        return (inputs, positions, tokens, weights, reference, old_logps, old_values,
+                *torch_model.to_device(device, advantages, returns, rollout.carried))
+
+    def loss_of(inputs: tuple):
+        with torch_model.autocast(device):
+            return steps.rl_loss(model, *inputs, split_head=split_head, rc=rc)
 
     trainer = driver.Trainer(
         step=rollouts.counting(steps.train_step(optimizer, loss_of, seed=tc.seed, max_grad_norm=tc.max_grad_norm,
-                                                world=world, statistics=len(statistic_names(names)))),
+                                                world=world, statistics=len(statistic_names(names)), inputs_of=inputs_of,
+                                                updates=rc.num_iterations)),
         validate=rollouts.validate,
-        summarize=summarizer(names),
+        summarize=summarizer(names, ppo),
         save_weights=lambda where: checkpoint.save_weights(where, model, spec, config, folder),
-        save_checkpoint=lambda *state: checkpoint.save(run, model, optimizer, named, spec, config, folder, *state),
+        save_checkpoint=lambda *state: checkpoint.save(
+            run, model, optimizer, named, spec, config, folder, *state,
+            heads={f"value_head.{k}": v for k, v in model.value_head.state_dict().items()} if ppo else None),
         peak_memory_gb=lambda: torch_model.peak_memory_gb(device),
         reset_peak_memory=lambda: torch_model.reset_peak_memory(device),
     )
@@ -120,6 +146,7 @@ def train(config: RunConfig, run: Run, *, resume: bool = False, adapter: str | N
     return driver.summarize_run(
         run, config, fitted, trainer, method="rl", backend="torch", device=str(device), model=str(folder),
         trainable=trainable, setup={"algo": rc.algo, "loss_type": rc.loss_type, "beta": rc.beta,
-                                    "num_generations": rc.num_generations, "reward_functions": list(rc.reward_functions)},
+                                    "num_generations": rc.num_generations, "num_iterations": rc.num_iterations,
+                                    "reward_functions": list(rc.reward_functions)},
         data={"train_prompts": len(train_set), "valid_prompts": len(valid_set), "truncated_prompts": truncated},
         outputs={"completions": str(log.path) if log.path.exists() else None})

@@ -28,21 +28,33 @@ from mlxft.rl import policy_objective
 # --- one optimizer step ----------------------------------------------------------------------------
 
 
-def train_step(optimizer, loss_of, *, seed: int, max_grad_norm: float | None, world: World = World(), statistics: int = 2):
-    """The driver's step(step index, micro-batches, learning rate) -> StepResult. With several
+def train_step(optimizer, loss_of, *, seed: int, max_grad_norm: float | None, world: World = World(), statistics: int = 2,
+               inputs_of=None, updates: int = 1):
+    """The driver's step(step index, micro-batches, learning rate) -> StepResult: `loss_of(inputs)`
+    of each micro-batch laid out by `inputs_of(batch)` (default: the batch itself). With several
     ranks each takes its share of every micro-batch, and the gradient and statistic sums
     (`statistics` of them) are added across ranks before the update divides by the global count:
-    DDP's all-reduce, done once per optimizer step rather than per micro-batch."""
+    DDP's all-reduce, done once per optimizer step rather than per micro-batch. With `updates` > 1
+    (online RL's rl.num_iterations) the micro-batches are laid out once and trained on that many
+    times, one optimizer update each; the statistics sum over all of them."""
+    inputs_of = inputs_of or (lambda batch: batch)
     parameters = [p for group in optimizer.param_groups for p in group["params"]]
 
     def step(index: int, batches: list, rate: float) -> StepResult:
         torch.manual_seed(step_seed(seed, index, world.rank))  # resume-exact dropout noise
+        mine = [batch for batch in map(world.shard, batches) if not empty(batch)]  # a rank may get no rows
+        laid_out = [inputs_of(batch) for batch in mine] if updates > 1 else None
+        reported = None
+        for _ in range(updates):
+            sums, grad_norm = one_update(laid_out or map(inputs_of, mine), rate)
+            reported = sums if reported is None else reported + sums
+        return StepResult(reported, grad_norm, rate)
+
+    def one_update(inputs, rate: float):
         optimizer.zero_grad(set_to_none=True)
         total = None
-        for batch in map(world.shard, batches):
-            if empty(batch):  # fewer rows than ranks: this rank adds nothing to this micro-batch
-                continue
-            loss_sum, sums = loss_of(batch)
+        for one in inputs:  # one at a time, when each is used once
+            loss_sum, sums = loss_of(one)
             loss_sum.backward()
             total = sums if total is None else total + sums
         if world.size > 1:
@@ -63,9 +75,8 @@ def train_step(optimizer, loss_of, *, seed: int, max_grad_norm: float | None, wo
                 p.grad.copy_(flat[offset : offset + p.numel()].view_as(p.grad))
                 offset += p.numel()
             total = flat[offset:]
-        sums = total.cpu().numpy()  # one device sync per step
-        grad_norm = update(optimizer, float(sums[0]), rate, max_grad_norm)
-        return StepResult(sums, grad_norm, rate)
+        sums = total.cpu().numpy()  # one device sync per update
+        return sums, update(optimizer, float(sums[0]), rate, max_grad_norm)
 
     return step
 
@@ -106,14 +117,43 @@ def token_logps(model, inputs, positions, tokens, split_head: bool):
     return logps, logits
 
 
-def rl_loss(model, inputs, positions, tokens, weights, reference, advantages, carried, *, split_head: bool, rc):
+def token_logps_values(model, inputs, positions, tokens):
+    """(log-probs [N, K], logits [N, K, V] in float32, PPO's values [N, K]): the LM head and the
+    value head (float32) on the same hidden states, from one forward."""
+    hidden = torch_model.hidden_at(model, inputs, positions)
+    logits = model.lm_head(hidden).float()
+    logps = -F.cross_entropy(logits.flatten(0, 1), tokens.flatten(), reduction="none").view_as(tokens)
+    return logps, logits, model.value_head(hidden.float())[..., 0]
+
+
+def rl_loss(model, inputs, positions, tokens, weights, reference, old_logps, old_values, advantages, returns, carried, *,
+            split_head: bool, rc):
     """(the policy loss sum of a rollout's completions, mlxft.rl statistic sums detached): the
-    loss statistics, the completion tokens' entropy, then the rollout's reward sums (`carried`)."""
-    logps, logits = token_logps(model, inputs, positions, tokens, split_head)
-    loss_sum, sums = policy_objective(logps, reference, weights, advantages, rc, xp=torch, detach=torch.Tensor.detach)
+    loss statistics, the completion tokens' entropy, then the rollout's reward sums (`carried`).
+    `old_logps` count from a second update on a rollout (rl.num_iterations), `old_values` and
+    `returns` for PPO only; they are zeros otherwise."""
+    values = None
+    if rc.algo == "ppo":
+        logps, logits, values = token_logps_values(model, inputs, positions, tokens)
+    else:
+        logps, logits = token_logps(model, inputs, positions, tokens, split_head)
+    loss_sum, sums = policy_objective(logps, reference, weights, advantages, rc, xp=torch, detach=torch.Tensor.detach,
+                                      old_logps=old_logps if rc.num_iterations > 1 else None, values=values,
+                                      old_values=old_values, returns=returns)
     logits = logits.detach()
     entropy = torch.logsumexp(logits, dim=-1) - (torch.softmax(logits, dim=-1) * logits).sum(-1)
     return loss_sum, torch.cat([sums, (entropy * weights).sum()[None], carried])
+
+
+@torch.no_grad()
+def old_policy_outputs(model, inputs, positions, tokens, *, split_head: bool, ppo: bool):
+    """The policy's log-probs [N, K] of a rollout's completion tokens as it was when it sampled them
+    (π_old of a later update), and for PPO its values [N, K] (else zeros)."""
+    if ppo:
+        logps, _, values = token_logps_values(model, inputs, positions, tokens)
+        return logps, values
+    logps = token_logps(model, inputs, positions, tokens, split_head)[0]
+    return logps, torch.zeros_like(logps)
 
 
 @torch.no_grad()
