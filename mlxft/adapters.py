@@ -39,10 +39,11 @@ class AdapterSpec:
     layers: list[int] | None = None  # None: every block
     task_type: str = "CAUSAL_LM"  # SEQ_CLS: a reward model (mlxft.reward), its head in modules_to_save
     modules_to_save: list[str] | None = None  # modules trained in full beside the adapter (PEFT's name)
+    use_rslora: bool = False  # rank-stabilised LoRA: scaling alpha / sqrt(r) instead of alpha / r
 
     @property
     def scaling(self) -> float:
-        return self.alpha / self.r
+        return self.alpha / self.r ** 0.5 if self.use_rslora else self.alpha / self.r
 
     def to_peft(self) -> dict:
         config = {
@@ -55,7 +56,7 @@ class AdapterSpec:
             "bias": "none",
             "base_model_name_or_path": self.base_model,
             "fan_in_fan_out": False,
-            "use_rslora": False,
+            "use_rslora": self.use_rslora,
             "use_dora": False,
             "inference_mode": True,
         }
@@ -70,9 +71,8 @@ class AdapterSpec:
     def from_peft(cls, config: dict, where: str) -> AdapterSpec:
         if config.get("peft_type", "LORA") != "LORA":
             raise UserError(f"{where}: a {config['peft_type']} adapter; mlxft reads LoRA adapters")
-        for unsupported in ("use_dora", "use_rslora"):
-            if config.get(unsupported):
-                raise UserError(f"{where}: {unsupported} adapters are not supported yet")
+        if config.get("use_dora"):
+            raise UserError(f"{where}: use_dora adapters are not supported yet")
         try:
             layers = config.get("layers_to_transform")
             return cls(
@@ -84,6 +84,7 @@ class AdapterSpec:
                 layers=[layers] if isinstance(layers, int) else layers,
                 task_type=str(config.get("task_type") or "CAUSAL_LM"),
                 modules_to_save=list(config["modules_to_save"]) if config.get("modules_to_save") else None,
+                use_rslora=bool(config.get("use_rslora", False)),
             )
         except (KeyError, TypeError, ValueError) as e:
             raise UserError(f"{where}: not a LoRA adapter config ({type(e).__name__}: {e})") from None
@@ -221,6 +222,27 @@ def layer_index(path: str) -> int:
     """The block a module path belongs to: 'model.layers.3.self_attn.q_proj' -> 3."""
     parts = path.split(".")
     return int(parts[parts.index("layers") + 1])
+
+
+# lora.target_modules presets: every linear layer of the blocks (PEFT's "all-linear": the LM head is
+# outside them), or those of one part of each block, found by the name of the module holding them.
+TARGET_PRESETS = {"all-linear": None, "attention": {"self_attn", "attention", "attn"},
+                  "mlp": {"mlp", "feed_forward", "ffn"}}
+
+
+def resolve_targets(target_modules: list[str] | str, modules: dict[str, tuple[int, int]]) -> list[str]:
+    """The layer names `lora.target_modules` means on a model whose block linear layers are
+    `modules` ({path: (out, in)}): a list as given, or a preset of TARGET_PRESETS resolved to the
+    names it covers (PEFT saves all-linear resolved the same way)."""
+    if not isinstance(target_modules, str):
+        return list(target_modules)
+    parents = TARGET_PRESETS[target_modules]
+    names = sorted({path.rsplit(".", 1)[-1] for path in modules
+                    if parents is None or path.rsplit(".", 2)[-2] in parents})
+    if not names:
+        raise UserError(f"lora.target_modules={target_modules}: this model has no such linear layers; its blocks hold "
+                        f"{', '.join(sorted({p.rsplit('.', 1)[-1] for p in modules}))}")
+    return names
 
 
 def select_modules(modules: dict[str, tuple[int, int]], target_modules: list[str], layers: list[int] | None) -> list[str]:

@@ -54,13 +54,22 @@ class LoraConfig:
     r: int = setting(8, low=1)
     alpha: float = setting(16.0, above=0.0)  # scaling = alpha / r, as in PEFT
     dropout: float = setting(0.05, low=0.0, below=1.0)
-    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+    # layer names, or a preset: all-linear (every linear layer of the blocks), attention, mlp
+    target_modules: str | list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])  # str first: a preset stays one
+    use_rslora: bool = False  # rank-stabilised LoRA (PEFT's use_rslora): scaling = alpha / sqrt(r)
     layers: list[int] | None = setting(None, low=0)  # None: every block
     full_finetune: bool = False  # train every weight instead of an adapter
 
     def check(self) -> None:
-        if not self.target_modules or not all(self.target_modules):
-            raise UserError("setting 'lora.target_modules' must name at least one module, like [q_proj, v_proj]")
+        from mlxft.adapters import TARGET_PRESETS
+
+        if isinstance(self.target_modules, str):
+            if self.target_modules not in TARGET_PRESETS:
+                raise UserError(f"lora.target_modules={self.target_modules}: not a preset ({', '.join(TARGET_PRESETS)}); "
+                                f"name layers as a list, like [q_proj, v_proj]")
+        elif not self.target_modules or not all(self.target_modules):
+            raise UserError("setting 'lora.target_modules' must name at least one module, like [q_proj, v_proj], "
+                            "or be a preset: all-linear, attention, mlp")
         if self.layers is not None and not self.layers:
             raise UserError("setting 'lora.layers' must list at least one block index, or be null for every block")
 

@@ -5,25 +5,27 @@ adapter from the recipe. `backend` is mlxft.backends.get(name): its model and lo
 
 from __future__ import annotations
 
-from mlxft.adapters import AdapterSpec, attach_adapter
+from mlxft.adapters import AdapterSpec, attach_adapter, resolve_targets
 from mlxft.config import RunConfig
 from mlxft.errors import UserError
 from mlxft.model_files import BUILTIN
 
 
-def recipe_spec(config: RunConfig, folder) -> AdapterSpec:
-    """The adapter the recipe asks for; the built-in model is named by its folder, so that the
-    adapter's base_model_name_or_path loads anywhere."""
+def recipe_spec(config: RunConfig, folder, linear_modules: dict) -> AdapterSpec:
+    """The adapter the recipe asks for on a model whose block linear layers are `linear_modules`
+    (a target preset resolved to layer names); the built-in model is named by its folder, so that
+    the adapter's base_model_name_or_path loads anywhere."""
     lc = config.lora
     base_name = str(folder) if config.model.name == BUILTIN else config.model.name
-    return AdapterSpec(lc.r, lc.alpha, lc.dropout, list(lc.target_modules), base_name, lc.layers)
+    return AdapterSpec(lc.r, lc.alpha, lc.dropout, resolve_targets(lc.target_modules, linear_modules), base_name,
+                       lc.layers, use_rslora=lc.use_rslora)
 
 
 def build_policy(backend, model, config: RunConfig, folder, *, start_from=None, task_type: str | None = "CAUSAL_LM") -> AdapterSpec:
     """Make `model` trainable as the run says and return the adapter's spec. `start_from`: an
     adapter to continue (its own spec replaces the recipe's: a continued adapter keeps its modules)
     of `task_type` (None: any), or None for a new one; ignored for full fine-tuning, whose checkpoint the backend loads."""
-    spec = recipe_spec(config, folder)
+    spec = recipe_spec(config, folder, backend.lora.linear_modules(model))
     if config.lora.full_finetune:
         if config.model.quantize or backend.model.is_quantized(model):
             raise UserError("full fine-tuning needs a full-precision model; use LoRA on a quantized one")
@@ -41,5 +43,6 @@ def describe_policy(backend, model, folder, spec: AdapterSpec, config: RunConfig
     """(trainable parameters, the line that says what trains)."""
     trainable, total = backend.lora.trainable_parameters(model), backend.lora.total_parameters(model)
     what = ("full fine-tuning" if config.lora.full_finetune
-            else f"LoRA r={spec.r} alpha={spec.alpha:g} on {len(backend.lora.lora_layers(model))} modules")
+            else f"LoRA r={spec.r} alpha={spec.alpha:g}{' (rsLoRA)' if spec.use_rslora else ''} on "
+                 f"{len(backend.lora.lora_layers(model))} modules")
     return trainable, f"model {folder} ({total / 1e6:.2f}M parameters){where}; training {trainable:,} ({what})"

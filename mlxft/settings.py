@@ -62,7 +62,9 @@ class Given:
             parsed, error = yaml.safe_load(self.raw), None
         except yaml.YAMLError as e:
             parsed, error = None, str(e).splitlines()[0]
-        if str in options and not (isinstance(parsed, str) and error is None or parsed is None and type(None) in options):
+        takes_list = isinstance(parsed, list) and any(typing.get_origin(o) is list for o in options)  # str | list[str]
+        if str in options and not (isinstance(parsed, str) and error is None or parsed is None and type(None) in options
+                                   or takes_list):
             return self.raw
         if error is not None:
             raise UserError(f"--set {key}={self.raw!r}: not valid YAML ({error})")

@@ -194,10 +194,12 @@ def test_adapters_cross_between_mlx_peft_and_torch(tiny_model_dir, tmp_path):
     assert np.abs(torch_logits(_peft(tiny_model_dir, tmp_path / "torch/last"), ids) - expected).max() < 1e-4
 
 
-@pytest.mark.parametrize("layers", [None, [1]], ids=["all-layers", "layers_to_transform"])
-def test_a_peft_written_adapter_loads_on_both_backends(tiny_model_dir, tmp_path, layers):
+@pytest.mark.parametrize("layers, rslora", [(None, False), ([1], False), (None, True)],
+                         ids=["all-layers", "layers_to_transform", "rslora"])
+def test_a_peft_written_adapter_loads_on_both_backends(tiny_model_dir, tmp_path, layers, rslora):
     # What a PEFT user brings: get_peft_model(...).save_pretrained(), with PEFT's own config fields
-    # and key names, and B non-zero so the adapter changes the outputs.
+    # and key names, and B non-zero so the adapter changes the outputs. rsLoRA scales by
+    # alpha / sqrt(r): 8 here, against 4.
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
@@ -206,7 +208,7 @@ def test_a_peft_written_adapter_loads_on_both_backends(tiny_model_dir, tmp_path,
     torch.manual_seed(0)
     base = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32)
     peft_model = get_peft_model(base, LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj", "v_proj", "down_proj"],
-                                                 layers_to_transform=layers, lora_dropout=0.0))
+                                                 layers_to_transform=layers, lora_dropout=0.0, use_rslora=rslora))
     with torch.no_grad():
         for name, parameter in peft_model.named_parameters():
             if "lora_B" in name:
@@ -218,7 +220,7 @@ def test_a_peft_written_adapter_loads_on_both_backends(tiny_model_dir, tmp_path,
     m, _, _ = mlx_model.load(str(tiny_model_dir))
     assert np.abs(mlx_logits(m, ids) - expected).max() > 1e-2  # the adapter matters
     spec = attach_adapter(mlx_lora, m, tmp_path / "peft")
-    assert len(mlx_lora.lora_layers(m)) == (3 if layers else 6) and spec.scaling == 4.0
+    assert len(mlx_lora.lora_layers(m)) == (3 if layers else 6) and spec.scaling == (8.0 if rslora else 4.0)
     assert np.abs(mlx_logits(m, ids) - expected).max() < 4e-6  # measured: up to 3.7e-7
     t, _, _ = torch_model.load(str(tiny_model_dir), device=CPU)
     attach_adapter(torch_lora, t, tmp_path / "peft")

@@ -20,13 +20,14 @@ from pathlib import Path
 
 import numpy as np
 
-from mlxft.adapters import AdapterSpec, layer_index
+from mlxft.adapters import AdapterSpec, layer_index, resolve_targets
 from mlxft.config import RunConfig, dump_config, load_config
 from mlxft.data.batching import Batch, iterate_pair_batches, widen
 from mlxft.driver import batch_stream
 from mlxft.errors import UserError
 
 RECIPES = {"lora": "tallrec", "dpo": "dpo"}
+LLAMA_BLOCK = {"self_attn": ("q_proj", "k_proj", "v_proj", "o_proj"), "mlp": ("gate_proj", "up_proj", "down_proj")}
 # Bench defaults, before the user's --set (which wins): the workload is LoRA even on the built-in
 # model (whose recipes train it fully), and without dropout, whose random masks differ between
 # backends and would hide whether the losses agree.
@@ -53,8 +54,12 @@ class Workload:
 
     @property
     def spec(self) -> AdapterSpec:
+        """The adapter both sides train; a target preset is resolved on the Llama-family block layout
+        that the bench's models have (before either backend loads them)."""
         lc = self.config.lora
-        return AdapterSpec(lc.r, lc.alpha, lc.dropout, list(lc.target_modules), str(self.model_dir), lc.layers)
+        layout = {f"model.layers.0.{part}.{name}": (0, 0) for part, names in LLAMA_BLOCK.items() for name in names}
+        return AdapterSpec(lc.r, lc.alpha, lc.dropout, resolve_targets(lc.target_modules, layout), str(self.model_dir),
+                           lc.layers, use_rslora=lc.use_rslora)
 
     @property
     def model_config(self) -> dict:

@@ -47,7 +47,8 @@ def apply_lora(model, spec: AdapterSpec) -> list[str]:
     paths = select_modules(linear_modules(model), spec.target_modules, spec.layers)
     config = LoraConfig(r=spec.r, lora_alpha=spec.alpha, lora_dropout=spec.dropout,
                         target_modules=list(spec.target_modules), layers_to_transform=spec.layers,
-                        layers_pattern="layers" if spec.layers is not None else None, bias="none")
+                        layers_pattern="layers" if spec.layers is not None else None, bias="none",
+                        use_rslora=spec.use_rslora)
     for parameter in model.parameters():
         parameter.requires_grad_(False)
     inject_adapter_in_model(config, model, adapter_name=ADAPTER)  # leaves only lora_A / lora_B trainable
