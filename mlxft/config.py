@@ -33,6 +33,8 @@ class DataConfig:
     system_prompt: str | None = None
     cutoff: int = setting(512, low=2)  # a prompt token and an answer token at least
     train_on_inputs: bool = False
+    # a chat row's assistant turns that are scored: all of them (TRL's assistant_only_loss), or the last
+    assistant_turns: str = setting("all", choices=("all", "last"))
     split: list[float] = setting([0.85, 0.10, 0.05], low=0.0)
     seed: int = setting(0, low=0)
     k_shot: int | None = setting(None, low=1)  # keep only K training rows (TALLRec's 16/64/256-shot runs)

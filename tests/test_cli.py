@@ -115,6 +115,19 @@ def test_inspect_csv_through_a_format_string(builtin_tokenizer):
     assert truncated > 0  # a 70-token cutoff must cut some descriptions, and say so
 
 
+def test_inspect_shows_each_scored_turn_of_a_conversation(builtin_tokenizer, tmp_path):
+    rows = [{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]},
+            {"messages": [{"role": "user", "content": "Capital of France?"}, {"role": "assistant", "content": "Paris."},
+                          {"role": "user", "content": "And of Germany?"}, {"role": "assistant", "content": "Berlin."}]}]
+    source = tmp_path / "chat.jsonl"
+    source.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    result = run("data", "inspect", source)
+    assert result.exit_code == 0, result.output
+    shown = result.output.split("example (")[1]
+    assert shown.startswith(f"{source}:2)")  # the row with the most scored turns
+    assert shown.count("--- scored ---") == 2 and "'Paris.<|end|>\\n'" in shown and "'Berlin.<|end|>\\n</s>'" in shown
+
+
 def test_outputs_that_name_the_wrong_kind_of_path_are_one_line_errors(tmp_path):
     (tmp_path / "file").write_text("x")
     (tmp_path / "folder").mkdir()

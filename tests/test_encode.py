@@ -63,18 +63,69 @@ def test_phi3_mask_literal(char_tokenizer):
     assert example.loss_mask == [0] * 29 + [1, 1, 1]
 
 
-def test_chat_template_masks_all_but_the_last_answer(char_tokenizer):
-    messages = [
-        {"role": "user", "content": "a"},
-        {"role": "assistant", "content": "b"},
-        {"role": "user", "content": "c"},
-        {"role": "assistant", "content": "d"},
-    ]
-    prompted = render(Record({"messages": messages}, "x"), "chat", "chat", char_tokenizer)
+TWO_TURNS = [
+    {"role": "user", "content": "a"},
+    {"role": "assistant", "content": "b"},
+    {"role": "user", "content": "c"},
+    {"role": "assistant", "content": "d"},
+]
+
+
+def test_chat_template_scores_every_assistant_turn(char_tokenizer):
+    prompted = render(Record({"messages": TWO_TURNS}, "x"), "chat", "chat", char_tokenizer)
     assert prompted.completion == "d<|end|>\n"
     example, _ = encode_prompted(prompted, char_tokenizer)
-    assert sum(example.loss_mask) == len("d<|end|>\n") + 1  # + EOS
-    assert example.loss_mask[-10:] == [1] * 10 and example.loss_mask[-11] == 0
+    # BOS, then the history up to each answer read, each answer (with its end marker) scored, EOS.
+    first, between = "<|user|>\na<|end|>\n<|assistant|>\n", "<|user|>\nc<|end|>\n<|assistant|>\n"
+    assert example.input_ids == [BOS] + chars(first + "b<|end|>\n" + between + "d<|end|>\n") + [EOS]
+    assert example.loss_mask == ([0] + [0] * 32 + [1] * 9 + [0] * 32 + [1] * 9 + [1])
+    assert len(first) == len(between) == 32 and len("b<|end|>\n") == 9
+
+
+def test_chat_template_scores_only_the_last_answer_when_asked(char_tokenizer):
+    prompted = render(Record({"messages": TWO_TURNS}, "x"), "chat", "chat", char_tokenizer, assistant_turns="last")
+    example, _ = encode_prompted(prompted, char_tokenizer)
+    assert example.loss_mask == [0] * (1 + 32 + 9 + 32) + [1] * 10  # as mlx-lm scores a chat row
+
+
+def test_a_template_that_rewrites_earlier_turns_cannot_score_them(char_tokenizer):
+    class Forgetful(type(char_tokenizer)):  # drops earlier answers, as reasoning templates drop their thinking
+        def apply_chat_template(self, messages, tokenize=False, add_generation_prompt=False):
+            last = max(i for i, m in enumerate(messages) if m["role"] == "user")
+            kept = [m for i, m in enumerate(messages) if m["role"] != "assistant" or i > last]
+            return super().apply_chat_template(kept, tokenize, add_generation_prompt)
+
+    with pytest.raises(UserError, match="renders earlier turns differently.*set data.assistant_turns=last"):
+        render(Record({"messages": TWO_TURNS}, "x"), "chat", "chat", Forgetful())
+    assert render(Record({"messages": TWO_TURNS}, "x"), "chat", "chat", Forgetful(), assistant_turns="last").completion == "d<|end|>\n"
+
+
+CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}{% endfor %}"
+          "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+
+@pytest.mark.parametrize("template", ["builtin", "chatml"])
+def test_every_turn_is_scored_with_a_real_tokenizer(builtin_tokenizer, template):
+    # The built-in tokenizer merges characters into tokens: each scored stretch must still decode to
+    # exactly one answer with its end marker, and nothing else.
+    import copy
+
+    tokenizer = copy.copy(builtin_tokenizer)
+    if template == "chatml":
+        tokenizer.chat_template, end = CHATML, "<|im_end|>\n"
+    else:
+        end = "<|end|>\n"
+    messages = [{"role": "user", "content": "Capital of France?"}, {"role": "assistant", "content": "Paris."},
+                {"role": "user", "content": "And of Germany?"}, {"role": "assistant", "content": "Berlin."}]
+    example, _ = encode_prompted(render(Record({"messages": messages}, "x"), "chat", "chat", tokenizer), tokenizer)
+    runs, start = [], None
+    for i, m in enumerate(example.loss_mask + [0]):
+        if m and start is None:
+            start = i
+        elif not m and start is not None:
+            runs.append(tokenizer.decode(example.input_ids[start:i]))
+            start = None
+    assert runs == ["Paris." + end, "Berlin." + end + tokenizer.eos_token]
 
 
 def test_chat_template_with_system_prompt(char_tokenizer):

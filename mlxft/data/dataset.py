@@ -88,13 +88,15 @@ def load_splits(data) -> Splits:
 
 
 def encode_split(records: list[Record], splits: Splits, tokenizer, data, *, for_eval: bool = False) -> tuple[list[Example], EncodeReport]:
-    """Encode one split; evaluation never scores the prompt, so its loss is the answer's loss."""
+    """Encode one split; evaluation never scores the prompt, so its loss is the answers' loss (of
+    the same assistant turns as training)."""
     return encode_records(
         records, splits.schema, splits.template, tokenizer,
         cutoff=data.cutoff,
         train_on_inputs=data.train_on_inputs and not for_eval,
         completion_field=data.completion_field,
         system_prompt=data.system_prompt,
+        assistant_turns=data.assistant_turns,
     )
 
 

@@ -116,15 +116,26 @@ def encode_prompted(
     add_eos: bool = True,
     origin: str = "",
 ) -> tuple[Example, bool]:
-    """Encode one prompt/completion pair; returns (example, was_truncated)."""
-    prompt_ids = encode_prompt(tokenizer, prompted.prompt, cutoff)
+    """Encode one prompt/completion pair; returns (example, was_truncated). A prompt holding
+    earlier scored answers (Prompted.scored_spans) is tokenized piece by piece, as prompt and
+    completion are, so that each answer's mask boundary is exact too."""
+    if prompted.scored_spans:
+        pieces = prompted.pieces()
+        prompt_ids, mask = [], []
+        for k, (text, scored) in enumerate(pieces[:-1]):
+            ids = encode_prompt(tokenizer, text) if k == 0 else encode_completion(tokenizer, text)
+            prompt_ids += ids
+            mask += [1 if scored or train_on_inputs else 0] * len(ids)
+    else:
+        prompt_ids = encode_prompt(tokenizer, prompted.prompt, cutoff)
+        mask = [1 if train_on_inputs else 0] * len(prompt_ids)
     answer_ids = encode_completion(tokenizer, prompted.completion,
                                    None if cutoff is None else max(cutoff - len(prompt_ids), 0))
     eos = tokenizer.eos_token_id
     if add_eos and eos is not None and (not answer_ids or answer_ids[-1] != eos):
         answer_ids.append(eos)
     ids = prompt_ids + answer_ids
-    mask = [1 if train_on_inputs else 0] * len(prompt_ids) + [1] * len(answer_ids)
+    mask = mask + [1] * len(answer_ids)
     if ids:
         mask[0] = 0  # nothing precedes the first token, so it cannot be predicted
     truncated = cutoff is not None and len(ids) > cutoff
@@ -143,13 +154,15 @@ def encode_records(
     train_on_inputs: bool = False,
     completion_field: str | None = None,
     system_prompt: str | None = None,
+    assistant_turns: str = "all",
 ) -> tuple[list[Example], EncodeReport]:
     """Render and encode every row; raise UserError when no row is left to train on."""
     report = EncodeReport()
     examples = []
     for record in records:
         report.rows += 1
-        prompted = render(record, schema, template, tokenizer, completion_field=completion_field, system_prompt=system_prompt)
+        prompted = render(record, schema, template, tokenizer, completion_field=completion_field, system_prompt=system_prompt,
+                          assistant_turns=assistant_turns)
         example, truncated = encode_prompted(
             prompted, tokenizer, cutoff=cutoff, train_on_inputs=train_on_inputs, origin=record.origin
         )

@@ -64,7 +64,7 @@ def inspect_records(
                                       train_on_inputs=train_on_inputs, completion_field=completion_field)
     completions = Counter(render(r, schema, template, tokenizer, completion_field=completion_field).completion
                           for r in records)
-    example = examples[0]
+    example = max(examples, key=lambda e: scored_runs(e.loss_mask))  # the first with the most scored turns
     return Inspection(
         source, schema or "columns", template, len(records),
         lengths=describe_lengths(report.lengths),
@@ -102,13 +102,24 @@ def _show_example(origin, ids, mask, tokenizer) -> dict:
             start = i
     scored = [t for t, m in zip(ids, mask) if m]
     unscored = [t for t, m in zip(ids, mask) if not m]
+    pieces, start = [], 0
+    for run in runs:  # each run of the mask as its text: a multi-turn row shows every scored turn
+        value, n = run.split("x")
+        pieces.append((value == "1", tokenizer.decode(ids[start : start + int(n)])))
+        start += int(n)
     return {
         "origin": origin,
         "not_scored": tokenizer.decode(unscored),
         "scored": tokenizer.decode(scored),
         "scored_tokens": tokenizer.convert_ids_to_tokens(scored),
         "mask_runs": " ".join(runs),
+        "pieces": pieces,
     }
+
+
+def scored_runs(mask: list[int]) -> int:
+    """How many separate stretches of a loss mask are scored (a multi-turn row's answers)."""
+    return sum(1 for i, m in enumerate(mask) if m and (i == 0 or not mask[i - 1]))
 
 
 def format_inspection(info: Inspection) -> str:
@@ -129,11 +140,11 @@ def format_inspection(info: Inspection) -> str:
         lines.append(f"labels:    {balance}")
     if info.example:
         ex = info.example
-        lines += [
-            f"example ({ex['origin']}), loss mask {ex['mask_runs']}:",
-            "--- read, not scored ---",
-            ex["not_scored"],
-            "--- scored ---",
-            f"{ex['scored']!r}  tokens {ex['scored_tokens']}",
-        ]
+        lines.append(f"example ({ex['origin']}), loss mask {ex['mask_runs']}:")
+        if sum(scored for scored, _ in ex["pieces"]) > 1:  # several answers: each piece in order
+            for scored, text in ex["pieces"]:
+                lines += ["--- scored ---" if scored else "--- read, not scored ---", repr(text) if scored else text]
+        else:
+            lines += ["--- read, not scored ---", ex["not_scored"], "--- scored ---",
+                      f"{ex['scored']!r}  tokens {ex['scored_tokens']}"]
     return "\n".join(lines)

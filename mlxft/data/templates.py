@@ -41,6 +41,17 @@ DEFAULT_COMPLETION_FIELD = {"alpaca": "output", "completion": "completion"}
 class Prompted:
     prompt: str  # context the model reads; scored only with train_on_inputs
     completion: str  # the answer the model learns to write
+    # Earlier answers inside `prompt` that are scored too: (start, end) character spans, in order
+    # (a multi-turn chat row's assistant turns before the last; data.assistant_turns=all).
+    scored_spans: tuple[tuple[int, int], ...] = ()
+
+    def pieces(self) -> list[tuple[str, bool]]:
+        """The prompt as (text, scored) pieces, then the completion (scored)."""
+        out, at = [], 0
+        for start, end in self.scored_spans:
+            out += [(self.prompt[at:start], False), (self.prompt[start:end], True)]
+            at = end
+        return [*out, (self.prompt[at:], False), (self.completion, True)]
 
 
 @dataclass(frozen=True)
@@ -135,8 +146,10 @@ def render(
     *,
     completion_field: str | None = None,
     system_prompt: str | None = None,
+    assistant_turns: str = "all",
 ) -> Prompted:
-    """One row -> (prompt, completion) under a resolved template (see resolve_template)."""
+    """One row -> (prompt, completion) under a resolved template (see resolve_template); a chat
+    row's earlier assistant turns are scored too unless `assistant_turns` is "last"."""
     fields = record.fields
     if template == "auto":
         template = auto_template(tokenizer)
@@ -156,7 +169,7 @@ def render(
     if template == "phi3":
         return Prompted(phi3_prompt(fields["instruction"], fields.get("input", "")), fields["output"])
     if template == "chat":
-        return _render_chat(record, schema, tokenizer, system_prompt)
+        return _render_chat(record, schema, tokenizer, system_prompt, assistant_turns)
     # plain
     if schema == "text":
         return Prompted("", fields["text"])
@@ -184,7 +197,7 @@ def _user_message(fields: dict, schema: str | None) -> str:
     return fields["prompt"]
 
 
-def _render_chat(record: Record, schema, tokenizer, system_prompt) -> Prompted:
+def _render_chat(record: Record, schema, tokenizer, system_prompt, assistant_turns: str = "all") -> Prompted:
     if tokenizer is None or not getattr(tokenizer, "chat_template", None):
         raise UserError("this tokenizer has no chat template; use --template alpaca, phi3, plain or a format string")
     if schema == "chat":
@@ -198,7 +211,27 @@ def _render_chat(record: Record, schema, tokenizer, system_prompt) -> Prompted:
         answer = {"role": "assistant", "content": record.fields[answer_field]}
     if system_prompt and messages[0]["role"] != "system":
         messages.insert(0, {"role": "system", "content": system_prompt})
-    return _chat_split(messages, [answer], tokenizer, record.origin)
+    prompted = _chat_split(messages, [answer], tokenizer, record.origin)
+    if assistant_turns == "last":
+        return prompted
+    return Prompted(prompted.prompt, prompted.completion, _earlier_turns(messages, prompted.prompt, tokenizer, record.origin))
+
+
+def _earlier_turns(messages: list[dict], prompt: str, tokenizer, origin: str) -> tuple[tuple[int, int], ...]:
+    """Where each assistant turn before the last sits in the rendered `prompt`: from the end of
+    the history before it (with the generation prompt) to the end of the history through it, the
+    same cut as the last turn's (TRL's assistant_only_loss scores the same turns)."""
+    spans = []
+    for i, message in enumerate(messages):
+        if message.get("role") != "assistant":
+            continue
+        part = _chat_split(messages[:i], [message], tokenizer, origin)
+        start, end = len(part.prompt), len(part.prompt) + len(part.completion)
+        if prompt[:end] != part.prompt + part.completion:
+            raise UserError(f"{origin}: the chat template renders earlier turns differently later in the conversation; "
+                            f"cannot score them: set data.assistant_turns=last")
+        spans.append((start, end))
+    return tuple(spans)
 
 
 def _chat_split(messages: list[dict], answer: list[dict], tokenizer, origin: str) -> Prompted:
