@@ -49,6 +49,54 @@ def convert_mind_command(mind_dir, out_dir, max_history, use_history, min_impres
     click.echo(f"wrote {out_dir}/train.jsonl, valid.jsonl, test.jsonl")
 
 
+@convert.command("movielens")
+@click.argument("folder", type=click.Path(path_type=Path))
+@click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path),
+              help="Folder for train.jsonl, valid.jsonl and test.jsonl.")
+@click.option("--max-history", type=click.IntRange(min=1), default=10, show_default=True,
+              help="Ratings before each target shown as liked / disliked movies.")
+@click.option("--max-rows", type=click.IntRange(min=1), default=10_000, show_default=True,
+              help="Keep the last rows (TALLRec keeps 10,000).")
+@click.option("--split", "fractions", default="0.8,0.1,0.1", show_default=True, help="Train, validation and test fractions.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the split.")
+def convert_movielens_command(folder, out_dir, max_history, max_rows, fractions, seed):
+    """MovieLens-100K folder (u.data + u.item) -> TALLRec's movie rows (a rating above 3 is a like).
+
+    Each user's ratings in time order; every rating after the first MAX_HISTORY is a target
+    answered "Yes." or "No.", the ones before it its history.
+    """
+    from mlxft.data.sources.ratings import convert_ratings
+    from mlxft.data.splits import parse_fractions
+
+    stats = convert_ratings("movielens", folder, out_dir, fractions=parse_fractions(fractions), seed=seed,
+                            history=max_history, last=max_rows)
+    click.echo(stats.summary())
+    click.echo(f"wrote {out_dir}/train.jsonl, valid.jsonl, test.jsonl")
+
+
+@convert.command("bookcrossing")
+@click.argument("folder", type=click.Path(path_type=Path))
+@click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path),
+              help="Folder for train.jsonl, valid.jsonl and test.jsonl.")
+@click.option("--max-history", type=click.IntRange(min=1), default=10, show_default=True,
+              help="Ratings shown as liked / disliked books before the target.")
+@click.option("--split", "fractions", default="0.8,0.1,0.1", show_default=True, help="Train, validation and test fractions.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the split.")
+def convert_bookcrossing_command(folder, out_dir, max_history, fractions, seed):
+    """Book-Crossing folder (BX-Book-Ratings.csv + BX-Books.csv) -> TALLRec's book rows.
+
+    One row per user with more than 3 ratings: the ratings shuffled (seed 42, as TALLRec), the
+    last one the target ("Yes." for a rating above 5), up to MAX_HISTORY before it the history.
+    """
+    from mlxft.data.sources.ratings import convert_ratings
+    from mlxft.data.splits import parse_fractions
+
+    stats = convert_ratings("bookcrossing", folder, out_dir, fractions=parse_fractions(fractions), seed=seed,
+                            history=max_history)
+    click.echo(stats.summary())
+    click.echo(f"wrote {out_dir}/train.jsonl, valid.jsonl, test.jsonl")
+
+
 @convert.command("pairs")
 @click.argument("file", type=click.Path(path_type=Path))
 @click.option("--out", "out_file", required=True, type=click.Path(path_type=Path), help="Output JSONL of prompt/chosen/rejected rows.")

@@ -2,6 +2,7 @@
 
 Sources, by what the path is:
 - a MIND folder (behaviors.tsv + news.tsv): converted to TALLRec rows on the fly, then split;
+- a MovieLens-100K or Book-Crossing folder: TALLRec's movie or book rows (mlxft.data.sources.ratings), then split;
 - a folder with train.jsonl (+ valid.jsonl, test.jsonl): used as it is split;
 - a .json / .jsonl / .csv file: split with the recipe's fractions and seed.
 K-shot sampling, when asked, draws K rows from the training split only, so every K is scored
@@ -17,6 +18,7 @@ from mlxft.data.encode import EncodeReport, Example, PreferenceExample, encode_p
 from mlxft.data.records import Record, detect_schema, load_records
 from mlxft.data.sources.mind import iter_preference_rows, iter_tallrec_rows
 from mlxft.data.sources.pairs import opposing_to_preference
+from mlxft.data.sources.ratings import HISTORY, is_bookcrossing, is_movielens, iter_bookcrossing_rows, iter_movielens_rows
 from mlxft.data.splits import sample_k_shot, split_items
 from mlxft.data.templates import resolve_preference_template, schema_and_template
 from mlxft.errors import UserError
@@ -71,9 +73,15 @@ def load_splits(data) -> Splits:
         records = mind_records(path, max_history=data.max_history, use_history=data.use_history,
                                min_impressions=data.min_impressions)
         train, valid, test = split_items(records, fractions, data.seed)
+    elif is_movielens(path) or is_bookcrossing(path):  # TALLRec's own data sets, converted on the fly
+        read = iter_movielens_rows if is_movielens(path) else iter_bookcrossing_rows
+        rows = read(path, history=data.max_history or HISTORY)
+        records = [Record(row, f"{path} row {i + 1}") for i, row in enumerate(rows)]
+        train, valid, test = split_items(records, fractions, data.seed)
     elif path.is_dir():
         if not (path / "train.jsonl").exists():
-            raise UserError(f"data {path}: a folder needs train.jsonl (and valid.jsonl, test.jsonl) or MIND's behaviors.tsv + news.tsv")
+            raise UserError(f"data {path}: a folder needs train.jsonl (and valid.jsonl, test.jsonl), MIND's behaviors.tsv + "
+                            f"news.tsv, MovieLens-100K's u.data + u.item, or Book-Crossing's BX-Book-Ratings.csv + BX-Books.csv")
         train = load_records(path / "train.jsonl")
         valid = load_records(path / "valid.jsonl") if (path / "valid.jsonl").exists() else []
         test = load_records(path / "test.jsonl") if (path / "test.jsonl").exists() else []

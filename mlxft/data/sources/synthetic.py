@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from mlxft.data.sources.synthetic_mind import DEFAULT_SEED, _pick, make_mind
+from mlxft.data.sources.synthetic_ratings import make_bookcrossing, make_movielens
 
 SAMPLE_FILES = (
     "mind-sample/behaviors.tsv",
@@ -41,6 +42,10 @@ SAMPLE_FILES = (
     "opposing-test.json",
     "products.csv",
     "arithmetic.jsonl",
+    "movielens-sample/u.data",
+    "movielens-sample/u.item",
+    "bookcrossing-sample/BX-Book-Ratings.csv",
+    "bookcrossing-sample/BX-Books.csv",
 )
 _STREAMS = {"alpaca": 2, "preference": 3, "opposing": 4, "products": 5, "arithmetic": 6}
 
@@ -347,6 +352,8 @@ def write_samples(out_dir: str | Path, seed: int = DEFAULT_SEED) -> list[Path]:
     out_dir = Path(out_dir)
     behaviors, news = make_mind(seed)
     train, test = make_opposing(seed)
+    u_data, u_item = make_movielens(seed)
+    bx_ratings, bx_books = make_bookcrossing(seed)
     texts = {
         "mind-sample/behaviors.tsv": tsv(behaviors),
         "mind-sample/news.tsv": tsv(news),
@@ -356,6 +363,10 @@ def write_samples(out_dir: str | Path, seed: int = DEFAULT_SEED) -> list[Path]:
         "opposing-test.json": _json(test),
         "products.csv": _csv(make_products(seed)),
         "arithmetic.jsonl": "".join(json.dumps(r) + "\n" for r in make_arithmetic(seed)),
+        "movielens-sample/u.data": u_data,
+        "movielens-sample/u.item": u_item,
+        "bookcrossing-sample/BX-Book-Ratings.csv": bx_ratings,
+        "bookcrossing-sample/BX-Books.csv": bx_books,
     }
     paths = []
     for name in SAMPLE_FILES:
