@@ -121,8 +121,13 @@ def peer_side(model: Path, args, work: Path, env: dict) -> dict:
     }
     (work / "mlx-lm-lora-config.yaml").write_text(json.dumps(config))
     result = work / "mlx-lm-lora-result.json"
+    # Its command line, not its YAML: mlx-lm-lora keeps a YAML value only where the argument's
+    # default is None, so a config's group_size, max_completion_length, epsilon and temperature
+    # are silently replaced by 4, 512, 1e-4 and 1.0 (mlx_lm_lora.train.main, 5.10.2).
+    flags = ["--group-size", str(args.generations), "--max-completion-length", str(args.completion_length),
+             "--epsilon", "0.2", "--temperature", "1.0", "--grpo-loss-type", "grpo"]
     process = common.run_side("mlx-lm-lora GRPO", [sys.executable, str(HERE / "peers" / "run_mlx_lm_lora_grpo.py"),
-                                                  str(result), "--", "-c", str(work / "mlx-lm-lora-config.yaml")],
+                                                  str(result), "--", "-c", str(work / "mlx-lm-lora-config.yaml"), *flags],
                               env, work / "mlx-lm-lora.log")
     steps = json.loads(result.read_text())["steps"]
     return {**summarize(steps, args.warmup), "process_peak_rss_gb": process["peak_rss_gb"], "steps": steps}
