@@ -18,7 +18,7 @@ from mlxft.data.encode import EncodeReport, Example, PreferenceExample, encode_p
 from mlxft.data.records import Record, detect_schema, load_records
 from mlxft.data.sources.mind import iter_preference_rows, iter_tallrec_rows
 from mlxft.data.sources.pairs import opposing_to_preference
-from mlxft.data.sources.ratings import HISTORY, is_bookcrossing, is_movielens, iter_bookcrossing_rows, iter_movielens_rows
+from mlxft.data.sources.ratings import HISTORY, rows_of
 from mlxft.data.splits import sample_k_shot, split_items
 from mlxft.data.templates import resolve_preference_template, schema_and_template
 from mlxft.errors import UserError
@@ -73,8 +73,7 @@ def load_splits(data) -> Splits:
         records = mind_records(path, max_history=data.max_history, use_history=data.use_history,
                                min_impressions=data.min_impressions)
         train, valid, test = split_items(records, fractions, data.seed)
-    elif is_movielens(path) or is_bookcrossing(path):  # TALLRec's own data sets, converted on the fly
-        read = iter_movielens_rows if is_movielens(path) else iter_bookcrossing_rows
+    elif read := rows_of(path):  # TALLRec's own data sets, converted on the fly
         rows = read(path, history=data.max_history or HISTORY)
         records = [Record(row, f"{path} row {i + 1}") for i, row in enumerate(rows)]
         train, valid, test = split_items(records, fractions, data.seed)

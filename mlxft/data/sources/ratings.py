@@ -82,12 +82,12 @@ def files_of(folder: str | Path, names: tuple[str, ...], what: str) -> list[Path
     return [folder / name for name in names]
 
 
-def is_movielens(folder: Path) -> bool:
-    return folder.is_dir() and all((folder / name).is_file() for name in MOVIE_FILES)
-
-
-def is_bookcrossing(folder: Path) -> bool:
-    return folder.is_dir() and all((folder / name).is_file() for name in BOOK_FILES)
+def rows_of(folder: Path):
+    """iter_movielens_rows or iter_bookcrossing_rows, whichever data set `folder` holds; else None."""
+    for names, read in ((MOVIE_FILES, iter_movielens_rows), (BOOK_FILES, iter_bookcrossing_rows)):
+        if folder.is_dir() and all((folder / name).is_file() for name in names):
+            return read
+    return None
 
 
 def latin1_lines(path: Path) -> Iterator[tuple[int, str]]:
