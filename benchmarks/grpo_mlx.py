@@ -80,7 +80,8 @@ def ours_side(model: Path, args, work: Path, env: dict) -> dict:
                 "rl.temperature=1.0", "rl.top_p=1.0", "rl.beta=0.04", "rl.epsilon=0.2", "rl.loss_type=grpo",
                 f"rl.reward_functions=[{REWARD}:varied]", f"lora.target_modules={ALL_LINEAR}", "lora.dropout=0.0",
                 "train.weight_decay=0.0", "train.learning_rate=1e-5", "eval.every=0", "data.max_valid_rows=2",
-                "train.checkpoint_every=1000", "rl.log_completions_every=0"]
+                "train.checkpoint_every=1000", "rl.log_completions_every=0",
+                f"rl.completions_per_pass={args.completions_per_pass or 'null'}"]
     command = [sys.executable, "-m", "mlxft", "rl", "--recipe", "grpo", "--backend", "mlx", "--model", str(model),
                "--out", str(out), *[a for s in settings for a in ("--set", s)]]
     process = common.run_side("mlxft GRPO (mlx)", command, env, work / "mlxft-rl.log")
@@ -141,12 +142,18 @@ def main() -> None:
     parser = common.arguments(__doc__, batch_size=2)
     parser.add_argument("--generations", type=int, default=8, help="completions per prompt, G (default 8)")
     parser.add_argument("--completion-length", type=int, default=32, help="most tokens per completion (default 32)")
+    parser.add_argument("--completions-per-pass", type=int, default=None,
+                        help="mlxft's rl.completions_per_pass (default: all of a step's completions in one pass)")
+    parser.add_argument("--ours-only", action="store_true", help="run mlxft's side only (no comparison)")
     args = parser.parse_args()
     work = common.work_folder(args.work, "grpo-mlx")
     model = common.benchmark_model(args.model, args.vocab)
     env = common.side_environment(args.threads, fast_blas=True)
 
     ours = ours_side(model, args, work, env)
+    if args.ours_only:
+        print(json.dumps({k: v for k, v in ours.items() if k != "steps"}, indent=1))
+        return
     theirs = peer_side(model, args, work, env)
     print(f"\nmodel {model} ({weights_gb(model):.2f} GB of weights); {args.batch_size} prompts x {args.generations} "
           f"completions of at most {args.completion_length} tokens a step; {args.warmup} warm-up + {args.steps} timed "

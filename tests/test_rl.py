@@ -296,7 +296,9 @@ def rewards_file(tmp_path):
 @pytest.mark.parametrize("backend, algo", [("mlx", "grpo"), ("torch", "grpo"), ("mlx", "ppo"), ("torch", "ppo")])
 def test_resume_after_a_kill_samples_and_reports_the_same(tiny_model_dir, tmp_path, stop_after_step, backend, algo):
     # PPO, with 2 updates per rollout: its value head must come back from the checkpoint too, or
-    # the value loss and the advantages after the resume differ.
+    # the value loss and the advantages after the resume differ. The killed run also trains in
+    # passes of 3 completions (8 rows: 3 + 3 + 2; PPO's 4: 3 + 1), which must not change a number:
+    # the reward sums counted in every pass instead of once would multiply the reward.
     if backend == "torch":
         pytest.importorskip("peft")
     from mlxft import backends
@@ -306,7 +308,7 @@ def test_resume_after_a_kill_samples_and_reports_the_same(tiny_model_dir, tmp_pa
     extra = ["rl.algo=ppo", "rl.num_iterations=2", "rl.num_generations=2"] if algo == "ppo" else []
     straight = tiny_config(tiny_model_dir, tmp_path / "a", functions, *extra)
     summary = trainer.train(straight, Run.create(tmp_path / "a", straight), echo=lambda *a: None)
-    killed = tiny_config(tiny_model_dir, tmp_path / "b", functions, *extra)
+    killed = tiny_config(tiny_model_dir, tmp_path / "b", functions, *extra, "rl.completions_per_pass=3")
     counter = stop_after_step(3)  # killed after step 3, with a checkpoint at step 2
     with pytest.raises(KeyboardInterrupt):
         trainer.train(killed, Run.create(tmp_path / "b", killed), echo=lambda *a: None)

@@ -19,6 +19,8 @@ RLOO's leave-one-out advantages, PPO's per-token GAE advantages from a value hea
 float32, on the policy's last hidden states: one forward gives log-probs and values; trained in full
 beside the adapter, kept in the checkpoint's heads.safetensors, not in the adapter a user loads);
 rl.num_iterations updates per rollout batch against π_old from a forward without gradients;
+rl.completions_per_pass rows per forward and backward (each pass evaluated before the next, so
+only one pass's activations are alive; the gradient is the same);
 grpo / dr_grpo / dapo token averaging; the clipped ratio with DAPO's clip-higher (rl.epsilon_high);
 KL to the reference (rl.beta, 0 skips its forward; for PPO a penalty in the reward);
 weighted reward functions in TRL's signature; LoRA (QLoRA on quantized bases); AdamW with warmup
@@ -62,6 +64,8 @@ from mlxft.rl import (
     iterate_prompt_batches,
     load_rl_data,
     reward_names,
+    row_passes,
+    split_passes,
     statistic_names,
     stop_ids,
     summarizer,
@@ -125,20 +129,32 @@ def train(config: RunConfig, run: Run, *, resume: bool = False, adapter: str | N
         pad_multiple=PAD_MULTIPLE, stop=stop,
         reward_model=reward.swapped_scorer(model, rc.reward_adapter, pad_id) if rc.reward_adapter else None, log=log)
 
-    def inputs_of(batch) -> tuple:
+    def without_gradients(passes, inputs, positions, tokens) -> tuple:
+        """The reference's log-probs, π_old's and its values, pass by pass (zeros where not needed)."""
+        reference, old_logps, old_values = [], [], []
+        for rows in passes:
+            one = (inputs[rows], positions[rows], tokens[rows])
+            reference.append(reference_step(*one) if reference_step else mx.zeros(one[2].shape))
+            old = old_policy_step(*one) if old_policy_step else (mx.zeros(one[2].shape),) * 2
+            old_logps.append(old[0])
+            old_values.append(old[1])
+            mx.eval(reference[-1], *old)  # each pass's activations are freed before the next begins
+        return tuple(mx.concatenate(parts) for parts in (reference, old_logps, old_values))
+
+    def passes_of(batch) -> list[tuple]:
         rollout = rollouts.make(batch)
         inputs, positions, tokens, weights = steps.sft_inputs(rollout.batch)
-        reference = reference_step(inputs, positions, tokens) if reference_step else mx.zeros(tokens.shape)
-        old_logps, old_values = (old_policy_step(inputs, positions, tokens) if old_policy_step
-                                 else (mx.zeros(tokens.shape), mx.zeros(tokens.shape)))
-        mx.eval(reference, old_logps, old_values)  # their activations are freed before the policy's forward begins
+        passes = row_passes(len(inputs), rc.completions_per_pass)
+        reference, old_logps, old_values = without_gradients(passes, inputs, positions, tokens)
         advantages, returns = advantages_of(rollout, *map(np.array, (old_logps, reference, old_values, weights)), rc)
-        return (inputs, positions, tokens, weights, reference, old_logps, old_values, mx.array(advantages),
-                mx.array(returns), mx.array(rollout.carried))
+        carried = mx.array(rollout.carried)
+        return split_passes((inputs, positions, tokens, weights, reference, old_logps, old_values, mx.array(advantages),
+                             mx.array(returns)), carried, mx.zeros_like(carried), passes)
 
     trainer = driver.Trainer(
-        step=rollouts.counting(steps.train_step(model, optimizer, micro_step, update, inputs_of, tc.seed, world,
-                                                len(statistic_names(names)), updates=rc.num_iterations)),
+        step=rollouts.counting(steps.train_step(model, optimizer, micro_step, update, None, tc.seed, world,
+                                                len(statistic_names(names)), updates=rc.num_iterations,
+                                                passes_of=passes_of)),
         validate=rollouts.validate,
         summarize=summarizer(names, ppo),
         save_weights=lambda where: checkpoint.save_weights(where, model, spec, config, folder),

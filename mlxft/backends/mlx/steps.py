@@ -56,27 +56,33 @@ def make_step(model, optimizer, loss, max_grad_norm: float | None):
 
 
 def train_step(model, optimizer, micro_step, update, inputs_of, seed: int, world: World = World(), statistics: int = 2,
-               updates: int = 1):
+               updates: int = 1, passes_of=None):
     """The driver's step(step index, micro-batches, learning rate) -> StepResult; `inputs_of(batch)`
-    lays a micro-batch out as micro_step takes it. With several ranks each takes its share of every
-    micro-batch, and the gradient and statistic sums (`statistics` of them) are added across ranks
-    before the update divides by the global count. With `updates` > 1 (online RL's
-    rl.num_iterations) the micro-batches are laid out once and trained on that many times, one
-    optimizer update each; the statistics sum over all of them."""
+    lays a micro-batch out as micro_step takes it, or `passes_of(batch)` as a list of such inputs,
+    one forward and backward each (online RL's rl.completions_per_pass). With several ranks each
+    takes its share of every micro-batch, and the gradient and statistic sums (`statistics` of
+    them) are added across ranks before the update divides by the global count. With `updates` > 1
+    (online RL's rl.num_iterations) the micro-batches are laid out once and trained on that many
+    times, one optimizer update each; the statistics sum over all of them."""
     state = [model.state, optimizer.state, mx.random.state]
+    passes_of = passes_of or (lambda batch: [inputs_of(batch)])
 
     def step(index: int, batches: list, rate: float) -> StepResult:
         mx.random.seed(step_seed(seed, index, world.rank))  # resume-exact dropout noise
         mine = [batch for batch in map(world.shard, batches) if not empty(batch)]  # a rank may get no rows
-        laid_out = [inputs_of(batch) for batch in mine] if updates > 1 else None
+        laid_out = [passes_of(batch) for batch in mine] if updates > 1 else None
         optimizer.learning_rate = rate
         total = None
         for _ in range(updates):
             grads, sums = None, None
-            for inputs in laid_out or map(inputs_of, mine):  # one at a time, when each is used once
-                micro_grads, micro_sums = micro_step(*inputs)
-                grads = micro_grads if grads is None else tree_map(mx.add, grads, micro_grads)
-                sums = micro_sums if sums is None else sums + micro_sums
+            for passes in laid_out or map(passes_of, mine):  # one at a time, when each is used once
+                for inputs in passes:
+                    micro_grads, micro_sums = micro_step(*inputs)
+                    grads = micro_grads if grads is None else tree_map(mx.add, grads, micro_grads)
+                    sums = micro_sums if sums is None else sums + micro_sums
+                    # Now, not lazily at the update: else every pass's activations are alive at once,
+                    # and gradient accumulation or rl.completions_per_pass would save no memory.
+                    mx.eval(grads, sums)
             if world.size > 1:
                 grads = grads if grads is not None else tree_map(mx.zeros_like, model.trainable_parameters())
                 sums = sums if sums is not None else mx.zeros((statistics,), mx.float32)

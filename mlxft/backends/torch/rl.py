@@ -39,6 +39,8 @@ from mlxft.rl import (
     iterate_prompt_batches,
     load_rl_data,
     reward_names,
+    row_passes,
+    split_passes,
     statistic_names,
     stop_ids,
     summarizer,
@@ -102,22 +104,32 @@ def train(config: RunConfig, run: Run, *, resume: bool = False, adapter: str | N
         pad_multiple=PAD_MULTIPLE, stop=stop,
         reward_model=reward.swapped_scorer(model, rc.reward_adapter, pad_id) if rc.reward_adapter else None, log=log)
 
-    def inputs_of(batch) -> tuple:
+    def without_gradients(passes, inputs, positions, tokens) -> tuple:
+        """The reference's log-probs, π_old's and its values, pass by pass (zeros where not needed)."""
+        reference, old_logps, old_values = [], [], []
+        for rows in passes:
+            one = (inputs[rows], positions[rows], tokens[rows])
+            zeros = torch.zeros(one[2].shape, device=device)
+            with torch_model.autocast(device):
+                reference.append(steps.reference_token_logps(model, *one, split_head=split_head) if rc.beta else zeros)
+                old = (steps.old_policy_outputs(model, *one, split_head=split_head, ppo=ppo)
+                       if ppo or rc.num_iterations > 1 else (zeros, zeros))
+            old_logps.append(old[0])
+            old_values.append(old[1])
+        return tuple(torch.cat(parts).float() for parts in (reference, old_logps, old_values))
+
+    def passes_of(batch) -> list[tuple]:
         rollout = rollouts.make(batch)
         targets = scored_targets(rollout.batch)
         inputs, positions, tokens, weights = torch_model.to_device(device, rollout.batch.input_ids[:, :-1], targets.positions,
                                                                    targets.tokens, targets.weights)
-        zeros = torch.zeros(tokens.shape, device=device)
-        with torch_model.autocast(device):
-            reference = (steps.reference_token_logps(model, inputs, positions, tokens, split_head=split_head) if rc.beta
-                         else zeros)
-            old_logps, old_values = (steps.old_policy_outputs(model, inputs, positions, tokens, split_head=split_head, ppo=ppo)
-                                     if ppo or rc.num_iterations > 1 else (zeros, zeros))
-        reference, old_logps, old_values = reference.float(), old_logps.float(), old_values.float()
+        passes = row_passes(len(inputs), rc.completions_per_pass)
+        reference, old_logps, old_values = without_gradients(passes, inputs, positions, tokens)
         advantages, returns = advantages_of(rollout, *(t.cpu().numpy() for t in (old_logps, reference, old_values, weights)),
                                             rc)
-        return (inputs, positions, tokens, weights, reference, old_logps, old_values,
-                *torch_model.to_device(device, advantages, returns, rollout.carried))
+        advantages, returns, carried = torch_model.to_device(device, advantages, returns, rollout.carried)
+        return split_passes((inputs, positions, tokens, weights, reference, old_logps, old_values, advantages, returns),
+                            carried, torch.zeros_like(carried), passes)
 
     def loss_of(inputs: tuple):
         with torch_model.autocast(device):
@@ -125,7 +137,7 @@ def train(config: RunConfig, run: Run, *, resume: bool = False, adapter: str | N
 
     trainer = driver.Trainer(
         step=rollouts.counting(steps.train_step(optimizer, loss_of, seed=tc.seed, max_grad_norm=tc.max_grad_norm,
-                                                world=world, statistics=len(statistic_names(names)), inputs_of=inputs_of,
+                                                world=world, statistics=len(statistic_names(names)), passes_of=passes_of,
                                                 updates=rc.num_iterations)),
         validate=rollouts.validate,
         summarize=summarizer(names, ppo),

@@ -29,24 +29,27 @@ from mlxft.rl import policy_objective
 
 
 def train_step(optimizer, loss_of, *, seed: int, max_grad_norm: float | None, world: World = World(), statistics: int = 2,
-               inputs_of=None, updates: int = 1):
+               inputs_of=None, updates: int = 1, passes_of=None):
     """The driver's step(step index, micro-batches, learning rate) -> StepResult: `loss_of(inputs)`
-    of each micro-batch laid out by `inputs_of(batch)` (default: the batch itself). With several
+    of each micro-batch laid out by `inputs_of(batch)` (default: the batch itself), or of each of
+    the passes `passes_of(batch)` lays it out as, one forward and backward each (online RL's
+    rl.completions_per_pass). With several
     ranks each takes its share of every micro-batch, and the gradient and statistic sums
     (`statistics` of them) are added across ranks before the update divides by the global count:
     DDP's all-reduce, done once per optimizer step rather than per micro-batch. With `updates` > 1
     (online RL's rl.num_iterations) the micro-batches are laid out once and trained on that many
     times, one optimizer update each; the statistics sum over all of them."""
     inputs_of = inputs_of or (lambda batch: batch)
+    passes_of = passes_of or (lambda batch: [inputs_of(batch)])
     parameters = [p for group in optimizer.param_groups for p in group["params"]]
 
     def step(index: int, batches: list, rate: float) -> StepResult:
         torch.manual_seed(step_seed(seed, index, world.rank))  # resume-exact dropout noise
         mine = [batch for batch in map(world.shard, batches) if not empty(batch)]  # a rank may get no rows
-        laid_out = [inputs_of(batch) for batch in mine] if updates > 1 else None
+        laid_out = [one for batch in mine for one in passes_of(batch)] if updates > 1 else None
         reported = None
         for _ in range(updates):
-            sums, grad_norm = one_update(laid_out or map(inputs_of, mine), rate)
+            sums, grad_norm = one_update(laid_out or (one for batch in mine for one in passes_of(batch)), rate)
             reported = sums if reported is None else reported + sums
         return StepResult(reported, grad_norm, rate)
 
