@@ -96,6 +96,10 @@ class TrainConfig:
     grad_checkpoint: bool = False
     report_every: int = setting(10, low=1)
     checkpoint_every: int = setting(100, low=1)
+    # Share of the device's memory (Metal: the recommended working set; CUDA: the GPU's; CPU: the
+    # machine's) the run's peak may pass before it stops with its checkpoint written, rather than
+    # swap; null: no guard.
+    memory_limit: float | None = setting(0.9, above=0.0, high=1.0)
 
     def check(self) -> None:
         if self.min_learning_rate > self.learning_rate:
@@ -271,16 +275,7 @@ def load_config(recipe: str | None, overrides: list[str] = ()) -> RunConfig:
         path = recipe_path(recipe)
         values = read_yaml(path, "recipe")
         values.setdefault("recipe", path.stem)
-    given = set()
-    for item in overrides:
-        key, sep, raw = item.partition("=")
-        key = key.strip()
-        if not sep or not key:
-            raise UserError(f"--set {item!r}: expected key.sub=value, like train.steps=100")
-        keys = key.split(".")
-        check_key(RunConfig, keys, item)
-        given.add(key)
-        set_path(values, keys, Given(raw))
+    given = apply_overrides(values, overrides)
     model = values.get("model")
     name = model.get("name", ModelConfig.name) if isinstance(model, dict) else None
     if (name.value(str, "model.name") if isinstance(name, Given) else name) == BUILTIN:
@@ -298,10 +293,36 @@ def load_config(recipe: str | None, overrides: list[str] = ()) -> RunConfig:
     return build(RunConfig, values, "")
 
 
-def load_run_config(path: str | Path) -> RunConfig:
+def apply_overrides(values: dict, overrides: list[str], allowed: set[str] | None = None) -> set[str]:
+    """Put `--set key.sub=value` items into `values` (checked against RunConfig, and against
+    `allowed` where given); returns the keys set."""
+    given = set()
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise UserError(f"--set {item!r}: expected key.sub=value, like train.steps=100")
+        keys = key.split(".")
+        check_key(RunConfig, keys, item)
+        if allowed is not None and key not in allowed:
+            raise UserError(f"--set {item!r}: --resume continues a run with its own config.yaml; only "
+                            f"{', '.join(sorted(allowed))} may change (they change memory, not the numbers)")
+        given.add(key)
+        set_path(values, keys, Given(raw))
+    return given
+
+
+# What a resumed run may change: how much memory a step takes, never what it computes.
+RESUME_SETTINGS = {"train.memory_limit", "train.grad_checkpoint", "rl.completions_per_pass"}
+
+
+def load_run_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
     """The config.yaml of a run, exactly as that run was started: it is already resolved, so the
-    recipe's `builtin_model:` settings are not applied again over what --set chose then."""
-    return build(RunConfig, read_yaml(Path(path), "run config"), "")
+    recipe's `builtin_model:` settings are not applied again over what --set chose then. On
+    --resume, `overrides` may change the RESUME_SETTINGS."""
+    values = read_yaml(Path(path), "run config")
+    apply_overrides(values, overrides, RESUME_SETTINGS)
+    return build(RunConfig, values, "")
 
 
 def dump_config(config: RunConfig) -> str:

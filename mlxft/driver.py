@@ -37,6 +37,7 @@ from typing import Callable
 
 import numpy as np
 
+from mlxft import memory
 from mlxft.config import HIGHER_IS_BETTER, RunConfig, dump_config
 from mlxft.data.batching import iterate_batches
 from mlxft.distributed import World, data_digest
@@ -54,6 +55,16 @@ class StepResult:
 
 
 @dataclass
+class MemoryMeter:
+    """A backend's memory figures, as the driver reports them and guards against train.memory_limit."""
+
+    peak_gb: Callable[[], float]  # the backend's own count (MLX's, CUDA's allocator; the CPU's: peak RSS)
+    reset_peak: Callable[[], None]
+    budget: Callable[[], tuple[float | None, str]]  # (GB, what it is) that train.memory_limit is a share of
+    details: Callable[[], dict] = dict  # more figures for the report (MLX: active and cache memory)
+
+
+@dataclass
 class Trainer:
     """A trainer's step and its ways to measure and save, as the driver calls them."""
 
@@ -62,8 +73,20 @@ class Trainer:
     summarize: Callable[[np.ndarray], dict]  # sums -> {"loss": ..., the method's other metrics}
     save_weights: Callable[[Path], None]  # the adapter (or full model) into a folder
     save_checkpoint: Callable[[int, dict | None, int, dict], None]  # (step, best, stale, progress), atomically
-    peak_memory_gb: Callable[[], float]
-    reset_peak_memory: Callable[[], None]
+    memory: MemoryMeter
+
+
+def memory_over_limit(trainer: Trainer, share: float | None, world: World) -> tuple | None:
+    """(peak GB, budget GB, what the budget is) when the run's peak passed `share` of its device's
+    memory on any rank (every rank learns it, so that all stop together); else None."""
+    budget, where = trainer.memory.budget() if share else (None, "")
+    peak = trainer.memory.peak_gb() if budget else 0.0
+    over = bool(budget) and peak > share * budget
+    if world.size > 1:  # every rank takes part, so that all stop together; numbers from those over
+        ranks, peaks, budgets = world.all_sum([over, peak * over, (budget or 0.0) * over])
+        if ranks and not over:
+            return float(peaks / ranks), float(budgets / ranks), "another rank's device"
+    return (peak, budget, where) if over else None
 
 
 @dataclass
@@ -129,7 +152,7 @@ def fit(run: Run, config: RunConfig, trainer: Trainer, train_set: list, *, start
                            iterate=iterate)
     progress = Progress(total_steps, initial=step, enabled=world.main)
     trained_tokens, window = resume_progress(run) if run.resumed else (0, Window())
-    trainer.reset_peak_memory()
+    trainer.memory.reset_peak()
     stopped_early = False
     while step < total_steps:
         micro_batches, epoch = [], 0.0
@@ -152,7 +175,8 @@ def fit(run: Run, config: RunConfig, trainer: Trainer, train_set: list, *, start
             record = {"step": step, "epoch": round(epoch, 3), "loss": trained.pop("loss"),
                       "learning_rate": result.learning_rate, "grad_norm": result.grad_norm,
                       "tokens_per_second": tokens_per_second, "trained_tokens": trained_tokens,
-                      "peak_memory_gb": trainer.peak_memory_gb(), **trained}
+                      "peak_memory_gb": trainer.memory.peak_gb(), "peak_rss_gb": memory.peak_rss_gb(),
+                      **trainer.memory.details(), **trained}
             measured = trainer.validate() if evaluate_now else {}
             if measured:  # {}: no validation rows
                 record.update(measured)
@@ -167,8 +191,12 @@ def fit(run: Run, config: RunConfig, trainer: Trainer, train_set: list, *, start
             if ec.patience and stale >= ec.patience:
                 echo(f"early stop at step {step}: no better eval_{ec.metric} for {stale} evaluations")
                 stopped_early = True
-        if (step % tc.checkpoint_every == 0 or stopped_early) and world.main:
+        over = memory_over_limit(trainer, tc.memory_limit, world)  # stop before the next step swaps
+        if (step % tc.checkpoint_every == 0 or stopped_early or over) and world.main:
             trainer.save_checkpoint(step, best, stale, {"trained_tokens": trained_tokens, **window.state()})
+        if over:
+            progress.close()
+            raise memory.MemoryLimitReached(memory.limit_message(*over, tc.memory_limit, step))
         if stopped_early:
             break
     progress.close()
@@ -236,7 +264,7 @@ def summarize_run(run: Run, config: RunConfig, fitted: Fitted, trainer: Trainer,
         "final_loss": history[-1]["loss"] if history else None,
         "tokens_per_second": mean_rate(history),
         "trained_tokens": fitted.trained_tokens,
-        "peak_memory_gb": max((r["peak_memory_gb"] for r in history), default=trainer.peak_memory_gb()),
+        "peak_memory_gb": max((r["peak_memory_gb"] for r in history), default=trainer.memory.peak_gb()),
         "adapter": str(run.folder / "best" if (run.folder / "best").exists() else run.folder / "last"),
         **(outputs or {}),
     }

@@ -86,9 +86,10 @@ class Run:
         run.checkpoint_state()  # a damaged one is named now, before a model loads
         return run
 
-    def config(self) -> RunConfig:
-        """The config the run was started with, exactly (see config.load_run_config)."""
-        return load_run_config(self.folder / CONFIG)
+    def config(self, overrides: list[str] = ()) -> RunConfig:
+        """The config the run was started with, exactly (see config.load_run_config); with
+        `overrides` (config.RESUME_SETTINGS only) those changed."""
+        return load_run_config(self.folder / CONFIG, overrides)
 
     @property
     def checkpoint_dir(self) -> Path:
@@ -167,9 +168,9 @@ class Run:
 
 
 @contextmanager
-def start(config: RunConfig | None, resume: str | Path | None = None, world=None):
+def start(config: RunConfig | None, resume: str | Path | None = None, world=None, resume_overrides: list[str] = ()):
     """(config, run) for a new run of `config`, or for resuming the run in `resume` with the config
-    it was started with. The folder is held for the block; when the block fails before anything was
+    it was started with (`resume_overrides` may change its config.RESUME_SETTINGS). The folder is held for the block; when the block fails before anything was
     trained, a new run's folder is removed, so a mistake leaves no half-made run behind.
 
     With several ranks (mlxft.distributed.World) rank 0 creates or opens and holds the folder; the
@@ -185,7 +186,9 @@ def start(config: RunConfig | None, resume: str | Path | None = None, world=None
     if not main:
         run = Run(Path(resume) if resume is not None else folder, resumed=resume is not None)
     if resume is not None:
-        config = run.config()
+        config = run.config(resume_overrides)
+        if resume_overrides and main:  # what it runs with now, for the next resume too
+            write_atomic(run.folder / CONFIG, dump_config(config))
     try:
         yield config, run
     except BaseException:

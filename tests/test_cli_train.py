@@ -136,6 +136,19 @@ def test_a_resumed_run_runs_the_config_it_was_started_with(tiny_as_builtin, tmp_
     assert summary["steps"] == 6 and (summary["trainable_parameters"] < 10_000) == (method == "lora")
 
 
+def test_a_run_over_its_memory_limit_stops_with_a_checkpoint_and_resumes_with_it_raised(tiny_as_builtin, tmp_path):
+    chosen = [*SMALL, "--set", "train.steps=3", "--set", "lora.full_finetune=false", "--backend", "mlx"]
+    stopped = run("lora", "--recipe", "tallrec", "--out", tmp_path / "a", *chosen, "--set", "train.memory_limit=1e-6")
+    one_line_error(stopped, "stopped after step 1: the run's peak memory")
+    assert "its checkpoint is written" in stopped.output and "of this machine's memory" in stopped.output
+    one_line_error(run("lora", "--resume", tmp_path / "a", "--set", "train.steps=9"),
+                   "only rl.completions_per_pass, train.grad_checkpoint, train.memory_limit may change")
+    resumed = run("lora", "--resume", tmp_path / "a", "--set", "train.memory_limit=null")
+    assert resumed.exit_code == 0, resumed.output
+    assert "at step 1" in resumed.output and [s for s, _ in steps_and_losses(tmp_path / "a")] == [1, 2, 3]
+    assert "memory_limit: null" in (tmp_path / "a" / "config.yaml").read_text()  # kept for the next resume
+
+
 def test_adapter_is_refused_where_it_would_be_ignored(tiny_as_builtin, tmp_path):
     (tmp_path / "file").write_text("x")
     # the built-in model's tallrec section turns on full fine-tuning, which has no adapter to continue

@@ -32,12 +32,13 @@ class Scripted:
     """A trainer whose step i has loss sum i + 1 over i + 2 tokens, and whose validation losses
     are read from a list: what the driver does with them is then known exactly."""
 
-    def __init__(self, eval_losses=()):
-        self.eval_losses = list(eval_losses)
+    def __init__(self, eval_losses=(), peak_per_step=0.0):
+        self.eval_losses, self.peak_per_step = list(eval_losses), peak_per_step  # peak memory grows by that (GB) a step
         self.seen, self.saved, self.checkpoints, self.validations = [], [], [], 0
 
     def step(self, index, batches, rate):
         self.seen.extend(b.rows for b in batches)
+        self.peak_gb = self.peak_per_step * (index + 1)
         return driver.StepResult(np.array([index + 2.0, index + 1.0], np.float32), grad_norm=0.5, learning_rate=rate)
 
     def validate(self):
@@ -56,7 +57,10 @@ class Scripted:
                               summarize=lambda sums: {"loss": float(sums[1]) / float(sums[0])},
                               save_weights=lambda folder: self.saved.append(folder.name),
                               save_checkpoint=self.save_checkpoint,
-                              peak_memory_gb=lambda: 0.0, reset_peak_memory=lambda: None)
+                              memory=driver.MemoryMeter(lambda: self.peak_gb, lambda: None, lambda: (10.0, "a test budget"),
+                                                        lambda: {"active_memory_gb": self.peak_gb / 2}))
+
+    peak_gb = 0.0
 
 
 def config(tmp_path, *sets):
@@ -181,3 +185,22 @@ def test_reports_after_a_resume_are_those_of_the_uninterrupted_run(tmp_path, sto
     fit(resumed, cfg, Scripted(), start=driver.Start(step=4))
     keys = ("step", "loss", "trained_tokens")
     assert [[r[k] for k in keys] for r in resumed.metrics()] == [[r[k] for k in keys] for r in whole.metrics()]
+
+
+def test_a_run_that_passes_its_memory_limit_stops_with_its_checkpoint_written(tmp_path):
+    # Peak memory 1.5 GB more each step against a 10 GB budget: 0.5 of it is passed at step 4 (6 GB).
+    from mlxft.memory import MemoryLimitReached
+
+    cfg = config(tmp_path, "train.steps=8", "train.report_every=1", "train.memory_limit=0.5")
+    run = Run.create(tmp_path / "run", cfg)
+    scripted = Scripted(peak_per_step=1.5)
+    with pytest.raises(MemoryLimitReached, match=r"after step 4: .* 6\.00 GB, passed train.memory_limit=0.5 of a test "
+                                                 r"budget \(5\.00 of 10\.00 GB\)"):
+        fit(run, cfg, scripted)
+    assert scripted.checkpoints == [(4, None, 0)]
+    records = run.metrics()
+    assert [r["step"] for r in records] == [1, 2, 3, 4]  # the step that passed it is reported
+    assert records[-1]["peak_memory_gb"] == 6.0 and records[-1]["active_memory_gb"] == 3.0 and records[-1]["peak_rss_gb"] > 0
+    # Without a guard the same run goes to its end.
+    cfg = config(tmp_path / "b", "train.steps=8", "train.memory_limit=null")
+    assert fit(Run.create(tmp_path / "b" / "run", cfg), cfg, Scripted(peak_per_step=1.5)).steps == 8

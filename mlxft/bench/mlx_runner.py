@@ -8,9 +8,9 @@ from functools import partial
 import mlx.core as mx
 import mlx.optimizers as optim
 
+from mlxft import memory
 from mlxft.backends.mlx import lora, steps
 from mlxft.backends.mlx import model as mlx_model
-from mlxft.bench import memory
 from mlxft.bench.workload import Workload, distinct_shapes, initial_adapter, shared_layout, step_record
 from mlxft.schedule import learning_rate
 

@@ -8,10 +8,10 @@ from functools import partial
 
 import torch
 
+from mlxft import memory
 from mlxft.backends.torch import lora, steps
 from mlxft.backends.torch import model as torch_model
 from mlxft.backends.torch.adamw import MLXAdamW
-from mlxft.bench import memory
 from mlxft.bench.workload import Workload, initial_adapter, shared_layout, step_record
 from mlxft.schedule import learning_rate
 

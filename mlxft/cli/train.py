@@ -40,8 +40,10 @@ def _train(method, recipe, model, data_source, out_dir, overrides, quantize, bac
     from mlxft.backends import is_mlx_quantized, resolve_backend
 
     if resume_dir:
-        if recipe or model or data_source or out_dir or overrides or quantize or adapter:
-            raise UserError("--resume continues a run with its own config.yaml; give no other settings")
+        if recipe or model or data_source or out_dir or quantize or adapter:
+            raise UserError("--resume continues a run with its own config.yaml; give no other settings "
+                            "(--set may change only what a step's memory depends on: "
+                            "train.memory_limit, train.grad_checkpoint, rl.completions_per_pass)")
         config = None
     else:
         if recipe is None:
@@ -59,7 +61,7 @@ def _train(method, recipe, model, data_source, out_dir, overrides, quantize, bac
         raise SystemExit(distributed.launch(backend, nproc, distributed.without_option(sys.argv[1:], "--nproc")))
     world = distributed.init(backend)
     echo = click.echo if world.main else (lambda *a, **k: None)
-    with runs.start(config, resume_dir, world) as (config, run):
+    with runs.start(config, resume_dir, world, resume_overrides=list(overrides) if resume_dir else ()) as (config, run):
         if resume_dir:
             # A checkpoint holds one backend's optimizer state.
             written_by = run.checkpoint_state()["backend"]

@@ -157,8 +157,7 @@ def train(config: RunConfig, run: Run, *, resume: bool = False, adapter: str | N
         summarize=summarize,
         save_weights=lambda where: checkpoint.save_weights(where, model, spec, config, folder),
         save_checkpoint=lambda *state: checkpoint.save(run, model, optimizer, spec, config, folder, *state),
-        peak_memory_gb=mlx_model.peak_memory_gb,
-        reset_peak_memory=mx.reset_peak_memory,
+        memory=mlx_model.memory_meter(),
     )
 
     # --- loop ----------------------------------------------------------------------------------

@@ -14,6 +14,8 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 
+from mlxft import memory
+from mlxft.driver import MemoryMeter
 from mlxft.errors import UserError
 from mlxft.model_files import SPLIT_HEAD_TYPES, check_model_folder, mlx_config_overrides, model_type, resolve_model_dir
 
@@ -183,3 +185,22 @@ def trim_cache() -> None:
 
 def peak_memory_gb() -> float:
     return mx.get_peak_memory() / 1e9
+
+
+def memory_details() -> dict:
+    """What MLX holds now: arrays in use, and freed buffers it keeps for reuse (the OS counts both)."""
+    return {"active_memory_gb": mx.get_active_memory() / 1e9, "cache_memory_gb": mx.get_cache_memory() / 1e9}
+
+
+def memory_budget() -> tuple[float | None, str]:
+    """(GB, what it is) that train.memory_limit is a share of: on Metal the GPU's recommended
+    working set (past it, unified memory swaps), on the CPU the machine's memory."""
+    if mx.metal.is_available():
+        size = mx.device_info().get("max_recommended_working_set_size")
+        if size:
+            return size / 1e9, "this Mac's recommended GPU working set"
+    return memory.machine_memory_gb(), "this machine's memory"
+
+
+def memory_meter() -> MemoryMeter:
+    return MemoryMeter(peak_memory_gb, mx.reset_peak_memory, memory_budget, memory_details)

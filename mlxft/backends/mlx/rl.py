@@ -161,8 +161,7 @@ def train(config: RunConfig, run: Run, *, resume: bool = False, adapter: str | N
         save_checkpoint=lambda *state: checkpoint.save(
             run, model, optimizer, spec, config, folder, *state,
             heads=dict(tree_flatten({"value_head": model.value_head.parameters()})) if ppo else None),
-        peak_memory_gb=mlx_model.peak_memory_gb,
-        reset_peak_memory=mx.reset_peak_memory,
+        memory=mlx_model.memory_meter(),
     )
 
     # --- loop ----------------------------------------------------------------------------------

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import contextlib
 import json
-import resource
-import sys
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from mlxft import memory
+from mlxft.driver import MemoryMeter
 from mlxft.errors import UserError
 from mlxft.model_files import SPLIT_HEAD_TYPES, check_model_folder, load_tokenizer, model_type, resolve_model_dir
 
@@ -200,5 +200,18 @@ def peak_memory_gb(device: torch.device) -> float:
     if device.type == "mps":
         _mps_peak = max(_mps_peak, torch.mps.driver_allocated_memory())
         return _mps_peak / 1e9
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss * (1 if sys.platform == "darwin" else 1024) / 1e9  # bytes on macOS, KiB on Linux
+    return memory.peak_rss_gb()
+
+
+def memory_budget(device: torch.device) -> tuple[float | None, str]:
+    """(GB, what it is) that train.memory_limit is a share of: the GPU's memory on CUDA, MPS's
+    recommended working set on a Mac, else the machine's memory."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory / 1e9, "this GPU's memory"
+    if device.type == "mps":
+        return torch.mps.recommended_max_memory() / 1e9, "this Mac's recommended GPU working set"
+    return memory.machine_memory_gb(), "this machine's memory"
+
+
+def memory_meter(device: torch.device) -> MemoryMeter:
+    return MemoryMeter(lambda: peak_memory_gb(device), lambda: reset_peak_memory(device), lambda: memory_budget(device))

@@ -145,8 +145,7 @@ def train(config: RunConfig, run: Run, *, resume: bool = False, adapter: str | N
         save_checkpoint=lambda *state: checkpoint.save(
             run, model, optimizer, named, spec, config, folder, *state,
             heads={f"value_head.{k}": v for k, v in model.value_head.state_dict().items()} if ppo else None),
-        peak_memory_gb=lambda: torch_model.peak_memory_gb(device),
-        reset_peak_memory=lambda: torch_model.reset_peak_memory(device),
+        memory=torch_model.memory_meter(device),
     )
 
     # --- loop ----------------------------------------------------------------------------------

@@ -83,8 +83,7 @@ def train(config: RunConfig, run: Run, *, resume: bool = False, adapter: str | N
         summarize=token_mean_loss,
         save_weights=lambda where: checkpoint.save_weights(where, model, spec, config, folder),
         save_checkpoint=lambda *state: checkpoint.save(run, model, optimizer, named, spec, config, folder, *state),
-        peak_memory_gb=lambda: torch_model.peak_memory_gb(device),
-        reset_peak_memory=lambda: torch_model.reset_peak_memory(device),
+        memory=torch_model.memory_meter(device),
     )
 
     # --- loop ----------------------------------------------------------------------------------
