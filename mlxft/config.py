@@ -197,9 +197,9 @@ class RLConfig:
     reward_adapter: str | None = None  # a reward model (mlxft reward) on this base: its score is one more reward, 'reward_model'
     reward_weights: list[float] | None = None  # one per function (then the reward model); default 1 each
     log_completions_every: int = setting(10, low=0)  # steps between samples in completions.jsonl (0: never)
-    # completions per forward and backward pass when training on a rollout (None: all of a
+    # completions per forward and backward pass when training on a rollout (null: all of a
     # micro-batch at once); fewer hold fewer activations, and the gradient is the same
-    completions_per_pass: int | None = setting(None, low=1)
+    completions_per_pass: int | None = setting(4, low=1)
     # PPO only (TRL's PPOConfig names and defaults); there rl.beta weighs the KL in the per-token reward
     vf_coef: float = setting(0.1, low=0.0)  # weight of the value loss
     cliprange_value: float = setting(0.2, above=0.0)  # how far a value may move from its rollout value
