@@ -1,10 +1,11 @@
 """One backend's side of a benchmark, in a process of its own:
 
-    python -m mlxft.bench.child WORKLOAD_JSON BACKEND THREADS RESULT_JSON
+    python -m mlxft.bench.child WORKLOAD_JSON BACKEND THREADS RESULT_JSON [--no-gemm]
 
 Its own process, so that its thread count is set before any BLAS starts, its memory peak is its
 own, and one backend's caches cannot help or hurt the other. It measures the host's 1024³ GEMM
-rate with the same threads first, then times the workload, and writes RESULT_JSON:
+rate with the same threads first (not with --no-gemm: `mlxft plan` wants memory only), then
+times the workload, and writes RESULT_JSON:
 {"available": true, ...runner result, "gemm_gflops": {...}} or {"available": false, "reason": ...}.
 """
 
@@ -17,7 +18,8 @@ from pathlib import Path
 
 
 def main(argv: list[str]) -> int:
-    workload_path, backend, threads, result_path = argv
+    workload_path, backend, threads, result_path = argv[:4]
+    measure_gemm = "--no-gemm" not in argv[4:]
     threads = int(threads)
     from mlxft.bench import gemm
 
@@ -31,7 +33,7 @@ def main(argv: list[str]) -> int:
         if backend == "mlx":
             from mlxft.bench import mlx_runner
 
-            rates = gemm.measure(("mlx", "numpy"))
+            rates = gemm.measure(("mlx", "numpy")) if measure_gemm else {}
             result = mlx_runner.run(work)
             # the stock wheel's reference BLAS runs on one thread whatever the setting
             result["threads"] = gemm.openblas_threads() or 1
@@ -41,7 +43,7 @@ def main(argv: list[str]) -> int:
             from mlxft.bench import torch_runner
 
             torch.set_num_threads(threads)
-            rates = gemm.measure(("torch", "numpy"))
+            rates = gemm.measure(("torch", "numpy")) if measure_gemm else {}
             result = torch_runner.run(work, threads)
         else:
             raise UserError(f"unknown backend '{backend}'")

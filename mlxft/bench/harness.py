@@ -68,7 +68,7 @@ def bench(workload: str, backends: list[str], *, model: str | None = None, steps
     results = {}
     for backend in backends:
         echo(f"running {backend} ...")
-        results[backend] = _run_child(spec_path, backend, threads, out)
+        results[backend] = run_child(spec_path, backend, threads, out)
     peak = max((rate for r in results.values() for rate in r.get("gemm_gflops", {}).values()), default=None)
     rows = [summarize(results[b], counts, peak, workload) for b in backends]
     report = {
@@ -125,8 +125,9 @@ def shared_prompts_policy(backends: list[str], pad_multiple: int | None) -> str:
         f"{backend_shared_prompt_padding(b)[0]} ({b})" for b in backends)
 
 
-def _run_child(spec_path: Path, backend: str, threads: int, out: Path) -> dict:
-    """One backend in its own process; its output goes to OUT/<backend>.log."""
+def run_child(spec_path: Path, backend: str, threads: int, out: Path, measure_gemm: bool = True) -> dict:
+    """One backend in its own process; its output goes to OUT/<backend>.log. Without
+    `measure_gemm` it skips the host's GEMM rate (memory is all `mlxft plan` wants)."""
     if backend == "torch":
         from mlxft.backends import TORCH_HINT, torch_available
 
@@ -141,7 +142,8 @@ def _run_child(spec_path: Path, backend: str, threads: int, out: Path) -> dict:
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[2]), env.get("PYTHONPATH")]))
     with open(log_path, "w") as log:
         code = subprocess.run([sys.executable, "-m", "mlxft.bench.child", str(spec_path), backend, str(threads),
-                               str(result_path)], env=env, stdout=log, stderr=subprocess.STDOUT).returncode
+                               str(result_path), *([] if measure_gemm else ["--no-gemm"])],
+                              env=env, stdout=log, stderr=subprocess.STDOUT).returncode
     if code != 0 or not result_path.exists():
         tail = log_path.read_text().strip().splitlines()[-1:] if log_path.exists() else []
         return {"backend": backend, "available": False,

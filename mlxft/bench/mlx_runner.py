@@ -61,10 +61,11 @@ def run(workload: Workload) -> dict:
             micro_step(*arrays)
     trace_seconds = time.perf_counter() - start
 
-    records = []
+    records, peak_rss = [], 0.0
     total = len(workload.steps)
     for step, micro_batches in enumerate(workload.steps):
-        if step == workload.warmup:  # peaks of the timed steps only
+        timed = step >= workload.warmup
+        if timed:  # each timed step's own peak (mlxft plan reads them step by step)
             mx.reset_peak_memory()
             memory.reset_peak()
         rate = learning_rate(step, peak=tc.learning_rate, total_steps=total, warmup_steps=tc.warmup_steps,
@@ -73,7 +74,9 @@ def run(workload: Workload) -> dict:
         result = step_of(step, micro_batches, rate)
         seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
         records.append(step_record(step, workload, micro_batches, seconds, float(result.sums[1] / result.sums[0]),
-                                   result.grad_norm, cpu_seconds, layout))
+                                   result.grad_norm, cpu_seconds, layout,
+                                   peak_memory_gb=mlx_model.peak_memory_gb() if timed else None))
+        peak_rss = max(peak_rss, memory.peak_rss_gb()) if timed else peak_rss
     return {
         "backend": "mlx",
         "device": str(mx.default_device()),
@@ -81,9 +84,9 @@ def run(workload: Workload) -> dict:
         "shared_prompts": shared,
         "trainable_parameters": lora.trainable_parameters(model),
         "total_parameters": lora.total_parameters(model),
-        "peak_memory_gb": mlx_model.peak_memory_gb(),
+        "peak_memory_gb": max(r["peak_memory_gb"] for r in records if r["timed"]),
         "peak_memory_kind": "MLX allocator peak",
-        "peak_rss_gb": memory.peak_rss_gb(),
+        "peak_rss_gb": peak_rss,
         "shape_warmup_seconds": trace_seconds,
         "steps": records,
     }

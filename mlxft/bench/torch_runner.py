@@ -43,10 +43,12 @@ def run(workload: Workload, threads: int | None = None) -> dict:
     step_of = steps.train_step(optimizer, loss_of, seed=tc.seed, max_grad_norm=tc.max_grad_norm)
     model.train()
 
-    records = []
+    records, peak_rss = [], 0.0
+    on_cpu = device.type == "cpu"
     total = len(workload.steps)
     for step, micro_batches in enumerate(workload.steps):
-        if step == workload.warmup:  # peaks of the timed steps only
+        timed = step >= workload.warmup
+        if timed:  # each timed step's own peak (mlxft plan reads them step by step)
             torch_model.reset_peak_memory(device)
             memory.reset_peak()
         rate = learning_rate(step, peak=tc.learning_rate, total_steps=total, warmup_steps=tc.warmup_steps,
@@ -54,9 +56,10 @@ def run(workload: Workload, threads: int | None = None) -> dict:
         start, cpu_start = time.perf_counter(), time.process_time()
         result = step_of(step, micro_batches, rate)  # ends with the step's one device sync
         seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
+        step_peak = (memory.peak_rss_gb() if on_cpu else torch_model.peak_memory_gb(device)) if timed else None
         records.append(step_record(step, workload, micro_batches, seconds, float(result.sums[1] / result.sums[0]),
-                                   result.grad_norm, cpu_seconds, layout))
-    on_cpu = device.type == "cpu"
+                                   result.grad_norm, cpu_seconds, layout, peak_memory_gb=step_peak))
+        peak_rss = max(peak_rss, memory.peak_rss_gb()) if timed else peak_rss
     return {
         "backend": "torch",
         "device": str(device),
@@ -64,9 +67,9 @@ def run(workload: Workload, threads: int | None = None) -> dict:
         "shared_prompts": shared,
         "trainable_parameters": lora.trainable_parameters(model),
         "total_parameters": lora.total_parameters(model),
-        "peak_memory_gb": memory.peak_rss_gb() if on_cpu else torch_model.peak_memory_gb(device),
+        "peak_memory_gb": max(r["peak_memory_gb"] for r in records if r["timed"]),
         "peak_memory_kind": "process RSS (torch keeps no CPU allocator peak)" if on_cpu else f"{device.type} allocator peak",
-        "peak_rss_gb": memory.peak_rss_gb(),
+        "peak_rss_gb": peak_rss,
         "threads": torch.get_num_threads(),
         "steps": records,
     }

@@ -177,7 +177,7 @@ def shared_layout(workload: Workload, backend: str):
 
 
 def step_record(step: int, workload: Workload, micro_batches, seconds: float, loss: float, grad_norm: float,
-                cpu_seconds: float, shared_layout=None) -> dict:
+                cpu_seconds: float, shared_layout=None, peak_memory_gb: float | None = None) -> dict:
     """What a step processed, counted from its batches (the same on every backend). `tokens`
     counts the rows as the peers run them, each pair's prompt with each answer: what tokens/s
     compares. With DPO's shared prompts (`shared_layout` lays a batch out) the model runs each
@@ -196,6 +196,7 @@ def step_record(step: int, workload: Workload, micro_batches, seconds: float, lo
         "cpu_seconds": cpu_seconds,  # all the process's threads: steadier than wall time on a shared host
         "loss": loss,
         "grad_norm": grad_norm,
+        "peak_memory_gb": peak_memory_gb,  # the step's own (timed steps)
         "tokens": tokens,  # non-padding tokens
         "supervised_tokens": scored,  # tokens that carry loss
         "computed_tokens": computed,

@@ -1,4 +1,4 @@
-"""`mlxft recipes`, `mlxft doctor` and `mlxft bench`."""
+"""`mlxft recipes`, `mlxft doctor`, `mlxft bench` and `mlxft plan`."""
 
 from __future__ import annotations
 
@@ -63,3 +63,27 @@ def bench_command(workload, backends, model, steps, warmup, batch_size, seq_len,
     bench(workload, parse_backends(backends), model=model, steps=steps, warmup=warmup, batch_size=batch_size,
           seq_len=seq_len, overrides=list(overrides), out=out_dir, threads=threads, pad_multiple=pad_multiple,
           echo=click.echo)
+
+
+@cli.command("plan")
+@click.option("--recipe", required=True, help="The recipe the run will use (see `mlxft recipes`).")
+@click.option("--model", default=None, help="'builtin' (default), a local Hugging Face folder, a GGUF file or a hub id.")
+@click.option("--for", "method", type=click.Choice(["lora", "dpo", "reward", "rl"]), default="lora", show_default=True,
+              help="The command the run will use (SFT, `mlxft lora`, is measured for now).")
+@click.option("--backend", type=click.Choice(["auto", "mlx", "torch"]), default="auto", show_default=True)
+@click.option("--quantize", type=click.Choice(["4", "8"]), default=None, help="Quantize on load (QLoRA), as the run will.")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="Threads for the measured steps (default: all cores).")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a recipe setting, as the run will (repeatable).")
+@click.option("--out", "out_dir", default=None, type=click.Path(path_type=Path),
+              help="Keep the measured steps' workloads and logs here (default: a temporary folder, removed).")
+def plan_command(recipe, model, method, backend, quantize, threads, overrides, out_dir):
+    """The memory a run needs, and the largest train.batch_size and data.cutoff that fit this
+    machine: the recipe's training step is run at full length on 1 and 2 rows (and 1 of half the
+    length), and the peaks are fitted (see mlxft.plan)."""
+    from mlxft.backends import resolve_backend
+    from mlxft.cli.common import resolve_config
+    from mlxft.plan import plan
+
+    config = resolve_config(recipe, model, None, None, list(overrides), int(quantize) if quantize else None, False)
+    plan(config, resolve_backend(backend, quantized=bool(config.model.quantize)), method=method, threads=threads,
+         out=out_dir, echo=click.echo)

@@ -1,0 +1,175 @@
+"""`mlxft plan`: the memory a run needs, and the largest batch and cutoff that fit this machine.
+
+    mlxft plan --recipe tallrec
+    mlxft plan --recipe alpaca-sft --model HuggingFaceTB/SmolLM2-135M-Instruct --backend mlx --set lora.r=16
+
+It runs the recipe's own training step (the trainers' step, in the processes `mlxft bench` uses)
+on synthetic rows, every token but the first scored (the most a row can cost): one row at half of
+data.cutoff, one at data.cutoff and two at data.cutoff, each step's peak on its own, after an
+untimed first step. Their peaks fit
+
+    peak(rows, length) = fixed + rows * (a * length + b * length^2)
+
+the weights, optimizer state and buffers, plus each row's activations (linear in its length, and
+the attention scores' square). From the fit: the run's peak at train.batch_size x data.cutoff,
+against train.memory_limit of the device's memory, and the largest batch and cutoff that fit.
+
+Supports SFT recipes (lora: LoRA, QLoRA and full fine-tuning as configured). Raises
+NotImplementedYet for DPO, reward and RL recipes (their rows are pairs or rollouts), and
+UserError for a bad recipe or model, or a backend that cannot run here.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from mlxft.config import RunConfig
+from mlxft.data.batching import Batch
+from mlxft.errors import NotImplementedYet, UserError
+
+SFT_RECIPES_METHOD = "lora"
+
+
+@dataclass
+class Fit:
+    """peak(rows, length) = fixed + rows * (linear * length + square * length^2), in GB."""
+
+    fixed: float
+    linear: float
+    square: float
+
+    def peak(self, rows: int, length: int) -> float:
+        return self.fixed + rows * self.per_row(length)
+
+    def per_row(self, length: int) -> float:
+        return self.linear * length + self.square * length ** 2
+
+    def largest_batch(self, length: int, limit: float) -> int:
+        room, row = limit - self.fixed, self.per_row(length)
+        return max(int(room // row), 0) if row > 0 else 0
+
+    def largest_length(self, rows: int, limit: float) -> int:
+        """The longest rows of which `rows` fit in `limit` (a * L + b * L^2 = room / rows, solved for L)."""
+        room = (limit - self.fixed) / rows
+        if room <= 0:
+            return 0
+        if self.square <= 0:
+            return int(room / self.linear) if self.linear > 0 else 0
+        return int((-self.linear + math.sqrt(self.linear ** 2 + 4 * self.square * room)) / (2 * self.square))
+
+
+def fit(one_full: float, two_full: float, one_half: float, length: int) -> Fit:
+    """The fit through three peaks (GB): one row of `length` tokens, two such rows, one row of half."""
+    half = length // 2
+    per_row_full = max(two_full - one_full, 0.0)
+    fixed = one_full - per_row_full
+    per_row_half = max(one_half - fixed, 0.0)
+    # a L + b L^2 = per_row_full and a H + b H^2 = per_row_half, for L = length and H = half
+    square = (per_row_full * half - per_row_half * length) / (length ** 2 * half - half ** 2 * length)
+    square = max(square, 0.0)  # a measured square below zero is noise: a line through the full-length rows
+    linear = (per_row_full - square * length ** 2) / length
+    return Fit(fixed, max(linear, 0.0), square)
+
+
+def synthetic_batch(rows: int, length: int, vocab: int, seed: int) -> Batch:
+    """`rows` rows of `length` random tokens, every token but the first scored."""
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(3, max(vocab, 4), size=(rows, length)).astype(np.int32)
+    mask = np.ones((rows, length), dtype=bool)
+    mask[:, 0] = False
+    return Batch(ids, mask, np.full(rows, length, dtype=np.int32))
+
+
+def measure_peaks(config: RunConfig, model_dir: Path, backend: str, shapes: list[tuple[int, int]], vocab: int,
+                  pad_id: int, folder: Path, threads: int) -> list[float]:
+    """The backend's peak memory (GB) of a training step at each (rows, length) of `shapes`, in
+    one process (mlxft bench's child: the trainers' own step) after an untimed step at the first
+    shape. Give the shapes smallest first: where the OS cannot reset a process's peak (torch on a
+    Mac's CPU), each step's is then its own."""
+    from mlxft.bench import harness
+    from mlxft.bench import workload as workloads
+
+    steps = [[synthetic_batch(rows, length, vocab, seed=s)] for s, (rows, length) in enumerate([shapes[0], *shapes])]
+    work = workloads.Workload("lora", config, model_dir, steps, warmup=1, encoded_rows=len(steps), truncated_rows=0,
+                              pad_id=pad_id, pad_multiple=None)
+    spec = workloads.save(work, folder / "workload")
+    result = harness.run_child(spec, backend, threads, folder, measure_gemm=False)
+    if not result.get("available", True) or "steps" not in result:
+        raise UserError(f"plan: the {backend} training step did not run: {result.get('reason')}")
+    return [float(r["peak_memory_gb"]) for r in result["steps"] if r["timed"]]
+
+
+def device_budget(backend: str) -> tuple[float | None, str]:
+    """(GB, what it is) that train.memory_limit is a share of, as the training run would see it."""
+    if backend == "mlx":
+        from mlxft.backends.mlx import model as mlx_model
+
+        return mlx_model.memory_budget()
+    from mlxft.backends.torch import model as torch_model
+
+    return torch_model.memory_budget(torch_model.pick_device())
+
+
+def plan(config: RunConfig, backend: str, *, method: str = SFT_RECIPES_METHOD, threads: int | None = None,
+         out: Path | None = None, echo=print) -> dict:
+    """Measure, fit and say what fits; returns the figures (also what it prints)."""
+    import json
+    import os
+
+    from mlxft.model_files import load_tokenizer, pad_id, resolve_model_dir
+
+    if method != SFT_RECIPES_METHOD:
+        raise NotImplementedYet(f"mlxft plan measures SFT recipes (mlxft lora) for now, not {method} recipes")
+    if config.lora.full_finetune:
+        raise NotImplementedYet("mlxft plan measures LoRA steps for now; full fine-tuning is not measured "
+                                "(--set lora.full_finetune=false plans the LoRA run)")
+    if config.train.grad_checkpoint:
+        raise NotImplementedYet("mlxft plan does not measure gradient checkpointing (train.grad_checkpoint=true) yet")
+    model_dir = resolve_model_dir(config.model.name)
+    model_config = json.loads((model_dir / "config.json").read_text())
+    vocab = int(model_config.get("vocab_size") or 0)
+    tokenizer = load_tokenizer(model_dir, trust_remote_code=config.model.trust_remote_code)
+    length, rows = config.data.cutoff, config.train.batch_size
+    budget, where = device_budget(backend)
+    share = config.train.memory_limit or 1.0
+    folder = Path(out) if out else Path(tempfile.mkdtemp(prefix="mlxft-plan-"))
+    threads = threads or os.cpu_count() or 1
+    echo(f"plan: {config.recipe} on {model_dir} ({backend}); measuring 1 and 2 rows of {length} tokens and 1 of "
+         f"{length // 2}")
+    try:
+        measured = measure_peaks(config, model_dir, backend, [(1, length // 2), (1, length), (2, length)], vocab,
+                                 pad_id(tokenizer), folder, threads)
+        peaks = dict(zip(("one_half", "one_full", "two_full"), measured))
+    finally:
+        if out is None:
+            shutil.rmtree(folder, ignore_errors=True)
+    model = fit(peaks["one_full"], peaks["two_full"], peaks["one_half"], length)
+    limit = share * budget if budget else None
+    need = model.peak(rows, length)
+    limit_positions = int(model_config.get("max_position_embeddings") or 0) or None
+    result = {"recipe": config.recipe, "backend": backend, "model": str(model_dir), "measured_gb": peaks,
+              "fit": {"fixed_gb": model.fixed, "per_token_gb": model.linear, "per_token_squared_gb": model.square},
+              "batch_size": rows, "cutoff": length, "predicted_peak_gb": need, "budget_gb": budget,
+              "budget_is": where, "memory_limit": share, "limit_gb": limit}
+    echo(f"measured peaks: 1 x {length}: {peaks['one_full']:.2f} GB; 2 x {length}: {peaks['two_full']:.2f} GB; "
+         f"1 x {length // 2}: {peaks['one_half']:.2f} GB (fixed {model.fixed:.2f} GB, one row of {length} tokens "
+         f"{model.per_row(length):.3f} GB)")
+    verdict = ("" if limit is None else
+               f" {'fits' if need <= limit else 'does NOT fit'} in train.memory_limit={share:g} of {where} "
+               f"({limit:.2f} of {budget:.2f} GB)")
+    echo(f"this run: train.batch_size {rows} x data.cutoff {length} needs about {need:.2f} GB;{verdict}")
+    if limit is not None:
+        batch = model.largest_batch(length, limit)
+        cutoff = model.largest_length(rows, limit)
+        if limit_positions:
+            cutoff = min(cutoff, limit_positions)
+        result.update({"largest_batch_size": batch, "largest_cutoff": cutoff})
+        echo(f"largest train.batch_size at data.cutoff {length}: {batch}; largest data.cutoff at train.batch_size "
+             f"{rows}: {cutoff}" + (f" (the model's limit is {limit_positions})" if limit_positions else ""))
+    return result

@@ -1,0 +1,58 @@
+"""`mlxft plan`: the fit of peak memory against rows and length, and what it says fits."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from test_cli_train import one_line_error, run
+
+from mlxft.config import load_config
+from mlxft.plan import fit, measure_peaks, plan
+
+
+def test_the_fit_recovers_fixed_linear_and_square_parts_and_what_fits():
+    fixed, linear, square, length = 1.0, 1e-3, 2e-6, 512
+    peak = lambda rows, n: fixed + rows * (linear * n + square * n * n)  # noqa: E731
+    model = fit(peak(1, length), peak(2, length), peak(1, length // 2), length)
+    assert (model.fixed, model.linear, model.square) == pytest.approx((fixed, linear, square), rel=1e-9)
+    limit = 10.0
+    batch = model.largest_batch(length, limit)
+    assert peak(batch, length) <= limit < peak(batch + 1, length)  # 8 rows of 512: 1 + 8 * 1.036288
+    cutoff = model.largest_length(4, limit)
+    assert peak(4, cutoff) <= limit < peak(4, cutoff + 1)
+    assert model.largest_batch(length, 0.5) == 0 and model.largest_length(4, 0.5) == 0  # the weights alone do not fit
+
+
+@pytest.mark.slow
+def test_three_small_steps_predict_the_peak_of_a_larger_batch(tiny_model_dir, tmp_path):
+    config = load_config("tallrec", [f"model.name={tiny_model_dir}", "lora.full_finetune=false"])
+    vocab = json.loads((tiny_model_dir / "config.json").read_text())["vocab_size"]
+    half, one, two, six = measure_peaks(config, tiny_model_dir, "mlx", [(1, 64), (1, 128), (2, 128), (6, 128)], vocab,
+                                        0, tmp_path, 1)
+    predicted = fit(one, two, half, 128).peak(6, 128)
+    print(f"peaks (GB): 1 x 64 {half:.4f}, 1 x 128 {one:.4f}, 2 x 128 {two:.4f}, 6 x 128 {six:.4f}; "
+          f"predicted {predicted:.4f}")
+    assert predicted == pytest.approx(six, rel=0.05)  # measured within 1.5%
+    # A line through the origin (no fixed part) would predict 6 times one row: further off.
+    assert abs(6 * one - six) > abs(predicted - six)
+
+
+def test_the_plan_says_what_fits(monkeypatch, tiny_model_dir):
+    peaks = {(1, 256): 1.3, (1, 512): 1.6, (2, 512): 2.2}  # fixed 1 GB, 0.6 GB a row of 512
+    monkeypatch.setattr("mlxft.plan.measure_peaks", lambda *a: [peaks[s] for s in a[3]])
+    monkeypatch.setattr("mlxft.plan.device_budget", lambda backend: (10.0, "a test budget"))
+    config = load_config("tallrec", [f"model.name={tiny_model_dir}", "lora.full_finetune=false", "data.cutoff=512",
+                                     "train.batch_size=16", "train.memory_limit=0.8"])
+    lines = []
+    planned = plan(config, "mlx", echo=lines.append)
+    assert planned["predicted_peak_gb"] == pytest.approx(1 + 16 * 0.6)
+    assert "needs about 10.60 GB; does NOT fit in train.memory_limit=0.8 of a test budget (8.00 of 10.00 GB)" in lines[-2]
+    assert planned["largest_batch_size"] == 11  # 1 + 11 * 0.6 = 7.6 <= 8 < 8.2
+    assert 1 + 16 * fit(1.6, 2.2, 1.3, 512).per_row(planned["largest_cutoff"]) <= 8.0
+
+
+def test_plan_mistakes_are_one_line_errors(tiny_as_builtin):
+    one_line_error(run("plan", "--recipe", "dpo", "--for", "dpo"), "mlxft plan measures SFT recipes (mlxft lora) for now")
+    one_line_error(run("plan", "--recipe", "tallrec"), "full fine-tuning is not measured")  # the built-in model's tallrec
+    one_line_error(run("plan", "--recipe", "nope"), "nope")
