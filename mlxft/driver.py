@@ -186,7 +186,8 @@ def fit(run: Run, config: RunConfig, trainer: Trainer, train_set: list, *, start
             if world.main:
                 run.log(record)
             progress.set_rate(tokens_per_second)
-            progress.report(f"step {step}/{total_steps}: " + describe({k: v for k, v in record.items() if k != "step"}))
+            progress.report(f"step {step}/{total_steps}: " + describe({k: v for k, v in record.items()
+                                                                     if k != "step" and v is not None}))
             window = Window()
             if ec.patience and stale >= ec.patience:
                 echo(f"early stop at step {step}: no better eval_{ec.metric} for {stale} evaluations")

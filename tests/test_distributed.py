@@ -20,7 +20,7 @@ from mlxft.data.encode import Example, PreferenceExample
 from mlxft.distributed import World
 from mlxft.errors import UserError
 
-VOLATILE = {"tokens_per_second", "peak_memory_gb"}
+VOLATILE = {"tokens_per_second", "peak_memory_gb", "peak_rss_gb", "active_memory_gb", "cache_memory_gb"}
 
 
 def command(method, model_dir, out, *extra):

@@ -17,7 +17,8 @@ pytest.importorskip("peft")
 pytestmark = pytest.mark.slow
 
 # Not compared: timings and memory, and the step counters that are equal by construction.
-VOLATILE = {"tokens_per_second", "peak_memory_gb", "step", "epoch", "trained_tokens"}
+VOLATILE = {"tokens_per_second", "peak_memory_gb", "peak_rss_gb", "active_memory_gb", "cache_memory_gb", "step",
+            "epoch", "trained_tokens"}
 
 
 def starting_adapter(model_dir, folder, seed=5):

@@ -213,5 +213,18 @@ def memory_budget(device: torch.device) -> tuple[float | None, str]:
     return memory.machine_memory_gb(), "this machine's memory"
 
 
+def memory_details(device: torch.device) -> dict:
+    """MLX's two figures under the same names, so that both backends' reports have the same keys:
+    memory in live tensors, and what the allocator keeps for reuse. torch's CPU keeps neither (None)."""
+    if device.type == "cuda":
+        active, reserved = torch.cuda.memory_allocated(device), torch.cuda.memory_reserved(device)
+    elif device.type == "mps":
+        active, reserved = torch.mps.current_allocated_memory(), torch.mps.driver_allocated_memory()
+    else:
+        return {"active_memory_gb": None, "cache_memory_gb": None}
+    return {"active_memory_gb": active / 1e9, "cache_memory_gb": max(reserved - active, 0) / 1e9}
+
+
 def memory_meter(device: torch.device) -> MemoryMeter:
-    return MemoryMeter(lambda: peak_memory_gb(device), lambda: reset_peak_memory(device), lambda: memory_budget(device))
+    return MemoryMeter(lambda: peak_memory_gb(device), lambda: reset_peak_memory(device), lambda: memory_budget(device),
+                       lambda: memory_details(device))
