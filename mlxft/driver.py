@@ -76,10 +76,12 @@ class Trainer:
     memory: MemoryMeter
 
 
-def memory_over_limit(trainer: Trainer, share: float | None, world: World) -> tuple | None:
+def memory_over_limit(trainer: Trainer, share: float | None, budget: float | None, where: str,
+                      world: World) -> tuple | None:
     """(peak GB, budget GB, what the budget is) when the run's peak passed `share` of its device's
-    memory on any rank (every rank learns it, so that all stop together); else None."""
-    budget, where = trainer.memory.budget() if share else (None, "")
+    memory (`budget` GB, `where`: trainer.memory.budget(), read once) on any rank (every rank
+    learns it, so that all stop together); else None."""
+    budget = budget if share else None
     peak = trainer.memory.peak_gb() if budget else 0.0
     over = bool(budget) and peak > share * budget
     if world.size > 1:  # every rank takes part, so that all stop together; numbers from those over
@@ -153,6 +155,7 @@ def fit(run: Run, config: RunConfig, trainer: Trainer, train_set: list, *, start
     progress = Progress(total_steps, initial=step, enabled=world.main)
     trained_tokens, window = resume_progress(run) if run.resumed else (0, Window())
     trainer.memory.reset_peak()
+    budget = trainer.memory.budget() if tc.memory_limit else (None, "")  # the device's memory does not change
     stopped_early = False
     while step < total_steps:
         micro_batches, epoch = [], 0.0
@@ -192,7 +195,7 @@ def fit(run: Run, config: RunConfig, trainer: Trainer, train_set: list, *, start
             if ec.patience and stale >= ec.patience:
                 echo(f"early stop at step {step}: no better eval_{ec.metric} for {stale} evaluations")
                 stopped_early = True
-        over = memory_over_limit(trainer, tc.memory_limit, world)  # stop before the next step swaps
+        over = memory_over_limit(trainer, tc.memory_limit, *budget, world)  # stop before the next step swaps
         if (step % tc.checkpoint_every == 0 or stopped_early or over) and world.main:
             trainer.save_checkpoint(step, best, stale, {"trained_tokens": trained_tokens, **window.state()})
         if over:
