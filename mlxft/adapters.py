@@ -3,13 +3,15 @@
     adapter_config.json          peft_type LORA, task_type CAUSAL_LM, r, lora_alpha, ...
     adapter_model.safetensors    base_model.model.<module>.lora_A.weight [r, in]
                                  base_model.model.<module>.lora_B.weight [out, r]
+                                 base_model.model.<module>.lora_magnitude_vector [out]  (DoRA only)
 
 A reward model (mlxft.reward) is task_type SEQ_CLS with modules_to_save ["score"], its head
 saved whole as base_model.model.score.weight [1, hidden], as PEFT saves it.
 
-Tensors here are numpy arrays keyed by module path ("model.layers.0.self_attn.q_proj"); each
-backend converts to and from its own arrays. Reading checks what users trip over: a path that
-is a file, an empty folder, a Git LFS pointer instead of weights, a config that is not LoRA.
+Tensors here are numpy arrays keyed by module path ("model.layers.0.self_attn.q_proj"): (A, B),
+and for DoRA (A, B, m), m being the magnitude of each output row; each backend converts to and
+from its own arrays. Reading checks what users trip over: a path that is a file, an empty folder,
+a Git LFS pointer instead of weights, a config that is not LoRA.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ class AdapterSpec:
     task_type: str = "CAUSAL_LM"  # SEQ_CLS: a reward model (mlxft.reward), its head in modules_to_save
     modules_to_save: list[str] | None = None  # modules trained in full beside the adapter (PEFT's name)
     use_rslora: bool = False  # rank-stabilised LoRA: scaling alpha / sqrt(r) instead of alpha / r
+    use_dora: bool = False  # DoRA: each output row of W + scaling * B @ A rescaled to a trained magnitude
 
     @property
     def scaling(self) -> float:
@@ -57,7 +60,7 @@ class AdapterSpec:
             "base_model_name_or_path": self.base_model,
             "fan_in_fan_out": False,
             "use_rslora": self.use_rslora,
-            "use_dora": False,
+            "use_dora": self.use_dora,
             "inference_mode": True,
         }
         if self.layers is not None:
@@ -71,8 +74,6 @@ class AdapterSpec:
     def from_peft(cls, config: dict, where: str) -> AdapterSpec:
         if config.get("peft_type", "LORA") != "LORA":
             raise UserError(f"{where}: a {config['peft_type']} adapter; mlxft reads LoRA adapters")
-        if config.get("use_dora"):
-            raise UserError(f"{where}: use_dora adapters are not supported yet")
         try:
             layers = config.get("layers_to_transform")
             return cls(
@@ -85,22 +86,28 @@ class AdapterSpec:
                 task_type=str(config.get("task_type") or "CAUSAL_LM"),
                 modules_to_save=list(config["modules_to_save"]) if config.get("modules_to_save") else None,
                 use_rslora=bool(config.get("use_rslora", False)),
+                use_dora=bool(config.get("use_dora", False)),
             )
         except (KeyError, TypeError, ValueError) as e:
             raise UserError(f"{where}: not a LoRA adapter config ({type(e).__name__}: {e})") from None
 
 
-def save_adapter(folder: str | Path, spec: AdapterSpec, weights: dict[str, tuple[np.ndarray, np.ndarray]],
+MAGNITUDE = "lora_magnitude_vector"  # PEFT's key for a DoRA layer's magnitude, saved without ".weight"
+
+
+def save_adapter(folder: str | Path, spec: AdapterSpec, weights: dict[str, tuple[np.ndarray, ...]],
                  modules: dict[str, np.ndarray] | None = None) -> Path:
-    """Write {module path: (A [r, in], B [out, r])}, and the tensors of modules trained in full
+    """Write {module path: (A [r, in], B [out, r]) or, DoRA, (A, B, m [out])}, and the tensors of modules trained in full
     ({"score.weight": ...}, saved as PEFT saves modules_to_save), atomically: a temporary folder,
     then a rename."""
     from safetensors.numpy import save_file
 
     tensors = {f"{PREFIX}{name}": np.ascontiguousarray(value, dtype=np.float32) for name, value in (modules or {}).items()}
-    for module, (a, b) in weights.items():
+    for module, (a, b, *magnitude) in weights.items():
         tensors[f"{PREFIX}{module}.lora_A.weight"] = np.ascontiguousarray(a, dtype=np.float32)
         tensors[f"{PREFIX}{module}.lora_B.weight"] = np.ascontiguousarray(b, dtype=np.float32)
+        if magnitude:
+            tensors[f"{PREFIX}{module}.{MAGNITUDE}"] = np.ascontiguousarray(magnitude[0], dtype=np.float32)
     with staged_folder(folder) as staging:
         save_file(tensors, str(staging / WEIGHTS_FILE), metadata={"format": "pt"})
         (staging / CONFIG_FILE).write_text(json.dumps(spec.to_peft(), indent=2))
@@ -136,8 +143,8 @@ def whole_model_folder(path: str | Path) -> Path | None:
     return None
 
 
-def load_adapter(path: str | Path, task_type: str | None = "CAUSAL_LM") -> tuple[AdapterSpec, dict[str, tuple[np.ndarray, np.ndarray]]]:
-    """(spec, {module path: (A, B)}) of a saved adapter; `task_type` is the kind the caller can
+def load_adapter(path: str | Path, task_type: str | None = "CAUSAL_LM") -> tuple[AdapterSpec, dict[str, tuple[np.ndarray, ...]]]:
+    """(spec, {module path: (A, B), or (A, B, m) for DoRA}) of a saved adapter; `task_type` is the kind the caller can
     use (None: any). The tensors of modules_to_save are read by load_saved_modules."""
     spec, tensors, where = read_adapter(path)
     if task_type is not None and spec.task_type != task_type:
@@ -146,20 +153,31 @@ def load_adapter(path: str | Path, task_type: str | None = "CAUSAL_LM") -> tuple
                         + ("score with it through `mlxft eval reward`" if spec.task_type == "SEQ_CLS" else "use another adapter"))
     saved = tuple(f"{PREFIX}{m}." for m in spec.modules_to_save or ())
     weights: dict[str, list] = {}
+    magnitudes: dict[str, np.ndarray] = {}
     for key, value in tensors.items():
         if saved and key.startswith(saved):
             if spec.task_type != "SEQ_CLS":  # a whole lm_head or embedding would be silently dropped
                 raise UserError(f"adapter {where}: it trains '{key[len(PREFIX):].rsplit('.', 1)[0]}' in full "
                                 "(modules_to_save); mlxft reads LoRA layers, and a reward model's head")
             continue
+        if spec.use_dora and key.startswith(PREFIX) and key.endswith(f".{MAGNITUDE}"):
+            magnitudes[key[len(PREFIX):-len(MAGNITUDE) - 1]] = value
+            continue
         if not key.startswith(PREFIX) or not key.endswith((".lora_A.weight", ".lora_B.weight")):
-            raise UserError(f"adapter {where}: unexpected tensor '{key}'")
+            because = " (a DoRA magnitude, but the config has no use_dora)" if key.endswith(f".{MAGNITUDE}") else ""
+            raise UserError(f"adapter {where}: unexpected tensor '{key}'{because}")
         module, part = key[len(PREFIX):].rsplit(".lora_", 1)
         weights.setdefault(module, [None, None])["AB".index(part[0])] = value
     incomplete = [m for m, (a, b) in weights.items() if a is None or b is None]
     if incomplete:
         raise UserError(f"adapter {where}: '{incomplete[0]}' lacks its lora_A or lora_B tensor")
-    return spec, {m: (a, b) for m, (a, b) in weights.items()}
+    if not spec.use_dora:
+        return spec, {m: (a, b) for m, (a, b) in weights.items()}
+    unmatched = sorted(set(weights) ^ set(magnitudes))
+    if unmatched:
+        what = "lacks its" if unmatched[0] in weights else "has only a"
+        raise UserError(f"adapter {where}: '{unmatched[0]}' {what} {MAGNITUDE} tensor (use_dora: every layer has A, B and one)")
+    return spec, {m: (a, b, magnitudes[m]) for m, (a, b) in weights.items()}
 
 
 def load_saved_modules(path: str | Path) -> dict[str, np.ndarray]:
@@ -199,22 +217,30 @@ def check_modules(adapter_modules, model_modules: dict[str, tuple[int, int]], wh
     if missing:
         more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
         raise UserError(f"adapter {where} does not fit this base model: it adapts '{missing[0]}'{more}, which the model lacks")
-    for module, (a, b) in adapter_modules.items():
+    for module, (a, b, *magnitude) in adapter_modules.items():
         out_dim, in_dim = model_modules[module]
         if a.shape[1] != in_dim or b.shape[0] != out_dim:
             raise UserError(
                 f"adapter {where} does not fit this base model: '{module}' is {out_dim}x{in_dim} in the model "
                 f"but the adapter is for {b.shape[0]}x{a.shape[1]}"
             )
+        if magnitude and magnitude[0].shape != (out_dim,):
+            raise UserError(f"adapter {where}: the DoRA magnitude of '{module}' has shape {magnitude[0].shape}, "
+                            f"not ({out_dim},) as the layer's outputs")
 
 
-def check_swappable(adapter_modules, lora_dims: dict[str, tuple[int, int]], where: str) -> None:
+def check_swappable(adapter_modules, lora_dims: dict[str, tuple[int, int]], where: str, use_dora: bool = False) -> None:
     """An adapter can stand in for the one on a model's LoRA layers ({path: (out, in)}; see
-    lora.adapter_swapped) when it adapts only modules that have a LoRA layer there, of their shapes."""
+    lora.adapter_swapped) when it adapts only modules that have a LoRA layer there, of their shapes,
+    and is DoRA where they are (`use_dora`) and plain LoRA where they are not."""
     extra = sorted(set(adapter_modules) - set(lora_dims))
     if extra:
         raise UserError(f"adapter {where} adapts '{extra[0]}', which the trained adapter does not; train both with the "
                         "same lora.target_modules and lora.layers")
+    if any((len(tensors) == 3) != use_dora for tensors in adapter_modules.values()):
+        kinds = ("a LoRA", "a DoRA") if use_dora else ("a DoRA", "a LoRA")
+        raise UserError(f"adapter {where} is {kinds[0]} adapter and the trained one is {kinds[1]} adapter; train both "
+                        "with the same lora.use_dora")
     check_modules(adapter_modules, lora_dims, where)
 
 

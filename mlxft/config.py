@@ -59,6 +59,7 @@ class LoraConfig:
     # layer names, or a preset: all-linear (every linear layer of the blocks), attention, mlp
     target_modules: str | list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])  # str first: a preset stays one
     use_rslora: bool = False  # rank-stabilised LoRA (PEFT's use_rslora): scaling = alpha / sqrt(r)
+    use_dora: bool = False  # DoRA (PEFT's use_dora): a trained magnitude per output row rescales W + scaling * B @ A
     layers: list[int] | None = setting(None, low=0)  # None: every block
     full_finetune: bool = False  # train every weight instead of an adapter
 

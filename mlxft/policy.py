@@ -18,7 +18,7 @@ def recipe_spec(config: RunConfig, folder, linear_modules: dict) -> AdapterSpec:
     lc = config.lora
     base_name = str(folder) if config.model.name == BUILTIN else config.model.name
     return AdapterSpec(lc.r, lc.alpha, lc.dropout, resolve_targets(lc.target_modules, linear_modules), base_name,
-                       lc.layers, use_rslora=lc.use_rslora)
+                       lc.layers, use_rslora=lc.use_rslora, use_dora=lc.use_dora)
 
 
 def build_policy(backend, model, config: RunConfig, folder, *, start_from=None, task_type: str | None = "CAUSAL_LM") -> AdapterSpec:
@@ -43,6 +43,6 @@ def describe_policy(backend, model, folder, spec: AdapterSpec, config: RunConfig
     """(trainable parameters, the line that says what trains)."""
     trainable, total = backend.lora.trainable_parameters(model), backend.lora.total_parameters(model)
     what = ("full fine-tuning" if config.lora.full_finetune
-            else f"LoRA r={spec.r} alpha={spec.alpha:g}{' (rsLoRA)' if spec.use_rslora else ''} on "
+            else f"LoRA r={spec.r} alpha={spec.alpha:g}{' (rsLoRA)' if spec.use_rslora else ''}{' (DoRA)' if spec.use_dora else ''} on "
                  f"{len(backend.lora.lora_layers(model))} modules")
     return trainable, f"model {folder} ({total / 1e6:.2f}M parameters){where}; training {trainable:,} ({what})"

@@ -1,5 +1,6 @@
 """The adapter format's pure helpers, shared by both backends."""
 
+import numpy as np
 import pytest
 
 from mlxft.errors import UserError
@@ -52,5 +53,28 @@ def test_rslora_scales_by_the_root_of_the_rank_and_says_so_to_peft():
     config = spec.to_peft()
     assert config["use_rslora"] is True
     assert AdapterSpec.from_peft(config, "x").scaling == 8.0
-    with pytest.raises(UserError, match="use_dora adapters are not supported yet"):
-        AdapterSpec.from_peft({**config, "use_dora": True}, "x")
+
+
+def test_a_dora_adapter_saves_its_magnitudes_under_peft_keys_and_needs_them(tmp_path):
+    # PEFT's save names a DoRA layer's magnitude <module>.lora_magnitude_vector, [out], no ".weight".
+    from safetensors.numpy import load_file
+
+    from mlxft.adapters import AdapterSpec, load_adapter, save_adapter
+
+    spec = AdapterSpec(2, 4, 0.0, ["q_proj"], "m", use_dora=True)
+    assert spec.to_peft()["use_dora"] is True and AdapterSpec(2, 4, 0.0, ["q_proj"], "m").to_peft()["use_dora"] is False
+    rng = np.random.default_rng(0)
+    a, b, m = rng.normal(size=(2, 8)), rng.normal(size=(6, 2)), rng.uniform(1, 2, size=6)
+    path = "model.layers.0.self_attn.q_proj"
+    save_adapter(tmp_path / "dora", spec, {path: (a, b, m)})
+    assert sorted(load_file(str(tmp_path / "dora/adapter_model.safetensors"))) == [
+        f"base_model.model.{path}.{part}" for part in ("lora_A.weight", "lora_B.weight", "lora_magnitude_vector")]
+    loaded_spec, weights = load_adapter(tmp_path / "dora")
+    assert loaded_spec.use_dora and np.allclose(weights[path][2], m) and np.allclose(weights[path][1], b)
+    # A DoRA config whose layers lack a magnitude, and magnitudes under a plain LoRA config, are refused.
+    save_adapter(tmp_path / "no-m", spec, {path: (a, b)})
+    with pytest.raises(UserError, match="'model.layers.0.self_attn.q_proj' lacks its lora_magnitude_vector tensor"):
+        load_adapter(tmp_path / "no-m")
+    save_adapter(tmp_path / "lora", AdapterSpec(2, 4, 0.0, ["q_proj"], "m"), {path: (a, b, m)})
+    with pytest.raises(UserError, match="a DoRA magnitude, but the config has no use_dora"):
+        load_adapter(tmp_path / "lora")

@@ -25,13 +25,20 @@ def run(*args):
     return CliRunner().invoke(cli, [str(a) for a in args])
 
 
-def make_adapter(model_dir, folder, *, seed=0, base=None, r=4, alpha=8.0):
-    """An adapter with non-zero B (a fresh one would be a no-op and prove nothing)."""
+def make_adapter(model_dir, folder, *, seed=0, base=None, r=4, alpha=8.0, dora=False):
+    """An adapter with non-zero B (a fresh one would be a no-op and prove nothing); for DoRA, with
+    magnitudes off the row norms of W + scaling * B @ A, so that they rescale the rows."""
+    from mlxft.backends.mlx.fuse import dense_weight
+
     model, _, _ = load(str(model_dir))
     rng = np.random.default_rng(seed)
+    modules = dict(model.named_modules())
     weights = {path: (rng.normal(0, 0.2, (r, i)).astype(np.float32), rng.normal(0, 0.2, (o, r)).astype(np.float32))
                for path, (o, i) in lora.linear_modules(model).items() if path.rsplit(".", 1)[-1] in TARGETS}
-    save_adapter(folder, AdapterSpec(r, alpha, 0.0, TARGETS, str(base or model_dir)), weights)
+    if dora:
+        weights = {path: (a, b, np.linalg.norm(np.array(dense_weight(modules[path])) + alpha / r * b @ a, axis=1)
+                          * rng.uniform(0.5, 1.5, b.shape[0]).astype(np.float32)) for path, (a, b) in weights.items()}
+    save_adapter(folder, AdapterSpec(r, alpha, 0.0, TARGETS, str(base or model_dir), use_dora=dora), weights)
     return folder
 
 
@@ -190,6 +197,24 @@ def test_a_quantized_base_stays_quantized_with_quantize(quantized_dir, tmp_path)
     error = np.abs(np.array(mx.dequantize(q.weight, q.scales, q.biases, group_size=64, bits=4) - exact))
     step = np.repeat(np.abs(np.array(q.scales)), 64, axis=1)  # MLX scales carry a sign
     assert (error <= step * 1.001).all() and error.max() > 0
+
+
+@pytest.mark.parametrize("quantized", [False, True], ids=["full-precision", "4-bit"])
+def test_a_dora_adapter_fuses_to_its_rescaled_rows(tiny_model_dir, quantized_dir, tmp_path, quantized):
+    # W' = m * (W + scaling * B @ A) / ||W + scaling * B @ A|| per output row; a 4-bit base is
+    # de-quantized for it, as DoRA's norms are on the de-quantized weights (QLoRA + DoRA).
+    model_dir = quantized_dir if quantized else tiny_model_dir
+    adapter = make_adapter(model_dir, tmp_path / "dora", dora=True)
+    adapted = base_plus_adapter(model_dir, adapter)
+    assert all(isinstance(layer.linear, nn.QuantizedLinear) == quantized for layer in lora.lora_layers(adapted).values())
+    expected = logits(adapted)
+    fused = load(str(fuse(adapter, tmp_path / "fused").out))[0]
+    np.testing.assert_allclose(logits(fused), expected, atol=1e-4)
+    with lora.adapter_off(adapted):  # adapter off is the base, not the base rescaled by m / ||W||
+        assert np.array_equal(logits(adapted), logits(load(str(model_dir))[0]))
+    # the magnitudes matter: the same A and B merged as plain LoRA give other logits.
+    plain = make_adapter(model_dir, tmp_path / "lora")
+    assert np.abs(logits(base_plus_adapter(model_dir, plain)) - expected).max() > 1e-2
 
 
 def test_fuse_checks_its_output_against_base_plus_adapter(adapter, tmp_path, monkeypatch):

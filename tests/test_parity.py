@@ -21,20 +21,29 @@ VOLATILE = {"tokens_per_second", "peak_memory_gb", "peak_rss_gb", "active_memory
             "epoch", "trained_tokens"}
 
 
-def starting_adapter(model_dir, folder, seed=5):
-    """A LoRA adapter with both A and B non-zero, so the first steps already move the outputs."""
+def starting_adapter(model_dir, folder, seed=5, dora=False):
+    """A LoRA adapter with both A and B non-zero, so the first steps already move the outputs; for
+    DoRA, with magnitudes off the row norms of W + scaling * B @ A, so that they rescale too."""
+    from safetensors.numpy import load_file
+
     rng = np.random.default_rng(seed)
+    spec = AdapterSpec(4, 8, 0.0, ["q_proj", "v_proj"], str(model_dir), use_dora=dora)
+    base = load_file(str(model_dir / "model.safetensors")) if dora else {}
     weights = {}
     for layer in range(2):
         for module in ("q_proj", "v_proj"):
-            weights[f"model.layers.{layer}.self_attn.{module}"] = (rng.normal(0, 0.2, (4, 32)).astype(np.float32),
-                                                                   rng.normal(0, 0.2, (32, 4)).astype(np.float32))
-    save_adapter(folder, AdapterSpec(4, 8, 0.0, ["q_proj", "v_proj"], str(model_dir)), weights)
+            path = f"model.layers.{layer}.self_attn.{module}"
+            a, b = rng.normal(0, 0.2, (4, 32)).astype(np.float32), rng.normal(0, 0.2, (32, 4)).astype(np.float32)
+            weights[path] = (a, b)
+            if dora:
+                norms = np.linalg.norm(base[f"{path}.weight"] + spec.scaling * b @ a, axis=1)
+                weights[path] = (a, b, norms * rng.uniform(0.8, 1.2, 32).astype(np.float32))
+    save_adapter(folder, spec, weights)
     return folder
 
 
-def train_both(method, recipe, model_dir, tmp_path, *extra):
-    adapter = starting_adapter(model_dir, tmp_path / "start")
+def train_both(method, recipe, model_dir, tmp_path, *extra, dora=False):
+    adapter = starting_adapter(model_dir, tmp_path / "start", dora=dora)
     records = {}
     for name in ("mlx", "torch"):
         config = load_config(recipe, [
@@ -70,6 +79,15 @@ def test_sft_runs_agree_report_by_report(tiny_model_dir, tmp_path):
     assert worst < 2.5e-5  # measured: 2.4e-6 (grad_norm)
     assert {"eval_loss", "eval_auc"} <= set(mlx[1])  # validation is compared too
     assert mlx[-1]["loss"] < mlx[0]["loss"] - 0.01  # it trained: not two idle runs agreeing
+
+
+def test_dora_sft_runs_agree_report_by_report(tiny_model_dir, tmp_path):
+    # DoRA's magnitudes train beside A and B, through the norm both backends hold constant.
+    mlx, torch = train_both("sft", "tallrec", tiny_model_dir, tmp_path, "train.steps=4", dora=True)
+    worst, where = worst_difference(mlx, torch)
+    print(f"DoRA SFT: {len(mlx)} reports, largest |torch - mlx| {worst:.1e} at {where}")
+    assert worst < 5e-6
+    assert "eval_loss" in mlx[1] and mlx[-1]["loss"] < mlx[0]["loss"] - 0.01
 
 
 def test_dpo_runs_agree_report_by_report(tiny_model_dir, tmp_path):

@@ -194,12 +194,14 @@ def test_adapters_cross_between_mlx_peft_and_torch(tiny_model_dir, tmp_path):
     assert np.abs(torch_logits(_peft(tiny_model_dir, tmp_path / "torch/last"), ids) - expected).max() < 1e-4
 
 
-@pytest.mark.parametrize("layers, rslora", [(None, False), ([1], False), (None, True)],
-                         ids=["all-layers", "layers_to_transform", "rslora"])
-def test_a_peft_written_adapter_loads_on_both_backends(tiny_model_dir, tmp_path, layers, rslora):
+@pytest.mark.parametrize("layers, rslora, dora", [(None, False, False), ([1], False, False), (None, True, False),
+                                                   (None, False, True)],
+                         ids=["all-layers", "layers_to_transform", "rslora", "dora"])
+def test_a_peft_written_adapter_loads_on_both_backends(tiny_model_dir, tmp_path, layers, rslora, dora):
     # What a PEFT user brings: get_peft_model(...).save_pretrained(), with PEFT's own config fields
     # and key names, and B non-zero so the adapter changes the outputs. rsLoRA scales by
-    # alpha / sqrt(r): 8 here, against 4.
+    # alpha / sqrt(r): 8 here, against 4. DoRA's magnitudes are moved off their starting row norms,
+    # so that m / ||W + scaling * B @ A|| is not 1.
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
@@ -208,11 +210,14 @@ def test_a_peft_written_adapter_loads_on_both_backends(tiny_model_dir, tmp_path,
     torch.manual_seed(0)
     base = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32)
     peft_model = get_peft_model(base, LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj", "v_proj", "down_proj"],
-                                                 layers_to_transform=layers, lora_dropout=0.0, use_rslora=rslora))
+                                                 layers_to_transform=layers, lora_dropout=0.0, use_rslora=rslora,
+                                                 use_dora=dora))
     with torch.no_grad():
         for name, parameter in peft_model.named_parameters():
             if "lora_B" in name:
                 parameter.normal_(0, 0.2)
+            if "lora_magnitude_vector" in name:
+                parameter.mul_(torch.empty_like(parameter).uniform_(0.5, 1.5))
     peft_model.save_pretrained(str(tmp_path / "peft"))
     ids = random_batches(4, [4])[0].input_ids
     expected = torch_logits(peft_model, ids)
@@ -221,10 +226,60 @@ def test_a_peft_written_adapter_loads_on_both_backends(tiny_model_dir, tmp_path,
     assert np.abs(mlx_logits(m, ids) - expected).max() > 1e-2  # the adapter matters
     spec = attach_adapter(mlx_lora, m, tmp_path / "peft")
     assert len(mlx_lora.lora_layers(m)) == (3 if layers else 6) and spec.scaling == (8.0 if rslora else 4.0)
+    assert spec.use_dora == dora and all(map(mlx_lora.is_dora, mlx_lora.lora_layers(m).values())) == dora
     assert np.abs(mlx_logits(m, ids) - expected).max() < 4e-6  # measured: up to 3.7e-7
     t, _, _ = torch_model.load(str(tiny_model_dir), device=CPU)
     attach_adapter(torch_lora, t, tmp_path / "peft")
     assert np.abs(torch_logits(t, ids) - expected).max() < 1e-6  # measured: 0 (PEFT's own layers)
+
+
+def test_an_mlx_dora_adapter_loads_in_peft_with_the_same_logits(tiny_model_dir, tmp_path):
+    # lora.use_dora trains a magnitude m per output row beside A and B; PEFT's DoRA on the saved
+    # file must give MLX's logits, on the torch backend too, and adapter off is the base exactly.
+    from mlxft.errors import UserError
+    from mlxft.saved_check import relative_difference
+
+    ids = random_batches(2, [4])[0].input_ids
+    config = tiny_config(tiny_model_dir, tmp_path / "mlx", "train.steps=3", "lora.dropout=0.0", "lora.use_dora=true")
+    mlx_train(config, Run.create(tmp_path / "mlx", config), echo=lambda *a: None)
+    spec, weights = load_adapter(tmp_path / "mlx/last")
+    assert spec.use_dora and all(len(tensors) == 3 for tensors in weights.values())
+    m, _, _ = mlx_model.load(str(tiny_model_dir))
+    base = mlx_logits(m, ids)
+    apply_adapter(mlx_lora, m, spec, weights, "mlx")
+    expected = mlx_logits(m, ids)
+    assert relative_difference(base, expected) > 1e-3  # the adapter matters
+    layers = mlx_lora.lora_layers(m)
+    start = {path: np.linalg.norm(np.array(layer.linear.weight), axis=1) for path, layer in layers.items()}
+    assert max(np.abs(weights[path][2] - start[path]).max() for path in layers) > 1e-3  # m trained
+    assert relative_difference(torch_logits(_peft(tiny_model_dir, tmp_path / "mlx/last"), ids), expected) < 3e-6
+    with mlx_lora.adapter_off(m):
+        assert np.array_equal(mlx_logits(m, ids), base)
+    # The magnitudes carry the fit: plain LoRA with the same A and B would give other logits.
+    plain = {path: (a, b, np.linalg.norm(np.array(layers[path].linear.weight) + spec.scaling * b @ a, axis=1))
+             for path, (a, b, _) in weights.items()}
+    with mlx_lora.adapter_swapped(m, plain, spec.scaling):
+        assert relative_difference(mlx_logits(m, ids), expected) > 1e-2
+    # Half the adapter swapped in: the other layers are their base layers on both backends.
+    half = {path: tensors for path, tensors in weights.items() if ".layers.0." in path}
+    with mlx_lora.adapter_swapped(m, half, spec.scaling):
+        swapped = mlx_logits(m, ids)
+    assert min(relative_difference(swapped, base), relative_difference(swapped, expected)) > 1e-2
+    with pytest.raises(UserError, match="is a LoRA adapter and the trained one is a DoRA adapter"):
+        with mlx_lora.adapter_swapped(m, {path: (a, b) for path, (a, b, _) in half.items()}, spec.scaling):
+            pass
+
+    t, _, _ = torch_model.load(str(tiny_model_dir), device=CPU)
+    torch_base = torch_logits(t, ids)
+    apply_adapter(torch_lora, t, spec, weights, "mlx")
+    assert relative_difference(torch_logits(t, ids), expected) < 3e-6
+    with torch_lora.adapter_off(t):
+        assert np.array_equal(torch_logits(t, ids), torch_base)
+    with torch_lora.adapter_swapped(t, half, spec.scaling):
+        assert relative_difference(torch_logits(t, ids), swapped) < 3e-6
+    assert all(p.requires_grad for layer in torch_lora.lora_layers(t).values() for p in torch_lora.adapter_tensors(layer))
+    for path, tensors in torch_lora.adapter_weights(t).items():  # and the trained tensors are back
+        assert all(np.array_equal(got, want) for got, want in zip(tensors, weights[path]))
 
 
 def run(*args):

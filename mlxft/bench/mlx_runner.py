@@ -23,7 +23,7 @@ def run(workload: Workload) -> dict:
                                       trust_remote_code=config.model.trust_remote_code)
     split_head = mlx_model.can_split_head(model, folder)
     lora.apply_lora(model, workload.spec)
-    shapes = {path: (b.shape[0], a.shape[1]) for path, (a, b) in lora.adapter_weights(model).items()}  # (out, in)
+    shapes = {path: (b.shape[0], a.shape[1]) for path, (a, b, *_) in lora.adapter_weights(model).items()}  # (out, in)
     lora.set_adapter_weights(model, initial_adapter(shapes, workload.spec.r, tc.seed))
     optimizer = optim.AdamW(learning_rate=tc.learning_rate, weight_decay=tc.weight_decay,
                             bias_correction=tc.bias_correction)

@@ -26,7 +26,7 @@ def run(workload: Workload, threads: int | None = None) -> dict:
     split_head = torch_model.can_split_head(model, folder)
     torch.manual_seed(tc.seed)
     lora.apply_lora(model, workload.spec)
-    shapes = {path: (b.shape[0], a.shape[1]) for path, (a, b) in lora.adapter_weights(model).items()}  # (out, in)
+    shapes = {path: (b.shape[0], a.shape[1]) for path, (a, b, *_) in lora.adapter_weights(model).items()}  # (out, in)
     lora.set_adapter_weights(model, initial_adapter(shapes, workload.spec.r, tc.seed))
     optimizer = MLXAdamW([p for p in model.parameters() if p.requires_grad], lr=tc.learning_rate,
                          weight_decay=tc.weight_decay, bias_correction=tc.bias_correction)

@@ -59,7 +59,7 @@ class Workload:
         lc = self.config.lora
         layout = {f"model.layers.0.{part}.{name}": (0, 0) for part, names in LLAMA_BLOCK.items() for name in names}
         return AdapterSpec(lc.r, lc.alpha, lc.dropout, resolve_targets(lc.target_modules, layout), str(self.model_dir),
-                           lc.layers, use_rslora=lc.use_rslora)
+                           lc.layers, use_rslora=lc.use_rslora, use_dora=lc.use_dora)
 
     @property
     def model_config(self) -> dict:

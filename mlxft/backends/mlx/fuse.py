@@ -5,12 +5,13 @@ transformers and mlxft load like any model.
     mlxft fuse --adapter runs/alpaca-20261121 --out models/alpaca-fused
 
 Each adapted weight becomes W + (alpha / r) * B @ A, computed in float32 and cast back to the
-base's dtype. A quantized base is de-quantized (the merged weights are then exact, with no
-second round of quantization error) unless --quantize asks for a quantized output; with the
-base's own bit width, only the merged layers are quantized again and the others stay as they
-were. Raises UserError for a non-empty --out without force, an adapter that does not fit the
-base, or an adapter that names no base model and no --model. Everything is written to a
-temporary folder and renamed at the end, so a failed fuse leaves no output folder.
+base's dtype; with DoRA, that sum with each output row rescaled to its magnitude m (PEFT's merge).
+A quantized base is de-quantized (the merged weights are then exact, with no second round of
+quantization error) unless --quantize asks for a quantized output; with the base's own bit width,
+only the merged layers are quantized again and the others stay as they were. Raises UserError for
+a non-empty --out without force, an adapter that does not fit the base, or an adapter that names
+no base model and no --model. Everything is written to a temporary folder and renamed at the end,
+so a failed fuse leaves no output folder.
 """
 
 from __future__ import annotations
@@ -114,16 +115,16 @@ def check_fused(folder: Path, adapted, ids, quantization: dict | None, dtype) ->
 
 
 def merge_adapter(model, weights: dict, scale: float) -> list[str]:
-    """Replace each adapted layer by a full-precision Linear holding W + scale * B @ A, computed in
-    float32 and cast to the base dtype; returns the paths of those that were quantized before."""
+    """Replace each adapted layer by a full-precision Linear holding W + scale * B @ A (DoRA: see
+    merged_weight), computed in float32 and cast to the base dtype; returns the paths of those
+    that were quantized before."""
     modules = dict(model.named_modules())
     replacements, were_quantized = [], []
-    for path, (a, b) in weights.items():
+    for path, tensors in weights.items():
         layer = modules[path]
         weight = dense_weight(layer)
-        delta = scale * (mx.array(b, dtype=mx.float32) @ mx.array(a, dtype=mx.float32))
         merged = nn.Linear(weight.shape[1], weight.shape[0], bias="bias" in layer)
-        merged.weight = (weight.astype(mx.float32) + delta).astype(weight.dtype)
+        merged.weight = merged_weight(weight.astype(mx.float32), scale, *tensors).astype(weight.dtype)
         if "bias" in layer:
             merged.bias = layer.bias
         replacements.append((path, merged))
@@ -132,6 +133,15 @@ def merge_adapter(model, weights: dict, scale: float) -> list[str]:
     model.update_modules(tree_unflatten(replacements))
     mx.eval(model.parameters())
     return were_quantized
+
+
+def merged_weight(weight, scale: float, a, b, magnitude=None) -> mx.array:
+    """W + scale * B @ A; for DoRA, each output row of it rescaled to the magnitude m [out]:
+    m * (W + scale * B @ A) / ||W + scale * B @ A||, the norm of each row over the inputs."""
+    merged = weight + scale * (mx.array(b, dtype=mx.float32) @ mx.array(a, dtype=mx.float32))
+    if magnitude is None:
+        return merged
+    return (mx.array(magnitude, dtype=mx.float32) / mx.linalg.norm(merged, axis=1))[:, None] * merged
 
 
 def dense_weight(layer) -> mx.array:

@@ -3,6 +3,10 @@
 mlx-lm's LoRALinear keeps `lora_a` [in, r] and `lora_b` [r, out] and multiplies by `scale`;
 PEFT keeps A [r, in], B [out, r] and scales by alpha / r. So scale = alpha / r, A = lora_a.T,
 B = lora_b.T, and the initialisation (A uniform within ±1/sqrt(in), B zero) is the same.
+
+DoRA (spec.use_dora) is mlx-lm's DoRALinear, whose `m` [out] is PEFT's lora_magnitude_vector: both
+start it at the norm of each output row of W (over the input dimension) and divide by the same
+row norms of W + scale * B @ A, held constant in the backward pass as the DoRA paper recommends.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
+from mlx_lm.tuner.dora import DoRALinear
 from mlx_lm.tuner.lora import LoRALinear
 
 from mlxft.adapters import AdapterSpec, check_swappable, select_modules
@@ -22,7 +27,7 @@ def linear_modules(model) -> dict[str, tuple[int, int]]:
     """{module path: (out, in)} for every linear layer inside the transformer blocks."""
     found = {}
     for path, module in model.named_modules():
-        if ".layers." not in f".{path}" or isinstance(module, LoRALinear):
+        if ".layers." not in f".{path}" or isinstance(module, (LoRALinear, DoRALinear)):
             continue
         if isinstance(module, (nn.QuantizedLinear, nn.Linear)):
             found[path] = dims(module)
@@ -40,8 +45,9 @@ def apply_lora(model, spec: AdapterSpec) -> list[str]:
     paths = select_modules(linear_modules(model), spec.target_modules, spec.layers)
     model.freeze()
     modules = dict(model.named_modules())
+    layer = AdapterDoRALinear if spec.use_dora else AdapterLinear
     replacements = [
-        (path, AdapterLinear.from_base(modules[path], r=spec.r, dropout=spec.dropout, scale=spec.scaling))
+        (path, layer.from_base(modules[path], r=spec.r, dropout=spec.dropout, scale=spec.scaling))
         for path in paths
     ]
     model.update_modules(tree_unflatten(replacements))
@@ -68,6 +74,42 @@ class AdapterLinear(LoRALinear):
         return super().__call__(x)
 
 
+class AdapterDoRALinear(DoRALinear):
+    """mlx-lm's DoRALinear (its `m`, norms and initialisation; quantized bases de-quantized for the
+    norms) computing PEFT's function, and with scale 0 its plain base layer, not the base rescaled
+    by m / ||W||: adapter off must be the base model whatever the magnitude learned. PEFT sends a
+    dropped-out input through W as well when dropout is on in training (mlx-lm rescales the
+    undropped base output instead), so the same recipe trains the same objective on both backends."""
+
+    @staticmethod
+    def from_base(linear, r: int = 8, dropout: float = 0.0, scale: float = 20.0) -> AdapterDoRALinear:
+        output_dims, input_dims = dims(linear)
+        layer = AdapterDoRALinear(input_dims=input_dims, output_dims=output_dims, r=r, dropout=dropout, scale=scale)
+        layer.set_linear(linear)
+        layer.dropout_p = dropout
+        return layer
+
+    def __call__(self, x):
+        if self.scale == 0:
+            return self.linear(x)
+        weight = self._dequantized_weight()
+        adapted = weight + (self.scale * self.lora_b.T) @ self.lora_a.T
+        magnitude_scale = (self.m / mx.stop_gradient(mx.linalg.norm(adapted, axis=1))).astype(x.dtype)
+        base = self.linear(x)
+        if self.training and self.dropout_p > 0:
+            x = self.dropout(x)
+            plain = x @ weight.T
+        else:
+            plain = base - self.linear.bias if "bias" in self.linear else base
+        update = (x @ self.lora_a) @ self.lora_b
+        # PEFT's arithmetic, term for term: base + (m / norm - 1) * W x + (m / norm) * scale * B A x.
+        return base + (magnitude_scale - 1) * plain + (magnitude_scale * update * self.scale).astype(x.dtype)
+
+
+def is_dora(layer) -> bool:
+    return isinstance(layer, DoRALinear)
+
+
 def remove_lora(model) -> None:
     """Put the plain base layers back in place of the LoRA layers (their weights are shared,
     not copied), so another adapter can be applied to the same model."""
@@ -76,14 +118,16 @@ def remove_lora(model) -> None:
         model.update_modules(tree_unflatten([(path, layer.linear) for path, layer in layers.items()]))
 
 
-def lora_layers(model) -> dict[str, LoRALinear]:
-    return {path: m for path, m in model.named_modules() if isinstance(m, LoRALinear)}
+def lora_layers(model) -> dict[str, LoRALinear | DoRALinear]:
+    return {path: m for path, m in model.named_modules() if isinstance(m, (LoRALinear, DoRALinear))}
 
 
-def adapter_weights(model) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """{module path: (A [r, in], B [out, r])} in PEFT's orientation, as float32 numpy."""
+def adapter_weights(model) -> dict[str, tuple[np.ndarray, ...]]:
+    """{module path: (A [r, in], B [out, r]), and DoRA's magnitude m [out] third} in PEFT's
+    orientation, as float32 numpy."""
     return {
         path: (np.array(m.lora_a.T.astype(mx.float32)), np.array(m.lora_b.T.astype(mx.float32)))
+        + ((np.array(m.m.astype(mx.float32)),) if is_dora(m) else ())
         for path, m in lora_layers(model).items()
     }
 
@@ -101,11 +145,18 @@ def set_saved_modules(model, tensors: dict) -> None:
 
 
 def set_adapter_weights(model, weights: dict) -> None:
-    """Copy PEFT-oriented (A, B) tensors into the model's LoRA layers (lora_a = A.T, lora_b = B.T)."""
+    """Copy PEFT-oriented (A, B) tensors into the model's LoRA layers (lora_a = A.T, lora_b = B.T),
+    and a DoRA magnitude where one is given (a DoRA layer keeps its own otherwise)."""
     layers = lora_layers(model)
-    for path, (a, b) in weights.items():
-        layers[path].lora_a = mx.array(a.T)
-        layers[path].lora_b = mx.array(b.T)
+    for path, tensors in weights.items():
+        put_weights(layers[path], tensors)
+
+
+def put_weights(layer, tensors) -> None:
+    a, b, *magnitude = tensors
+    layer.lora_a, layer.lora_b = mx.array(a.T), mx.array(b.T)
+    if magnitude:
+        layer.m = mx.array(magnitude[0])
 
 
 def unfreeze_all(model) -> None:
@@ -154,25 +205,29 @@ def adapter_off(model):
 
 @contextmanager
 def adapter_swapped(model, weights: dict, scale: float):
-    """Another adapter ({path: (A, B)} in PEFT's orientation, any rank) in the LoRA layers for the
-    length of a block, dropout off; the layers it does not adapt contribute nothing (scale 0).
-    The trained adapter's arrays are put back as they were: nothing is copied into them."""
+    """Another adapter ({path: (A, B)}, or (A, B, m) on DoRA layers, in PEFT's orientation, any rank)
+    in the LoRA layers for the length of a block, dropout off; the layers it does not adapt are
+    their base layers (scale 0). The trained adapter's arrays are put back as they were: nothing
+    is copied into them."""
     layers = lora_layers(model)
-    check_swappable(weights, {p: (m.lora_b.shape[1], m.lora_a.shape[0]) for p, m in layers.items()}, "swapped in")
-    saved = {path: (layer.lora_a, layer.lora_b, layer.scale) for path, layer in layers.items()}
+    check_swappable(weights, {p: (m.lora_b.shape[1], m.lora_a.shape[0]) for p, m in layers.items()}, "swapped in",
+                    use_dora=any(map(is_dora, layers.values())))
+    saved = {path: (layer.lora_a, layer.lora_b, layer.scale, getattr(layer, "m", None)) for path, layer in layers.items()}
     training = model.training
     for path, layer in layers.items():
         if path in weights:
-            a, b = weights[path]
-            layer.lora_a, layer.lora_b, layer.scale = mx.array(a.T), mx.array(b.T), scale
+            put_weights(layer, weights[path])
+            layer.scale = scale
         else:
             layer.scale = 0.0
     model.eval()
     try:
         yield model
     finally:
-        for path, (a, b, layer_scale) in saved.items():
+        for path, (a, b, layer_scale, magnitude) in saved.items():
             layers[path].lora_a, layers[path].lora_b, layers[path].scale = a, b, layer_scale
+            if magnitude is not None:
+                layers[path].m = magnitude
         model.train(training)
 
 

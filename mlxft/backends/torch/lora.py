@@ -3,7 +3,8 @@
 PEFT's own layout is the on-disk format (mlxft.adapters), so nothing is transposed here: a LoRA
 layer's lora_A.weight is A [r, in] and lora_B.weight is B [out, r], scaled by alpha / r. PEFT
 initialises A as kaiming_uniform(a=sqrt(5)), i.e. uniform within ±1/sqrt(in), and B as zero:
-the same distribution as mlx-lm's LoRALinear, so a new adapter starts as a no-op on both.
+the same distribution as mlx-lm's LoRALinear, so a new adapter starts as a no-op on both. DoRA
+(spec.use_dora) is PEFT's own: its lora_magnitude_vector[ADAPTER].weight is the magnitude m [out].
 
 Functions take the transformers model itself; PEFT injects its layers into it in place, so the
 module paths ("model.layers.0.self_attn.q_proj") are the adapter file's paths without the
@@ -48,10 +49,10 @@ def apply_lora(model, spec: AdapterSpec) -> list[str]:
     config = LoraConfig(r=spec.r, lora_alpha=spec.alpha, lora_dropout=spec.dropout,
                         target_modules=list(spec.target_modules), layers_to_transform=spec.layers,
                         layers_pattern="layers" if spec.layers is not None else None, bias="none",
-                        use_rslora=spec.use_rslora)
+                        use_rslora=spec.use_rslora, use_dora=spec.use_dora)
     for parameter in model.parameters():
         parameter.requires_grad_(False)
-    inject_adapter_in_model(config, model, adapter_name=ADAPTER)  # leaves only lora_A / lora_B trainable
+    inject_adapter_in_model(config, model, adapter_name=ADAPTER)  # leaves only A, B (and DoRA's m) trainable
     injected = sorted(lora_layers(model), key=lambda p: (layer_index(p), p))
     if injected != paths:  # PEFT's matching and ours must agree, or the file would name other modules
         raise RuntimeError(f"PEFT adapted {injected}, expected {paths}")
@@ -72,13 +73,21 @@ def lora_layers(model) -> dict:
     return {path: m for path, m in model.named_modules() if _is_lora(m) and ADAPTER in m.lora_A}
 
 
-def adapter_weights(model) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """{module path: (A [r, in], B [out, r])} as float32 numpy, for mlxft.adapters.save_adapter."""
-    return {
-        path: (m.lora_A[ADAPTER].weight.detach().float().cpu().numpy(),
-               m.lora_B[ADAPTER].weight.detach().float().cpu().numpy())
-        for path, m in lora_layers(model).items()
-    }
+def is_dora(layer) -> bool:
+    return ADAPTER in layer.lora_magnitude_vector
+
+
+def adapter_tensors(layer) -> list:
+    """A layer's trained tensors in the order of the adapter format: A, B, and DoRA's magnitude."""
+    return [layer.lora_A[ADAPTER].weight, layer.lora_B[ADAPTER].weight,
+            *([layer.lora_magnitude_vector[ADAPTER].weight] if is_dora(layer) else [])]
+
+
+def adapter_weights(model) -> dict[str, tuple[np.ndarray, ...]]:
+    """{module path: (A [r, in], B [out, r]), and DoRA's magnitude m [out] third} as float32 numpy,
+    for mlxft.adapters.save_adapter."""
+    return {path: tuple(t.detach().float().cpu().numpy() for t in adapter_tensors(m))
+            for path, m in lora_layers(model).items()}
 
 
 def saved_modules(model, spec: AdapterSpec) -> dict[str, np.ndarray]:
@@ -96,10 +105,11 @@ def set_saved_modules(model, tensors: dict) -> None:
 
 @torch.no_grad()
 def set_adapter_weights(model, weights: dict) -> None:
-    """Copy PEFT-oriented (A, B) numpy tensors into the model's LoRA layers."""
+    """Copy PEFT-oriented (A, B) numpy tensors into the model's LoRA layers, and a DoRA magnitude
+    where one is given (a DoRA layer keeps its own otherwise)."""
     layers = lora_layers(model)
-    for path, (a, b) in weights.items():
-        for target, value in ((layers[path].lora_A[ADAPTER].weight, a), (layers[path].lora_B[ADAPTER].weight, b)):
+    for path, values in weights.items():
+        for target, value in zip(adapter_tensors(layers[path]), values):
             target.copy_(torch.as_tensor(np.asarray(value), dtype=target.dtype))
 
 
@@ -119,32 +129,36 @@ def total_parameters(model) -> int:
 
 @contextmanager
 def adapter_swapped(model, weights: dict, scale: float):
-    """Another adapter ({path: (A, B)}, any rank) in the LoRA layers for the length of a block,
-    dropout off; the layers it does not adapt contribute nothing (scaling 0). The trained
-    adapter's tensors are put back as they were (the same storage: the optimizer's references hold)."""
+    """Another adapter ({path: (A, B)}, or (A, B, m) on DoRA layers, any rank) in the LoRA layers for
+    the length of a block, dropout off; the layers it does not adapt are their base layers (adapter
+    disabled: scaling 0 would leave a DoRA layer's m / ||W|| rescaling). The trained adapter's
+    tensors are put back as they were (the same storage: the optimizer's references hold)."""
     layers = lora_layers(model)
     check_swappable(weights, {p: (m.lora_B[ADAPTER].weight.shape[0], m.lora_A[ADAPTER].weight.shape[1])
-                              for p, m in layers.items()}, "swapped in")
-    saved = {path: (layer.lora_A[ADAPTER].weight.data, layer.lora_B[ADAPTER].weight.data, layer.scaling[ADAPTER])
-             for path, layer in layers.items()}
+                              for p, m in layers.items()}, "swapped in", use_dora=any(map(is_dora, layers.values())))
+    saved = {path: ([t.data for t in adapter_tensors(layer)], layer.scaling[ADAPTER]) for path, layer in layers.items()}
+    trainable = {p: p.requires_grad for layer in layers.values() for p in adapter_tensors(layer)}
     training = model.training
     with torch.no_grad():
         for path, layer in layers.items():
             if path in weights:
-                a, b = weights[path]
-                a_weight, b_weight = layer.lora_A[ADAPTER].weight, layer.lora_B[ADAPTER].weight
-                a_weight.data = torch.as_tensor(np.asarray(a), dtype=a_weight.dtype, device=a_weight.device)
-                b_weight.data = torch.as_tensor(np.asarray(b), dtype=b_weight.dtype, device=b_weight.device)
+                for target, value in zip(adapter_tensors(layer), weights[path]):
+                    target.data = torch.as_tensor(np.asarray(value), dtype=target.dtype, device=target.device)
                 layer.scaling[ADAPTER] = scale
             else:
-                layer.scaling[ADAPTER] = 0.0
+                layer.enable_adapters(False)
     model.eval()
     try:
         yield model
     finally:
-        for path, (a, b, layer_scale) in saved.items():
-            layers[path].lora_A[ADAPTER].weight.data, layers[path].lora_B[ADAPTER].weight.data = a, b
+        for path, (tensors, layer_scale) in saved.items():
+            for target, value in zip(adapter_tensors(layers[path]), tensors):
+                target.data = value
             layers[path].scaling[ADAPTER] = layer_scale
+            if path not in weights:
+                layers[path].enable_adapters(True)
+        for parameter, flag in trainable.items():  # enable_adapters(True) makes them all trainable
+            parameter.requires_grad_(flag)
         model.train(training)
 
 
