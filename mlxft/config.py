@@ -12,6 +12,7 @@ from pathlib import Path
 
 import yaml
 
+from mlxft.data.sources.hub import is_hub
 from mlxft.errors import UserError
 from mlxft.model_files import BUILTIN
 from mlxft.resources import bundled
@@ -27,7 +28,10 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    source: str = "data/mind-sample"  # MIND folder, a .json/.jsonl/.csv file, or a folder of train/valid/test.jsonl
+    source: str = "data/mind-sample"  # MIND folder, a .json/.jsonl/.csv file, a folder of train/valid/test.jsonl, or hf:NAME[:CONFIG][@SPLIT]
+    columns: dict[str, str] | None = None  # the field mlxft reads -> the column holding it: {instruction: question, output: answer}
+    max_rows: int | None = setting(None, low=1)  # read at most this many rows (of each split the source has)
+    streaming: bool | None = None  # hf: sources: read the rows as they arrive, not the whole data set first; null: when data.max_rows is set
     template: str = "auto"  # auto, alpaca, phi3, chat, plain, or a format string with {column}s
     completion_field: str | None = None  # the answer's column, with a format string
     system_prompt: str | None = None
@@ -49,6 +53,11 @@ class DataConfig:
         if len(self.split) != 3 or sum(self.split) <= 0:
             raise UserError(f"setting 'data.split' must be three non-negative fractions (train, valid, test) "
                             f"that are not all zero, got {self.split}")
+        if any(not name.strip() for pair in (self.columns or {}).items() for name in pair):
+            raise UserError(f"setting 'data.columns' maps fields to columns, like {{instruction: question}}; no name may be "
+                            f"empty, got {self.columns}")
+        if self.streaming and not is_hub(self.source):
+            raise UserError(f"setting 'data.streaming' applies to hf: sources (Hugging Face data sets), not to {self.source}")
 
 
 @dataclass

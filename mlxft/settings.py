@@ -110,6 +110,9 @@ def check_key(root, keys: list[str], item: str) -> None:
                 raise UserError(f"--set {item!r}: builtin_model's settings are a recipe's; on the command line "
                                 f"set the setting itself, like --set {'.'.join(keys[1:])}=...")
             return
+        elif not last and any(typing.get_origin(o) is dict for o in options_of(hint)):
+            raise UserError(f"--set {item!r}: '{'.'.join(keys[:depth + 1])}' is one mapping; set it whole, like "
+                            f"--set '{'.'.join(keys[:depth + 1])}={{{keys[depth + 1]}: ...}}'")
         elif not last:
             raise UserError(f"--set {item!r}: '{'.'.join(keys[:depth + 1])}' is a value, not a section")
 
@@ -188,9 +191,14 @@ def coerce(value, hint, key: str):
             items = value if isinstance(value, list) else [value]
             if all(fits(v, item_type) for v in items):
                 return [as_float(v, key) if item_type is float else v for v in items]
+        elif origin is dict:
+            key_type, value_type = typing.get_args(option)
+            if isinstance(value, dict) and all(fits(k, key_type) and fits(v, value_type) for k, v in value.items()):
+                return dict(value)
         elif option is not type(None) and fits(value, option):
             return as_float(value, key) if option is float else value
-    expected = " or ".join(getattr(o, "__name__", str(o)) for o in options if o is not type(None))
+    expected = " or ".join("a mapping of names" if typing.get_origin(o) is dict else getattr(o, "__name__", str(o))
+                           for o in options if o is not type(None))
     raise UserError(f"setting '{key}' must be {expected}, got {value!r}")
 
 

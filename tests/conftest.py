@@ -9,6 +9,7 @@ from http.server import ThreadingHTTPServer
 import pytest
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # tests/test_hub.py reads only folders it makes
 
 
 class CharTokenizer:

@@ -45,7 +45,8 @@ def run_options(function):
         click.option("--recipe", default=None, help="A bundled recipe name (see `mlxft recipes`) or a .yaml path."),
         click.option("--model", default=None, help="'builtin' (default), a local Hugging Face folder or a hub id; quantized MLX models train as QLoRA."),
         click.option("--data", "data_source", default=None,
-                     help="A MIND folder, a .json/.jsonl/.csv file, or a folder of train/valid/test.jsonl. Default: the recipe's bundled sample."),
+                     help="A MIND folder, a .json/.jsonl/.csv file, a folder of train/valid/test.jsonl, or a Hugging Face data set "
+                          "hf:NAME[:CONFIG][@SPLIT]. Default: the recipe's bundled sample."),
         click.option("--out", "out_dir", default=None, type=click.Path(path_type=Path), help="Run folder. Default: runs/<recipe>-<time>."),
         click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a recipe setting, e.g. --set train.steps=100 (repeatable)."),
         click.option("--quantize", type=click.Choice(["4", "8"]), default=None, help="Quantize the model on load (QLoRA)."),
@@ -143,12 +144,18 @@ def load_generator(model, adapter, backend, trust_remote_code, what):
     return load_generator(model, adapter, trust_remote_code=trust_remote_code)
 
 
-def load_any(path: Path):
-    """Rows from a file, or TALLRec rows from a MIND folder."""
-    from mlxft.data.records import load_records
+def load_any(source: str | Path, columns: dict[str, str] | None = None, max_rows: int | None = None):
+    """Rows from a file, TALLRec rows from a MIND folder, or every row of a Hugging Face data set
+    (hf:NAME[:CONFIG][@SPLIT]); the first `max_rows` (of each split), columns renamed by `columns`."""
+    from mlxft.data.records import load_records, rename_columns
+    from mlxft.data.sources.hub import is_hub, read_hub
 
+    if is_hub(str(source)):
+        rows = read_hub(str(source), columns=columns, max_rows=max_rows)
+        return rows if isinstance(rows, list) else [record for part in rows for record in part]
+    path = Path(source)
     if path.is_dir() and (path / "behaviors.tsv").exists():
         from mlxft.data.dataset import mind_records
 
-        return mind_records(path)
-    return load_records(path)
+        return rename_columns(mind_records(path)[:max_rows], columns)
+    return rename_columns(load_records(path)[:max_rows], columns)

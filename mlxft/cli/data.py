@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from mlxft.cli.common import Group, cli, load_any
+from mlxft.errors import UserError
 
 
 @cli.group(cls=Group)
@@ -139,7 +140,7 @@ def split_command(file, out_dir, fractions, seed, k_shot):
 
 
 @data.command("inspect")
-@click.argument("file", type=click.Path(path_type=Path))
+@click.argument("file")
 @click.option("--tokenizer", "tokenizer_name", default="builtin", show_default=True,
               help="Model whose tokenizer counts tokens: 'builtin', a local folder or a hub id.")
 @click.option("--template", default="auto", show_default=True,
@@ -149,16 +150,28 @@ def split_command(file, out_dir, fractions, seed, k_shot):
 @click.option("--train-on-inputs", is_flag=True, help="Score the prompt tokens too.")
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
 @click.option("--trust-remote-code", is_flag=True, help="Allow a hub tokenizer to run its own code.")
-def inspect_command(file, tokenizer_name, template, completion_field, cutoff, train_on_inputs, as_json, trust_remote_code):
+@click.option("--column", "columns", multiple=True, metavar="FIELD=COLUMN",
+              help="Read a field from a column of another name, like --column instruction=question (repeatable; data.columns).")
+@click.option("--max-rows", type=click.IntRange(min=1), default=None,
+              help="Read at most this many rows (of each split); a Hugging Face data set then streams them.")
+def inspect_command(file, tokenizer_name, template, completion_field, cutoff, train_on_inputs, as_json, trust_remote_code,
+                    columns, max_rows):
     """Schema, row count, token lengths, label balance and one example with its loss mask.
 
-    FILE is a .json/.jsonl/.csv file, or a MIND folder (converted on the fly).
+    FILE is a .json/.jsonl/.csv file, a MIND folder (converted on the fly), or a Hugging Face
+    data set, hf:NAME[:CONFIG][@SPLIT] (every split, unless one is named).
     """
     from mlxft.data.inspect import format_inspection, inspect_records
     from mlxft.data.templates import schema_and_template
     from mlxft.model_files import load_tokenizer
 
-    records = load_any(file)
+    mapping = {}
+    for item in columns:
+        field, sep, column = item.partition("=")
+        if not sep or not field.strip() or not column.strip():
+            raise UserError(f"--column {item!r}: expected FIELD=COLUMN, like instruction=question")
+        mapping[field.strip()] = column.strip()
+    records = load_any(file, mapping, max_rows)
     schema, template = schema_and_template(records, template, completion_field)  # fail before loading
     tokenizer = load_tokenizer(tokenizer_name, trust_remote_code=trust_remote_code)
     info = inspect_records(records, tokenizer, source=str(file), schema=schema, template=template,

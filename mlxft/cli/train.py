@@ -199,7 +199,7 @@ def rl_command(recipe, model, data_source, out_dir, overrides, quantize, backend
 @click.option("--shots", default="16,64,256", show_default=True, help="Training rows K per run, comma-separated.")
 @click.option("--seeds", default="0,1,2", show_default=True, help="Seeds per K (which K rows, and training), comma-separated.")
 @click.option("--model", default=None, help="'builtin' (default), a local Hugging Face folder or a hub id.")
-@click.option("--data", "data_source", default=None, help="A MIND folder, a .json/.jsonl/.csv file, or a folder of splits.")
+@click.option("--data", "data_source", default=None, help="A MIND folder, a .json/.jsonl/.csv file, a folder of splits, or hf:NAME[:CONFIG][@SPLIT].")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a recipe setting in every run (repeatable).")
 @click.option("--out", "out_dir", default=None, type=click.Path(path_type=Path), help="Sweep folder (default runs/sweep-<recipe>).")
 @click.option("--backend", default="auto", show_default=True, type=click.Choice(["auto", "mlx", "torch"]), help="Which backend trains and scores.")

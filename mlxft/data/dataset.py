@@ -4,7 +4,11 @@ Sources, by what the path is:
 - a MIND folder (behaviors.tsv + news.tsv): converted to TALLRec rows on the fly, then split;
 - a MovieLens-100K or Book-Crossing folder: TALLRec's movie or book rows (mlxft.data.sources.ratings), then split;
 - a folder with train.jsonl (+ valid.jsonl, test.jsonl): used as it is split;
-- a .json / .jsonl / .csv file: split with the recipe's fractions and seed.
+- a .json / .jsonl / .csv file: split with the recipe's fractions and seed;
+- hf:NAME[:CONFIG][@SPLIT], a Hugging Face data set (mlxft.data.sources.hub): a split named is
+  split as a file is; without one, the data set's train / validation / test splits are used.
+The rows read (of a file, and of each split a folder or data set has) are cut to the first
+data.max_rows; a file's or data set's columns are renamed by data.columns as they are read.
 K-shot sampling, when asked, draws K rows from the training split only, so every K is scored
 on the same validation and test rows.
 """
@@ -15,7 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mlxft.data.encode import EncodeReport, Example, PreferenceExample, encode_preference_records, encode_records
-from mlxft.data.records import Record, detect_schema, load_records
+from mlxft.data.records import Record, detect_schema, load_records, rename_columns
+from mlxft.data.sources.hub import is_hub, read_hub
 from mlxft.data.sources.mind import iter_preference_rows, iter_tallrec_rows
 from mlxft.data.sources.pairs import opposing_to_preference
 from mlxft.data.sources.ratings import HISTORY, rows_of
@@ -45,6 +50,37 @@ def resolve_source(source: str) -> Path:
     raise UserError(f"data {source}: no such file or folder")
 
 
+def source_path(data) -> Path | None:
+    """The recipe's data as a path; None for a Hugging Face data set (hf:...)."""
+    return None if is_hub(data.source) else resolve_source(data.source)
+
+
+Rows = list[Record] | tuple[list[Record], list[Record], list[Record]]  # to be split, or already train / valid / test
+
+
+def read_rows(data, path: Path | None) -> Rows:
+    """A file's rows, a folder's train.jsonl (+ valid.jsonl, test.jsonl), or a Hugging Face data
+    set's rows (path None), their columns renamed by data.columns."""
+    if path is None:
+        return read_hub(data.source, columns=data.columns, max_rows=data.max_rows, streaming=data.streaming)
+    if not path.is_dir():
+        return rename_columns(load_records(path), data.columns)
+    if not (path / "train.jsonl").exists():
+        raise UserError(f"data {path}: a folder needs train.jsonl (and valid.jsonl, test.jsonl)")
+    return tuple(rename_columns(load_records(path / f"{name}.jsonl"), data.columns) if (path / f"{name}.jsonl").exists() else []
+                 for name in ("train", "valid", "test"))
+
+
+def split_rows(rows: Rows, data, convert=lambda records: records, convert_test=None) -> tuple[list[Record], list[Record], list[Record]]:
+    """Train, validation and test rows: the first data.max_rows of each list read, `convert`ed
+    (`convert_test` for the test rows, when given); one list is converted whole, then split with the
+    recipe's fractions and seed."""
+    if isinstance(rows, list):
+        return split_items(convert(rows[: data.max_rows]), tuple(data.split), data.seed)
+    train, valid, test = (part[: data.max_rows] for part in rows)
+    return convert(train), convert(valid) if valid else [], (convert_test or convert)(test) if test else []
+
+
 def mind_records(path: Path, **options) -> list[Record]:
     """TALLRec rows of a MIND folder as records; their origin names the impression."""
     return [Record(row, f"{path}/behaviors.tsv impression {row['impression_id']}")
@@ -67,31 +103,24 @@ def limit_rows(train: list[Record], valid: list[Record], data) -> tuple[list[Rec
 
 def load_splits(data) -> Splits:
     """Rows for a DataConfig (see mlxft.config), split and checked against the template."""
-    path = resolve_source(data.source)
-    fractions = tuple(data.split)
-    if path.is_dir() and (path / "behaviors.tsv").exists():
-        records = mind_records(path, max_history=data.max_history, use_history=data.use_history,
-                               min_impressions=data.min_impressions)
-        train, valid, test = split_items(records, fractions, data.seed)
-    elif read := rows_of(path):  # TALLRec's own data sets, converted on the fly
-        rows = read(path, history=data.max_history or HISTORY)
-        records = [Record(row, f"{path} row {i + 1}") for i, row in enumerate(rows)]
-        train, valid, test = split_items(records, fractions, data.seed)
-    elif path.is_dir():
-        if not (path / "train.jsonl").exists():
-            raise UserError(f"data {path}: a folder needs train.jsonl (and valid.jsonl, test.jsonl), MIND's behaviors.tsv + "
-                            f"news.tsv, MovieLens-100K's u.data + u.item, or Book-Crossing's BX-Book-Ratings.csv + BX-Books.csv")
-        train = load_records(path / "train.jsonl")
-        valid = load_records(path / "valid.jsonl") if (path / "valid.jsonl").exists() else []
-        test = load_records(path / "test.jsonl") if (path / "test.jsonl").exists() else []
+    path = source_path(data)
+    if path and path.is_dir() and (path / "behaviors.tsv").exists():
+        rows = mind_records(path, max_history=data.max_history, use_history=data.use_history,
+                            min_impressions=data.min_impressions)
+    elif path and (read := rows_of(path)):  # TALLRec's own data sets, converted on the fly
+        rows = [Record(row, f"{path} row {i + 1}") for i, row in enumerate(read(path, history=data.max_history or HISTORY))]
+    elif path and path.is_dir() and not (path / "train.jsonl").exists():
+        raise UserError(f"data {path}: a folder needs train.jsonl (and valid.jsonl, test.jsonl), MIND's behaviors.tsv + "
+                        f"news.tsv, MovieLens-100K's u.data + u.item, or Book-Crossing's BX-Book-Ratings.csv + BX-Books.csv")
     else:
-        train, valid, test = split_items(load_records(path), fractions, data.seed)
+        rows = read_rows(data, path)
+    train, valid, test = split_rows(rows, data)
     train, valid = limit_rows(train, valid, data)
     schema, template = schema_and_template(train, data.template, data.completion_field)
     for part in (valid, test):
         if part and schema:
             detect_schema(part)
-    return Splits(train, valid, test, schema, template, str(path))
+    return Splits(train, valid, test, schema, template, str(path or data.source))
 
 
 def encode_split(records: list[Record], splits: Splits, tokenizer, data, *, for_eval: bool = False) -> tuple[list[Example], EncodeReport]:
@@ -169,50 +198,39 @@ def load_preference_splits(data, support_ratio: float | None = None, unpaired: b
     if unpaired:
         if support_ratio is not None:
             raise UserError("dpo.support_ratio makes pairs; KTO reads {prompt, completion, label} rows (or pairs)")
-        path = resolve_source(data.source)
-        if path.is_dir():
+        path = source_path(data)
+        if path and path.is_dir():
             raise UserError(f"data {path}: KTO reads one file of {{prompt, completion, label}} rows (or pairs)")
-        train, valid, test = split_items(unpaired_records(load_records(path)), tuple(data.split), data.seed)
+        train, valid, test = split_rows(read_rows(data, path), data, unpaired_records, prompt_records)
         train, valid = limit_rows(train, valid, data)
         train, valid = kto_pairs(train), kto_pairs(valid) if valid else []
         template = resolve_preference_template(data.template, train + valid)
-        return Splits(train, valid, prompt_records(test), "preference", template, str(path))
-    path = resolve_source(data.source)
-    if path.is_dir() and (path / "behaviors.tsv").exists():  # a clicked title preferred over a skipped one
+        return Splits(train, valid, prompt_records(test), "preference", template, str(path or data.source))
+    path = source_path(data)
+    if path and path.is_dir() and (path / "behaviors.tsv").exists():  # a clicked title preferred over a skipped one
         if support_ratio is not None:
             raise UserError(f"data {path}: dpo.support_ratio applies to prompt/support/oppose rows, not to a MIND folder")
-        train, valid, test = split_items(mind_preference_records(path, data.max_history), tuple(data.split), data.seed)
-    elif path.is_dir():
-        if not (path / "train.jsonl").exists():
-            raise UserError(f"data {path}: a folder needs train.jsonl (and valid.jsonl, test.jsonl)")
-        train = preference_records(load_records(path / "train.jsonl"), support_ratio)
-        valid = preference_records(load_records(path / "valid.jsonl"), support_ratio) if (path / "valid.jsonl").exists() else []
-        test = prompt_records(load_records(path / "test.jsonl")) if (path / "test.jsonl").exists() else []
+        train, valid, test = split_rows(mind_preference_records(path, data.max_history), data)
     else:
-        train, valid, test = split_items(preference_records(load_records(path), support_ratio), tuple(data.split), data.seed)
+        train, valid, test = split_rows(read_rows(data, path), data, lambda rows: preference_records(rows, support_ratio),
+                                        prompt_records)
     train, valid = limit_rows(train, valid, data)
     template = resolve_preference_template(data.template, train + valid + test)
-    return Splits(train, valid, test, "preference", template, str(path))
+    return Splits(train, valid, test, "preference", template, str(path or data.source))
 
 
 def load_prompt_splits(data) -> Splits:
     """Train / validation / test rows with a 'prompt' (any other fields are the reward functions',
-    for online RL): a file split with the recipe's fractions and seed, or a folder of train.jsonl
-    (+ valid.jsonl, test.jsonl)."""
-    path = resolve_source(data.source)
-    if path.is_dir():
-        if not (path / "train.jsonl").exists():
-            raise UserError(f"data {path}: a folder needs train.jsonl (and valid.jsonl, test.jsonl)")
-        train, valid, test = (load_records(path / f"{name}.jsonl") if (path / f"{name}.jsonl").exists() else []
-                              for name in ("train", "valid", "test"))
-    else:
-        train, valid, test = split_items(load_records(path), tuple(data.split), data.seed)
+    for online RL): a file split with the recipe's fractions and seed, a folder of train.jsonl
+    (+ valid.jsonl, test.jsonl), or a Hugging Face data set."""
+    path = source_path(data)
+    train, valid, test = split_rows(read_rows(data, path), data)
     train, valid = limit_rows(train, valid, data)
     for record in train + valid:
         if not isinstance(record.get("prompt"), (str, list)):
             raise UserError(f"{record.origin}: RL needs rows with a 'prompt' (a string or a list of messages), "
                             f"not fields {sorted(record.fields)}")
-    return Splits(train, valid, test, None, data.template, str(path))
+    return Splits(train, valid, test, None, data.template, str(path or data.source))
 
 
 def encode_preference_split(records: list[Record], splits: Splits, tokenizer, data, dpo) -> tuple[list[PreferenceExample], EncodeReport]:

@@ -138,6 +138,31 @@ def _parse_csv(path: Path, text: str) -> list[Record]:
     return records
 
 
+def rename_columns(records: list[Record], columns: dict[str, str] | None) -> list[Record]:
+    """Rows whose columns are renamed to the fields mlxft reads (data.columns): `columns` maps a
+    field to the column that holds it ({instruction: question}). Some row must have each column
+    named; a row that lacks one lacks the field, and the schema check names it if it needs it."""
+    if not columns or not records:
+        return records
+    check_columns(records[0].origin, list(dict.fromkeys(k for record in records for k in record.fields)), columns)
+    return [Record(rename(record.fields, columns), record.origin) for record in records]
+
+
+def check_columns(where: str, names: list[str], columns: dict[str, str]) -> None:
+    for field, column in columns.items():
+        if column not in names:
+            raise UserError(f"{where}: no column '{column}' to read '{field}' from (data.columns); "
+                            f"the columns: {', '.join(map(str, names))}")
+
+
+def rename(fields: dict, columns: dict[str, str] | None) -> dict:
+    """One row's fields with each column named in `columns` under its field's name instead."""
+    if not columns:
+        return fields
+    kept = {k: v for k, v in fields.items() if k not in columns.values()}
+    return {**kept, **{field: fields[column] for field, column in columns.items() if column in fields}}
+
+
 def detect_schema(records: list[Record]) -> str:
     """Name the schema of the rows from the first one, then check that every row fits it."""
     first = records[0]
