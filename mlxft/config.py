@@ -15,6 +15,7 @@ import yaml
 from mlxft.data.sources.hub import is_hub
 from mlxft.errors import UserError
 from mlxft.model_files import BUILTIN
+from mlxft.report_to import REPORT_TO
 from mlxft.resources import bundled
 from mlxft.settings import Given, build, check_key, read_yaml, set_path, setting
 
@@ -110,8 +111,12 @@ class TrainConfig:
     # machine's) the run's peak may pass before it stops with its checkpoint written, rather than
     # swap; null: no guard.
     memory_limit: float | None = setting(0.9, above=0.0, high=1.0)
+    # Where every report goes besides metrics.jsonl (--report-to; mlxft.report_to): [] is none
+    report_to: list[str] = setting([], choices=REPORT_TO)
 
     def check(self) -> None:
+        if len(set(self.report_to)) != len(self.report_to):
+            raise UserError(f"setting 'train.report_to' names a sink twice: {self.report_to}")
         if self.min_learning_rate > self.learning_rate:
             raise UserError(f"setting 'train.min_learning_rate' ({self.min_learning_rate:g}) must not exceed "
                             f"train.learning_rate ({self.learning_rate:g})")

@@ -3,6 +3,7 @@
     runs/tallrec-20261121-2130/
       config.yaml        the resolved configuration (recipe + --set), as run; --resume runs it again
       metrics.jsonl      one JSON object per report: step, loss, learning_rate, ... and eval_*
+      tensorboard/ wandb/  the same reports, with train.report_to (mlxft.report_to)
       summary.json       final and best metrics, AUC before and after, tokens/s, peak memory
       best/  last/       adapters in the PEFT layout (or full models, for full fine-tuning)
       checkpoint/        adapter + optimizer state + step, for --resume
@@ -29,6 +30,7 @@ from pathlib import Path
 from mlxft.config import RunConfig, dump_config, load_run_config
 from mlxft.errors import UserError
 from mlxft.files import recover_staged, write_atomic
+from mlxft.report_to import Reports, check_installed
 
 LOCK = ".lock"
 CONFIG = "config.yaml"
@@ -50,11 +52,13 @@ class Run:
         self.resumed = resumed
         self._lock = lock
         self._made = made  # this process created the folder itself (so it may remove it)
+        self.reports = Reports()  # where reports go besides metrics.jsonl; only the writing rank has any
 
     @classmethod
     def create(cls, folder: Path, config: RunConfig) -> Run:
         """A new run in `folder` (made if need be; an empty one is fine), locked for this process."""
         folder = Path(folder)
+        check_installed(config.train.report_to)  # before anything is made
         if folder.exists() and not folder.is_dir():
             raise UserError(f"run folder {folder}: is a file, not a folder; choose another --out")
         made = not folder.exists()
@@ -68,6 +72,7 @@ class Run:
             raise UserError(f"run folder {folder} is not empty; use --resume {folder} to continue it, or another --out")
         run = cls(folder, lock, made=made)
         write_atomic(folder / CONFIG, dump_config(config))
+        run.reports = Reports(config.train.report_to, folder)
         return run
 
     @classmethod
@@ -83,7 +88,14 @@ class Run:
         if not (run.checkpoint_dir / "state.json").exists():
             run.release()
             raise UserError(f"--resume {folder}: no checkpoint yet; start the run again instead")
-        run.checkpoint_state()  # a damaged one is named now, before a model loads
+        try:
+            run.checkpoint_state()  # a damaged one is named now, before a model loads
+            report_to = run.config().train.report_to
+            check_installed(report_to)
+        except UserError:
+            run.release()
+            raise
+        run.reports = Reports(report_to, folder)
         return run
 
     def config(self, overrides: list[str] = ()) -> RunConfig:
@@ -119,9 +131,11 @@ class Run:
     def log(self, record: dict) -> None:
         with open(self.folder / METRICS, "a") as f:
             f.write(json.dumps(record) + "\n")
+        self.reports.log(record)
 
     def truncate_log(self, after_step: int) -> None:
         """On resume, drop reports written after the checkpoint: they will be written again."""
+        self.reports.truncate(after_step)
         if not (self.folder / METRICS).exists():
             return
         kept = [record for record in self.metrics() if record.get("step", 0) <= after_step]
@@ -162,6 +176,8 @@ class Run:
             shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink(missing_ok=True)
 
     def release(self) -> None:
+        """Close the report sinks and free the folder."""
+        self.reports.close()
         if self._lock is not None:
             os.close(self._lock)
             self._lock = None
@@ -192,6 +208,7 @@ def start(config: RunConfig | None, resume: str | Path | None = None, world=None
     try:
         yield config, run
     except BaseException:
+        run.reports.close(failed=True)  # W&B marks the run failed; closed before a discard deletes their files
         if main and not run.resumed and not run.trained():
             run.discard()
         raise

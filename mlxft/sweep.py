@@ -49,14 +49,21 @@ def run_one(config: RunConfig, folder: Path, backend: str, echo) -> dict:
     config.out = str(folder)
     if (folder / "checkpoint" / "state.json").exists():
         echo(f"{folder.name}: resuming")
-        summary = train(config, Run.open_for_resume(folder), resume=True, echo=lambda *a: None)
+        run = Run.open_for_resume(folder)
     else:
         if folder.exists():  # started but never checkpointed: nothing worth keeping
             import shutil
 
             shutil.rmtree(folder)
         echo(f"{folder.name}: training")
-        summary = train(config, Run.create(folder, config), echo=lambda *a: None)
+        run = Run.create(folder, config)
+    try:
+        summary = train(config, run, resume=run.resumed, echo=lambda *a: None)
+    except BaseException:
+        run.reports.close(failed=True)
+        raise
+    finally:
+        run.release()  # closes its report sinks (train.report_to) before the next run opens its own
     result = {"valid_before": summary["before"].get("eval_auc"), "valid_best": (summary["best"] or {}).get("value"),
               "steps": summary["steps"], **_test_auc(config, folder, partial(score_yes_no, backend))}
     write_atomic(folder / RESULT, json.dumps(result, indent=2))

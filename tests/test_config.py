@@ -91,6 +91,8 @@ def test_builtin_model_settings_apply_only_to_the_builtin_model():
     ("dpo.label_smoothing=0.5", "'dpo.label_smoothing' must be below 0.5"),
     ("dpo.support_ratio=1.5", "'dpo.support_ratio' must be at most 1"),
     ("dpo.max_length=100", "dpo.max_prompt_length (512) must be below dpo.max_length (100)"),
+    ("train.report_to=[tensorboard, tensorboard]", "'train.report_to' names a sink twice"),
+    ("train.report_to=[tensorboard, mlflow]", "'train.report_to' must be one of tensorboard, wandb, got 'mlflow'"),
 ])
 def test_every_setting_is_range_checked_when_the_config_is_built(override, message):
     with pytest.raises(UserError, match=re.escape(message)):

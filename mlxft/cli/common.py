@@ -53,14 +53,23 @@ def run_options(function):
         click.option("--backend", default="auto", show_default=True, type=click.Choice(["auto", "mlx", "torch"]),
                      help="auto: MLX on Apple Silicon; elsewhere PyTorch when installed (measured faster on CPU too), else MLX."),
         click.option("--trust-remote-code", is_flag=True, help="Allow a hub model to run its own code (off by default)."),
+        REPORT_TO_OPTION,
     ]
     for option in reversed(options):
         function = option(function)
     return function
 
 
-def resolve_config(recipe, model, data_source, out_dir, overrides, quantize, trust_remote_code):
+# train.report_to from the command line: TRL's --report_to, as a comma list.
+REPORT_TO_OPTION = click.option(
+    "--report-to", "report_to", default=None, metavar="NAMES",
+    help="Send every report also to tensorboard (RUN/tensorboard/), wandb (RUN/wandb/; WANDB_MODE, WANDB_PROJECT apply), "
+         "both (tensorboard,wandb), or none (default: the recipe's train.report_to, none).")
+
+
+def resolve_config(recipe, model, data_source, out_dir, overrides, quantize, trust_remote_code, report_to=None):
     from mlxft.config import load_config
+    from mlxft.report_to import parse_names
 
     settings = list(overrides)
     if model:
@@ -71,6 +80,8 @@ def resolve_config(recipe, model, data_source, out_dir, overrides, quantize, tru
         settings.append(f"model.quantize={quantize}")
     if trust_remote_code:
         settings.append("model.trust_remote_code=true")
+    if report_to is not None:
+        settings.append(f"train.report_to=[{', '.join(parse_names(report_to))}]")
     config = load_config(recipe, settings)
     if out_dir:
         config.out = str(out_dir)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from mlxft.cli.common import cli, int_list, resolve_config, run_options
+from mlxft.cli.common import REPORT_TO_OPTION, cli, int_list, resolve_config, run_options
 from mlxft.errors import UserError
 
 NPROC = click.option("--nproc", default=1, show_default=True, type=click.IntRange(1, 256),
@@ -19,20 +19,20 @@ NPROC = click.option("--nproc", default=1, show_default=True, type=click.IntRang
 @click.option("--resume", "resume_dir", default=None, type=click.Path(path_type=Path), help="Continue a stopped run from its last checkpoint.")
 @click.option("--adapter", default=None, type=click.Path(path_type=Path), help="Start from an existing adapter (PEFT layout) instead of a new one.")
 @NPROC
-def lora_command(recipe, model, data_source, out_dir, overrides, quantize, backend, trust_remote_code, resume_dir, adapter, nproc):
+def lora_command(recipe, model, data_source, out_dir, overrides, quantize, backend, trust_remote_code, report_to, resume_dir, adapter, nproc):
     """Fine-tune with LoRA (or full fine-tuning: --set lora.full_finetune=true).
 
     Prints validation loss (and AUC for Yes/No data) before and after, and writes the run folder:
     config.yaml, metrics.jsonl, summary.json, best/ and last/ adapters, checkpoint/.
     """
     summary = _train("sft", recipe, model, data_source, out_dir, overrides, quantize, backend, trust_remote_code,
-                     resume_dir, adapter, nproc)
+                     resume_dir, adapter, nproc, report_to)
     if summary:  # rank 0 of several, or the only process
         _print_outcome(summary)
 
 
 def _train(method, recipe, model, data_source, out_dir, overrides, quantize, backend, trust_remote_code, resume_dir, adapter,
-           nproc=1):
+           nproc=1, report_to=None):
     """Check everything a user gave, then create (or resume) the run folder, hold it, and train.
     A mistake found before the first report leaves no run folder behind (see runs.start).
     Under mlx.launch or torchrun every rank runs this; --nproc N starts N ranks that way."""
@@ -40,7 +40,7 @@ def _train(method, recipe, model, data_source, out_dir, overrides, quantize, bac
     from mlxft.backends import is_mlx_quantized, resolve_backend
 
     if resume_dir:
-        if recipe or model or data_source or out_dir or quantize or adapter:
+        if recipe or model or data_source or out_dir or quantize or adapter or report_to is not None:
             raise UserError("--resume continues a run with its own config.yaml; give no other settings "
                             "(--set may change only what a step's memory depends on: "
                             "train.memory_limit, train.grad_checkpoint, rl.completions_per_pass)")
@@ -48,7 +48,7 @@ def _train(method, recipe, model, data_source, out_dir, overrides, quantize, bac
     else:
         if recipe is None:
             raise UserError(f"name a recipe: --recipe {dict(sft='tallrec', rl='grpo').get(method, method)} (see `mlxft recipes`)")
-        config = resolve_config(recipe, model, data_source, out_dir, overrides, quantize, trust_remote_code)
+        config = resolve_config(recipe, model, data_source, out_dir, overrides, quantize, trust_remote_code, report_to)
         if adapter:
             _check_start_adapter(adapter, config)
         backend = resolve_backend(backend, quantized=bool(config.model.quantize) or is_mlx_quantized(config.model.name))
@@ -115,7 +115,7 @@ def _print_outcome(summary: dict) -> None:
 @click.option("--adapter", default=None, type=click.Path(path_type=Path),
               help="Continue an existing adapter (PEFT layout, e.g. an SFT run's best/); it is also the reference.")
 @NPROC
-def dpo_command(recipe, model, data_source, out_dir, overrides, quantize, backend, trust_remote_code, resume_dir, adapter, nproc):
+def dpo_command(recipe, model, data_source, out_dir, overrides, quantize, backend, trust_remote_code, report_to, resume_dir, adapter, nproc):
     """Direct preference optimisation on {prompt, chosen, rejected} pairs (or support/oppose rows
     with --set dpo.support_ratio=R).
 
@@ -132,7 +132,7 @@ def dpo_command(recipe, model, data_source, out_dir, overrides, quantize, backen
     with held-out answers before and after.
     """
     summary = _train("dpo", recipe, model, data_source, out_dir, overrides, quantize, backend, trust_remote_code,
-                     resume_dir, adapter, nproc)
+                     resume_dir, adapter, nproc, report_to)
     if not summary:  # a rank other than 0: rank 0 reports
         return
     _print_before_after(summary, ("eval_loss", "eval_rewards/accuracies", "eval_rewards/margins"))
@@ -152,7 +152,7 @@ def dpo_command(recipe, model, data_source, out_dir, overrides, quantize, backen
 @click.option("--adapter", default=None, type=click.Path(path_type=Path),
               help="Start from an adapter (an SFT run's best/, or a reward adapter to continue).")
 @NPROC
-def reward_command(recipe, model, data_source, out_dir, overrides, quantize, backend, trust_remote_code, resume_dir, adapter, nproc):
+def reward_command(recipe, model, data_source, out_dir, overrides, quantize, backend, trust_remote_code, report_to, resume_dir, adapter, nproc):
     """Train a reward model on {prompt, chosen, rejected} pairs, or on a MIND folder (a clicked
     title preferred over a skipped one): a LoRA adapter and a scalar head, Bradley-Terry loss.
 
@@ -161,7 +161,7 @@ def reward_command(recipe, model, data_source, out_dir, overrides, quantize, bac
     PEFT's SEQ_CLS layout (AutoModelForSequenceClassification + PeftModel load them), checkpoint/.
     """
     summary = _train("reward", recipe, model, data_source, out_dir, overrides, quantize, backend, trust_remote_code,
-                     resume_dir, adapter, nproc)
+                     resume_dir, adapter, nproc, report_to)
     if not summary:  # a rank other than 0: rank 0 reports
         return
     _print_before_after(summary, ("eval_loss", "eval_accuracy", "eval_margin"))
@@ -173,7 +173,7 @@ def reward_command(recipe, model, data_source, out_dir, overrides, quantize, bac
 @click.option("--resume", "resume_dir", default=None, type=click.Path(path_type=Path), help="Continue a stopped run from its last checkpoint.")
 @click.option("--adapter", default=None, type=click.Path(path_type=Path),
               help="Start from an adapter (e.g. an SFT run's best/); needs rl.beta=0.")
-def rl_command(recipe, model, data_source, out_dir, overrides, quantize, backend, trust_remote_code, resume_dir, adapter):
+def rl_command(recipe, model, data_source, out_dir, overrides, quantize, backend, trust_remote_code, report_to, resume_dir, adapter):
     """Online RL from prompts: GRPO (--set rl.loss_type=dr_grpo|dapo for its variants), RLOO
     (--set rl.algo=rloo) or PPO (--set rl.algo=ppo: a value head and GAE, as GIRL's RLHF). Each
     step samples rl.num_generations completions per prompt, scores them with the reward functions
@@ -186,7 +186,7 @@ def rl_command(recipe, model, data_source, out_dir, overrides, quantize, backend
     last/ adapters, checkpoint/.
     """
     summary = _train("rl", recipe, model, data_source, out_dir, overrides, quantize, backend, trust_remote_code,
-                     resume_dir, adapter)
+                     resume_dir, adapter, report_to=report_to)
     if not summary:
         return
     before = summary.get("before") or {}
@@ -203,16 +203,20 @@ def rl_command(recipe, model, data_source, out_dir, overrides, quantize, backend
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a recipe setting in every run (repeatable).")
 @click.option("--out", "out_dir", default=None, type=click.Path(path_type=Path), help="Sweep folder (default runs/sweep-<recipe>).")
 @click.option("--backend", default="auto", show_default=True, type=click.Choice(["auto", "mlx", "torch"]), help="Which backend trains and scores.")
-def sweep_command(recipe, shots, seeds, model, data_source, overrides, out_dir, backend):
+@REPORT_TO_OPTION
+def sweep_command(recipe, shots, seeds, model, data_source, overrides, out_dir, backend, report_to):
     """TALLRec's Table 1: a run per (K, seed) on K sampled rows, each scored by AUC on the same
     test split; prints mean ± std per K and writes sweep.md, sweep.json and sweep.png.
 
     Finished runs are reused only when their whole config matches (its hash names the folder).
     """
     from mlxft.backends import is_mlx_quantized, resolve_backend
+    from mlxft.report_to import parse_names
     from mlxft.sweep import sweep
 
     settings = list(overrides) + ([f"model.name={model}"] if model else []) + ([f"data.source={data_source}"] if data_source else [])
+    if report_to is not None:
+        settings.append(f"train.report_to=[{', '.join(parse_names(report_to))}]")
     name = Path(recipe).stem
     out = out_dir or Path("runs") / f"sweep-{name}"
     report = sweep(recipe, int_list(shots, "--shots"), int_list(seeds, "--seeds"), settings, out,
