@@ -81,7 +81,8 @@ def ours_side(model: Path, args, work: Path, env: dict) -> dict:
                 f"rl.reward_functions=[{REWARD}:varied]", f"lora.target_modules={ALL_LINEAR}", "lora.dropout=0.0",
                 "train.weight_decay=0.0", "train.learning_rate=1e-5", "eval.every=0", "data.max_valid_rows=2",
                 "train.checkpoint_every=1000", "rl.log_completions_every=0",
-                f"rl.completions_per_pass={args.completions_per_pass or 'null'}"]
+                f"rl.completions_per_pass={args.completions_per_pass or 'null'}",
+                f"train.grad_checkpoint={'true' if args.grad_checkpoint else 'false'}"]
     command = [sys.executable, "-m", "mlxft", "rl", "--recipe", "grpo", "--backend", "mlx", "--model", str(model),
                "--out", str(out), *[a for s in settings for a in ("--set", s)]]
     process = common.run_side("mlxft GRPO (mlx)", command, env, work / "mlxft-rl.log")
@@ -144,6 +145,8 @@ def main() -> None:
     parser.add_argument("--completion-length", type=int, default=32, help="most tokens per completion (default 32)")
     parser.add_argument("--completions-per-pass", type=int, default=None,
                         help="mlxft's rl.completions_per_pass (default: all of a step's completions in one pass)")
+    parser.add_argument("--grad-checkpoint", action="store_true",
+                        help="mlxft's train.grad_checkpoint: recompute each block's activations in the backward pass")
     parser.add_argument("--ours-only", action="store_true", help="run mlxft's side only (no comparison)")
     args = parser.parse_args()
     work = common.work_folder(args.work, "grpo-mlx")
