@@ -94,7 +94,7 @@ def ensure_shim() -> tuple[Path | None, str]:
             return _failed(folder, f"the BLAS shim did not compile: {result.stderr.strip().splitlines()[-1:]}")
         os.replace(built, shim)
     check = subprocess.run([sys.executable, "-c", SELF_CHECK], capture_output=True, text=True,
-                           env={**os.environ, "LD_PRELOAD": _preload_value(shim)}, timeout=120)
+                           env={**os.environ, "LD_PRELOAD": preload_value(shim)}, timeout=120)
     if check.returncode != 0:
         return _failed(folder, f"MLX with the BLAS shim failed its check: {check.stderr.strip().splitlines()[-1:]}")
     (folder / "checked").write_text("ok\n")
@@ -107,7 +107,7 @@ def _failed(folder: Path, reason: str) -> tuple[None, str]:
     return None, reason
 
 
-def _preload_value(shim: Path) -> str:
+def preload_value(shim: Path) -> str:
     existing = os.environ.get("LD_PRELOAD", "")
     return f"{shim}:{existing}" if existing else str(shim)
 
@@ -123,7 +123,7 @@ def reexec_with_fast_blas(argv: list[str], module: str = "mlxft") -> None:
         return
     if shim is None:
         return
-    env = {**os.environ, "LD_PRELOAD": _preload_value(shim), ACTIVE_ENV: str(shim)}
+    env = {**os.environ, "LD_PRELOAD": preload_value(shim), ACTIVE_ENV: str(shim)}
     sys.stdout.flush()
     sys.stderr.flush()
     os.execve(sys.executable, [sys.executable, "-m", module, *argv], env)

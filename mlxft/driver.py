@@ -17,6 +17,7 @@ What the driver owns, so that no trainer can get it differently:
 - the checkpoint every train.checkpoint_every steps (and at an early stop), truncating the log of a
   resumed run to its checkpoint;
 - the metrics before and after training, last/ and best/ at the end, and summary.json.
+- on a shared Linux CPU, the compute threads: fewer while other processes take cores (mlxft.cpu_share).
 
 A step takes the micro-batches of one optimizer step and returns the *sums* of the method's
 statistics over them: sums[0] is what the loss is a sum over (scored tokens for SFT, pairs for
@@ -39,6 +40,7 @@ import numpy as np
 
 from mlxft import memory
 from mlxft.config import HIGHER_IS_BETTER, RunConfig, dump_config
+from mlxft.cpu_share import CpuShare
 from mlxft.data.batching import iterate_batches
 from mlxft.distributed import World, data_digest
 from mlxft.errors import UserError
@@ -156,6 +158,7 @@ def fit(run: Run, config: RunConfig, trainer: Trainer, train_set: list, *, start
     trained_tokens, window = resume_progress(run) if run.resumed else (0, Window())
     trainer.memory.reset_peak()
     budget = trainer.memory.budget() if tc.memory_limit else (None, "")  # the device's memory does not change
+    threads = CpuShare(echo)  # fewer compute threads while other processes take cores (Linux CPUs)
     stopped_early = False
     while step < total_steps:
         micro_batches, epoch = [], 0.0
@@ -166,6 +169,7 @@ def fit(run: Run, config: RunConfig, trainer: Trainer, train_set: list, *, start
                              schedule=tc.schedule, minimum=tc.min_learning_rate)
         result = trainer.step(step, micro_batches, rate)
         step += 1
+        threads.update()  # between steps: no product is running
         tokens = sum(b.tokens for b in micro_batches)
         trained_tokens += tokens
         window.add(result.sums, tokens)

@@ -10,6 +10,9 @@ import pytest
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # tests/test_hub.py reads only folders it makes
+# Runs compared number for number (resume, parity, ranks) keep their thread counts: a count changed
+# mid-run by mlxft.cpu_share adds products in another order. tests/test_cpu_share.py tests it.
+os.environ.setdefault("MLXFT_CPU_THREADS", "off")
 
 
 class CharTokenizer:
