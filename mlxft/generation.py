@@ -8,6 +8,7 @@ streamer; stop strings are cut here, on text, so every backend stops at the same
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,6 +26,16 @@ class Sampling:
     seed: int | None = None
     repetition_penalty: float = 1.0  # 1: off
     stop: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Piece:
+    """A stretch of answer text; the last one carries finish_reason ("stop" or "length")."""
+
+    text: str
+    finish_reason: str | None
+    prompt_tokens: int
+    completion_tokens: int
 
 
 class StopScanner:
@@ -96,3 +107,100 @@ def fit_to_context(prompt_tokens: int, max_tokens: int, context: int | None) -> 
     if prompt_tokens >= context:
         raise ContextTooLong(f"the prompt is {prompt_tokens} tokens, and this model's context length is {context} tokens")
     return min(max_tokens, context - prompt_tokens)
+
+
+class TextDecoder:
+    """Answer token ids -> text, handed out as soon as it is final.
+
+    Each step decodes the tokens since the last hand-out with a few tokens before them as context
+    (so a word-initial space survives in SentencePiece and byte-level vocabularies, whose decoders
+    drop a space at the very start), and holds text back while it ends in half a UTF-8 character.
+    Linear in the answer's length, with the tokenizer's own decode()."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.context = 0  # first id of the context decoded with the new ones
+        self.shown = 0  # ids before this one have been handed out
+
+    def add(self, token: int) -> str:
+        self.ids.append(token)
+        return self._advance(final=False)
+
+    def finish(self) -> str:
+        return self._advance(final=True)
+
+    def _advance(self, final: bool) -> str:
+        before = self._decode(self.ids[self.context:self.shown])
+        text = self._decode(self.ids[self.context:])
+        if len(text) <= len(before) or (text.endswith("\ufffd") and not final):
+            return ""
+        self.context, self.shown = self.shown, len(self.ids)
+        return text[len(before):]
+
+    def _decode(self, ids: list[int]) -> str:
+        # Special tokens stay in the text, as mlx-lm's streaming detokenizers keep them.
+        return self.tokenizer.decode(ids, skip_special_tokens=False) if ids else ""
+
+
+def end_of_sequence_ids(folder: str | Path, tokenizer) -> set[int]:
+    """The ids that end an answer, read as mlx-lm reads them: generation_config.json's
+    eos_token_id, else config.json's, plus the tokenizer's own."""
+    ids: set[int] = set()
+    for name in ("generation_config.json", "config.json"):
+        try:
+            value = json.loads((Path(folder) / name).read_text()).get("eos_token_id")
+        except (OSError, ValueError):
+            continue
+        if value is not None:
+            ids.update([value] if isinstance(value, int) else value)
+            break
+    if getattr(tokenizer, "eos_token_id", None) is not None:
+        ids.add(tokenizer.eos_token_id)
+    return ids
+
+
+def answer_pieces(tokens: Iterable[int], tokenizer, end_ids: set[int], sampling: Sampling, prompt_tokens: int) -> Iterator[Piece]:
+    """A backend's sampled token ids -> answer Pieces, with mlx-lm's stream_generate rules: an
+    end-of-sequence id ends the answer ("stop") and is not counted in it, max_tokens ends it
+    ("length"), a stop string ends it ("stop") and is cut from the text. The caller stops pulling
+    tokens once the last piece is out, so no token past the end is computed."""
+    decoder, stops, used = TextDecoder(tokenizer), StopScanner(sampling.stop), 0
+    for token in tokens:
+        if token in end_ids:
+            text = stops.feed(decoder.finish())
+            yield Piece(text + stops.finish(), "stop", prompt_tokens, used)
+            return
+        used += 1
+        text = stops.feed(decoder.add(token))
+        if not stops.stopped and used >= sampling.max_tokens:
+            text += stops.feed(decoder.finish())
+            if not stops.stopped:
+                yield Piece(text + stops.finish(), "length", prompt_tokens, used)
+                return
+        if stops.stopped:
+            yield Piece(text, "stop", prompt_tokens, used)
+            return
+        if text:
+            yield Piece(text, None, prompt_tokens, used)
+    text = stops.feed(decoder.finish())  # the source ran out early (an empty one: max_tokens 0)
+    yield Piece(text + stops.finish(), "stop" if stops.stopped else "length", prompt_tokens, used)
+
+
+def adapter_and_base(adapter: str | Path | None, model_name: str | None):
+    """(adapter spec, adapter weights, model name) for --adapter and --model as generate, chat and
+    serve take them: without --model the adapter's own base model (adapter_config.json), else the
+    built-in model. No adapter: (None, None, name)."""
+    from mlxft.adapters import load_adapter, whole_model_folder
+
+    spec = weights = None
+    if adapter is not None:
+        whole = whole_model_folder(adapter)
+        if whole is not None:
+            raise UserError(f"--adapter {adapter}: {whole} is a whole model (full fine-tuning), not an adapter; use --model {whole}")
+        spec, weights = load_adapter(adapter)
+        if model_name is None:
+            if not spec.base_model:
+                raise UserError(f"adapter {adapter} does not name its base model; give --model")
+            model_name = spec.base_model
+    return spec, weights, model_name or "builtin"

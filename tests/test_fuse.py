@@ -226,3 +226,103 @@ def test_fuse_checks_its_output_against_base_plus_adapter(adapter, tmp_path, mon
     with pytest.raises(UserError, match="fuse check failed: the fused model's logits differ from base \\+ adapter"):
         fuse(adapter, tmp_path / "bad")
     assert not (tmp_path / "bad").exists()
+
+
+# `mlxft fuse --backend torch`: PEFT's merge, the same folder as the MLX fuse.
+
+@pytest.fixture(scope="module")
+def torch_fused(adapter, tmp_path_factory):
+    out = tmp_path_factory.mktemp("torch-fused") / "out"
+    result = run("fuse", "--backend", "torch", "--adapter", adapter, "--out", out)
+    assert result.exit_code == 0, result.output
+    assert "checked: the fused model's logits differ from base + adapter by" in result.output
+    return out
+
+
+def torch_logits(model, ids=IDS):
+    import torch
+
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0].float().numpy()
+
+
+def test_torch_fuse_writes_the_mlx_fuse_weights(tiny_model_dir, fused, torch_fused):
+    from safetensors.numpy import load_file
+
+    on_mlx, on_torch = load_file(fused / "model.safetensors"), load_file(torch_fused / "model.safetensors")
+    assert set(on_torch) == set(on_mlx)
+    for key, value in on_mlx.items():
+        assert on_torch[key].dtype == value.dtype
+        np.testing.assert_allclose(on_torch[key], value, atol=1e-6, err_msg=key)
+    base = load_file(tiny_model_dir / "model.safetensors")
+    assert np.abs(on_torch["model.layers.0.self_attn.q_proj.weight"] - base["model.layers.0.self_attn.q_proj.weight"]).max() > 1e-2
+    for name in ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json"):
+        assert json.loads((torch_fused / name).read_text()) == json.loads((fused / name).read_text()), name
+    assert (torch_fused / "chat_template.jinja").read_text() == (fused / "chat_template.jinja").read_text()
+
+
+def test_torch_fused_folder_loads_in_transformers_and_mlx_lm_with_the_adapters_logits(tiny_model_dir, adapter, torch_fused):
+    import torch
+    from mlx_lm import load as mlx_lm_load
+    from transformers import AutoModelForCausalLM
+
+    from mlxft.adapters import attach_adapter
+    from mlxft.backends.torch import lora as torch_lora
+    from mlxft.backends.torch.model import load as torch_load
+
+    adapted = torch_load(str(tiny_model_dir))[0]
+    attach_adapter(torch_lora, adapted, adapter)
+    adapted.eval()
+    expected = torch_logits(adapted)
+    hf = AutoModelForCausalLM.from_pretrained(str(torch_fused), dtype=torch.float32)
+    np.testing.assert_allclose(torch_logits(hf), expected, atol=1e-4)
+    assert not any("lora" in name for name, _ in hf.named_parameters())
+    model, _ = mlx_lm_load(str(torch_fused))
+    np.testing.assert_allclose(logits(model), logits(base_plus_adapter(tiny_model_dir, adapter)), atol=1e-4)
+    with torch_lora.adapter_off(adapted):  # the adapter matters: the checks above can fail
+        assert np.abs(torch_logits(adapted) - expected).max() > 1e-2
+
+
+def test_torch_fuse_of_a_dora_adapter_equals_mlxs(tiny_model_dir, tmp_path):
+    from safetensors.numpy import load_file
+
+    from mlxft.backends.torch.fuse import fuse as torch_fuse
+
+    adapter = make_adapter(tiny_model_dir, tmp_path / "dora", dora=True)
+    on_torch = load_file(torch_fuse(adapter, tmp_path / "torch").out / "model.safetensors")
+    on_mlx = load_file(fuse(adapter, tmp_path / "mlx").out / "model.safetensors")
+    for key, value in on_mlx.items():
+        np.testing.assert_allclose(on_torch[key], value, atol=1e-5, err_msg=key)
+    plain = load_file(fuse(make_adapter(tiny_model_dir, tmp_path / "lora"), tmp_path / "plain").out / "model.safetensors")
+    assert np.abs(plain["model.layers.0.self_attn.q_proj.weight"] - on_torch["model.layers.0.self_attn.q_proj.weight"]).max() > 1e-3
+
+
+def test_torch_fuse_checks_its_output_and_has_no_quantize_yet(adapter, tmp_path, monkeypatch):
+    import mlxft.backends.torch.fuse as torch_fuse_module
+    from mlxft.backends.torch import lora as torch_lora
+
+    result = run("fuse", "--backend", "torch", "--adapter", adapter, "--out", tmp_path / "q", "--quantize", "4")
+    assert result.exit_code == 2 and "not implemented on the PyTorch backend" in result.output
+    assert not (tmp_path / "q").exists()
+    monkeypatch.setattr(torch_fuse_module, "merge_adapter", torch_lora.remove_lora)  # a merge that merges nothing
+    with pytest.raises(UserError, match="fuse check failed: the fused model's logits differ from base \\+ adapter"):
+        torch_fuse_module.fuse(adapter, tmp_path / "bad")
+    assert not (tmp_path / "bad").exists()
+
+
+def test_torch_fuse_keeps_a_bf16_base_in_bf16(tiny_model_dir, tmp_path):
+    import torch
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    from mlxft.backends.torch.fuse import fuse as torch_fuse
+
+    base = tmp_path / "bf16"
+    AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.bfloat16).save_pretrained(base)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tiny_model_dir / name, base / name)
+    adapter = make_adapter(tiny_model_dir, tmp_path / "adapter", base=base)
+    result = torch_fuse(adapter, tmp_path / "fused")
+    with safe_open(str(result.out / "model.safetensors"), "np") as handle:
+        assert {handle.get_slice(key).get_dtype() for key in handle.keys()} == {"BF16"}
+    assert 0 < result.check["fused_vs_adapted"] <= 3e-2  # the merged sum rounded once to bf16

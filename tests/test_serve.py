@@ -5,12 +5,15 @@ import json
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
 
 from mlxft.backends.mlx.stream import load_generator
-from mlxft.serve.server import ModelServer, is_loopback, make_server
+from mlxft.errors import UserError
+from mlxft.generation import Sampling
+from mlxft.serve.server import ModelServer, adapter_options, is_loopback, make_server
 
 CHAT = "/v1/chat/completions"
 COMPLETIONS = "/v1/completions"
@@ -186,14 +189,13 @@ def test_api_key(generator):
         server.server_close()
 
 
-class Overlaps:
-    """Wraps the generator to record how many answers are being generated at once."""
+class StreamOnly:
+    """A generator with only the one-request interface (as a backend without batching has),
+    recording how many answers are generated at once."""
 
     def __init__(self, inner):
         self.inner, self.active, self.most, self.calls, self.mutex = inner, 0, 0, 0, threading.Lock()
-
-    def __getattr__(self, name):
-        return getattr(self.inner, name)
+        self.tokenizer, self.name, self.context_length, self.encode = inner.tokenizer, inner.name, inner.context_length, inner.encode
 
     def stream(self, ids, sampling):
         with self.mutex:
@@ -208,23 +210,206 @@ class Overlaps:
                 self.active -= 1
 
 
-def test_concurrent_requests_are_answered_whole(server, monkeypatch):
-    body = {"messages": HELLO, "temperature": 0, "max_tokens": 16}
-    watch = Overlaps(server.generator)
-    monkeypatch.setattr(server, "generator", watch)
+def ask(server, body, stream=False, path=COMPLETIONS):
+    """(text, finish_reason, completion_tokens) of one answer, streamed or not."""
+    if not stream:
+        answer = post(server, path, body)
+        choice = answer["choices"][0]
+        return choice["message"]["content"] if path == CHAT else choice["text"], choice["finish_reason"], answer["usage"]["completion_tokens"]
+    chunks = events(server, path, {**body, "stream_options": {"include_usage": True}})
+    choices = [c["choices"][0] for c in chunks if c["choices"]]
+    text = "".join(c["delta"].get("content", "") if path == CHAT else c["text"] for c in choices)
+    return text, choices[-1]["finish_reason"], chunks[-1]["usage"]["completion_tokens"]
 
-    def ask(i):
-        if i % 2:
-            chunks = events(server, CHAT, body)
-            return "".join(c["choices"][0]["delta"].get("content", "") for c in chunks), chunks[-1]["choices"][0]["finish_reason"]
-        answer = post(server, CHAT, body)
-        return answer["choices"][0]["message"]["content"], answer["choices"][0]["finish_reason"]
 
-    with ThreadPoolExecutor(8) as pool:
-        answers = list(pool.map(ask, range(8)))
-    assert len(set(answers)) == 1  # the same prompt at temperature 0: the same answer, never interleaved
-    assert answers[0][0] and answers[0][1] in ("stop", "length")
-    assert watch.calls == 8 and watch.most == 1  # one generation at a time
+# Requests of different lengths and sampling settings, answered together in one batch below.
+MIXED = [
+    {"prompt": "Below is an instruction", "temperature": 0, "max_tokens": 20},
+    {"prompt": "Write a short news headline about the weather.", "temperature": 0, "max_tokens": 7},
+    {"prompt": "hi", "temperature": 0, "max_tokens": 30, "repetition_penalty": 1.3},
+    {"prompt": "Below is an instruction", "temperature": 0, "max_tokens": 30, "stop": ["zzz", "instruction instruction"]},
+    {"prompt": "Will this user like the article?", "temperature": 1.0, "top_p": 0.9, "top_k": 50, "seed": 11, "max_tokens": 16},
+    {"prompt": "hi", "temperature": 0.8, "seed": 5, "max_tokens": 16, "repetition_penalty": 1.2},
+]
+
+
+def test_concurrent_requests_are_batched_and_equal_their_single_answers(server, monkeypatch):
+    references = [ask(server, body) for body in MIXED]  # one at a time: the single-request answers
+    assert references[3][1] == "stop" and references[1][2] == 7 and references[0][1] == "length", references
+    assert references[2] != ask(server, {**MIXED[2], "repetition_penalty": 1.0})  # the penalty is applied
+    assert references[4] != ask(server, {**MIXED[4], "seed": 12})  # the seed is the request's own
+    engine, widths = server.scheduler.engine, []
+    step = engine.step
+    monkeypatch.setattr(engine, "step", lambda: widths.append(len(engine)) or step())
+
+    def one(i):
+        return ask(server, MIXED[i % len(MIXED)], stream=bool(i // len(MIXED) % 2))
+
+    with ThreadPoolExecutor(24) as pool:
+        answers = list(pool.map(one, range(48)))
+    for i, answer in enumerate(answers):
+        assert answer == references[i % len(MIXED)], (i, answer)  # token for token, streamed or not
+    assert max(widths) >= 8  # many answers in one decode step, not one at a time
+
+
+def test_a_generator_without_batching_answers_one_at_a_time(generator):
+    watch = StreamOnly(generator)
+    server = start(watch)
+    try:
+        body = {"messages": HELLO, "temperature": 0, "max_tokens": 16}
+        with ThreadPoolExecutor(6) as pool:
+            answers = list(pool.map(lambda i: ask(server, body, stream=bool(i % 2), path=CHAT), range(6)))
+        assert len(set(answers)) == 1 and answers[0][0] and answers[0][1] in ("stop", "length")
+        assert watch.calls == 6 and watch.most == 1
+        status, error, _ = error_of(server, "POST", CHAT, {**body, "model": "other"})
+        assert status == 404
+    finally:
+        server.shutdown()
+        server.server_close()
+    with pytest.raises(UserError, match="one request at a time"):
+        start(watch, adapters={"a": "somewhere"})
+
+
+def test_a_full_queue_gets_429_in_openai_shape(generator):
+    server = start(generator, max_batch=1, max_queue=1)
+    engine, release = server.scheduler.engine, threading.Event()
+    step = engine.step
+    engine.step = lambda: release.wait(30) and step()  # the batch's one place stays taken until released
+    body = {"prompt": "hi", "temperature": 0, "max_tokens": 3}
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            held = [pool.submit(call, server, "POST", COMPLETIONS, body) for _ in range(2)]  # one runs, one waits
+            deadline = time.monotonic() + 10
+            while server.scheduler.admission.waiting < 1 or len(engine) < 1:
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
+            status, error, headers = error_of(server, "POST", COMPLETIONS, body)
+            assert status == 429 and error["code"] == "rate_limit_exceeded" and headers["retry-after"] == "1"
+            release.set()
+            assert [f.result()[0] for f in held] == [200, 200]
+        assert call(server, "POST", COMPLETIONS, body)[0] == 200  # room again
+    finally:
+        release.set()
+        server.shutdown()
+        server.server_close()
+
+
+# Many adapters on one base ----------------------------------------------------------------------
+
+def write_adapter(folder, modules, targets, r, seed, layers=None, dora=False):
+    """A random adapter for the tiny model ({path: (out, in)} its linear layers; B not zero, so it
+    changes the answers)."""
+    import numpy as np
+
+    from mlxft.adapters import AdapterSpec, save_adapter
+
+    rng = np.random.default_rng(seed)
+    spec = AdapterSpec(r=r, alpha=2 * r, dropout=0.0, target_modules=targets, base_model="", layers=layers, use_dora=dora)
+    weights = {}
+    for path, (out_dim, in_dim) in modules.items():
+        if path.rsplit(".", 1)[-1] in targets and (layers is None or int(path.split(".")[2]) in layers):
+            tensors = (rng.normal(0, 0.3, (r, in_dim)), rng.normal(0, 0.3, (out_dim, r)))
+            weights[path] = tensors + ((rng.uniform(0.5, 1.5, out_dim),) if dora else ())
+    return save_adapter(folder, spec, weights)
+
+
+@pytest.fixture(scope="module")
+def adapters(tiny_model_dir, tmp_path_factory):
+    """Four adapters of different ranks, targets and layers, one DoRA: {name: folder}."""
+    from mlxft.backends.mlx.lora import linear_modules
+
+    modules = linear_modules(load_generator(str(tiny_model_dir)).model)
+    root = tmp_path_factory.mktemp("adapters")
+    return {
+        "attn8": write_adapter(root / "attn8", modules, ["q_proj", "v_proj"], 8, 1),
+        "mlp2": write_adapter(root / "mlp2", modules, ["gate_proj", "down_proj"], 2, 2, layers=[1]),
+        "all4": write_adapter(root / "all4", modules, ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], 4, 3),
+        "dora": write_adapter(root / "dora", modules, ["q_proj", "o_proj", "up_proj"], 4, 4, dora=True),
+    }
+
+
+@pytest.fixture
+def own_generator(tiny_model_dir):
+    """A model of its own: serving adapters wraps the model's layers."""
+    return load_generator(str(tiny_model_dir))
+
+
+def test_requests_for_different_adapters_share_a_batch(own_generator, adapters, tiny_model_dir, monkeypatch):
+    server = start(own_generator, adapters=adapters)
+    try:
+        listing = json.loads(call(server, "GET", "/v1/models")[2])
+        assert [m["id"] for m in listing["data"]] == [server.model_id, *adapters]
+        body = {"prompt": "Below is an instruction", "temperature": 0, "max_tokens": 16}
+        names = [None, *adapters]
+        alone = {name: ask(server, {**body, **({"model": name} if name else {})}) for name in names}
+        assert len({answer[0] for answer in alone.values()}) == len(names)  # every adapter changes the answer
+        for name, path in adapters.items():  # the per-row layer computes what the adapter applied alone does
+            applied = load_generator(str(tiny_model_dir), path)
+            text = "".join(p.text for p in applied.stream(applied.encode(body["prompt"]), Sampling(max_tokens=16)))
+            assert text == alone[name][0], name
+        assert post(server, COMPLETIONS, {**body, "model": "attn8"})["model"] == "attn8"
+
+        engine, mixes = server.scheduler.engine, []
+        step = engine.step
+        monkeypatch.setattr(engine, "step", lambda: mixes.append({r.slot for r in engine.rows}) or step())
+        with ThreadPoolExecutor(20) as pool:
+            answers = list(pool.map(lambda i: ask(server, {**body, **({"model": names[i % 5]} if names[i % 5] else {})},
+                                                  stream=bool(i % 3)), range(40)))
+        assert all(answer == alone[names[i % 5]] for i, answer in enumerate(answers))
+        assert max(map(len, mixes)) >= 4  # rows of several adapters (and the base) in one step
+        status, error, _ = error_of(server, "POST", COMPLETIONS, {**body, "model": "nope"})
+        assert status == 404 and error["code"] == "model_not_found"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_adapters_are_added_and_removed_at_run_time_with_the_api_key(own_generator, adapters):
+    body = {"prompt": "Below is an instruction", "temperature": 0, "max_tokens": 8}
+    generator = own_generator
+    server = start(generator)
+    try:  # without an API key nobody may add one
+        status, error, _ = error_of(server, "POST", "/v1/adapters", {"name": "x", "path": str(adapters["attn8"])})
+        assert status == 403 and error["code"] == "api_key_required"
+    finally:
+        server.shutdown()
+        server.server_close()
+    server = start(generator, api_key="k", default_adapter=adapters["mlp2"])
+    key = {"Authorization": "Bearer k"}
+    try:
+        default = post(server, COMPLETIONS, body, headers=key)["choices"][0]["text"]
+        assert error_of(server, "POST", "/v1/adapters", {"name": "x", "path": str(adapters["attn8"])})[0] == 401
+        added = post(server, "/v1/adapters", {"name": "x", "path": str(adapters["attn8"])}, headers=key)
+        assert added["id"] == "x"
+        assert [m["id"] for m in json.loads(call(server, "GET", "/v1/models", headers=key)[2])["data"]] == [server.model_id, "x"]
+        with_x = post(server, COMPLETIONS, {**body, "model": "x"}, headers=key)["choices"][0]["text"]
+        assert with_x != default
+        for bad, status in (({"name": "x", "path": str(adapters["all4"])}, 409), ({"name": "y", "path": "/no/such"}, 400),
+                            ({"name": "bad name", "path": str(adapters["all4"])}, 400), ({"name": "y"}, 400)):
+            assert error_of(server, "POST", "/v1/adapters", bad, headers=key)[0] == status, bad
+        assert call(server, "DELETE", "/v1/adapters/x", headers=key)[0] == 200
+        status, error, _ = error_of(server, "POST", COMPLETIONS, {**body, "model": "x"}, headers=key)
+        assert status == 404
+        assert error_of(server, "DELETE", "/v1/adapters/x", headers=key)[0] == 404
+        assert error_of(server, "DELETE", f"/v1/adapters/{server.model_id}", headers=key)[0] == 400
+        post(server, "/v1/adapters", {"name": "x2", "path": str(adapters["attn8"])}, headers=key)  # its slot is reused
+        assert post(server, COMPLETIONS, {**body, "model": "x2"}, headers=key)["choices"][0]["text"] == with_x
+        assert post(server, COMPLETIONS, body, headers=key)["choices"][0]["text"] == default
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_adapter_options(tmp_path, adapters):
+    assert adapter_options(["a=/x", "/y", "b=/z"]) == (Path("/y"), {"a": Path("/x"), "b": Path("/z")})
+    with pytest.raises(UserError, match="twice"):
+        adapter_options(["a=/x", "a=/z"])
+    with pytest.raises(UserError, match="without a name"):
+        adapter_options(["/x", "/y"])
+    default, named = adapter_options([], adapters["attn8"].parent)
+    assert default is None and sorted(named) == ["all4", "attn8", "dora", "mlp2"]
+    with pytest.raises(UserError, match="no subfolder"):
+        adapter_options([], tmp_path)
 
 
 def test_loopback_by_default_and_a_warning_without_key(tiny_model_dir, monkeypatch):
@@ -237,3 +422,28 @@ def test_loopback_by_default_and_a_warning_without_key(tiny_model_dir, monkeypat
     assert result.exit_code == 0 and "warning" in result.output and "--api-key" in result.output
     result = CliRunner().invoke(cli, ["serve", "--model", str(tiny_model_dir), "--port", "0"])
     assert result.exit_code == 0 and "warning" not in result.output and "http://127.0.0.1:" in result.output
+
+
+def test_the_server_on_pytorch_answers_the_openai_client_as_on_mlx(tiny_model_dir, server):
+    from openai import OpenAI
+
+    from mlxft.backends.torch.stream import load_generator as torch_generator
+
+    def answers(server):
+        client = OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+        ask = {"model": server.model_id, "messages": HELLO, "temperature": 0, "max_tokens": 16}
+        whole = client.chat.completions.create(**ask)
+        chunks = list(client.chat.completions.create(**ask, stream=True))
+        streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        text = client.completions.create(model=server.model_id, prompt="Below is an instruction", temperature=0, max_tokens=12)
+        return (whole.choices[0].message.content, whole.choices[0].finish_reason, whole.usage.completion_tokens,
+                whole.usage.prompt_tokens, streamed, text.choices[0].text, len(chunks))
+
+    on_torch = start(torch_generator(str(tiny_model_dir)))
+    try:
+        got = answers(on_torch)
+    finally:
+        on_torch.shutdown()
+        on_torch.server_close()
+    assert got == answers(server)
+    assert got[0] == got[4] and got[0] and got[6] > 4 and got[5].strip()  # streamed in pieces, the same text

@@ -95,26 +95,30 @@ def int_list(text: str, what: str) -> list[int]:
         raise UserError(f"{what} takes comma-separated whole numbers, like 16,64,256; got {text!r}") from None
 
 
-def mlx_only(backend: str, what: str) -> None:
-    """fuse, generate, chat and serve run on MLX (auto picks it for them); the PyTorch backend has
-    no token streaming yet."""
-    from mlxft.errors import NotImplementedYet
+def model_backend(backend: str, what: str) -> str:
+    """'mlx' or 'torch' for fuse, generate, chat and serve. auto stays MLX for them on every host:
+    mlx-lm runs them on any Linux or macOS machine, the server batches requests and mixes adapters
+    on MLX only, and the PyTorch side gives the same greedy answers (tests/test_chat.py), so
+    nothing is gained by switching a user's default."""
+    from mlxft.backends import TORCH_HINT, torch_available
 
-    if backend == "torch":
-        raise NotImplementedYet(f"{what} runs on the MLX backend only for now (the PyTorch backend has no token "
-                                "streaming or weight merging yet); use --backend mlx, which runs on any Linux or macOS host")
+    if backend == "torch" and not torch_available():
+        raise UserError(f"{what} --backend torch: {TORCH_HINT}")
+    return "torch" if backend == "torch" else "mlx"
 
 
 BACKEND_OPTION = click.option("--backend", default="auto", show_default=True, type=click.Choice(["auto", "mlx", "torch"]),
-                               help="Which backend runs the model; MLX only for now, so auto means MLX here.")
+                               help="Which backend runs the model: mlx (mlx-lm) or torch (transformers + PEFT; CUDA, MPS or CPU); auto means MLX here.")
 
 
-def generation_options(function):
-    """Options shared by generate, chat and serve: model, adapter, template and sampling."""
+def generation_options(function, adapter_option=None):
+    """Options shared by generate, chat and serve: model, adapter, template and sampling (serve
+    brings its own --adapter, which it takes many times)."""
     options = [
         click.option("--model", default=None,
                      help="'builtin', a local Hugging Face folder (fused or not) or a hub id; default: the adapter's base model, else builtin."),
-        click.option("--adapter", default=None, type=click.Path(path_type=Path), help="Apply an adapter (or a run folder's best/) without fusing."),
+        adapter_option or click.option("--adapter", default=None, type=click.Path(path_type=Path),
+                                       help="Apply an adapter (or a run folder's best/) without fusing."),
         click.option("--template", default="auto", show_default=True, type=click.Choice(["auto", "chat", "alpaca", "plain"]),
                      help="auto: the tokenizer's chat template if it has one, else alpaca (single-turn, instruction + optional input)."),
         BACKEND_OPTION,
@@ -149,10 +153,10 @@ def sampling_from(temperature, top_p, top_k, max_tokens, seed, repetition_penalt
 
 
 def load_generator(model, adapter, backend, trust_remote_code, what):
-    mlx_only(backend, what)
-    from mlxft.backends.mlx.stream import load_generator
+    """The model (+ adapter) that generate, chat, serve and eval generate stream answers from."""
+    from mlxft.backends import get
 
-    return load_generator(model, adapter, trust_remote_code=trust_remote_code)
+    return get(model_backend(backend, what)).stream.load_generator(model, adapter, trust_remote_code=trust_remote_code)
 
 
 def load_any(source: str | Path, columns: dict[str, str] | None = None, max_rows: int | None = None):

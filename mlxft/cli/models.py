@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from mlxft.cli.common import BACKEND_OPTION, Group, cli, generation_options, load_generator, mlx_only, sampling_from, sampling_options
+from mlxft.cli.common import BACKEND_OPTION, Group, cli, generation_options, load_generator, model_backend, sampling_from, sampling_options
 from mlxft.errors import UserError
 
 
@@ -24,17 +24,17 @@ def fuse_command(adapter, model, out_dir, dequantize, quantize, force, backend, 
     transformers and mlxft load. A quantized base comes out de-quantized unless --quantize."""
     from mlxft.adapters import whole_model_folder
 
-    mlx_only(backend, "fuse")
+    backend = model_backend(backend, "fuse")
     if dequantize and quantize:
         raise UserError("--dequantize and --quantize contradict each other; give one")
     whole = whole_model_folder(adapter)
     if whole is not None:
         click.echo(f"{whole} is already a whole model (full fine-tuning): nothing to fuse; use --model {whole}")
         return
-    from mlxft.backends.mlx.fuse import fuse
+    from mlxft.backends import get
 
-    result = fuse(adapter, out_dir, model=model, quantize=int(quantize) if quantize else None, force=force,
-                  trust_remote_code=trust_remote_code)
+    result = get(backend).fuse.fuse(adapter, out_dir, model=model, quantize=int(quantize) if quantize else None, force=force,
+                                    trust_remote_code=trust_remote_code)
     precision = f"{result.quantization['bits']}-bit" if result.quantization else "full precision"
     click.echo(f"fused {result.merged_modules} modules of {adapter} into {result.base_model} ({precision}): {result.out}")
     click.echo(f"checked: the fused model's logits differ from base + adapter by {result.check['fused_vs_adapted']:.1e} "
@@ -101,24 +101,42 @@ def chat_command(model, adapter, template, backend, trust_remote_code, system, t
 
 
 @cli.command("serve")
-@generation_options
+@(lambda function: generation_options(function, click.option(
+    "--adapter", "adapters", multiple=True, metavar="[NAME=]PATH",
+    help="An adapter to serve without fusing: PATH is the one requests get by default; NAME=PATH is picked by a request's "
+         "\"model\": \"NAME\". Repeat for many adapters on one base.")))
+@click.option("--adapters-dir", type=click.Path(path_type=Path, file_okay=False), default=None,
+              help="Serve every subfolder holding an adapter_config.json, each named by its folder.")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind; loopback keeps the server private to this machine.")
 @click.option("--port", type=click.IntRange(0, 65535), default=8080, show_default=True, help="Port; 0 picks a free one.")
-@click.option("--api-key", default=None, envvar="MLXFT_API_KEY", help="Require 'Authorization: Bearer KEY' on /v1 requests (or set MLXFT_API_KEY).")
+@click.option("--api-key", default=None, envvar="MLXFT_API_KEY", help="Require 'Authorization: Bearer KEY' on /v1 requests (or set MLXFT_API_KEY); "
+              "also what allows adding and removing adapters over HTTP.")
+@click.option("--max-batch", type=click.IntRange(min=1), default=32, show_default=True, help="Answers generated at once (continuous batching).")
+@click.option("--max-queue", type=click.IntRange(min=0), default=256, show_default=True,
+              help="Requests that may wait for a place in the batch; beyond them a request gets HTTP 429.")
 @click.option("--quiet", is_flag=True, help="Do not log each request.")
-def serve_command(model, adapter, template, backend, trust_remote_code, host, port, api_key, quiet):
-    """OpenAI-compatible API (/v1/chat/completions, /v1/completions, /v1/models) and a chat page at /."""
-    from mlxft.serve.server import is_loopback, make_server
+def serve_command(model, adapters, template, backend, trust_remote_code, adapters_dir, host, port, api_key, max_batch, max_queue, quiet):
+    """OpenAI-compatible API (/v1/chat/completions, /v1/completions, /v1/models) and a chat page at /;
+    many adapters on one base, requests batched together whatever adapter they ask for."""
+    from mlxft.serve.server import adapter_options, base_model_of, is_loopback, make_server
 
-    generator = load_generator(model, adapter, backend, trust_remote_code, "serve")
+    default, named = adapter_options(adapters, adapters_dir)
+    model = model or base_model_of(default, named)
+    if model_backend(backend, "serve") == "torch" and not named:
+        # PyTorch answers one request at a time: its one adapter is applied to the model it loads.
+        generator, default = load_generator(model, default, backend, trust_remote_code, "serve"), None
+    else:
+        generator = load_generator(model, None, backend, trust_remote_code, "serve")
     try:
         server = make_server(generator, host=host, port=port, template=template, api_key=api_key,
-                             log=None if quiet else (lambda line: click.echo(line, err=True)))
+                             log=None if quiet else (lambda line: click.echo(line, err=True)),
+                             max_batch=max_batch, max_queue=max_queue, adapters=named, default_adapter=default)
     except OSError as e:
         raise UserError(f"cannot listen on {host}:{port} ({e.strerror or e})") from None
     if not is_loopback(host) and not api_key:
         click.echo(f"warning: listening on {host} without --api-key: anyone who can reach this machine can use the model", err=True)
-    click.echo(f"serving {server.model_id} at {server.url} (chat page at /, OpenAI API at /v1); Ctrl-C stops", err=True)
+    served = f" and {len(named)} adapters" if named else ""
+    click.echo(f"serving {server.model_id}{served} at {server.url} (chat page at /, OpenAI API at /v1); Ctrl-C stops", err=True)
     try:
         server.serve_forever()
     except KeyboardInterrupt:

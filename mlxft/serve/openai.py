@@ -42,6 +42,7 @@ class GenerationRequest:
     messages: list[dict] = field(default_factory=list)
     prompt: str = ""
     input: str = ""
+    model: str | None = None  # the adapter asked for; None: the model served by default
 
 
 def parse_json(raw: bytes) -> dict:
@@ -61,8 +62,9 @@ def _not_a_number(name: str):
     raise ValueError(f"{name} is not a JSON number")
 
 
-def parse_chat(body: dict, model_id: str) -> GenerationRequest:
-    check_model(body, model_id)
+def parse_chat(body: dict, models: list[str]) -> GenerationRequest:
+    """`models`: the names served, the default first."""
+    model = check_model(body, models)
     messages = body.get("messages")
     if messages is None:
         raise ApiError(400, "'messages' is required", code="missing_required_parameter", param="messages")
@@ -71,11 +73,12 @@ def parse_chat(body: dict, model_id: str) -> GenerationRequest:
     parsed = [_message(m, i) for i, m in enumerate(messages)]
     if not any(m["role"] == "user" for m in parsed):
         raise ApiError(400, "'messages' holds no user message to answer", code="invalid_value", param="messages")
-    return GenerationRequest(True, _sampling(body), messages=parsed, input=_string(body, "input", ""), **_streaming(body))
+    return GenerationRequest(True, _sampling(body), messages=parsed, input=_string(body, "input", ""), model=model,
+                             **_streaming(body))
 
 
-def parse_completion(body: dict, model_id: str) -> GenerationRequest:
-    check_model(body, model_id)
+def parse_completion(body: dict, models: list[str]) -> GenerationRequest:
+    model = check_model(body, models)
     prompt = body.get("prompt")
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
         prompt = prompt[0]  # OpenAI allows a batch of prompts; one is what this server answers
@@ -83,14 +86,21 @@ def parse_completion(body: dict, model_id: str) -> GenerationRequest:
         raise ApiError(400, "'prompt' is required", code="missing_required_parameter", param="prompt")
     if not isinstance(prompt, str):
         raise ApiError(400, "'prompt' must be a string", code="invalid_value", param="prompt")
-    return GenerationRequest(False, _sampling(body), prompt=prompt, **_streaming(body))
+    return GenerationRequest(False, _sampling(body), prompt=prompt, model=model, **_streaming(body))
 
 
-def check_model(body: dict, model_id: str) -> None:
+def check_model(body: dict, models: list[str]) -> str | None:
+    """The adapter a request names, None for the default model (models[0], or no name at all)."""
     model = body.get("model")
-    if model is not None and model != model_id:  # absent: the one model served
-        raise ApiError(404, f"the model '{model}' does not exist; this server serves '{model_id}'",
+    if model is None or model == models[0]:
+        return None
+    if not isinstance(model, str):
+        raise ApiError(400, "'model' must be a string", code="invalid_value", param="model")
+    if model not in models:
+        served = ", ".join(f"'{m}'" for m in models[:10]) + (" ..." if len(models) > 10 else "")
+        raise ApiError(404, f"the model '{model[:200]}' does not exist; this server serves {served}",
                        type="not_found_error", code="model_not_found", param="model")
+    return model
 
 
 def _message(message, index: int) -> dict:
@@ -219,5 +229,9 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
-def model_list(model_id: str, created: int) -> dict:
-    return {"object": "list", "data": [{"id": model_id, "object": "model", "created": created, "owned_by": "mlxft"}]}
+def model_list(models: list[str], created: int) -> dict:
+    return {"object": "list", "data": [model_card(m, created) for m in models]}
+
+
+def model_card(model: str, created: int) -> dict:
+    return {"id": model, "object": "model", "created": created, "owned_by": "mlxft"}

@@ -1,17 +1,30 @@
 """The HTTP side of `mlxft serve`, on the standard library's ThreadingHTTPServer.
 
-    GET  /                      the chat page
-    GET  /health                {"status": "ok", "model": ...}
-    GET  /v1/models             the one model served
-    POST /v1/chat/completions   OpenAI chat completions, streamed (SSE) or not
-    POST /v1/completions        OpenAI text completions, streamed (SSE) or not
+    GET    /                      the chat page
+    GET    /health                {"status": "ok", "model": ...}
+    GET    /v1/models             the base model and every adapter served
+    POST   /v1/chat/completions   OpenAI chat completions, streamed (SSE) or not
+    POST   /v1/completions        OpenAI text completions, streamed (SSE) or not
+    POST   /v1/adapters           {"name", "path"}: serve one more adapter (needs --api-key)
+    DELETE /v1/adapters/NAME      stop serving an adapter (needs --api-key)
 
-Each connection gets a thread, so /health answers while a long generation runs; the model runs on
-one thread of its own (mlxft.serve.worker), one request at a time, so two answers never
-interleave and mlx-lm's tokenizer and detokenizer state are never shared. Every answer is JSON,
-errors included; a connection that sends nothing for `read_timeout` seconds is closed; nothing
-of an internal error's text reaches a client (it goes to the log). With an API key, every /v1
-request must carry `Authorization: Bearer KEY`.
+Each connection gets a thread, so /health answers while answers are generated; the model runs on
+one thread of its own, where requests join and leave one running batch between decode steps
+(mlxft.serve.batcher; a generator that can only stream one answer at a time is served one request
+at a time, mlxft.serve.worker). Every answer is JSON, errors included; a connection that sends
+nothing for `read_timeout` seconds is closed; nothing of an internal error's text reaches a
+client (it goes to the log). With an API key, every /v1 request must carry
+`Authorization: Bearer KEY`; without one, adapters cannot be added or removed over HTTP.
+
+Why the standard library and not an async server (uvicorn + starlette): what limits this server
+is the model thread, not connection handling. A thread per connection costs a few hundred KB and
+spends its time blocked on a queue or a socket, so 64 streaming clients are 64 idle threads; the
+decode loop never waits on a client, since pieces go through a queue and a client that stops
+reading only blocks its own thread until the read timeout. An event loop would save those threads
+and add a dependency, a second concurrency model beside the model thread, and its own answers to
+malformed requests (h11 answers a garbled request line in plain text, where this server answers
+JSON 4xx as tests/test_serve_fuzz.py checks). benchmarks/serve_load.py measures the whole stack
+against mlx-lm's server, which is also built on ThreadingHTTPServer.
 """
 
 from __future__ import annotations
@@ -19,28 +32,42 @@ from __future__ import annotations
 import hmac
 import ipaddress
 import json
+import re
 import socket
 import time
 import traceback
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from urllib.parse import urlsplit
+from pathlib import Path
+from urllib.parse import unquote, urlsplit
 
 from mlxft.conversation import render_messages, resolve_template
 from mlxft.errors import UserError
 from mlxft.generation import ContextTooLong, fit_to_context
-from mlxft.serve.openai import ApiError, Completion, model_list, parse_chat, parse_completion, parse_json
+from mlxft.serve.batcher import BatchScheduler
+from mlxft.serve.openai import ApiError, Completion, model_card, model_list, parse_chat, parse_completion, parse_json
 from mlxft.serve.page import chat_page
-from mlxft.serve.worker import ModelWorker
+from mlxft.serve.worker import SerialScheduler
 
 MAX_BODY = 4 * 1024 * 1024  # a chat request is text; anything larger is a mistake or an attack
 READ_TIMEOUT = 30.0  # seconds a client may stay silent while sending a request (or reading an answer)
+MAX_BATCH = 32  # answers generated at once; mlx-lm's server decodes 32 at once by default too
+MAX_QUEUE = 256  # requests waiting for a place in the batch before new ones get HTTP 429
 ROUTES = {
     "/": {"GET": "page"},
     "/health": {"GET": "health"},
     "/v1/models": {"GET": "models"},
     "/v1/chat/completions": {"POST": "chat_completions"},
     "/v1/completions": {"POST": "completions"},
+    "/v1/adapters": {"POST": "add_adapter"},
 }
+ADAPTER_PATH = "/v1/adapters/"  # + NAME
+ADAPTER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,63}")
+
+
+def routes_for(path: str) -> dict | None:
+    if path.startswith(ADAPTER_PATH) and len(path) > len(ADAPTER_PATH):
+        return {"DELETE": "remove_adapter"}
+    return ROUTES.get(path)
 
 
 class ModelServer(ThreadingHTTPServer):
@@ -48,22 +75,38 @@ class ModelServer(ThreadingHTTPServer):
     request_queue_size = 128  # many clients connect at once; they wait for the model, not for accept()
 
     def __init__(self, address, generator, *, model_id: str, template: str = "auto", api_key: str | None = None, log=None,
-                 read_timeout: float = READ_TIMEOUT):
-        self.template = resolve_template(template, generator.tokenizer)  # before binding: a bad choice leaves no socket open
-        if ":" in address[0]:
-            self.address_family = socket.AF_INET6  # an IPv6 literal such as ::1
-        super().__init__(address, Handler)
+                 read_timeout: float = READ_TIMEOUT, max_batch: int = MAX_BATCH, max_queue: int = MAX_QUEUE,
+                 adapters: dict[str, str | Path] | None = None, default_adapter: str | Path | None = None):
+        # Everything that can fail on the user's input comes before binding: no socket is left open.
+        self.template = resolve_template(template, generator.tokenizer)
         self.generator = generator
         self.model_id = model_id
+        self.scheduler = make_scheduler(generator, max_batch, max_queue, log, bool(adapters) or default_adapter is not None)
+        try:
+            if default_adapter is not None:
+                self.scheduler.add_adapter(model_id, default_adapter, default=True)
+            for name, path in (adapters or {}).items():
+                if name == model_id:
+                    raise UserError(f"--adapter {name}=...: '{name}' is the name of the model served; pick another")
+                self.scheduler.add_adapter(name, path)
+            if ":" in address[0]:
+                self.address_family = socket.AF_INET6  # an IPv6 literal such as ::1
+            super().__init__(address, Handler)
+        except BaseException:
+            self.scheduler.stop()
+            raise
         self.api_key = api_key
         self.log = log
         self.read_timeout = read_timeout
-        self.worker = ModelWorker()
         self.created = int(time.time())
+
+    def model_names(self) -> list[str]:
+        """The default model first, then the adapters served by name."""
+        return [self.model_id, *(name for name in self.scheduler.adapter_names() if name != self.model_id)]
 
     def server_close(self):
         super().server_close()
-        self.worker.stop()
+        self.scheduler.stop()
 
     @property
     def url(self) -> str:
@@ -72,9 +115,74 @@ class ModelServer(ThreadingHTTPServer):
 
 
 def make_server(generator, *, host: str = "127.0.0.1", port: int = 8080, model_id: str | None = None,
-                template: str = "auto", api_key: str | None = None, log=None, read_timeout: float = READ_TIMEOUT) -> ModelServer:
+                template: str = "auto", api_key: str | None = None, log=None, read_timeout: float = READ_TIMEOUT,
+                max_batch: int = MAX_BATCH, max_queue: int = MAX_QUEUE, adapters: dict[str, str | Path] | None = None,
+                default_adapter: str | Path | None = None) -> ModelServer:
+    """`adapters`: {name: adapter folder} served beside the base, picked by a request's "model";
+    `default_adapter`: the adapter a request that names no model (or the model served) gets."""
     return ModelServer((host, port), generator, model_id=model_id or generator.name, template=template,
-                       api_key=api_key, log=log, read_timeout=read_timeout)
+                       api_key=api_key, log=log, read_timeout=read_timeout, max_batch=max_batch, max_queue=max_queue,
+                       adapters=adapters, default_adapter=default_adapter)
+
+
+def make_scheduler(generator, max_batch: int, max_queue: int, log, adapters: bool):
+    """Continuous batching when the generator offers a batch engine, else one request at a time
+    with its stream() (a backend without batching still serves, its one model only)."""
+    engine_of = getattr(generator, "batch_engine", None)
+    engine = engine_of() if callable(engine_of) else None
+    if engine is None:
+        if adapters:
+            raise UserError("this backend serves one request at a time and no adapters by name (NAME=PATH, --adapters-dir); "
+                            "give one adapter as --adapter PATH, or serve with --backend mlx")
+        return SerialScheduler(generator, max_queue)
+    return BatchScheduler(engine, max_batch=max_batch, max_queue=max_queue, log=log)
+
+
+def adapter_options(values: list[str], folder: Path | None = None) -> tuple[Path | None, dict[str, Path]]:
+    """`--adapter [NAME=]PATH` (repeated) and `--adapters-dir DIR` as (the default adapter's path
+    or None, {name: path}); one-line errors for a repeated name or a second unnamed adapter."""
+    default, named = None, {}
+    for value in values:
+        name, sep, path = value.partition("=")
+        if sep and ADAPTER_NAME.fullmatch(name) and not Path(value).exists():
+            if name in named:
+                raise UserError(f"--adapter {value}: the name '{name}' is given twice")
+            named[name] = Path(path)
+        elif default is not None:
+            raise UserError(f"--adapter {value}: a second adapter without a name; name it, --adapter NAME={value}")
+        else:
+            default = Path(value)
+    if folder is not None:
+        if not folder.is_dir():
+            raise UserError(f"--adapters-dir {folder}: not a folder")
+        found = sorted(p for p in folder.iterdir() if (p / "adapter_config.json").is_file())
+        if not found:
+            raise UserError(f"--adapters-dir {folder}: no subfolder holds an adapter_config.json")
+        for path in found:
+            if path.name in named or not ADAPTER_NAME.fullmatch(path.name):
+                raise UserError(f"--adapters-dir {folder}: '{path.name}' is " +
+                                ("named twice" if path.name in named else "not a usable name (letters, digits, . _ : -)"))
+            named[path.name] = path
+    return default, named
+
+
+def base_model_of(default: Path | None, named: dict[str, Path]) -> str | None:
+    """The base model the adapters were trained on (adapter_config.json), when --model is not given:
+    the default adapter's, else the one every named adapter names; None: the built-in model."""
+    from mlxft.adapters import CONFIG_FILE, adapter_folder
+
+    def base(path: Path) -> str:
+        try:
+            return json.loads((adapter_folder(path) / CONFIG_FILE).read_text()).get("base_model_name_or_path") or ""
+        except (OSError, ValueError):
+            return ""  # unreadable here: loading the adapter says why
+
+    if default is not None:
+        return base(default) or None
+    bases = {base(path) for path in named.values()}
+    if len(bases) > 1:
+        raise UserError(f"the adapters name different base models ({', '.join(sorted(b or '?' for b in bases))}); give --model")
+    return next(iter(bases), "") or None
 
 
 def is_loopback(host: str) -> bool:
@@ -105,7 +213,7 @@ class Handler(BaseHTTPRequestHandler):
 
     def do_OPTIONS(self):
         path = urlsplit(self.path).path
-        methods = ROUTES.get(path)
+        methods = routes_for(path)
         if methods is None:
             self.send_json(404, ApiError(404, f"no such path: {path}", type="not_found_error", code="not_found").body())
             return
@@ -130,7 +238,7 @@ class Handler(BaseHTTPRequestHandler):
         try:
             if path == "/v1" or path.startswith("/v1/"):
                 self.authorize()
-            methods = ROUTES.get(path)
+            methods = routes_for(path)
             if methods is None:
                 raise ApiError(404, f"no such path: {path}", type="not_found_error", code="not_found")
             if method not in methods:
@@ -187,17 +295,54 @@ class Handler(BaseHTTPRequestHandler):
         self.send_json(200, {"status": "ok", "model": self.server.model_id})
 
     def models(self) -> None:
-        self.send_json(200, model_list(self.server.model_id, self.server.created))
+        self.send_json(200, model_list(self.server.model_names(), self.server.created))
 
     def chat_completions(self) -> None:
-        self.answer(parse_chat(self.read_json(), self.server.model_id))
+        self.answer(parse_chat(self.read_json(), self.server.model_names()))
 
     def completions(self) -> None:
-        self.answer(parse_completion(self.read_json(), self.server.model_id))
+        self.answer(parse_completion(self.read_json(), self.server.model_names()))
+
+    def add_adapter(self) -> None:
+        self.require_admin()
+        body = self.read_json()
+        name, path = body.get("name"), body.get("path")
+        if not isinstance(name, str) or not ADAPTER_NAME.fullmatch(name):
+            raise ApiError(400, "'name' must be 1 to 64 letters, digits or . _ : - (starting with a letter or digit)",
+                           code="invalid_value", param="name")
+        if not isinstance(path, str) or not path:
+            raise ApiError(400, "'path' must be the adapter's folder on the server's machine", code="invalid_value", param="path")
+        if name in self.server.model_names():
+            raise ApiError(409, f"'{name}' is already served; remove it first", code="model_exists", param="name")
+        try:
+            self.server.scheduler.add_adapter(name, path)
+        except UserError as e:
+            raise ApiError(400, str(e), code="invalid_value", param="path") from None
+        self.send_json(200, model_card(name, int(time.time())))
+
+    def remove_adapter(self) -> None:
+        self.require_admin()
+        name = unquote(urlsplit(self.path).path[len(ADAPTER_PATH):])
+        if name == self.server.model_id:
+            raise ApiError(400, f"'{name}' is the model this server was started with; it cannot be removed", code="invalid_value")
+        if name not in self.server.model_names():
+            raise ApiError(404, f"no adapter named '{name[:200]}' is served", type="not_found_error", code="model_not_found")
+        try:
+            self.server.scheduler.remove_adapter(name)
+        except UserError as e:
+            raise ApiError(404, str(e), type="not_found_error", code="model_not_found") from None
+        self.send_json(200, {"id": name, "object": "model", "deleted": True})
+
+    def require_admin(self) -> None:
+        """Adding an adapter reads a folder on this machine: only a server with an API key (checked
+        by authorize for every /v1 path) lets its clients do that."""
+        if self.server.api_key is None:
+            raise ApiError(403, "adapters can be added and removed only on a server started with --api-key",
+                           type="permission_error", code="api_key_required")
 
     def answer(self, request) -> None:
-        completion = Completion(request.chat, self.server.model_id)
-        job = self.server.worker.submit(lambda cancelled: self.generate(request, cancelled))
+        completion = Completion(request.chat, request.model or self.server.model_id)
+        job = self.server.scheduler.submit(lambda: self.prompt_ids(request), request.sampling, request.model)
         try:
             items = iter(job)
             prompt_tokens = next(items)  # rendered and encoded: errors in the prompt are raised here
@@ -212,8 +357,8 @@ class Handler(BaseHTTPRequestHandler):
         finally:
             job.cancel()  # a client that left stops its generation at the next token
 
-    def generate(self, request, cancelled):
-        """Runs on the model's thread: the prompt's token count, then the answer's pieces."""
+    def prompt_ids(self, request) -> list[int]:
+        """Runs on the model's thread: the prompt rendered and encoded, max_tokens fitted to the context."""
         server, generator = self.server, self.server.generator
         try:
             prompt = render_messages(request.messages, server.template, generator.tokenizer, request.input) \
@@ -224,9 +369,7 @@ class Handler(BaseHTTPRequestHandler):
             raise ApiError(400, str(e), code="context_length_exceeded", param="messages" if request.chat else "prompt") from None
         except UserError as e:
             raise ApiError(400, str(e), code="invalid_value") from None
-        yield len(ids)
-        if not cancelled.is_set():
-            yield from generator.stream(ids, request.sampling)
+        return ids
 
     def send_events(self, completion: Completion, pieces, include_usage: bool, prompt_tokens: int) -> None:
         """Server-sent events: `data: {chunk}` per piece, the finish reason, then `data: [DONE]`."""

@@ -17,8 +17,6 @@ so a failed fuse leaves no output folder.
 from __future__ import annotations
 
 import json
-import shutil
-from dataclasses import dataclass
 from pathlib import Path
 
 import mlx.core as mx
@@ -29,31 +27,11 @@ from mlxft.adapters import adapter_folder, apply_adapter, check_modules, load_ad
 from mlxft.backends.mlx import lora
 from mlxft.errors import UserError
 from mlxft.files import staged_folder
-from mlxft.model_files import TOKENIZER_OUTPUTS
+from mlxft.fuse_common import Fused, check_out, check_sources, copy_model_files, fused_check
 from mlxft.saved_check import fixed_probe, relative_difference
 
-# Everything besides the weights and config.json that a model folder needs to load elsewhere:
-# tokenizer files in any of their layouts, generation defaults, and remote code if the model has it.
-COPIED_FILES = (*TOKENIZER_OUTPUTS, "generation_config.json", "added_tokens.json", "vocab.json", "merges.txt", "chat_template.json")
-COPIED_PATTERNS = ("*.tiktoken", "*.py")
 QUANTIZATION_KEYS = ("quantization", "quantization_config")
 GROUP_SIZE = 64  # mlx-lm's default group size for newly quantized models
-
-
-@dataclass
-class Fused:
-    out: Path
-    base_model: str
-    merged_modules: int
-    quantization: dict | None  # {"group_size", "bits", ...} of the output, None when full precision
-    check: dict | None = None  # the fused folder against base + adapter on a probe batch (check_fused)
-
-
-def check_out(out: Path, force: bool) -> None:
-    if out.is_file():
-        raise UserError(f"--out {out} is a file; name a folder")
-    if out.exists() and any(out.iterdir()) and not force:
-        raise UserError(f"--out {out} is not empty; add --force to replace it")
 
 
 def fuse(adapter: str | Path, out: str | Path, *, model: str | None = None, quantize: int | None = None,
@@ -72,9 +50,7 @@ def fuse(adapter: str | Path, out: str | Path, *, model: str | None = None, quan
     if not base_name:
         raise UserError(f"adapter {adapter} does not name its base model (base_model_name_or_path); give --model")
     base, _, folder = load(base_name, trust_remote_code=trust_remote_code)
-    for source in (folder, adapter_folder(adapter)):
-        if out.resolve() == Path(source).resolve():
-            raise UserError(f"--out {out} is where the fuse reads from; name another folder")
+    check_sources(out, folder, adapter_folder(adapter))
     check_modules(weights, linear_modules(base), str(adapter))
     config = json.loads((folder / "config.json").read_text())
     ids = fixed_probe(base.args.vocab_size)
@@ -92,10 +68,8 @@ def fuse(adapter: str | Path, out: str | Path, *, model: str | None = None, quan
     return Fused(out, base_name, len(weights), config.get("quantization"), check)
 
 
-# The fused folder, loaded back, against base + adapter on a probe batch: the largest difference
-# relative to the largest logit. A float32 merge is exact up to rounding; bf16/f16 weights round
-# the merged sum once; re-quantizing adds quantization noise, which is recorded, not refused.
-FUSE_TOLERANCE = {mx.float32: 1e-4, mx.bfloat16: 3e-2, mx.float16: 1e-2}
+# mlx's dtypes under the names every backend's check uses (mlxft.fuse_common.FUSE_TOLERANCE).
+DTYPE_NAMES = {mx.float32: "float32", mx.bfloat16: "bfloat16", mx.float16: "float16"}
 
 
 def check_fused(folder: Path, adapted, ids, quantization: dict | None, dtype) -> dict:
@@ -103,15 +77,7 @@ def check_fused(folder: Path, adapted, ids, quantization: dict | None, dtype) ->
 
     fused, _, _ = load(str(folder))
     relative = relative_difference(lora.probe_logits(fused, ids), adapted)
-    check = {"probe_tokens": len(ids[0]), "fused_vs_adapted": relative}
-    if quantization:
-        check["note"] = f"re-quantized to {quantization['bits']} bits: the difference is quantization noise"
-        return check
-    tolerance = FUSE_TOLERANCE.get(dtype, 3e-2)
-    if not relative <= tolerance:
-        raise UserError(f"fuse check failed: the fused model's logits differ from base + adapter by {relative:.2e} "
-                        f"of the largest (allowed {tolerance:g} for {dtype}); nothing was written")
-    return check
+    return fused_check(relative, len(ids[0]), DTYPE_NAMES.get(dtype, str(dtype)), quantization)
 
 
 def merge_adapter(model, weights: dict, scale: float) -> list[str]:
@@ -170,16 +136,3 @@ def set_output_quantization(model, config: dict, requantize: list[str], bits: in
     if bits is not None:
         model, config = quantize_model(model, config, group_size=GROUP_SIZE, bits=bits)
     return config
-
-
-def copy_model_files(source: Path, target: Path, config: dict) -> None:
-    for name in COPIED_FILES:
-        if (source / name).exists():
-            shutil.copy(source / name, target / name)
-    for pattern in COPIED_PATTERNS:
-        for path in source.glob(pattern):
-            shutil.copy(path, target / path.name)
-    if not (target / "generation_config.json").exists():
-        # transformers and mlx-lm read the end-of-sequence id from here when the config lacks it.
-        defaults = {key: config[key] for key in ("bos_token_id", "eos_token_id", "pad_token_id") if config.get(key) is not None}
-        (target / "generation_config.json").write_text(json.dumps(defaults, indent=2))

@@ -8,25 +8,13 @@ tuned model sees at answer time exactly the prompt it learned from.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
 import mlx.core as mx
 
 from mlxft.data.encode import encode_prompt
-from mlxft.errors import UserError
-from mlxft.generation import Sampling, StopScanner, context_length
-
-
-@dataclass
-class Piece:
-    """A stretch of answer text; the last one carries finish_reason ("stop" or "length")."""
-
-    text: str
-    finish_reason: str | None
-    prompt_tokens: int
-    completion_tokens: int
+from mlxft.generation import Piece, Sampling, StopScanner, adapter_and_base, context_length
 
 
 class TextGenerator:
@@ -39,6 +27,17 @@ class TextGenerator:
 
     def encode(self, prompt: str) -> list[int]:
         return encode_prompt(self.tokenizer, prompt)
+
+    def batch_engine(self):
+        """The running batch `mlxft serve` answers many requests with (mlxft.backends.mlx.batch),
+        or None when this model cannot be batched or already carries an adapter of its own (named
+        adapters are added to the engine instead, per row)."""
+        from mlxft.backends.mlx.batch import batch_engine
+        from mlxft.backends.mlx.lora import lora_layers
+
+        if lora_layers(self.model):
+            return None
+        return batch_engine(self.model, self.tokenizer)
 
     def stream(self, prompt_ids: list[int], sampling: Sampling) -> Iterator[Piece]:
         """Answer pieces as tokens come; not thread-safe (the server runs it on one thread of its own)."""
@@ -73,21 +72,11 @@ class TextGenerator:
 def load_generator(model_name: str | None, adapter: str | Path | None = None, *, trust_remote_code: bool = False) -> TextGenerator:
     """A base model (+ adapter, applied unfused) ready to answer. Without --model the adapter's
     own base model (adapter_config.json) is used, else the built-in model."""
-    from mlxft.adapters import apply_adapter, load_adapter, whole_model_folder
+    from mlxft.adapters import apply_adapter
     from mlxft.backends.mlx import lora
     from mlxft.backends.mlx.model import load
 
-    spec = weights = None
-    if adapter is not None:
-        whole = whole_model_folder(adapter)
-        if whole is not None:
-            raise UserError(f"--adapter {adapter}: {whole} is a whole model (full fine-tuning), not an adapter; use --model {whole}")
-        spec, weights = load_adapter(adapter)
-        if model_name is None:
-            if not spec.base_model:
-                raise UserError(f"adapter {adapter} does not name its base model; give --model")
-            model_name = spec.base_model
-    model_name = model_name or "builtin"
+    spec, weights, model_name = adapter_and_base(adapter, model_name)
     model, tokenizer, folder = load(model_name, trust_remote_code=trust_remote_code)
     if spec is not None:
         apply_adapter(lora, model, spec, weights, str(adapter))

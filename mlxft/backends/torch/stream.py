@@ -1,0 +1,134 @@
+"""Token streaming on PyTorch, for `mlxft generate`, `mlxft chat` and `mlxft serve --backend torch`:
+the same TextGenerator as mlxft.backends.mlx.stream (encode, stream, context_length, name,
+tokenizer), so the commands and the server take either.
+
+    mlxft chat --backend torch --adapter runs/alpaca-20261121
+
+A decode loop of its own over transformers' KV cache, rather than model.generate with a streamer
+on a second thread: a token is handed out the moment it is sampled, on the caller's thread (the
+server cancels between tokens by no longer asking), and sampling follows mlx-lm's make_sampler and
+repetition penalty exactly, so both backends draw from the same distribution. The answer's text,
+finish reason and counts come from mlxft.generation.answer_pieces, shared by every backend.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from mlxft.data.encode import encode_prompt
+from mlxft.generation import Piece, Sampling, answer_pieces, context_length, end_of_sequence_ids
+
+# mlx-lm's make_logits_processors default: the repetition penalty looks at the last 20 tokens
+# (prompt included).
+REPETITION_CONTEXT = 20
+
+
+class TextGenerator:
+    def __init__(self, model, tokenizer, folder: Path, name: str):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.folder = Path(folder)
+        self.name = name
+        self.context_length = context_length(folder, tokenizer)
+        self.end_ids = end_of_sequence_ids(folder, tokenizer)
+
+    def encode(self, prompt: str) -> list[int]:
+        return encode_prompt(self.tokenizer, prompt)
+
+    def stream(self, prompt_ids: list[int], sampling: Sampling) -> Iterator[Piece]:
+        """Answer pieces as tokens come; not thread-safe (the server runs it on one thread of its own)."""
+        tokens = sampled_tokens(self.model, prompt_ids, sampling)
+        try:
+            yield from answer_pieces(tokens, self.tokenizer, self.end_ids, sampling, len(prompt_ids))
+        finally:
+            tokens.close()
+
+
+@torch.inference_mode()
+def sampled_tokens(model, prompt_ids: list[int], sampling: Sampling) -> Iterator[int]:
+    """Token ids, one forward pass each over the KV cache, for as long as the caller asks (at most
+    max_tokens); the next forward runs only when the next token is asked for."""
+    from mlxft.backends.torch.model import autocast
+
+    device = next(model.parameters()).device
+    generator = None
+    if sampling.seed is not None:
+        generator = torch.Generator(device=device).manual_seed(sampling.seed)
+    history = list(prompt_ids)
+    accepted = inspect.signature(model.forward).parameters
+    # Only the last position's logits: the prompt's others would cost [prompt length x vocabulary].
+    last_only = {"logits_to_keep": 1} if "logits_to_keep" in accepted else {}
+    with autocast(device):
+        output = model(input_ids=torch.tensor([prompt_ids], device=device), use_cache=True, **last_only)
+    # transformers 5.24 renamed past_key_values to cache (the old name warns); older versions know only the old one.
+    cache = {"cache" if "cache" in accepted else "past_key_values": output.get("cache", output.get("past_key_values"))}
+    for step in range(sampling.max_tokens):
+        token = next_token(output.logits[0, -1].float(), history, sampling, generator)
+        yield token
+        history.append(token)
+        if step + 1 < sampling.max_tokens:
+            with autocast(device):
+                output = model(input_ids=torch.tensor([[token]], device=device), use_cache=True, **cache)
+
+
+def next_token(logits: torch.Tensor, history: list[int], sampling: Sampling, generator: torch.Generator | None = None) -> int:
+    """One token from a row of logits [V] as mlx-lm samples it: repetition penalty over the recent
+    tokens, then argmax at temperature 0, else top-p and top-k on the log-probabilities (at
+    temperature 1) and a draw from what is left, divided by the temperature."""
+    if sampling.repetition_penalty != 1.0 and history:
+        logits = penalize_repetition(logits, history[-REPETITION_CONTEXT:], sampling.repetition_penalty)
+    if sampling.temperature == 0:
+        return int(logits.argmax())
+    logprobs = torch.log_softmax(logits, dim=-1)
+    if 0 < sampling.top_p < 1:
+        logprobs = keep_top_p(logprobs, sampling.top_p)
+    if 0 < sampling.top_k < logprobs.shape[-1]:  # top_k past the vocabulary keeps every token
+        logprobs = keep_top_k(logprobs, sampling.top_k)
+    probs = torch.softmax(logprobs / sampling.temperature, dim=-1)
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def penalize_repetition(logits: torch.Tensor, recent: list[int], penalty: float) -> torch.Tensor:
+    """Each recent token's logit moved towards less likely: divided by the penalty when positive,
+    multiplied when negative (CTRL's sign-aware penalty, as in mlx-lm and transformers)."""
+    ids = torch.tensor(sorted(set(recent)), device=logits.device)
+    selected = logits[ids]
+    logits = logits.clone()
+    logits[ids] = torch.where(selected < 0, selected * penalty, selected / penalty)
+    return logits
+
+
+def keep_top_p(logprobs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """The smallest set of likeliest tokens whose probability reaches top_p (ties with the last one
+    kept); the rest at -inf."""
+    ordered, _ = logprobs.sort(descending=True)
+    probs = ordered.exp()
+    mass_before = probs.cumsum(-1) - probs
+    kept = int((mass_before < top_p * probs.sum()).sum())
+    return logprobs.masked_fill(logprobs < ordered[kept - 1], float("-inf"))
+
+
+def keep_top_k(logprobs: torch.Tensor, top_k: int) -> torch.Tensor:
+    threshold = logprobs.topk(top_k).values[-1]
+    return logprobs.masked_fill(logprobs < threshold, float("-inf"))
+
+
+def load_generator(model_name: str | None, adapter: str | Path | None = None, *, trust_remote_code: bool = False) -> TextGenerator:
+    """A base model (+ adapter, applied unfused through PEFT) ready to answer. Without --model the
+    adapter's own base model (adapter_config.json) is used, else the built-in model."""
+    from mlxft.adapters import apply_adapter
+    from mlxft.backends.torch import lora
+    from mlxft.backends.torch.model import load
+    from mlxft.generation import adapter_and_base
+
+    spec, weights, model_name = adapter_and_base(adapter, model_name)
+    model, tokenizer, folder = load(model_name, trust_remote_code=trust_remote_code)
+    if spec is not None:
+        apply_adapter(lora, model, spec, weights, str(adapter))
+    model.eval()  # LoRA dropout off
+    return TextGenerator(model, tokenizer, folder, model_name)
+
