@@ -96,7 +96,7 @@ def test_dpo_on_the_bundled_pairs_moves_an_instruct_model(real_model, tmp_path, 
     result = mlxft("dpo", "--recipe", "dpo", "--model", real_model, "--backend", backend, "--out", out,
                    "--set", "data.k_shot=48", "--set", "data.max_valid_rows=16", "--set", "train.epochs=2",
                    "--set", "train.learning_rate=1e-3", "--set", "train.warmup_steps=1", "--set", "eval.every=0",
-                   "--set", "eval.generate_examples=3", "--set", "eval.max_new_tokens=16")
+                   "--set", "eval.generate_examples=2", "--set", "eval.max_new_tokens=12")
     assert result.returncode == 0, result.stdout + result.stderr
     summary = json.loads((out / "summary.json").read_text())
     assert summary["before"]["eval_loss"] == pytest.approx(np.log(2), abs=1e-4)  # policy == reference
