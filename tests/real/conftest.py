@@ -28,3 +28,4 @@ def real_model() -> Path:
 @pytest.fixture(scope="session")
 def real_gguf(real_model) -> Path:
     return gguf_path()
+

@@ -8,6 +8,7 @@ import sys
 import time
 
 import pytest
+from marks import extended
 
 ANSWER = "The capital of France is Paris."
 QUESTION = "What is the capital of France?"
@@ -120,6 +121,7 @@ def test_bench_runs_the_same_steps_on_both_backends(real_model, tmp_path):
     assert mlx["last_loss"] == pytest.approx(torch["last_loss"], abs=1e-3)  # the same work on both
 
 
+@extended
 def test_sweep_trains_and_scores_each_shot_count(real_model, tmp_path):
     ok(mlxft("sweep", "--recipe", "tallrec", "--model", real_model, "--backend", "torch", "--shots", "8", "--seeds", "0",
              "--out", tmp_path / "sweep", "--set", "data.max_history=2", "--set", "train.steps=2",

@@ -8,6 +8,7 @@ import sys
 
 import numpy as np
 import pytest
+from marks import extended
 
 from mlxft.resources import bundled
 
@@ -89,7 +90,7 @@ def test_export_gguf_reads_back_in_transformers(real_model, tmp_path):
     assert read_back.encode(PROBE) == tokenizer.encode(PROBE) and read_back.chat_template == tokenizer.chat_template
 
 
-@pytest.mark.parametrize("backend", ["mlx", "torch"])
+@pytest.mark.parametrize("backend", ["mlx", pytest.param("torch", marks=extended)])
 def test_dpo_on_the_bundled_pairs_moves_an_instruct_model(real_model, tmp_path, backend):
     # 12 steps of 8 pairs, ~60 s a backend.
     out = tmp_path / "dpo"
