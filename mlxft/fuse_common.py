@@ -70,3 +70,14 @@ def copy_model_files(source: Path, target: Path, config: dict) -> None:
         # transformers and mlx-lm read the end-of-sequence id from here when the config lacks it.
         defaults = {key: config[key] for key in ("bos_token_id", "eos_token_id", "pad_token_id") if config.get(key) is not None}
         (target / "generation_config.json").write_text(json.dumps(defaults, indent=2))
+
+
+def adapter_and_base_name(adapter, model: str | None) -> tuple:
+    """(spec, weights, base model name) of the adapter to fuse: --model, else the base it names."""
+    from mlxft.adapters import load_adapter
+
+    spec, weights = load_adapter(adapter)
+    base_name = model or spec.base_model
+    if not base_name:
+        raise UserError(f"adapter {adapter} does not name its base model (base_model_name_or_path); give --model")
+    return spec, weights, base_name

@@ -204,3 +204,20 @@ def adapter_and_base(adapter: str | Path | None, model_name: str | None):
                 raise UserError(f"adapter {adapter} does not name its base model; give --model")
             model_name = spec.base_model
     return spec, weights, model_name or "builtin"
+
+
+class Generator:
+    """What a backend's TextGenerator shares: its model, tokenizer and folder, the context it
+    allows, and prompts encoded as in training (encode_prompt: BOS once)."""
+
+    def __init__(self, model, tokenizer, folder: str | Path, name: str):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.folder = Path(folder)
+        self.name = name
+        self.context_length = context_length(folder, tokenizer)
+
+    def encode(self, prompt: str) -> list[int]:
+        from mlxft.data.encode import encode_prompt
+
+        return encode_prompt(self.tokenizer, prompt)

@@ -23,11 +23,11 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_unflatten
 
-from mlxft.adapters import adapter_folder, apply_adapter, check_modules, load_adapter
+from mlxft.adapters import adapter_folder, apply_adapter, check_modules
 from mlxft.backends.mlx import lora
 from mlxft.errors import UserError
 from mlxft.files import staged_folder
-from mlxft.fuse_common import Fused, check_out, check_sources, copy_model_files, fused_check
+from mlxft.fuse_common import Fused, adapter_and_base_name, check_out, check_sources, copy_model_files, fused_check
 from mlxft.saved_check import fixed_probe, relative_difference
 
 QUANTIZATION_KEYS = ("quantization", "quantization_config")
@@ -45,10 +45,7 @@ def fuse(adapter: str | Path, out: str | Path, *, model: str | None = None, quan
     check_out(out, force)
     if quantize not in (None, 4, 8):
         raise UserError(f"--quantize takes 4 or 8, not {quantize}")
-    spec, weights = load_adapter(adapter)
-    base_name = model or spec.base_model
-    if not base_name:
-        raise UserError(f"adapter {adapter} does not name its base model (base_model_name_or_path); give --model")
+    spec, weights, base_name = adapter_and_base_name(adapter, model)
     base, _, folder = load(base_name, trust_remote_code=trust_remote_code)
     check_sources(out, folder, adapter_folder(adapter))
     check_modules(weights, linear_modules(base), str(adapter))

@@ -13,20 +13,10 @@ from typing import Iterator
 
 import mlx.core as mx
 
-from mlxft.data.encode import encode_prompt
-from mlxft.generation import Piece, Sampling, StopScanner, adapter_and_base, context_length
+from mlxft.generation import Generator, Piece, Sampling, StopScanner, adapter_and_base
 
 
-class TextGenerator:
-    def __init__(self, model, tokenizer, folder: Path, name: str):
-        self.model = model
-        self.tokenizer = tokenizer
-        self.folder = Path(folder)
-        self.name = name
-        self.context_length = context_length(folder, tokenizer)
-
-    def encode(self, prompt: str) -> list[int]:
-        return encode_prompt(self.tokenizer, prompt)
+class TextGenerator(Generator):
 
     def batch_engine(self):
         """The running batch `mlxft serve` answers many requests with (mlxft.backends.mlx.batch),

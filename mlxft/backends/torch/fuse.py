@@ -21,11 +21,11 @@ from pathlib import Path
 
 import torch
 
-from mlxft.adapters import adapter_folder, apply_adapter, check_modules, load_adapter
+from mlxft.adapters import adapter_folder, apply_adapter, check_modules
 from mlxft.backends.torch import lora
-from mlxft.errors import NotImplementedYet, UserError
+from mlxft.errors import NotImplementedYet
 from mlxft.files import staged_folder
-from mlxft.fuse_common import Fused, check_out, check_sources, copy_model_files, fused_check
+from mlxft.fuse_common import Fused, adapter_and_base_name, check_out, check_sources, copy_model_files, fused_check
 from mlxft.saved_check import fixed_probe, relative_difference
 
 # safetensors' names for the float dtypes a base may be stored in.
@@ -41,10 +41,7 @@ def fuse(adapter: str | Path, out: str | Path, *, model: str | None = None, quan
     if quantize is not None:
         raise NotImplementedYet("--quantize is not implemented on the PyTorch backend yet; fuse in full precision, "
                                 "or use --backend mlx for a 4- or 8-bit fused model")
-    spec, weights = load_adapter(adapter)
-    base_name = model or spec.base_model
-    if not base_name:
-        raise UserError(f"adapter {adapter} does not name its base model (base_model_name_or_path); give --model")
+    spec, weights, base_name = adapter_and_base_name(adapter, model)
     base, _, folder = load(base_name, trust_remote_code=trust_remote_code)
     check_sources(out, folder, adapter_folder(adapter))
     check_modules(weights, lora.linear_modules(base), str(adapter))

@@ -19,25 +19,17 @@ from pathlib import Path
 
 import torch
 
-from mlxft.data.encode import encode_prompt
-from mlxft.generation import Piece, Sampling, answer_pieces, context_length, end_of_sequence_ids
+from mlxft.generation import Generator, Piece, Sampling, answer_pieces, end_of_sequence_ids
 
 # mlx-lm's make_logits_processors default: the repetition penalty looks at the last 20 tokens
 # (prompt included).
 REPETITION_CONTEXT = 20
 
 
-class TextGenerator:
+class TextGenerator(Generator):
     def __init__(self, model, tokenizer, folder: Path, name: str):
-        self.model = model
-        self.tokenizer = tokenizer
-        self.folder = Path(folder)
-        self.name = name
-        self.context_length = context_length(folder, tokenizer)
+        super().__init__(model, tokenizer, folder, name)
         self.end_ids = end_of_sequence_ids(folder, tokenizer)
-
-    def encode(self, prompt: str) -> list[int]:
-        return encode_prompt(self.tokenizer, prompt)
 
     def stream(self, prompt_ids: list[int], sampling: Sampling) -> Iterator[Piece]:
         """Answer pieces as tokens come; not thread-safe (the server runs it on one thread of its own)."""
