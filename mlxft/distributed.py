@@ -103,7 +103,8 @@ def step_seed(seed: int, step: int, rank: int = 0) -> int:
 
 
 def rows_of(batch: Batch, rows: np.ndarray) -> Batch:
-    return replace(batch, input_ids=batch.input_ids[rows], loss_mask=batch.loss_mask[rows], lengths=batch.lengths[rows])
+    return replace(batch, input_ids=batch.input_ids[rows], loss_mask=batch.loss_mask[rows], lengths=batch.lengths[rows],
+                   segment_ids=None if batch.segment_ids is None else batch.segment_ids[rows])
 
 
 def empty(batch) -> bool:

@@ -6,6 +6,8 @@ answer tokens, the loss from the step's sums and the answers to held-out rows. N
 from __future__ import annotations
 
 from mlxft.data.encode import answer_token_ids
+from mlxft.errors import UserError
+from mlxft.model_files import SPLIT_HEAD_TYPES, model_type
 
 
 def answer_ids_for(tokenizer, splits, answers):
@@ -49,6 +51,22 @@ def encode_sft_data(splits, tokenizer, config, echo) -> tuple[list, list, object
     echo(f"data {splits.source}: {len(splits.train)} train / {len(splits.valid)} valid / {len(splits.test)} test rows; "
          f"template {describe_template(splits.template, tokenizer)}; {report.summary()}")
     return train_set, valid_set, report
+
+
+def packed_train_set(train_set: list, config, can_pack: bool, folder, pad_multiple: int, echo) -> list:
+    """The training examples packed into rows of data.cutoff tokens when data.packing is on
+    (mlxft.data.packing), else as they are; validation is never packed (its loss is per example)."""
+    from mlxft.data.packing import describe_packing, pack
+
+    if not config.data.packing:
+        return train_set
+    if not can_pack:
+        raise UserError(f"data.packing needs a model whose attention takes mlxft's mask of packed rows: a "
+                        f"{', '.join(sorted(SPLIT_HEAD_TYPES))} model without sliding-window layers (on PyTorch with "
+                        f"attention sdpa or eager); {folder} is {model_type(folder) or 'of no known model_type'}")
+    rows = pack(train_set, config.data.cutoff)
+    echo(describe_packing(train_set, rows, config.data.cutoff, config.train.batch_size, pad_multiple))
+    return rows
 
 
 def sft_validation(evaluate, model, valid_set, *, pad_id: int, split_head: bool, batch_size: int, answer_ids, world):

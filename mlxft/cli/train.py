@@ -51,6 +51,8 @@ def _train(method, recipe, model, data_source, out_dir, overrides, quantize, bac
         config = resolve_config(recipe, model, data_source, out_dir, overrides, quantize, trust_remote_code, report_to)
         if adapter:
             _check_start_adapter(adapter, config)
+        if config.data.packing and method != "sft":
+            raise UserError(f"data.packing applies to SFT (mlxft lora); {method} rows keep their own layout")
         backend = resolve_backend(backend, quantized=bool(config.model.quantize) or is_mlx_quantized(config.model.name))
     launcher = distributed.launched_by()
     if resume_dir and backend == "auto":

@@ -1,7 +1,7 @@
 """Examples -> padded numpy batches, grouped by length so little compute is spent on padding.
 
 A batch is `input_ids [B, T] int32`, `loss_mask [B, T] int32`, `lengths [B] int32`: one example
-a row. (Packing several into a row needs per-row attention boundaries in both backends first.)
+a row, or with packing (mlxft.data.packing) several, told apart by `segment_ids [B, T] int32`.
 
 mlx-lm's "sort by length" sorts on a length that is always 1 (25% padding seen on real data);
 here batches are drawn from length-sorted windows, and the padding fraction is reported.
@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from mlxft.data.encode import Example, PreferenceExample
+from mlxft.data.packing import PackedRow, segment_ids_of
 
 
 @dataclass
@@ -22,6 +23,7 @@ class Batch:
     input_ids: np.ndarray
     loss_mask: np.ndarray
     lengths: np.ndarray
+    segment_ids: np.ndarray | None = None  # packed rows: which example each token belongs to (0: padding)
 
     @property
     def tokens(self) -> int:
@@ -47,11 +49,13 @@ def widen(batch: Batch, pad_id: int, multiple: int) -> Batch:
     def pad(array, value):
         return np.pad(array, ((0, 0), (0, extra)), constant_values=value)
 
-    return Batch(pad(batch.input_ids, pad_id), pad(batch.loss_mask, 0), batch.lengths)
+    segment_ids = None if batch.segment_ids is None else pad(batch.segment_ids, 0)
+    return Batch(pad(batch.input_ids, pad_id), pad(batch.loss_mask, 0), batch.lengths, segment_ids)
 
 
-def collate(examples: Sequence[Example], pad_id: int, pad_to_multiple: int = 1) -> Batch:
-    """Right-pad to the longest example (rounded up to a multiple); pads never carry loss."""
+def collate(examples: Sequence[Example | PackedRow], pad_id: int, pad_to_multiple: int = 1) -> Batch:
+    """Right-pad to the longest example (rounded up to a multiple); pads never carry loss. Packed
+    rows get their segment ids."""
     longest = max(len(e) for e in examples)
     width = -(-longest // pad_to_multiple) * pad_to_multiple
     input_ids = np.full((len(examples), width), pad_id, dtype=np.int32)
@@ -61,7 +65,8 @@ def collate(examples: Sequence[Example], pad_id: int, pad_to_multiple: int = 1) 
         input_ids[row, :n] = example.input_ids
         loss_mask[row, :n] = example.loss_mask
     lengths = np.array([len(e) for e in examples], dtype=np.int32)
-    return Batch(input_ids, loss_mask, lengths)
+    packed = isinstance(examples[0], PackedRow)
+    return Batch(input_ids, loss_mask, lengths, segment_ids_of(examples, width) if packed else None)
 
 
 def length_grouped_order(lengths: Sequence[int], batch_size: int, seed: int, window: int = 16) -> list[list[int]]:

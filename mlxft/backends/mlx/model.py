@@ -64,18 +64,35 @@ def can_split_head(model, folder: Path) -> bool:
     return model_type(folder) in SPLIT_HEAD_TYPES and hasattr(model, "model") and hasattr(model, "args")
 
 
-def can_share_prompts(model, folder: Path) -> bool:
-    """Whether DPO may run each prompt once (mlxft.data.shared_prompt) on this model: the
-    families whose mlx-lm class asks the first layer's cache for the mask and rotates queries and
-    keys with `self_attn.rope`, without sliding-window layers (the shared mask has no window)."""
+def takes_block_mask(model, folder: Path) -> bool:
+    """Whether this model can run rows with a mask of mlxft's own (shared prompts, packing): a
+    family whose mlx-lm class asks the first layer's cache for the mask and rotates queries and
+    keys with `self_attn.rope`, without sliding-window layers (the mask handed over has no window)."""
     if not can_split_head(model, folder) or not all(hasattr(layer, "self_attn") and hasattr(layer.self_attn, "rope")
                                                     for layer in model.model.layers):
         return False
+    return all(t == "full_attention" for t in getattr(model.args, "layer_types", None) or [])
+
+
+def can_share_prompts(model, folder: Path) -> bool:
+    """Whether DPO may run each prompt once (mlxft.data.shared_prompt) on this model."""
     # mlx-lm's gradient checkpointing recomputes each block in the backward pass, after the
     # forward has put the rotary embeddings back; it patches the block class, so it holds for
     # every model of that class in the process once any run turned it on.
     recomputed = getattr(type(model.model.layers[0]).__call__, "__name__", "") == "checkpointed_fn"
-    return not recomputed and all(t == "full_attention" for t in getattr(model.args, "layer_types", None) or [])
+    return takes_block_mask(model, folder) and not recomputed
+
+
+def can_pack(model, folder: Path) -> bool:
+    """Whether SFT may pack rows (mlxft.data.packing) on this model: its mask taken as given, and
+    rotary positions, under which an example placed later in a row attends as it would at 0."""
+    return takes_block_mask(model, folder)
+
+
+def block_masked_logits_at(model, inputs: mx.array, mask: mx.array, positions: mx.array) -> mx.array:
+    """Logits [B, K, V] at `positions` [B, K] of rows run with `mask` [B, 1, T, T] (True: may attend)."""
+    hidden = model.model(inputs, cache=[_MaskOnly(mask)] * len(model.model.layers))
+    return head_logits(model, mx.take_along_axis(hidden, positions[..., None], axis=1))
 
 
 def shared_prompt_logits(model, prompt_ids: mx.array, answer_ids: mx.array, mask: mx.array) -> mx.array:

@@ -7,7 +7,8 @@ optimizer -> loop -> save.
 Supports: LoRA in PEFT terms or full fine-tuning; quantized bases (QLoRA); AdamW with warmup and
 cosine / linear / constant decay; gradient accumulation weighted by scored tokens (k micro-batches
 give exactly the gradient of one batch k times the size); gradient clipping; steps or epochs;
-length-grouped batches; the LM head run on scored positions only; a compiled step; gradient
+length-grouped batches or packed rows (data.packing,
+each example attending only to itself); the LM head run on scored positions only; a compiled step; gradient
 checkpointing; validation loss (and AUC for Yes/No data) every N steps with the best adapter kept
 and early stopping; atomic checkpoints every N steps and --resume that reproduces the losses of an
 uninterrupted run; metrics.jsonl, summary.json and a progress bar with loss and tokens/s.
@@ -35,7 +36,7 @@ from mlxft.model_files import pad_id as pad_id_of
 from mlxft.policy import build_policy, describe_policy
 from mlxft.runs import Run
 from mlxft.saved_check import check_saved_adapter, probe_ids
-from mlxft.sft_common import answer_held_out, answer_ids_for, encode_sft_data, sft_validation, token_mean_loss
+from mlxft.sft_common import answer_held_out, answer_ids_for, encode_sft_data, packed_train_set, sft_validation, token_mean_loss
 
 
 def train(config: RunConfig, run: Run, *, resume: bool = False, adapter: str | None = None, echo=print,
@@ -63,6 +64,8 @@ def train(config: RunConfig, run: Run, *, resume: bool = False, adapter: str | N
     echo(f"run folder: {run.folder}")
     pad_id = pad_id_of(tokenizer)
     answer_ids = answer_ids_for(tokenizer, splits, ec.answers)
+    examples = len(train_set)
+    train_set = packed_train_set(train_set, config, mlx_model.can_pack(model, folder), folder, PAD_MULTIPLE, echo)
 
     # --- optimizer and step ----------------------------------------------------------------------
     optimizer = optim.AdamW(learning_rate=tc.learning_rate, weight_decay=tc.weight_decay,
@@ -70,10 +73,12 @@ def train(config: RunConfig, run: Run, *, resume: bool = False, adapter: str | N
     start = driver.Start()
     if resume:  # before the step is compiled: it must capture the restored optimizer state
         start = driver.Start(*checkpoint.load(run, model, optimizer, config.lora.full_finetune))
-    micro_step, update = steps.make_step(model, optimizer, partial(steps.sft_loss, split_head=split_head), tc.max_grad_norm)
+    loss, inputs_of = ((steps.packed_sft_loss, steps.packed_sft_inputs) if config.data.packing
+                       else (partial(steps.sft_loss, split_head=split_head), steps.sft_inputs))
+    micro_step, update = steps.make_step(model, optimizer, loss, tc.max_grad_norm)
 
     trainer = driver.Trainer(
-        step=steps.train_step(model, optimizer, micro_step, update, steps.sft_inputs, tc.seed, world),
+        step=steps.train_step(model, optimizer, micro_step, update, inputs_of, tc.seed, world),
         validate=sft_validation(evaluate, model, valid_set, pad_id=pad_id, split_head=split_head,
                                 batch_size=ec.batch_size, answer_ids=answer_ids, world=world),
         summarize=token_mean_loss,
@@ -95,5 +100,6 @@ def train(config: RunConfig, run: Run, *, resume: bool = False, adapter: str | N
     generations = answer_held_out(generate_answer, model, tokenizer, splits, config) if ec.generate_examples else []
     return driver.summarize_run(run, config, fitted, trainer, method="sft", backend="mlx", device=str(mx.default_device()),
                                 model=str(folder), trainable=trainable,
-                                data={"train_rows": len(train_set), "truncated_rows": report.truncated},
+                                data={"train_rows": examples, "truncated_rows": report.truncated,
+                                      **({"packed_rows": len(train_set)} if config.data.packing else {})},
                                 outputs={"saved_check": saved_check, "generations": generations})

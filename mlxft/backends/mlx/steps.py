@@ -22,6 +22,7 @@ from mlxft.backends.mlx import PAD_MULTIPLE, SHARED_PROMPT_FEW_WIDTHS, SHARED_PR
 from mlxft.backends.mlx import model as mlx_model
 from mlxft.backends.mlx.model import logits_at, shared_prompt_logits
 from mlxft.data.batching import iterate_pair_batches, scored_targets
+from mlxft.data.packing import block_mask
 from mlxft.data.shared_prompt import pair_inputs
 from mlxft.distributed import World, empty, step_seed
 from mlxft.dpo_loss import pair_objective
@@ -122,6 +123,19 @@ def sft_inputs(batch) -> tuple:
     targets = scored_targets(batch)
     return (mx.array(batch.input_ids[:, :-1]), mx.array(targets.positions), mx.array(targets.tokens),
             mx.array(targets.weights))
+
+
+def packed_sft_loss(model, inputs, mask, positions, tokens, weights):
+    """sft_loss of packed rows (mlxft.data.packing): each example attends only to itself."""
+    logits = mlx_model.block_masked_logits_at(model, inputs, mask, positions).astype(mx.float32)
+    losses = nn.losses.cross_entropy(logits, tokens) * weights
+    return losses.sum(), mx.stack([weights.sum(), mx.stop_gradient(losses.sum())])
+
+
+def packed_sft_inputs(batch) -> tuple:
+    """A micro-batch of packed rows as packed_sft_loss takes it: sft_inputs with the block mask."""
+    inputs, positions, tokens, weights = sft_inputs(batch)
+    return inputs, mx.array(block_mask(batch.segment_ids[:, :-1])), positions, tokens, weights
 
 
 # --- online RL -------------------------------------------------------------------------------------

@@ -105,9 +105,9 @@ def can_split_head(model, folder: Path) -> bool:
             and not getattr(model.config, "final_logit_softcapping", None))
 
 
-def can_share_prompts(model, folder: Path) -> bool:
-    """Whether DPO may run each prompt once (mlxft.data.shared_prompt) on this model: a family
-    whose head can be split off, attention that takes a custom 4D mask (sdpa, eager), and no
+def takes_block_mask(model, folder: Path) -> bool:
+    """Whether this model can run rows with a mask of mlxft's own (shared prompts, packing): a
+    family whose head can be split off, attention that takes a custom 4D mask (sdpa, eager), and no
     sliding window (transformers would not apply it to a mask it is handed)."""
     config = model.config
     windowed = getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True)
@@ -116,20 +116,36 @@ def can_share_prompts(model, folder: Path) -> bool:
             and not windowed)
 
 
+can_share_prompts = takes_block_mask  # DPO running each prompt once (mlxft.data.shared_prompt)
+can_pack = takes_block_mask  # SFT's packed rows (mlxft.data.packing)
+
+
+def block_masked_hidden(model, rows: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """Last hidden states [B, T, H] of rows run with `mask` [B, 1, T, T] (bool, True: may attend)
+    and per-token `positions` ([1 or B, T]), which transformers takes as they are."""
+    if model.config._attn_implementation == "eager":  # it adds the mask to the scores
+        mask = torch.zeros(mask.shape, dtype=model.dtype, device=mask.device).masked_fill(~mask, torch.finfo(model.dtype).min)
+    return model.model(input_ids=rows, attention_mask=mask, position_ids=positions, use_cache=False).last_hidden_state
+
+
 def shared_prompt_logits(model, prompt_ids: torch.Tensor, answer_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Logits [2B, A, V] predicting answer_ids [2B, A] from one [prompt | chosen | rejected] row
-    per pair (see mlxft.data.shared_prompt): transformers takes per-token positions, so the
-    rejected answer gets the chosen one's, and the 4D mask as it is."""
+    per pair (see mlxft.data.shared_prompt): the rejected answer gets the chosen one's positions."""
     b, p = prompt_ids.shape
     a = answer_ids.shape[1]
     rows = torch.cat([prompt_ids, answer_ids[:b], answer_ids[b:]], dim=1)
     positions = torch.cat([torch.arange(p + a), torch.arange(p, p + a)]).to(rows.device)[None]
-    if model.config._attn_implementation == "eager":  # it adds the mask to the scores
-        mask = torch.zeros(mask.shape, dtype=model.dtype, device=mask.device).masked_fill(~mask, torch.finfo(model.dtype).min)
-    hidden = model.model(input_ids=rows, attention_mask=mask, position_ids=positions, use_cache=False).last_hidden_state
+    hidden = block_masked_hidden(model, rows, mask, positions)
     chosen = hidden[:, p - 1 : p + a - 1]
     rejected = torch.cat([hidden[:, p - 1 : p], hidden[:, p + a : p + 2 * a - 1]], dim=1)
     return model.lm_head(torch.cat([chosen, rejected]))
+
+
+def block_masked_logits_at(model, inputs: torch.Tensor, mask: torch.Tensor, segment_positions: torch.Tensor,
+                           positions: torch.Tensor) -> torch.Tensor:
+    """Logits [B, K, V] at `positions` [B, K] of packed rows (mlxft.data.packing)."""
+    hidden = block_masked_hidden(model, inputs, mask, segment_positions)
+    return model.lm_head(hidden.gather(1, positions[..., None].expand(-1, -1, hidden.shape[-1])))
 
 
 def enable_gradient_checkpointing(model, lora_dropout: float = 0.0) -> None:

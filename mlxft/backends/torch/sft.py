@@ -8,8 +8,9 @@ recipes, same metric names, same run folder and summary.json keys.
 Supports: LoRA through PEFT (from the same AdapterSpec as MLX) or full fine-tuning; QLoRA through
 bitsandbytes on CUDA; MLX's AdamW update (see adamw.py) with warmup and cosine / linear / constant
 decay; gradient accumulation weighted by scored tokens (k micro-batches give exactly the gradient
-of one batch k times the size); gradient clipping; steps or epochs; length-grouped batches; the LM
-head run on scored positions only; bf16 autocast on CUDA; gradient checkpointing; validation loss
+of one batch k times the size); gradient clipping; steps or epochs; length-grouped batches or
+packed rows (data.packing, each example attending only to itself, from position 0); the LM head
+run on scored positions only; bf16 autocast on CUDA; gradient checkpointing; validation loss
 (and AUC for Yes/No data) every N steps with the best adapter kept and early stopping; atomic
 checkpoints every N steps and --resume that reproduces the losses of an uninterrupted run;
 metrics.jsonl, summary.json and a progress bar with loss and tokens/s.
@@ -37,7 +38,7 @@ from mlxft.model_files import pad_id as pad_id_of
 from mlxft.policy import build_policy, describe_policy
 from mlxft.runs import Run
 from mlxft.saved_check import check_saved_adapter, probe_ids
-from mlxft.sft_common import answer_held_out, answer_ids_for, encode_sft_data, sft_validation, token_mean_loss
+from mlxft.sft_common import answer_held_out, answer_ids_for, encode_sft_data, packed_train_set, sft_validation, token_mean_loss
 
 
 def train(config: RunConfig, run: Run, *, resume: bool = False, adapter: str | None = None, echo=print,
@@ -65,6 +66,8 @@ def train(config: RunConfig, run: Run, *, resume: bool = False, adapter: str | N
     echo(f"run folder: {run.folder}")
     pad_id = pad_id_of(tokenizer)
     answer_ids = answer_ids_for(tokenizer, splits, ec.answers)
+    examples = len(train_set)
+    train_set = packed_train_set(train_set, config, torch_model.can_pack(model, folder), folder, PAD_MULTIPLE, echo)
 
     # --- optimizer and step ----------------------------------------------------------------------
     named = {name: p for name, p in model.named_parameters() if p.requires_grad}
@@ -76,7 +79,8 @@ def train(config: RunConfig, run: Run, *, resume: bool = False, adapter: str | N
                                               config.model.trust_remote_code))
 
     trainer = driver.Trainer(
-        step=steps.train_step(optimizer, partial(steps.sft_loss, model, split_head=split_head, device=device),
+        step=steps.train_step(optimizer, partial(steps.packed_sft_loss, model, device=device) if config.data.packing
+                              else partial(steps.sft_loss, model, split_head=split_head, device=device),
                               seed=tc.seed, max_grad_norm=tc.max_grad_norm, world=world),
         validate=sft_validation(evaluate, model, valid_set, pad_id=pad_id, split_head=split_head,
                                 batch_size=ec.batch_size, answer_ids=answer_ids, world=world),
@@ -99,5 +103,6 @@ def train(config: RunConfig, run: Run, *, resume: bool = False, adapter: str | N
     generations = answer_held_out(generate_answer, model, tokenizer, splits, config) if ec.generate_examples else []
     return driver.summarize_run(run, config, fitted, trainer, method="sft", backend="torch", device=str(device),
                                 model=str(folder), trainable=trainable,
-                                data={"train_rows": len(train_set), "truncated_rows": report.truncated},
+                                data={"train_rows": examples, "truncated_rows": report.truncated,
+                                      **({"packed_rows": len(train_set)} if config.data.packing else {})},
                                 outputs={"saved_check": saved_check, "generations": generations})

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from mlxft.backends.torch import PAD_MULTIPLE, SHARED_PROMPT_FEW_WIDTHS, SHARED_PROMPT_PAD_MULTIPLE, lora
 from mlxft.backends.torch import model as torch_model
 from mlxft.backends.torch.model import logits_at, shared_prompt_logits
+from mlxft.data import packing
 from mlxft.data.batching import iterate_pair_batches, scored_targets
 from mlxft.data.shared_prompt import pair_inputs
 from mlxft.distributed import World, empty, step_seed
@@ -108,6 +109,20 @@ def sft_loss(model, batch, *, split_head: bool, device):
     with torch_model.autocast(device):
         loss_sum, n_tokens = torch_model.token_losses(model, inputs, positions, tokens, weights, split_head)
     return loss_sum, torch.stack([n_tokens.detach(), loss_sum.detach()])
+
+
+def packed_sft_loss(model, batch, *, device):
+    """sft_loss of packed rows (mlxft.data.packing): each example attends only to itself and
+    counts its positions from 0."""
+    targets = scored_targets(batch)
+    segments = batch.segment_ids[:, :-1]
+    inputs, mask, segment_positions, positions, tokens, weights = torch_model.to_device(
+        device, batch.input_ids[:, :-1], packing.block_mask(segments), packing.segment_positions(segments), targets.positions,
+        targets.tokens, targets.weights)
+    with torch_model.autocast(device):
+        logits = torch_model.block_masked_logits_at(model, inputs, mask, segment_positions, positions).float()
+        losses = F.cross_entropy(logits.flatten(0, 1), tokens.flatten(), reduction="none") * weights.flatten()
+    return losses.sum(), torch.stack([weights.sum().detach(), losses.sum().detach()])
 
 
 # --- online RL -------------------------------------------------------------------------------------
