@@ -13,7 +13,7 @@ from click.testing import CliRunner
 from mlxft.backends.mlx.stream import load_generator
 from mlxft.errors import UserError
 from mlxft.generation import Sampling
-from mlxft.serve.server import ModelServer, adapter_options, is_loopback, make_server
+from mlxft.serve.server import ModelServer, adapter_options, check_origins, is_loopback, make_server
 
 CHAT = "/v1/chat/completions"
 COMPLETIONS = "/v1/completions"
@@ -187,6 +187,46 @@ def test_api_key(generator):
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_cors_is_off_unless_an_origin_is_named(server, generator):
+    page = {"Origin": "https://app.example"}
+    preflight = {**page, "Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "content-type"}
+    # Off: no answer, preflight included, carries an Access-Control header (the browser blocks the page).
+    for method, path in (("OPTIONS", COMPLETIONS), ("GET", "/v1/models"), ("POST", COMPLETIONS)):
+        _, headers, _ = call(server, method, path, {"prompt": "hi", "max_tokens": 1} if method == "POST" else None,
+                             headers=preflight if method == "OPTIONS" else page)
+        assert not [h for h in headers if h.startswith("access-control")], (method, headers)
+    named = start(generator, cors_origins=("https://app.example",), api_key="k")
+    try:
+        status, headers, _ = call(named, "OPTIONS", COMPLETIONS, headers=preflight)
+        assert status == 204 and headers["access-control-allow-origin"] == "https://app.example"
+        assert headers["access-control-allow-methods"] == "POST, OPTIONS" and headers["vary"] == "Origin"
+        assert "Authorization" in headers["access-control-allow-headers"]
+        # The answer, a stream and an error (the page must be able to read why it failed) carry it too.
+        status, headers, _ = call(named, "POST", COMPLETIONS, {"prompt": "hi", "max_tokens": 1, "stream": True},
+                                  headers={**page, "Authorization": "Bearer k"})
+        assert status == 200 and headers["access-control-allow-origin"] == "https://app.example"
+        status, headers, _ = call(named, "GET", "/v1/models", headers=page)
+        assert status == 401 and headers["access-control-allow-origin"] == "https://app.example"
+        _, headers, _ = call(named, "GET", "/health", headers={"Origin": "https://other.example"})
+        assert "access-control-allow-origin" not in headers
+    finally:
+        named.shutdown()
+        named.server_close()
+    anyone = start(generator, cors_origins=("*",))
+    try:
+        assert call(anyone, "GET", "/health", headers={"Origin": "http://localhost:3000"})[1]["access-control-allow-origin"] == "*"
+    finally:
+        anyone.shutdown()
+        anyone.server_close()
+
+
+def test_cors_origins_are_checked():
+    assert check_origins(["http://localhost:3000", "*"]) == ("http://localhost:3000", "*")
+    for bad in ("app.example", "https://app.example/", "https://app.example/chat"):
+        with pytest.raises(UserError, match="--cors-origin"):
+            check_origins([bad])
 
 
 class StreamOnly:

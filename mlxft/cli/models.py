@@ -114,11 +114,15 @@ def chat_command(model, adapter, template, backend, trust_remote_code, system, t
 @click.option("--max-batch", type=click.IntRange(min=1), default=32, show_default=True, help="Answers generated at once (continuous batching).")
 @click.option("--max-queue", type=click.IntRange(min=0), default=256, show_default=True,
               help="Requests that may wait for a place in the batch; beyond them a request gets HTTP 429.")
+@click.option("--cors-origin", "cors_origins", multiple=True, metavar="ORIGIN",
+              help="A web origin (https://app.example) whose pages may call the API; repeat for more, '*' for any. "
+                   "Off by default.")
 @click.option("--quiet", is_flag=True, help="Do not log each request.")
-def serve_command(model, adapters, template, backend, trust_remote_code, adapters_dir, host, port, api_key, max_batch, max_queue, quiet):
+def serve_command(model, adapters, template, backend, trust_remote_code, adapters_dir, host, port, api_key, max_batch, max_queue,
+                  cors_origins, quiet):
     """OpenAI-compatible API (/v1/chat/completions, /v1/completions, /v1/models) and a chat page at /;
     many adapters on one base, requests batched together whatever adapter they ask for."""
-    from mlxft.serve.server import adapter_options, base_model_of, is_loopback, make_server
+    from mlxft.serve.server import adapter_options, base_model_of, check_origins, is_loopback, make_server
 
     default, named = adapter_options(adapters, adapters_dir)
     model = model or base_model_of(default, named)
@@ -130,7 +134,8 @@ def serve_command(model, adapters, template, backend, trust_remote_code, adapter
     try:
         server = make_server(generator, host=host, port=port, template=template, api_key=api_key,
                              log=None if quiet else (lambda line: click.echo(line, err=True)),
-                             max_batch=max_batch, max_queue=max_queue, adapters=named, default_adapter=default)
+                             max_batch=max_batch, max_queue=max_queue, adapters=named, default_adapter=default,
+                             cors_origins=check_origins(cors_origins))
     except OSError as e:
         raise UserError(f"cannot listen on {host}:{port} ({e.strerror or e})") from None
     if not is_loopback(host) and not api_key:

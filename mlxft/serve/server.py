@@ -16,6 +16,10 @@ nothing for `read_timeout` seconds is closed; nothing of an internal error's tex
 client (it goes to the log). With an API key, every /v1 request must carry
 `Authorization: Bearer KEY`; without one, adapters cannot be added or removed over HTTP.
 
+CORS is off: a web page from another origin cannot read an answer, nor send a request with a
+JSON body or an API key (its preflight gets no Access-Control-* headers). `cors_origins` names the
+origins that may (`*` for any); only a request whose Origin is one of them gets the headers.
+
 Why the standard library and not an async server (uvicorn + starlette): what limits this server
 is the model thread, not connection handling. A thread per connection costs a few hundred KB and
 spends its time blocked on a queue or a socket, so 64 streaming clients are 64 idle threads; the
@@ -76,7 +80,8 @@ class ModelServer(ThreadingHTTPServer):
 
     def __init__(self, address, generator, *, model_id: str, template: str = "auto", api_key: str | None = None, log=None,
                  read_timeout: float = READ_TIMEOUT, max_batch: int = MAX_BATCH, max_queue: int = MAX_QUEUE,
-                 adapters: dict[str, str | Path] | None = None, default_adapter: str | Path | None = None):
+                 adapters: dict[str, str | Path] | None = None, default_adapter: str | Path | None = None,
+                 cors_origins: tuple[str, ...] = ()):
         # Everything that can fail on the user's input comes before binding: no socket is left open.
         self.template = resolve_template(template, generator.tokenizer)
         self.generator = generator
@@ -98,6 +103,7 @@ class ModelServer(ThreadingHTTPServer):
         self.api_key = api_key
         self.log = log
         self.read_timeout = read_timeout
+        self.cors_origins = tuple(cors_origins)
         self.created = int(time.time())
 
     def model_names(self) -> list[str]:
@@ -117,12 +123,13 @@ class ModelServer(ThreadingHTTPServer):
 def make_server(generator, *, host: str = "127.0.0.1", port: int = 8080, model_id: str | None = None,
                 template: str = "auto", api_key: str | None = None, log=None, read_timeout: float = READ_TIMEOUT,
                 max_batch: int = MAX_BATCH, max_queue: int = MAX_QUEUE, adapters: dict[str, str | Path] | None = None,
-                default_adapter: str | Path | None = None) -> ModelServer:
+                default_adapter: str | Path | None = None, cors_origins: tuple[str, ...] = ()) -> ModelServer:
     """`adapters`: {name: adapter folder} served beside the base, picked by a request's "model";
-    `default_adapter`: the adapter a request that names no model (or the model served) gets."""
+    `default_adapter`: the adapter a request that names no model (or the model served) gets;
+    `cors_origins`: the web origins whose pages may call the API (`*`: any), none by default."""
     return ModelServer((host, port), generator, model_id=model_id or generator.name, template=template,
                        api_key=api_key, log=log, read_timeout=read_timeout, max_batch=max_batch, max_queue=max_queue,
-                       adapters=adapters, default_adapter=default_adapter)
+                       adapters=adapters, default_adapter=default_adapter, cors_origins=cors_origins)
 
 
 def make_scheduler(generator, max_batch: int, max_queue: int, log, adapters: bool):
@@ -185,6 +192,18 @@ def base_model_of(default: Path | None, named: dict[str, Path]) -> str | None:
     return next(iter(bases), "") or None
 
 
+ORIGIN = re.compile(r"https?://[^/\s?#]+")
+
+
+def check_origins(origins) -> tuple[str, ...]:
+    """--cors-origin values as a browser sends Origin (scheme://host[:port], no path), or `*`."""
+    for origin in origins:
+        if origin != "*" and not ORIGIN.fullmatch(origin):
+            raise UserError(f"--cors-origin {origin!r}: give an origin as a browser sends it, like https://app.example "
+                            "or http://localhost:3000 (no path, no trailing slash), or '*' for any")
+    return tuple(origins)
+
+
 def is_loopback(host: str) -> bool:
     if host == "localhost":
         return True
@@ -218,7 +237,9 @@ class Handler(BaseHTTPRequestHandler):
             self.send_json(404, ApiError(404, f"no such path: {path}", type="not_found_error", code="not_found").body())
             return
         allowed = ", ".join([*methods, *(["HEAD"] if "GET" in methods else []), "OPTIONS"])
-        self.send_bytes(204, b"", None, {"Allow": allowed})
+        preflight = {"Access-Control-Allow-Methods": allowed, "Access-Control-Allow-Headers": "Authorization, Content-Type",
+                     "Access-Control-Max-Age": "600"} if self.allowed_origin() else {}
+        self.send_bytes(204, b"", None, {"Allow": allowed, **preflight})
 
     def do_POST(self):
         self.route("POST")
@@ -419,6 +440,24 @@ class Handler(BaseHTTPRequestHandler):
                 self.rfile.read(int(length))
             except OSError:  # a client that announced more than it sent: answer, then hang up
                 self.close_connection = True
+
+    def allowed_origin(self) -> str | None:
+        """What Access-Control-Allow-Origin says to this request: its Origin when --cors-origin
+        names it (or `*`), else nothing."""
+        origin = self.headers.get("Origin") if getattr(self, "headers", None) is not None else None
+        if not origin or not self.server.cors_origins:
+            return None
+        if "*" in self.server.cors_origins:
+            return "*"
+        return origin if origin in self.server.cors_origins else None
+
+    def end_headers(self):
+        origin = self.allowed_origin()
+        if origin:  # every answer, errors and streams included: a page must be able to read its errors too
+            self.send_header("Access-Control-Allow-Origin", origin)
+            if origin != "*":
+                self.send_header("Vary", "Origin")
+        super().end_headers()
 
     def send_event(self, payload: dict) -> None:
         self.wfile.write(b"data: " + json.dumps(payload).encode() + b"\n\n")
