@@ -6,7 +6,9 @@
 It runs the recipe's own training step (the trainers' step, in the processes `mlxft bench` uses)
 on synthetic rows, every token but the first scored (the most a row can cost): one row at half of
 data.cutoff, one at data.cutoff and two at data.cutoff, each step's peak on its own, after an
-untimed first step. Their peaks fit
+untimed first step. For DPO (`--for dpo`) a row is a pair at dpo.max_length (its prompt
+dpo.max_prompt_length, at most half), and the step is DPO's: the reference forward, then the
+policy's forward and backward on both answers. Their peaks fit
 
     peak(rows, length) = fixed + rows * (a * length + b * length^2)
 
@@ -14,9 +16,10 @@ the weights, optimizer state and buffers, plus each row's activations (linear in
 the attention scores' square). From the fit: the run's peak at train.batch_size x data.cutoff,
 against train.memory_limit of the device's memory, and the largest batch and cutoff that fit.
 
-Supports SFT recipes (lora: LoRA, QLoRA and full fine-tuning as configured). Raises
-NotImplementedYet for DPO, reward and RL recipes (their rows are pairs or rollouts), and
-UserError for a bad recipe or model, or a backend that cannot run here.
+Supports SFT (lora) and DPO recipes with LoRA or QLoRA (packed SFT rows cost what a full row of
+data.cutoff does, which is what is measured). Raises NotImplementedYet for reward and RL recipes
+(a reward model's step and rollouts are not in the bench's workloads yet), full fine-tuning and
+gradient checkpointing, and UserError for a bad recipe or model, or a backend that cannot run here.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from mlxft.data.batching import Batch
 from mlxft.errors import NotImplementedYet, UserError
 
 SFT_RECIPES_METHOD = "lora"
+PLANNED = {"lora": ("data.cutoff", "rows"), "dpo": ("dpo.max_length", "pairs")}  # method: (its length setting, a row is)
 
 
 @dataclass
@@ -86,8 +90,23 @@ def synthetic_batch(rows: int, length: int, vocab: int, seed: int) -> Batch:
     return Batch(ids, mask, np.full(rows, length, dtype=np.int32))
 
 
+def synthetic_pairs(pairs: int, length: int, prompt_length: int, vocab: int, seed: int) -> Batch:
+    """A pair batch's 2B rows (chosen first) of `length` random tokens: each pair's two rows share
+    their first `prompt_length` tokens, and the answers after them are scored."""
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(3, max(vocab, 4), size=(2 * pairs, length)).astype(np.int32)
+    ids[pairs:, :prompt_length] = ids[:pairs, :prompt_length]
+    mask = np.zeros((2 * pairs, length), dtype=bool)
+    mask[:, prompt_length:] = True
+    return Batch(ids, mask, np.full(2 * pairs, length, dtype=np.int32))
+
+
+def prompt_length_of(config: RunConfig, length: int) -> int:
+    return min(config.dpo.max_prompt_length, length // 2)
+
+
 def measure_peaks(config: RunConfig, model_dir: Path, backend: str, shapes: list[tuple[int, int]], vocab: int,
-                  pad_id: int, folder: Path, threads: int) -> list[float]:
+                  pad_id: int, folder: Path, threads: int, method: str = SFT_RECIPES_METHOD) -> list[float]:
     """The backend's peak memory (GB) of a training step at each (rows, length) of `shapes`, in
     one process (mlxft bench's child: the trainers' own step) after an untimed step at the first
     shape. Give the shapes smallest first: where the OS cannot reset a process's peak (torch on a
@@ -95,8 +114,13 @@ def measure_peaks(config: RunConfig, model_dir: Path, backend: str, shapes: list
     from mlxft.bench import harness
     from mlxft.bench import workload as workloads
 
-    steps = [[synthetic_batch(rows, length, vocab, seed=s)] for s, (rows, length) in enumerate([shapes[0], *shapes])]
-    work = workloads.Workload("lora", config, model_dir, steps, warmup=1, encoded_rows=len(steps), truncated_rows=0,
+    def batch(rows: int, length: int, seed: int) -> Batch:
+        if method == "dpo":
+            return synthetic_pairs(rows, length, prompt_length_of(config, length), vocab, seed)
+        return synthetic_batch(rows, length, vocab, seed)
+
+    steps = [[batch(rows, length, seed=s)] for s, (rows, length) in enumerate([shapes[0], *shapes])]
+    work = workloads.Workload(method, config, model_dir, steps, warmup=1, encoded_rows=len(steps), truncated_rows=0,
                               pad_id=pad_id, pad_multiple=None)
     spec = workloads.save(work, folder / "workload")
     result = harness.run_child(spec, backend, threads, folder, measure_gemm=False)
@@ -124,8 +148,8 @@ def plan(config: RunConfig, backend: str, *, method: str = SFT_RECIPES_METHOD, t
 
     from mlxft.model_files import load_tokenizer, pad_id, resolve_model_dir
 
-    if method != SFT_RECIPES_METHOD:
-        raise NotImplementedYet(f"mlxft plan measures SFT recipes (mlxft lora) for now, not {method} recipes")
+    if method not in PLANNED:
+        raise NotImplementedYet(f"mlxft plan measures SFT (mlxft lora) and DPO recipes for now, not {method} recipes")
     if config.lora.full_finetune:
         raise NotImplementedYet("mlxft plan measures LoRA steps for now; full fine-tuning is not measured "
                                 "(--set lora.full_finetune=false plans the LoRA run)")
@@ -135,16 +159,17 @@ def plan(config: RunConfig, backend: str, *, method: str = SFT_RECIPES_METHOD, t
     model_config = json.loads((model_dir / "config.json").read_text())
     vocab = int(model_config.get("vocab_size") or 0)
     tokenizer = load_tokenizer(model_dir, trust_remote_code=config.model.trust_remote_code)
-    length, rows = config.data.cutoff, config.train.batch_size
+    setting, unit = PLANNED[method]
+    length, rows = (config.dpo.max_length if method == "dpo" else config.data.cutoff), config.train.batch_size
     budget, where = device_budget(backend)
     share = config.train.memory_limit or 1.0
     folder = Path(out) if out else Path(tempfile.mkdtemp(prefix="mlxft-plan-"))
     threads = threads or os.cpu_count() or 1
-    echo(f"plan: {config.recipe} on {model_dir} ({backend}); measuring 1 and 2 rows of {length} tokens and 1 of "
+    echo(f"plan: {config.recipe} on {model_dir} ({backend}); measuring 1 and 2 {unit} of {length} tokens and 1 of "
          f"{length // 2}")
     try:
         measured = measure_peaks(config, model_dir, backend, [(1, length // 2), (1, length), (2, length)], vocab,
-                                 pad_id(tokenizer), folder, threads)
+                                 pad_id(tokenizer), folder, threads, method)
         peaks = dict(zip(("one_half", "one_full", "two_full"), measured))
     finally:
         if out is None:
@@ -155,21 +180,21 @@ def plan(config: RunConfig, backend: str, *, method: str = SFT_RECIPES_METHOD, t
     limit_positions = int(model_config.get("max_position_embeddings") or 0) or None
     result = {"recipe": config.recipe, "backend": backend, "model": str(model_dir), "measured_gb": peaks,
               "fit": {"fixed_gb": model.fixed, "per_token_gb": model.linear, "per_token_squared_gb": model.square},
-              "batch_size": rows, "cutoff": length, "predicted_peak_gb": need, "budget_gb": budget,
+              "batch_size": rows, "length_setting": setting, "cutoff": length, "predicted_peak_gb": need, "budget_gb": budget,
               "budget_is": where, "memory_limit": share, "limit_gb": limit}
     echo(f"measured peaks: 1 x {length}: {peaks['one_full']:.2f} GB; 2 x {length}: {peaks['two_full']:.2f} GB; "
-         f"1 x {length // 2}: {peaks['one_half']:.2f} GB (fixed {model.fixed:.2f} GB, one row of {length} tokens "
+         f"1 x {length // 2}: {peaks['one_half']:.2f} GB (fixed {model.fixed:.2f} GB, one {unit[:-1]} of {length} tokens "
          f"{model.per_row(length):.3f} GB)")
     verdict = ("" if limit is None else
                f" {'fits' if need <= limit else 'does NOT fit'} in train.memory_limit={share:g} of {where} "
                f"({limit:.2f} of {budget:.2f} GB)")
-    echo(f"this run: train.batch_size {rows} x data.cutoff {length} needs about {need:.2f} GB;{verdict}")
+    echo(f"this run: train.batch_size {rows} x {setting} {length} needs about {need:.2f} GB;{verdict}")
     if limit is not None:
         batch = model.largest_batch(length, limit)
         cutoff = model.largest_length(rows, limit)
         if limit_positions:
             cutoff = min(cutoff, limit_positions)
         result.update({"largest_batch_size": batch, "largest_cutoff": cutoff})
-        echo(f"largest train.batch_size at data.cutoff {length}: {batch}; largest data.cutoff at train.batch_size "
+        echo(f"largest train.batch_size at {setting} {length}: {batch}; largest {setting} at train.batch_size "
              f"{rows}: {cutoff}" + (f" (the model's limit is {limit_positions})" if limit_positions else ""))
     return result

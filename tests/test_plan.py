@@ -8,7 +8,7 @@ import pytest
 from test_cli_train import one_line_error, run
 
 from mlxft.config import load_config
-from mlxft.plan import fit, measure_peaks, plan
+from mlxft.plan import fit, measure_peaks, plan, synthetic_pairs
 
 
 def test_the_fit_recovers_fixed_linear_and_square_parts_and_what_fits():
@@ -38,6 +38,27 @@ def test_three_small_steps_predict_the_peak_of_a_larger_batch(tiny_model_dir, tm
     assert abs(6 * one - six) > abs(predicted - six)
 
 
+@pytest.mark.slow
+def test_dpo_steps_on_pairs_predict_the_peak_of_a_larger_batch(tiny_model_dir, tmp_path):
+    # The DPO step (reference forward, then the policy on both answers, each prompt once) on
+    # synthetic pairs whose two rows share their prompt.
+    config = load_config("dpo", [f"model.name={tiny_model_dir}", "dpo.max_prompt_length=48"])
+    vocab = json.loads((tiny_model_dir / "config.json").read_text())["vocab_size"]
+    half, one, two, five = measure_peaks(config, tiny_model_dir, "mlx", [(1, 64), (1, 128), (2, 128), (5, 128)], vocab,
+                                         0, tmp_path, 1, "dpo")
+    predicted = fit(one, two, half, 128).peak(5, 128)
+    print(f"peaks (GB): 1 x 64 {half:.4f}, 1 x 128 {one:.4f}, 2 x 128 {two:.4f}, 5 x 128 {five:.4f}; predicted {predicted:.4f}")
+    assert predicted == pytest.approx(five, rel=0.05)
+    assert abs(5 * one - five) > abs(predicted - five)
+
+
+def test_synthetic_pairs_share_their_prompt_and_score_the_answers():
+    batch = synthetic_pairs(2, 10, 4, vocab=100, seed=0)
+    assert batch.input_ids.shape == (4, 10)
+    assert (batch.input_ids[2:, :4] == batch.input_ids[:2, :4]).all() and (batch.input_ids[2:, 4:] != batch.input_ids[:2, 4:]).any()
+    assert batch.loss_mask[:, :4].sum() == 0 and batch.loss_mask[:, 4:].all()
+
+
 def test_the_plan_says_what_fits(monkeypatch, tiny_model_dir):
     peaks = {(1, 256): 1.3, (1, 512): 1.6, (2, 512): 2.2}  # fixed 1 GB, 0.6 GB a row of 512
     monkeypatch.setattr("mlxft.plan.measure_peaks", lambda *a: [peaks[s] for s in a[3]])
@@ -53,6 +74,6 @@ def test_the_plan_says_what_fits(monkeypatch, tiny_model_dir):
 
 
 def test_plan_mistakes_are_one_line_errors(tiny_as_builtin):
-    one_line_error(run("plan", "--recipe", "dpo", "--for", "dpo"), "mlxft plan measures SFT recipes (mlxft lora) for now")
+    one_line_error(run("plan", "--recipe", "reward", "--for", "reward"), "mlxft plan measures SFT (mlxft lora) and DPO recipes")
     one_line_error(run("plan", "--recipe", "tallrec"), "full fine-tuning is not measured")  # the built-in model's tallrec
     one_line_error(run("plan", "--recipe", "nope"), "nope")
