@@ -2,6 +2,7 @@
 
     python benchmarks/serve_load.py                                   # built-in model
     python benchmarks/serve_load.py --model ~/.cache/mlxft-real/SmolLM2-135M-Instruct --max-tokens 32
+    python benchmarks/serve_load.py --backend torch                   # PyTorch: batched vs one at a time
 
 Each server runs as its own process on the same model folder, one after the other, with the same
 environment (common.side_environment: the same thread counts and the OpenBLAS preload the `mlxft`
@@ -15,6 +16,10 @@ streamed token.
 Then the mixed-adapter load on mlxft alone (mlx-lm's server holds one adapter at a time): four
 random adapters of the model served at once (--adapters-dir), 32 clients spread over them against
 the same 32 clients all on one adapter; every answer equal to its adapter's single-request one.
+
+With --backend torch: `mlxft serve --backend torch` batched (--max-batch 32) against the same
+server answering one request at a time (--max-batch 1), both checked against single requests;
+no peer and no named adapters (those are MLX's).
 """
 
 from __future__ import annotations
@@ -201,6 +206,7 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--threads", type=int, default=1, help="BLAS/OpenMP threads of each server")
     parser.add_argument("--skip-peer", action="store_true", help="mlxft only")
+    parser.add_argument("--backend", choices=("mlx", "torch"), default="mlx", help="the backend mlxft serves with")
     parser.add_argument("--out", type=Path, default=None, help="write the figures as JSON here")
     args = parser.parse_args()
 
@@ -219,6 +225,16 @@ def main() -> None:
         port = free_port()
         ours = [sys.executable, "-m", "mlxft", "serve", "--model", str(model_dir), "--port", str(port), "--quiet",
                 "--max-batch", "32", "--max-queue", "256"]
+        if args.backend == "torch":
+            results["backend"] = "torch"
+            results["mlxft_torch"] = side("mlxft torch", [*ours, "--backend", "torch"], env, work, port, args, tokenizer)
+            port = free_port()
+            serial = [*ours[:ours.index("--port")], "--port", str(port), "--quiet", "--max-batch", "1", "--backend", "torch"]
+            results["mlxft_torch_one_at_a_time"] = side("mlxft torch, --max-batch 1", serial, env, work, port, args, tokenizer)
+            print(json.dumps(results, indent=1))
+            if args.out:
+                args.out.write_text(json.dumps(results, indent=1))
+            return
         results["mlxft"] = side("mlxft", ours, env, work, port, args, tokenizer)
         if not args.skip_peer:
             port = free_port()

@@ -221,3 +221,16 @@ class Generator:
         from mlxft.data.encode import encode_prompt
 
         return encode_prompt(self.tokenizer, prompt)
+
+
+def length_groups(prompts: list[list[int]], together: bool = True) -> list[list[int]]:
+    """Indices of the prompts, grouped by length (each alone unless `together`): prompts of one
+    length run as one batch with no padding, so each row's arithmetic is that of the prompt alone."""
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    groups: list[list[int]] = []
+    for i in order:
+        if together and groups and len(prompts[groups[-1][0]]) == len(prompts[i]):
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    return groups

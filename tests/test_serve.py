@@ -292,6 +292,66 @@ def test_concurrent_requests_are_batched_and_equal_their_single_answers(server, 
     assert max(widths) >= 8  # many answers in one decode step, not one at a time
 
 
+def test_pytorch_batches_too_and_its_answers_equal_the_one_request_path(tiny_model_dir, monkeypatch):
+    # The same mixed requests on PyTorch: one at a time through stream() (the one-request path),
+    # then 48 at once through the batch engine; greedy, penalized, stopped and seeded answers agree.
+    from mlxft.backends.torch.stream import load_generator as torch_generator
+
+    generator = torch_generator(str(tiny_model_dir))
+    serial = start(StreamOnly(generator))
+    try:
+        references = [ask(serial, body) for body in MIXED]
+    finally:
+        serial.shutdown()
+        serial.server_close()
+    batched = start(generator)
+    try:
+        engine, widths = batched.scheduler.engine, []
+        step = engine.step
+        monkeypatch.setattr(engine, "step", lambda: widths.append(len(engine)) or step())
+        with ThreadPoolExecutor(24) as pool:
+            answers = list(pool.map(lambda i: ask(batched, MIXED[i % len(MIXED)], stream=bool(i // len(MIXED) % 2)), range(48)))
+        assert max(widths) >= 8 and len(engine) == 0  # many rows in a step; every row left at its end
+        assert engine.valid is None and engine.cache is None
+    finally:
+        batched.shutdown()
+        batched.server_close()
+    for i, answer in enumerate(answers):
+        assert answer == references[i % len(MIXED)], (i, answer)
+
+
+def test_pytorch_batch_rows_compute_what_they_would_alone(tiny_model_dir):
+    # Rows join a running batch at other lengths (left padding), one leaves (its columns cut):
+    # each row's logits are those of its whole sequence run alone.
+    import torch
+
+    from mlxft.backends.torch.stream import load_generator as torch_generator
+
+    generator = torch_generator(str(tiny_model_dir))
+    engine, seen = generator.batch_engine(), []
+    sample = engine.sample
+    engine.sample = lambda logits, rows: seen.append(logits.clone()) or sample(logits, rows)
+    greedy = Sampling(temperature=0)
+    engine.start([([5, 6, 7, 8, 9, 10, 11, 12], greedy, 0)])
+    engine.step()
+    engine.start([([13, 14], greedy, 0), ([15, 16, 17], greedy, 0)])
+    engine.step()
+    engine.keep([1, 2])  # the longest row leaves: the padding before the others is cut
+    assert engine.valid.shape[1] == 3 + 1 and not engine.valid.all()  # the longer prompt and one step
+    engine.step()
+    with torch.inference_mode():
+        for row, logits in zip(engine.rows, seen[-1]):
+            alone = generator.model(input_ids=torch.tensor([row.history[:-1]])).logits[0, -1]
+            torch.testing.assert_close(logits, alone, atol=1e-5 * float(alone.abs().max()), rtol=0)
+
+
+def test_pytorch_refuses_adapters_by_name_in_one_line(tiny_model_dir, adapters):
+    from mlxft.backends.torch.stream import load_generator as torch_generator
+
+    with pytest.raises(UserError, match="served on MLX only"):
+        start(torch_generator(str(tiny_model_dir)), adapters={"attn8": adapters["attn8"]})
+
+
 def test_a_generator_without_batching_answers_one_at_a_time(generator):
     watch = StreamOnly(generator)
     server = start(watch)

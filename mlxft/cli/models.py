@@ -127,7 +127,7 @@ def serve_command(model, adapters, template, backend, trust_remote_code, adapter
     default, named = adapter_options(adapters, adapters_dir)
     model = model or base_model_of(default, named)
     if model_backend(backend, "serve") == "torch" and not named:
-        # PyTorch answers one request at a time: its one adapter is applied to the model it loads.
+        # PyTorch serves one adapter, for every row: it is applied to the model it loads.
         generator, default = load_generator(model, default, backend, trust_remote_code, "serve"), None
     else:
         generator = load_generator(model, None, backend, trust_remote_code, "serve")

@@ -22,7 +22,7 @@ import mlx.core as mx
 
 from mlxft.backends.mlx.adapter_stack import AdapterStack
 from mlxft.errors import UserError
-from mlxft.generation import Sampling
+from mlxft.generation import Sampling, length_groups
 
 REPETITION_CONTEXT = 20  # tokens the repetition penalty looks back on, as mlx-lm's default
 
@@ -186,19 +186,6 @@ class BatchEngine:
 
     def clear(self) -> None:
         self.keep([])
-
-
-def length_groups(prompts: list[list[int]], together: bool = True) -> list[list[int]]:
-    """Indices of the prompts, grouped by length (each alone unless `together`): prompts of one
-    length run as one batch with no padding, so each row's arithmetic is that of the prompt alone."""
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    groups: list[list[int]] = []
-    for i in order:
-        if together and groups and len(prompts[groups[-1][0]]) == len(prompts[i]):
-            groups[-1].append(i)
-        else:
-            groups.append([i])
-    return groups
 
 
 def batch_engine(model, tokenizer) -> BatchEngine | None:

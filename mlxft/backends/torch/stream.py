@@ -31,6 +31,13 @@ class TextGenerator(Generator):
         super().__init__(model, tokenizer, folder, name)
         self.end_ids = end_of_sequence_ids(folder, tokenizer)
 
+    def batch_engine(self):
+        """The running batch `mlxft serve` answers many requests with (mlxft.backends.torch.batch),
+        or None when this model's cache cannot be batched."""
+        from mlxft.backends.torch.batch import batch_engine
+
+        return batch_engine(self.model, self.tokenizer, self.end_ids)
+
     def stream(self, prompt_ids: list[int], sampling: Sampling) -> Iterator[Piece]:
         """Answer pieces as tokens come; not thread-safe (the server runs it on one thread of its own)."""
         tokens = sampled_tokens(self.model, prompt_ids, sampling)
