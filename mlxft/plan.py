@@ -8,7 +8,8 @@ on synthetic rows, every token but the first scored (the most a row can cost): o
 data.cutoff, one at data.cutoff and two at data.cutoff, each step's peak on its own, after an
 untimed first step. For DPO (`--for dpo`) a row is a pair at dpo.max_length (its prompt
 dpo.max_prompt_length, at most half), and the step is DPO's: the reference forward, then the
-policy's forward and backward on both answers. Their peaks fit
+policy's forward and backward on both answers; for a reward model (`--for reward`) a pair at
+reward.max_length through the scalar head. Their peaks fit
 
     peak(rows, length) = fixed + rows * (a * length + b * length^2)
 
@@ -16,10 +17,10 @@ the weights, optimizer state and buffers, plus each row's activations (linear in
 the attention scores' square). From the fit: the run's peak at train.batch_size x data.cutoff,
 against train.memory_limit of the device's memory, and the largest batch and cutoff that fit.
 
-Supports SFT (lora) and DPO recipes with LoRA or QLoRA (packed SFT rows cost what a full row of
-data.cutoff does, which is what is measured). Raises NotImplementedYet for reward and RL recipes
-(a reward model's step and rollouts are not in the bench's workloads yet), full fine-tuning and
-gradient checkpointing, and UserError for a bad recipe or model, or a backend that cannot run here.
+Supports SFT (lora), DPO and reward recipes with LoRA or QLoRA (packed SFT rows cost what a full
+row of data.cutoff does, which is what is measured). Raises NotImplementedYet for RL recipes (a
+step there samples completions first), full fine-tuning and gradient checkpointing, and
+UserError for a bad recipe or model, or a backend that cannot run here.
 """
 
 from __future__ import annotations
@@ -37,7 +38,8 @@ from mlxft.data.batching import Batch
 from mlxft.errors import NotImplementedYet, UserError
 
 SFT_RECIPES_METHOD = "lora"
-PLANNED = {"lora": ("data.cutoff", "rows"), "dpo": ("dpo.max_length", "pairs")}  # method: (its length setting, a row is)
+# method: (its length setting, what a row is)
+PLANNED = {"lora": ("data.cutoff", "rows"), "dpo": ("dpo.max_length", "pairs"), "reward": ("reward.max_length", "pairs")}
 
 
 @dataclass
@@ -101,8 +103,8 @@ def synthetic_pairs(pairs: int, length: int, prompt_length: int, vocab: int, see
     return Batch(ids, mask, np.full(2 * pairs, length, dtype=np.int32))
 
 
-def prompt_length_of(config: RunConfig, length: int) -> int:
-    return min(config.dpo.max_prompt_length, length // 2)
+def prompt_length_of(config: RunConfig, method: str, length: int) -> int:
+    return min(getattr(config, method).max_prompt_length or length // 2, length // 2)
 
 
 def measure_peaks(config: RunConfig, model_dir: Path, backend: str, shapes: list[tuple[int, int]], vocab: int,
@@ -115,8 +117,8 @@ def measure_peaks(config: RunConfig, model_dir: Path, backend: str, shapes: list
     from mlxft.bench import workload as workloads
 
     def batch(rows: int, length: int, seed: int) -> Batch:
-        if method == "dpo":
-            return synthetic_pairs(rows, length, prompt_length_of(config, length), vocab, seed)
+        if method in ("dpo", "reward"):
+            return synthetic_pairs(rows, length, prompt_length_of(config, method, length), vocab, seed)
         return synthetic_batch(rows, length, vocab, seed)
 
     steps = [[batch(rows, length, seed=s)] for s, (rows, length) in enumerate([shapes[0], *shapes])]
@@ -149,7 +151,8 @@ def plan(config: RunConfig, backend: str, *, method: str = SFT_RECIPES_METHOD, t
     from mlxft.model_files import load_tokenizer, pad_id, resolve_model_dir
 
     if method not in PLANNED:
-        raise NotImplementedYet(f"mlxft plan measures SFT (mlxft lora) and DPO recipes for now, not {method} recipes")
+        raise NotImplementedYet(f"mlxft plan measures SFT (mlxft lora), DPO and reward recipes for now, not {method} recipes "
+                                "(online RL's step includes sampling)")
     if config.lora.full_finetune:
         raise NotImplementedYet("mlxft plan measures LoRA steps for now; full fine-tuning is not measured "
                                 "(--set lora.full_finetune=false plans the LoRA run)")
@@ -160,7 +163,9 @@ def plan(config: RunConfig, backend: str, *, method: str = SFT_RECIPES_METHOD, t
     vocab = int(model_config.get("vocab_size") or 0)
     tokenizer = load_tokenizer(model_dir, trust_remote_code=config.model.trust_remote_code)
     setting, unit = PLANNED[method]
-    length, rows = (config.dpo.max_length if method == "dpo" else config.data.cutoff), config.train.batch_size
+    length, rows = (config.data.cutoff if method == "lora" else getattr(config, method).max_length), config.train.batch_size
+    if length is None:
+        raise UserError(f"mlxft plan measures rows of {setting}; it is not set (--set {setting}=1024)")
     budget, where = device_budget(backend)
     share = config.train.memory_limit or 1.0
     folder = Path(out) if out else Path(tempfile.mkdtemp(prefix="mlxft-plan-"))

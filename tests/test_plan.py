@@ -39,15 +39,17 @@ def test_three_small_steps_predict_the_peak_of_a_larger_batch(tiny_model_dir, tm
 
 
 @pytest.mark.slow
-def test_dpo_steps_on_pairs_predict_the_peak_of_a_larger_batch(tiny_model_dir, tmp_path):
-    # The DPO step (reference forward, then the policy on both answers, each prompt once) on
-    # synthetic pairs whose two rows share their prompt.
-    config = load_config("dpo", [f"model.name={tiny_model_dir}", "dpo.max_prompt_length=48"])
+@pytest.mark.parametrize("method", ["dpo", "reward"])
+def test_pair_steps_predict_the_peak_of_a_larger_batch(tiny_model_dir, tmp_path, method):
+    # DPO's step (reference forward, then the policy on both answers, each prompt once) and the
+    # reward model's (both rows through the scalar head), on synthetic pairs sharing their prompt.
+    config = load_config(method, [f"model.name={tiny_model_dir}", f"{method}.max_prompt_length=48"])
     vocab = json.loads((tiny_model_dir / "config.json").read_text())["vocab_size"]
     half, one, two, five = measure_peaks(config, tiny_model_dir, "mlx", [(1, 64), (1, 128), (2, 128), (5, 128)], vocab,
-                                         0, tmp_path, 1, "dpo")
+                                         0, tmp_path, 1, method)
     predicted = fit(one, two, half, 128).peak(5, 128)
-    print(f"peaks (GB): 1 x 64 {half:.4f}, 1 x 128 {one:.4f}, 2 x 128 {two:.4f}, 5 x 128 {five:.4f}; predicted {predicted:.4f}")
+    print(f"{method} peaks (GB): 1 x 64 {half:.4f}, 1 x 128 {one:.4f}, 2 x 128 {two:.4f}, 5 x 128 {five:.4f}; "
+          f"predicted {predicted:.4f}")
     assert predicted == pytest.approx(five, rel=0.05)
     assert abs(5 * one - five) > abs(predicted - five)
 
@@ -74,6 +76,6 @@ def test_the_plan_says_what_fits(monkeypatch, tiny_model_dir):
 
 
 def test_plan_mistakes_are_one_line_errors(tiny_as_builtin):
-    one_line_error(run("plan", "--recipe", "reward", "--for", "reward"), "mlxft plan measures SFT (mlxft lora) and DPO recipes")
+    one_line_error(run("plan", "--recipe", "grpo", "--for", "rl"), "mlxft plan measures SFT (mlxft lora), DPO and reward recipes")
     one_line_error(run("plan", "--recipe", "tallrec"), "full fine-tuning is not measured")  # the built-in model's tallrec
     one_line_error(run("plan", "--recipe", "nope"), "nope")

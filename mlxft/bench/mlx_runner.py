@@ -6,12 +6,14 @@ import time
 from functools import partial
 
 import mlx.core as mx
+import mlx.nn as nn
 import mlx.optimizers as optim
 
 from mlxft import memory
 from mlxft.backends.mlx import lora, steps
 from mlxft.backends.mlx import model as mlx_model
 from mlxft.bench.workload import Workload, distinct_shapes, initial_adapter, shared_layout, step_record
+from mlxft.reward import HEAD, score_positions
 from mlxft.schedule import learning_rate
 
 
@@ -25,6 +27,8 @@ def run(workload: Workload) -> dict:
     lora.apply_lora(model, workload.spec)
     shapes = {path: (b.shape[0], a.shape[1]) for path, (a, b, *_) in lora.adapter_weights(model).items()}  # (out, in)
     lora.set_adapter_weights(model, initial_adapter(shapes, workload.spec.r, tc.seed))
+    if workload.name == "reward":  # the reward model's scalar head, trainable, as mlxft.backends.mlx.reward adds it
+        setattr(model, HEAD, nn.Linear(model.args.hidden_size, 1, bias=False))
     optimizer = optim.AdamW(learning_rate=tc.learning_rate, weight_decay=tc.weight_decay,
                             bias_correction=tc.bias_correction)
     shared = workload.name == "dpo" and config.dpo.share_prompt and mlx_model.can_share_prompts(model, folder)
@@ -41,6 +45,12 @@ def run(workload: Workload) -> dict:
             reference = reference_step(arrays)
             mx.eval(reference)  # as dpo.train: the reference's activations are gone before the policy's forward
             return arrays, reference
+    elif workload.name == "reward":
+        loss = partial(steps.reward_loss, center_coefficient=config.reward.center_coefficient)
+
+        def arrays_of(batch):  # 2B rows, chosen first, each scored at its last real token
+            return mx.array(batch.input_ids), mx.array(score_positions(batch.input_ids, workload.pad_id))
+        inputs_of = arrays_of
     else:
         loss, arrays_of = partial(steps.sft_loss, split_head=split_head), steps.sft_inputs
         inputs_of = arrays_of

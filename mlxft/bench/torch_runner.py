@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 from functools import partial
 
+import numpy as np
 import torch
 
 from mlxft import memory
@@ -13,6 +14,8 @@ from mlxft.backends.torch import lora, steps
 from mlxft.backends.torch import model as torch_model
 from mlxft.backends.torch.adamw import MLXAdamW
 from mlxft.bench.workload import Workload, initial_adapter, shared_layout, step_record
+from mlxft.data.batching import PairBatch
+from mlxft.reward import HEAD
 from mlxft.schedule import learning_rate
 
 
@@ -28,6 +31,8 @@ def run(workload: Workload, threads: int | None = None) -> dict:
     lora.apply_lora(model, workload.spec)
     shapes = {path: (b.shape[0], a.shape[1]) for path, (a, b, *_) in lora.adapter_weights(model).items()}  # (out, in)
     lora.set_adapter_weights(model, initial_adapter(shapes, workload.spec.r, tc.seed))
+    if workload.name == "reward":  # the reward model's scalar head, trainable, as mlxft.backends.torch.reward adds it
+        setattr(model, HEAD, torch.nn.Linear(model.config.hidden_size, 1, bias=False, device=device, dtype=torch.float32))
     optimizer = MLXAdamW([p for p in model.parameters() if p.requires_grad], lr=tc.learning_rate,
                          weight_decay=tc.weight_decay, bias_correction=tc.bias_correction)
     shared = workload.name == "dpo" and config.dpo.share_prompt and torch_model.can_share_prompts(model, folder)
@@ -38,6 +43,11 @@ def run(workload: Workload, threads: int | None = None) -> dict:
             with torch_model.autocast(device):
                 reference = steps.reference_logps(model, tensors, split_head=split_head)
                 return steps.pair_loss(model, tensors, reference, split_head=split_head, dc=config.dpo)
+    elif workload.name == "reward":
+        def loss_of(batch):  # 2B rows, chosen first
+            pairs = PairBatch(batch, np.arange(len(batch.lengths) // 2))
+            return steps.reward_loss(model, pairs, pad_id=workload.pad_id, center_coefficient=config.reward.center_coefficient,
+                                     device=device)
     else:
         loss_of = partial(steps.sft_loss, model, split_head=split_head, device=device)
     step_of = steps.train_step(optimizer, loss_of, seed=tc.seed, max_grad_norm=tc.max_grad_norm)
