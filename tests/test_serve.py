@@ -13,7 +13,8 @@ from click.testing import CliRunner
 from mlxft.backends.mlx.stream import load_generator
 from mlxft.errors import UserError
 from mlxft.generation import Sampling
-from mlxft.serve.server import ModelServer, adapter_options, check_origins, is_loopback, make_server
+from mlxft.serve.options import adapter_options, check_origins, is_loopback
+from mlxft.serve.server import ModelServer, make_server
 
 CHAT = "/v1/chat/completions"
 COMPLETIONS = "/v1/completions"

@@ -13,7 +13,8 @@ import time
 import pytest
 
 from mlxft.backends.mlx.stream import load_generator
-from mlxft.serve.server import MAX_BODY, make_server
+from mlxft.serve.handler import MAX_BODY
+from mlxft.serve.server import make_server
 
 CHAT = "/v1/chat/completions"
 COMPLETIONS = "/v1/completions"

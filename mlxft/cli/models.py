@@ -122,7 +122,8 @@ def serve_command(model, adapters, template, backend, trust_remote_code, adapter
                   cors_origins, quiet):
     """OpenAI-compatible API (/v1/chat/completions, /v1/completions, /v1/models) and a chat page at /;
     many adapters on one base, requests batched together whatever adapter they ask for."""
-    from mlxft.serve.server import adapter_options, base_model_of, check_origins, is_loopback, make_server
+    from mlxft.serve.options import adapter_options, base_model_of, check_origins, is_loopback
+    from mlxft.serve.server import make_server
 
     default, named = adapter_options(adapters, adapters_dir)
     model = model or base_model_of(default, named)
