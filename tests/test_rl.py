@@ -13,7 +13,8 @@ import pytest
 from mlxft.config import RLConfig, load_config
 from mlxft.errors import UserError
 from mlxft.rewards import arithmetic, load_reward_function, number_only, score
-from mlxft.rl import group_advantages, policy_objective, ppo_advantages, summarizer
+from mlxft.rl import policy_objective, summarizer
+from mlxft.rollouts import group_advantages, ppo_advantages
 from mlxft.runs import Run
 
 # --- advantages and the loss -------------------------------------------------------------------------

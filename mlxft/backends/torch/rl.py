@@ -30,22 +30,18 @@ from mlxft.distributed import World
 from mlxft.model_files import pad_id as pad_id_of
 from mlxft.policy import build_policy, describe_policy
 from mlxft.rl import (
-    CompletionLog,
-    Rollouts,
-    advantages_of,
     check_ppo,
     describe_rl,
     encode_prompts,
     iterate_prompt_batches,
     load_rl_data,
     reward_names,
-    row_passes,
-    split_passes,
     statistic_names,
     stop_ids,
     summarizer,
     value_head_init,
 )
+from mlxft.rollouts import CompletionLog, Rollouts, advantages_of, row_passes, split_passes
 from mlxft.runs import Run
 
 
