@@ -39,7 +39,8 @@ from mlxft.errors import NotImplementedYet, UserError
 
 SFT_RECIPES_METHOD = "lora"
 # method: (its length setting, what a row is)
-PLANNED = {"lora": ("data.cutoff", "rows"), "dpo": ("dpo.max_length", "pairs"), "reward": ("reward.max_length", "pairs")}
+PLANNED = {"lora": ("data.cutoff", "rows"), "dpo": ("dpo.max_length", "pairs"), "reward": ("reward.max_length", "pairs"),
+           "rl": ("rl.max_completion_length", "completions")}
 
 
 @dataclass
@@ -103,6 +104,13 @@ def synthetic_pairs(pairs: int, length: int, prompt_length: int, vocab: int, see
     return Batch(ids, mask, np.full(2 * pairs, length, dtype=np.int32))
 
 
+def synthetic_rollout(rows: int, length: int, completion: int, vocab: int, seed: int) -> Batch:
+    """`rows` rows of [prompt | completion], `length` random tokens, the last `completion` scored."""
+    batch = synthetic_batch(rows, length, vocab, seed)
+    batch.loss_mask[:, : length - completion] = False
+    return batch
+
+
 def prompt_length_of(config: RunConfig, method: str, length: int) -> int:
     return min(getattr(config, method).max_prompt_length or length // 2, length // 2)
 
@@ -119,6 +127,9 @@ def measure_peaks(config: RunConfig, model_dir: Path, backend: str, shapes: list
     def batch(rows: int, length: int, seed: int) -> Batch:
         if method in ("dpo", "reward"):
             return synthetic_pairs(rows, length, prompt_length_of(config, method, length), vocab, seed)
+        if method == "rl":  # the completion keeps its share of the row at every length measured
+            full = config.rl.max_prompt_length + config.rl.max_completion_length
+            return synthetic_rollout(rows, length, max(1, config.rl.max_completion_length * length // full), vocab, seed)
         return synthetic_batch(rows, length, vocab, seed)
 
     steps = [[batch(rows, length, seed=s)] for s, (rows, length) in enumerate([shapes[0], *shapes])]
@@ -151,8 +162,9 @@ def plan(config: RunConfig, backend: str, *, method: str = SFT_RECIPES_METHOD, t
     from mlxft.model_files import load_tokenizer, pad_id, resolve_model_dir
 
     if method not in PLANNED:
-        raise NotImplementedYet(f"mlxft plan measures SFT (mlxft lora), DPO and reward recipes for now, not {method} recipes "
-                                "(online RL's step includes sampling)")
+        raise NotImplementedYet(f"mlxft plan measures SFT (mlxft lora), DPO, reward and RL recipes, not {method} recipes")
+    if method == "rl" and config.rl.algo == "ppo":
+        raise NotImplementedYet("mlxft plan does not measure PPO's step (its value head) yet; rl.algo grpo and rloo it does")
     if config.lora.full_finetune:
         raise NotImplementedYet("mlxft plan measures LoRA steps for now; full fine-tuning is not measured "
                                 "(--set lora.full_finetune=false plans the LoRA run)")
@@ -163,7 +175,15 @@ def plan(config: RunConfig, backend: str, *, method: str = SFT_RECIPES_METHOD, t
     vocab = int(model_config.get("vocab_size") or 0)
     tokenizer = load_tokenizer(model_dir, trust_remote_code=config.model.trust_remote_code)
     setting, unit = PLANNED[method]
-    length, rows = (config.data.cutoff if method == "lora" else getattr(config, method).max_length), config.train.batch_size
+    batch_setting, offset = "train.batch_size", 0  # the knobs the largest batch and length are given in
+    if method == "rl":  # a step's peak is one pass's: rl.completions_per_pass rows of [prompt | completion]
+        rc = config.rl
+        completions = config.train.batch_size * rc.num_generations
+        rows, batch_setting = min(rc.completions_per_pass or completions, completions), "rl.completions_per_pass"
+        offset = rc.max_prompt_length or 0
+        length = offset + rc.max_completion_length
+    else:
+        length, rows = (config.data.cutoff if method == "lora" else getattr(config, method).max_length), config.train.batch_size
     if length is None:
         raise UserError(f"mlxft plan measures rows of {setting}; it is not set (--set {setting}=1024)")
     budget, where = device_budget(backend)
@@ -193,13 +213,17 @@ def plan(config: RunConfig, backend: str, *, method: str = SFT_RECIPES_METHOD, t
     verdict = ("" if limit is None else
                f" {'fits' if need <= limit else 'does NOT fit'} in train.memory_limit={share:g} of {where} "
                f"({limit:.2f} of {budget:.2f} GB)")
-    echo(f"this run: train.batch_size {rows} x {setting} {length} needs about {need:.2f} GB;{verdict}")
+    shape = f"{setting} {length}" if not offset else f"rows of rl.max_prompt_length {offset} + {setting} {length - offset}"
+    echo(f"this run: {batch_setting} {rows} x {shape} needs about {need:.2f} GB;{verdict}")
+    if method == "rl":
+        echo("  (one training pass; sampling, which holds the KV cache of a prompt's completions, was not measured)")
     if limit is not None:
         batch = model.largest_batch(length, limit)
         cutoff = model.largest_length(rows, limit)
         if limit_positions:
             cutoff = min(cutoff, limit_positions)
+        cutoff = max(cutoff - offset, 0)
         result.update({"largest_batch_size": batch, "largest_cutoff": cutoff})
-        echo(f"largest train.batch_size at {setting} {length}: {batch}; largest {setting} at train.batch_size "
+        echo(f"largest {batch_setting} at {setting} {length - offset}: {batch}; largest {setting} at {batch_setting} "
              f"{rows}: {cutoff}" + (f" (the model's limit is {limit_positions})" if limit_positions else ""))
     return result

@@ -14,6 +14,7 @@ from mlxft.backends.mlx import lora, steps
 from mlxft.backends.mlx import model as mlx_model
 from mlxft.bench.workload import Workload, distinct_shapes, initial_adapter, shared_layout, step_record
 from mlxft.reward import HEAD, score_positions
+from mlxft.rl import LOSS_STATISTICS, statistic_names
 from mlxft.schedule import learning_rate
 
 
@@ -45,6 +46,19 @@ def run(workload: Workload) -> dict:
             reference = reference_step(arrays)
             mx.eval(reference)  # as dpo.train: the reference's activations are gone before the policy's forward
             return arrays, reference
+    elif workload.name == "rl":  # one training pass of a rollout: the reference's log-probs, then the policy loss
+        rc = config.rl
+        loss = partial(steps.rl_loss, split_head=split_head, rc=rc)
+        reference_step = steps.make_token_reference_step(model, split_head) if rc.beta else None
+        carried = len(statistic_names([f"f{i}" for i in range(len(rc.reward_functions))])) - len(LOSS_STATISTICS)
+
+        def arrays_of(batch):
+            inputs, positions, tokens, weights = steps.sft_inputs(batch)
+            zeros = mx.zeros(tokens.shape)
+            reference = reference_step(inputs, positions, tokens) if reference_step else zeros
+            mx.eval(reference)  # as the trainer: the reference's activations are gone before the policy's pass
+            return inputs, positions, tokens, weights, reference, zeros, zeros, mx.ones((len(inputs),)), zeros, mx.zeros((carried,))
+        inputs_of = arrays_of
     elif workload.name == "reward":
         loss = partial(steps.reward_loss, center_coefficient=config.reward.center_coefficient)
 

@@ -14,8 +14,9 @@ from mlxft.backends.torch import lora, steps
 from mlxft.backends.torch import model as torch_model
 from mlxft.backends.torch.adamw import MLXAdamW
 from mlxft.bench.workload import Workload, initial_adapter, shared_layout, step_record
-from mlxft.data.batching import PairBatch
+from mlxft.data.batching import PairBatch, scored_targets
 from mlxft.reward import HEAD
+from mlxft.rl import LOSS_STATISTICS, statistic_names
 from mlxft.schedule import learning_rate
 
 
@@ -43,6 +44,21 @@ def run(workload: Workload, threads: int | None = None) -> dict:
             with torch_model.autocast(device):
                 reference = steps.reference_logps(model, tensors, split_head=split_head)
                 return steps.pair_loss(model, tensors, reference, split_head=split_head, dc=config.dpo)
+    elif workload.name == "rl":  # one training pass of a rollout: the reference's log-probs, then the policy loss
+        rc = config.rl
+        carried = len(statistic_names([f"f{i}" for i in range(len(rc.reward_functions))])) - len(LOSS_STATISTICS)
+
+        def loss_of(batch):
+            targets = scored_targets(batch)
+            inputs, positions, tokens, weights = torch_model.to_device(device, batch.input_ids[:, :-1], targets.positions,
+                                                                       targets.tokens, targets.weights)
+            zeros = torch.zeros(tokens.shape, device=device)
+            with torch_model.autocast(device):
+                reference = (steps.reference_token_logps(model, inputs, positions, tokens, split_head=split_head).float()
+                             if rc.beta else zeros)
+                return steps.rl_loss(model, inputs, positions, tokens, weights, reference, zeros, zeros,
+                                     torch.ones(len(inputs), device=device), zeros, torch.zeros(carried, device=device),
+                                     split_head=split_head, rc=rc)
     elif workload.name == "reward":
         def loss_of(batch):  # 2B rows, chosen first
             pairs = PairBatch(batch, np.arange(len(batch.lengths) // 2))

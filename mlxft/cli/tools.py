@@ -69,7 +69,7 @@ def bench_command(workload, backends, model, steps, warmup, batch_size, seq_len,
 @click.option("--recipe", required=True, help="The recipe the run will use (see `mlxft recipes`).")
 @click.option("--model", default=None, help="'builtin' (default), a local Hugging Face folder, a GGUF file or a hub id.")
 @click.option("--for", "method", type=click.Choice(["lora", "dpo", "reward", "rl"]), default="lora", show_default=True,
-              help="The command the run will use (`mlxft lora`, `dpo` and `reward` are measured; `rl` not yet).")
+              help="The command the run will use: lora (SFT), dpo, reward or rl.")
 @click.option("--backend", type=click.Choice(["auto", "mlx", "torch"]), default="auto", show_default=True)
 @click.option("--quantize", type=click.Choice(["4", "8"]), default=None, help="Quantize on load (QLoRA), as the run will.")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="Threads for the measured steps (default: all cores).")
