@@ -169,7 +169,7 @@ def side(name: str, command: list[str], env: dict, work: Path, port: int, args, 
     try:
         references, tokens = references_of(url, args.max_tokens, tokenizer)
         rows = []
-        for clients in LEVELS:
+        for clients in args.levels:
             row = run_load(url, clients, args.requests, args.max_tokens, references, tokens)
             print(f"  {name}: {row}", flush=True)
             rows.append(row)
@@ -207,8 +207,11 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="BLAS/OpenMP threads of each server")
     parser.add_argument("--skip-peer", action="store_true", help="mlxft only")
     parser.add_argument("--backend", choices=("mlx", "torch"), default="mlx", help="the backend mlxft serves with")
+    parser.add_argument("--levels", default=",".join(map(str, LEVELS)), help="numbers of concurrent clients, comma-separated")
+    parser.add_argument("--skip-adapters", action="store_true", help="no mixed-adapter load")
     parser.add_argument("--out", type=Path, default=None, help="write the figures as JSON here")
     args = parser.parse_args()
+    args.levels = [int(n) for n in args.levels.split(",")]
 
     import mlx.core as mx
     import mlx_lm
@@ -242,6 +245,11 @@ def main() -> None:
                       "--decode-concurrency", "32", "--log-level", "WARNING"]
             results["mlx_lm_server"] = side("mlx_lm.server", theirs, env, work, port, args, tokenizer)
 
+        if args.skip_adapters:
+            print(json.dumps(results, indent=1))
+            if args.out:
+                args.out.write_text(json.dumps(results, indent=1))
+            return
         names = write_adapters(model_dir, work / "adapters")
         port = free_port()
         process, url = start([*ours[:ours.index("--port")], "--adapters-dir", str(work / "adapters"), "--port", str(port),
