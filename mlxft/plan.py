@@ -17,10 +17,10 @@ the weights, optimizer state and buffers, plus each row's activations (linear in
 the attention scores' square). From the fit: the run's peak at train.batch_size x data.cutoff,
 against train.memory_limit of the device's memory, and the largest batch and cutoff that fit.
 
-Supports SFT (lora), DPO and reward recipes with LoRA or QLoRA (packed SFT rows cost what a full
-row of data.cutoff does, which is what is measured). Raises NotImplementedYet for RL recipes (a
-step there samples completions first), full fine-tuning and gradient checkpointing, and
-UserError for a bad recipe or model, or a backend that cannot run here.
+Supports SFT (lora), DPO, reward and RL recipes with LoRA or QLoRA (packed SFT rows cost what a
+full row of data.cutoff does, which is what is measured; for RL one training pass, PPO's value
+head included, not the sampling before it). Raises NotImplementedYet for full fine-tuning and
+gradient checkpointing, and UserError for a bad recipe or model, or a backend that cannot run here.
 """
 
 from __future__ import annotations
@@ -163,8 +163,6 @@ def plan(config: RunConfig, backend: str, *, method: str = SFT_RECIPES_METHOD, t
 
     if method not in PLANNED:
         raise NotImplementedYet(f"mlxft plan measures SFT (mlxft lora), DPO, reward and RL recipes, not {method} recipes")
-    if method == "rl" and config.rl.algo == "ppo":
-        raise NotImplementedYet("mlxft plan does not measure PPO's step (its value head) yet; rl.algo grpo and rloo it does")
     if config.lora.full_finetune:
         raise NotImplementedYet("mlxft plan measures LoRA steps for now; full fine-tuning is not measured "
                                 "(--set lora.full_finetune=false plans the LoRA run)")

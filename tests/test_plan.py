@@ -39,12 +39,13 @@ def test_three_small_steps_predict_the_peak_of_a_larger_batch(tiny_model_dir, tm
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["dpo", "reward", "rl"])
+@pytest.mark.parametrize("method", ["dpo", "reward", "rl", "ppo"])
 def test_pair_and_rollout_steps_predict_the_peak_of_a_larger_batch(tiny_model_dir, tmp_path, method):
     # DPO's step (reference forward, then the policy on both answers, each prompt once) and the
     # reward model's (both rows through the scalar head), on synthetic pairs sharing their prompt;
     # an RL training pass (the reference's log-probs, then GRPO's loss) on [prompt | completion] rows.
-    recipe, lengths = {"rl": ("grpo", ["rl.max_prompt_length=96", "rl.max_completion_length=32"])}.get(
+    rollouts = ["rl.max_prompt_length=96", "rl.max_completion_length=32"]
+    recipe, lengths = {"rl": ("grpo", rollouts), "ppo": ("grpo", [*rollouts, "rl.algo=ppo"])}.get(
         method, (method, [f"{method}.max_prompt_length=48"]))
     config = load_config(recipe, [f"model.name={tiny_model_dir}", *lengths])
     vocab = json.loads((tiny_model_dir / "config.json").read_text())["vocab_size"]
@@ -52,7 +53,7 @@ def test_pair_and_rollout_steps_predict_the_peak_of_a_larger_batch(tiny_model_di
     # a 128-token pair's: its rows are twice as long, so that the jitter stays below the tolerance.
     n = 256 if method == "reward" else 128
     half, one, two, five = measure_peaks(config, tiny_model_dir, "mlx", [(1, n // 2), (1, n), (2, n), (5, n)], vocab,
-                                         0, tmp_path, 1, method)
+                                         0, tmp_path, 1, "rl" if method == "ppo" else method)
     predicted = fit(one, two, half, n).peak(5, n)
     print(f"{method} peaks (GB): 1 x {n // 2} {half:.4f}, 1 x {n} {one:.4f}, 2 x {n} {two:.4f}, 5 x {n} {five:.4f}; "
           f"predicted {predicted:.4f}")
@@ -82,6 +83,7 @@ def test_the_plan_says_what_fits(monkeypatch, tiny_model_dir):
 
 
 def test_plan_mistakes_are_one_line_errors(tiny_as_builtin):
-    one_line_error(run("plan", "--recipe", "grpo", "--for", "rl", "--set", "rl.algo=ppo"), "does not measure PPO's step")
+    one_line_error(run("plan", "--recipe", "grpo", "--for", "rl", "--set", "train.grad_checkpoint=true"),
+                   "does not measure gradient checkpointing")
     one_line_error(run("plan", "--recipe", "tallrec"), "full fine-tuning is not measured")  # the built-in model's tallrec
     one_line_error(run("plan", "--recipe", "nope"), "nope")

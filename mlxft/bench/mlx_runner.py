@@ -30,6 +30,8 @@ def run(workload: Workload) -> dict:
     lora.set_adapter_weights(model, initial_adapter(shapes, workload.spec.r, tc.seed))
     if workload.name == "reward":  # the reward model's scalar head, trainable, as mlxft.backends.mlx.reward adds it
         setattr(model, HEAD, nn.Linear(model.args.hidden_size, 1, bias=False))
+    if workload.name == "rl" and config.rl.algo == "ppo":  # PPO's value head, as mlxft.backends.mlx.rl adds it
+        model.value_head = nn.Linear(model.args.hidden_size, 1)
     optimizer = optim.AdamW(learning_rate=tc.learning_rate, weight_decay=tc.weight_decay,
                             bias_correction=tc.bias_correction)
     shared = workload.name == "dpo" and config.dpo.share_prompt and mlx_model.can_share_prompts(model, folder)
@@ -57,7 +59,8 @@ def run(workload: Workload) -> dict:
             zeros = mx.zeros(tokens.shape)
             reference = reference_step(inputs, positions, tokens) if reference_step else zeros
             mx.eval(reference)  # as the trainer: the reference's activations are gone before the policy's pass
-            return inputs, positions, tokens, weights, reference, zeros, zeros, mx.ones((len(inputs),)), zeros, mx.zeros((carried,))
+            advantages = mx.ones(tokens.shape if rc.algo == "ppo" else (len(inputs),))  # PPO's are per token
+            return inputs, positions, tokens, weights, reference, zeros, zeros, advantages, zeros, mx.zeros((carried,))
         inputs_of = arrays_of
     elif workload.name == "reward":
         loss = partial(steps.reward_loss, center_coefficient=config.reward.center_coefficient)

@@ -34,6 +34,8 @@ def run(workload: Workload, threads: int | None = None) -> dict:
     lora.set_adapter_weights(model, initial_adapter(shapes, workload.spec.r, tc.seed))
     if workload.name == "reward":  # the reward model's scalar head, trainable, as mlxft.backends.torch.reward adds it
         setattr(model, HEAD, torch.nn.Linear(model.config.hidden_size, 1, bias=False, device=device, dtype=torch.float32))
+    if workload.name == "rl" and config.rl.algo == "ppo":  # PPO's value head, as mlxft.backends.torch.rl adds it
+        model.value_head = torch.nn.Linear(model.config.hidden_size, 1, device=device, dtype=torch.float32)
     optimizer = MLXAdamW([p for p in model.parameters() if p.requires_grad], lr=tc.learning_rate,
                          weight_decay=tc.weight_decay, bias_correction=tc.bias_correction)
     shared = workload.name == "dpo" and config.dpo.share_prompt and torch_model.can_share_prompts(model, folder)
@@ -56,9 +58,9 @@ def run(workload: Workload, threads: int | None = None) -> dict:
             with torch_model.autocast(device):
                 reference = (steps.reference_token_logps(model, inputs, positions, tokens, split_head=split_head).float()
                              if rc.beta else zeros)
-                return steps.rl_loss(model, inputs, positions, tokens, weights, reference, zeros, zeros,
-                                     torch.ones(len(inputs), device=device), zeros, torch.zeros(carried, device=device),
-                                     split_head=split_head, rc=rc)
+                advantages = torch.ones(tokens.shape if rc.algo == "ppo" else (len(inputs),), device=device)  # PPO's are per token
+                return steps.rl_loss(model, inputs, positions, tokens, weights, reference, zeros, zeros, advantages, zeros,
+                                     torch.zeros(carried, device=device), split_head=split_head, rc=rc)
     elif workload.name == "reward":
         def loss_of(batch):  # 2B rows, chosen first
             pairs = PairBatch(batch, np.arange(len(batch.lengths) // 2))
