@@ -184,6 +184,6 @@ def data_digest(examples) -> str:
     digest = hashlib.sha256(str(len(examples)).encode())
     for example in examples:
         for field in vars(example).values():
-            if isinstance(field, list):  # token ids and masks; not the origin, a file name
+            if isinstance(field, (list, tuple)):  # token ids, masks, packed lengths; not the origin, a file name
                 digest.update(np.asarray(field, dtype=np.int64).tobytes())
     return digest.hexdigest()

@@ -17,10 +17,10 @@ the weights, optimizer state and buffers, plus each row's activations (linear in
 the attention scores' square). From the fit: the run's peak at train.batch_size x data.cutoff,
 against train.memory_limit of the device's memory, and the largest batch and cutoff that fit.
 
-Supports SFT (lora), DPO, reward and RL recipes with LoRA or QLoRA (packed SFT rows cost what a
-full row of data.cutoff does, which is what is measured; for RL one training pass, PPO's value
-head included, not the sampling before it). Raises NotImplementedYet for full fine-tuning and
-gradient checkpointing, and UserError for a bad recipe or model, or a backend that cannot run here.
+Supports SFT (lora), DPO, reward and RL recipes with LoRA or QLoRA (packed SFT rows are measured
+as plain rows of data.cutoff, without their block mask; for RL one training pass, PPO's value head
+included, not the sampling before it). Raises NotImplementedYet for full fine-tuning, gradient
+checkpointing and KTO, and UserError for a bad recipe or model, or a backend that cannot run here.
 """
 
 from __future__ import annotations
@@ -121,14 +121,21 @@ def measure_peaks(config: RunConfig, model_dir: Path, backend: str, shapes: list
     one process (mlxft bench's child: the trainers' own step) after an untimed step at the first
     shape. Give the shapes smallest first: where the OS cannot reset a process's peak (torch on a
     Mac's CPU), each step's is then its own."""
+    import copy
+
     from mlxft.bench import harness
     from mlxft.bench import workload as workloads
+
+    config = copy.deepcopy(config)
+    # One micro-batch a step: with k of them the peak is still one micro-batch's (plus the
+    # gradients it adds to), and the bench's workload file holds exactly the batches given here.
+    config.train.grad_accumulation = 1
 
     def batch(rows: int, length: int, seed: int) -> Batch:
         if method in ("dpo", "reward"):
             return synthetic_pairs(rows, length, prompt_length_of(config, method, length), vocab, seed)
         if method == "rl":  # the completion keeps its share of the row at every length measured
-            full = config.rl.max_prompt_length + config.rl.max_completion_length
+            full = (config.rl.max_prompt_length or 0) + config.rl.max_completion_length
             return synthetic_rollout(rows, length, max(1, config.rl.max_completion_length * length // full), vocab, seed)
         return synthetic_batch(rows, length, vocab, seed)
 
@@ -168,6 +175,13 @@ def plan(config: RunConfig, backend: str, *, method: str = SFT_RECIPES_METHOD, t
                                 "(--set lora.full_finetune=false plans the LoRA run)")
     if config.train.grad_checkpoint:
         raise NotImplementedYet("mlxft plan does not measure gradient checkpointing (train.grad_checkpoint=true) yet")
+    if method == "dpo":
+        config.dpo.check()
+        if config.dpo.loss_type == "kto":
+            raise NotImplementedYet("mlxft plan does not measure KTO's step (unpaired rows) yet; the other dpo.loss_types it does")
+    if method == "rl" and config.rl.max_prompt_length is None:
+        raise UserError("mlxft plan measures rows of rl.max_prompt_length + rl.max_completion_length; set the prompt's "
+                        "(--set rl.max_prompt_length=512)")
     model_dir = resolve_model_dir(config.model.name)
     model_config = json.loads((model_dir / "config.json").read_text())
     vocab = int(model_config.get("vocab_size") or 0)
@@ -215,6 +229,9 @@ def plan(config: RunConfig, backend: str, *, method: str = SFT_RECIPES_METHOD, t
     echo(f"this run: {batch_setting} {rows} x {shape} needs about {need:.2f} GB;{verdict}")
     if method == "rl":
         echo("  (one training pass; sampling, which holds the KV cache of a prompt's completions, was not measured)")
+    if method == "lora" and config.data.packing:
+        echo("  (packed rows were measured as plain rows of the cutoff: their block mask, rows x cutoff^2 booleans, is not "
+             "included)")
     if limit is not None:
         batch = model.largest_batch(length, limit)
         cutoff = model.largest_length(rows, limit)

@@ -174,6 +174,8 @@ def test_bad_settings_are_one_line_errors(tiny_model_dir, tmp_path):
         harness.parse_backends("mlx,jax")
     with pytest.raises(UserError, match="full_finetune"):
         workloads.resolve_config("lora", str(tiny_model_dir), ["lora.full_finetune=true"], None, None)
+    with pytest.raises(UserError, match="data.packing is not benchmarked"):
+        workloads.resolve_config("lora", str(tiny_model_dir), ["data.packing=true"], None, None)
     runner = CliRunner()
     result = runner.invoke(cli, ["bench", "--backends", "tf", "--out", str(tmp_path / "x")])
     assert result.exit_code == 2 and result.output.startswith("error: --backends")

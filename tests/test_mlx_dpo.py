@@ -227,6 +227,16 @@ def test_every_family_that_shares_prompts_scores_as_its_rows(family, tmp_path):
     np.testing.assert_allclose(shared, rows, rtol=1e-5)
 
 
+def test_a_model_that_keeps_its_blocks_elsewhere_does_not_share_prompts(tmp_path):
+    # GPT-2 in mlx-lm keeps its blocks in model.model.h: no shared prompts, and no error asking why.
+    from mlx_lm.models import gpt2
+
+    model = gpt2.Model(gpt2.ModelArgs(model_type="gpt2", n_ctx=64, n_embd=32, n_head=2, n_layer=2, n_positions=64,
+                                      layer_norm_epsilon=1e-5, vocab_size=100))
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    assert not mlx_model.can_share_prompts(model, tmp_path) and not mlx_model.can_pack(model, tmp_path)
+
+
 def test_gradient_checkpointing_runs_the_rows(tiny_model_dir, tmp_path):
     # Its backward pass recomputes the blocks after the shared forward has ended: so no sharing,
     # in that run and for every later model of the same class (mlx-lm patches the class).

@@ -26,7 +26,9 @@ def test_the_fit_recovers_fixed_linear_and_square_parts_and_what_fits():
 
 @pytest.mark.slow
 def test_three_small_steps_predict_the_peak_of_a_larger_batch(tiny_model_dir, tmp_path):
-    config = load_config("tallrec", [f"model.name={tiny_model_dir}", "lora.full_finetune=false"])
+    # With accumulation a step's peak is still one micro-batch's: plan measures one (a workload
+    # of k micro-batches a step would not match the batches it hands the bench).
+    config = load_config("tallrec", [f"model.name={tiny_model_dir}", "lora.full_finetune=false", "train.grad_accumulation=2"])
     vocab = json.loads((tiny_model_dir / "config.json").read_text())["vocab_size"]
     half, one, two, six = measure_peaks(config, tiny_model_dir, "mlx", [(1, 64), (1, 128), (2, 128), (6, 128)], vocab,
                                         0, tmp_path, 1)
@@ -85,5 +87,8 @@ def test_the_plan_says_what_fits(monkeypatch, tiny_model_dir):
 def test_plan_mistakes_are_one_line_errors(tiny_as_builtin):
     one_line_error(run("plan", "--recipe", "grpo", "--for", "rl", "--set", "train.grad_checkpoint=true"),
                    "does not measure gradient checkpointing")
+    one_line_error(run("plan", "--recipe", "dpo", "--for", "dpo", "--set", "dpo.loss_type=kto"), "does not measure KTO")
+    one_line_error(run("plan", "--recipe", "grpo", "--for", "rl", "--set", "rl.max_prompt_length=null"),
+                   "set the prompt's")
     one_line_error(run("plan", "--recipe", "tallrec"), "full fine-tuning is not measured")  # the built-in model's tallrec
     one_line_error(run("plan", "--recipe", "nope"), "nope")

@@ -198,12 +198,18 @@ def test_cors_is_off_unless_an_origin_is_named(server, generator):
         _, headers, _ = call(server, method, path, {"prompt": "hi", "max_tokens": 1} if method == "POST" else None,
                              headers=preflight if method == "OPTIONS" else page)
         assert not [h for h in headers if h.startswith("access-control")], (method, headers)
-    named = start(generator, cors_origins=("https://app.example",), api_key="k")
+    named = start(generator, cors_origins=check_origins(["HTTPS://App.example"]), api_key="k")  # matched in lower case
     try:
         status, headers, _ = call(named, "OPTIONS", COMPLETIONS, headers=preflight)
         assert status == 204 and headers["access-control-allow-origin"] == "https://app.example"
         assert headers["access-control-allow-methods"] == "POST, OPTIONS" and headers["vary"] == "Origin"
-        assert "Authorization" in headers["access-control-allow-headers"]
+        assert headers["access-control-allow-headers"] == "content-type"  # what the preflight asked for
+        # A client library's own headers (the OpenAI SDK's x-stainless-*) are allowed as asked; a malformed list is not echoed.
+        sdk = {**preflight, "Access-Control-Request-Headers": "authorization, content-type, x-stainless-os"}
+        assert call(named, "OPTIONS", COMPLETIONS, headers=sdk)[1]["access-control-allow-headers"] == \
+            "authorization, content-type, x-stainless-os"
+        bad = {**preflight, "Access-Control-Request-Headers": "x-a, bad header"}
+        assert call(named, "OPTIONS", COMPLETIONS, headers=bad)[1]["access-control-allow-headers"] == "Authorization, Content-Type"
         # The answer, a stream and an error (the page must be able to read why it failed) carry it too.
         status, headers, _ = call(named, "POST", COMPLETIONS, {"prompt": "hi", "max_tokens": 1, "stream": True},
                                   headers={**page, "Authorization": "Bearer k"})
@@ -211,7 +217,7 @@ def test_cors_is_off_unless_an_origin_is_named(server, generator):
         status, headers, _ = call(named, "GET", "/v1/models", headers=page)
         assert status == 401 and headers["access-control-allow-origin"] == "https://app.example"
         _, headers, _ = call(named, "GET", "/health", headers={"Origin": "https://other.example"})
-        assert "access-control-allow-origin" not in headers
+        assert "access-control-allow-origin" not in headers and headers["vary"] == "Origin"  # a cache keys on it
     finally:
         named.shutdown()
         named.server_close()
@@ -224,7 +230,7 @@ def test_cors_is_off_unless_an_origin_is_named(server, generator):
 
 
 def test_cors_origins_are_checked():
-    assert check_origins(["http://localhost:3000", "*"]) == ("http://localhost:3000", "*")
+    assert check_origins(["http://localhost:3000", "*", "app://obsidian.md"]) == ("http://localhost:3000", "*", "app://obsidian.md")
     for bad in ("app.example", "https://app.example/", "https://app.example/chat"):
         with pytest.raises(UserError, match="--cors-origin"):
             check_origins([bad])

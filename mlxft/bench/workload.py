@@ -99,6 +99,8 @@ def resolve_config(workload: str, model: str | None, overrides: list[str], batch
         raise UserError("the bench times LoRA steps; lora.full_finetune=true is not benchmarked")
     if config.train.grad_checkpoint:
         raise UserError("the bench does not time gradient checkpointing (train.grad_checkpoint=true) yet")
+    if config.data.packing:
+        raise UserError("the bench times unpacked rows; data.packing is not benchmarked (benchmarks/packing.py times it)")
     if workload == "dpo":
         config.dpo.check()
         if config.dpo.precompute_reference or config.dpo.reference_adapter:

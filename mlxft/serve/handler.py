@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hmac
 import json
+import re
 import time
 import traceback
 from http.server import BaseHTTPRequestHandler
@@ -34,6 +35,7 @@ ROUTES = {
     "/v1/adapters": {"POST": "add_adapter"},
 }
 ADAPTER_PATH = "/v1/adapters/"  # + NAME
+HEADER_NAME = re.compile(r"[A-Za-z0-9!#$%&'*+.^_`|~-]{1,64}")  # an HTTP header name (RFC 9110's token)
 
 
 def routes_for(path: str) -> dict | None:
@@ -66,7 +68,7 @@ class Handler(BaseHTTPRequestHandler):
             self.send_json(404, ApiError(404, f"no such path: {path}", type="not_found_error", code="not_found").body())
             return
         allowed = ", ".join([*methods, *(["HEAD"] if "GET" in methods else []), "OPTIONS"])
-        preflight = {"Access-Control-Allow-Methods": allowed, "Access-Control-Allow-Headers": "Authorization, Content-Type",
+        preflight = {"Access-Control-Allow-Methods": allowed, "Access-Control-Allow-Headers": self.allowed_headers(),
                      "Access-Control-Max-Age": "600"} if self.allowed_origin() else {}
         self.send_bytes(204, b"", None, {"Allow": allowed, **preflight})
 
@@ -278,14 +280,22 @@ class Handler(BaseHTTPRequestHandler):
             return None
         if "*" in self.server.cors_origins:
             return "*"
-        return origin if origin in self.server.cors_origins else None
+        return origin if origin.lower() in self.server.cors_origins else None
+
+    def allowed_headers(self) -> str:
+        """The headers a preflight may announce: those it asks for when they are well-formed names
+        (client libraries add their own, as the OpenAI SDK's x-stainless-*), else the two the API reads."""
+        asked = [h.strip() for h in self.headers.get("Access-Control-Request-Headers", "").split(",") if h.strip()]
+        if asked and all(HEADER_NAME.fullmatch(h) for h in asked):
+            return ", ".join(asked)
+        return "Authorization, Content-Type"
 
     def end_headers(self):
         origin = self.allowed_origin()
         if origin:  # every answer, errors and streams included: a page must be able to read its errors too
             self.send_header("Access-Control-Allow-Origin", origin)
-            if origin != "*":
-                self.send_header("Vary", "Origin")
+        if self.server.cors_origins and "*" not in self.server.cors_origins:
+            self.send_header("Vary", "Origin")  # the answer depends on it: a shared cache must not mix them up
         super().end_headers()
 
     def send_event(self, payload: dict) -> None:

@@ -60,7 +60,7 @@ def base_model_of(default: Path | None, named: dict[str, Path]) -> str | None:
     return next(iter(bases), "") or None
 
 
-ORIGIN = re.compile(r"https?://[^/\s?#]+")
+ORIGIN = re.compile(r"[a-z][a-z0-9+.-]*://[^/\s?#]+", re.IGNORECASE)  # http(s), app://, chrome-extension://
 
 
 def check_origins(origins) -> tuple[str, ...]:
@@ -69,7 +69,7 @@ def check_origins(origins) -> tuple[str, ...]:
         if origin != "*" and not ORIGIN.fullmatch(origin):
             raise UserError(f"--cors-origin {origin!r}: give an origin as a browser sends it, like https://app.example "
                             "or http://localhost:3000 (no path, no trailing slash), or '*' for any")
-    return tuple(origins)
+    return tuple(origin.lower() for origin in origins)  # a browser sends scheme and host in lower case
 
 
 def is_loopback(host: str) -> bool:

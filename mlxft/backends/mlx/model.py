@@ -79,8 +79,9 @@ def can_share_prompts(model, folder: Path) -> bool:
     # mlx-lm's gradient checkpointing recomputes each block in the backward pass, after the
     # forward has put the rotary embeddings back; it patches the block class, so it holds for
     # every model of that class in the process once any run turned it on.
-    recomputed = getattr(type(model.model.layers[0]).__call__, "__name__", "") == "checkpointed_fn"
-    return takes_block_mask(model, folder) and not recomputed
+    if not takes_block_mask(model, folder):  # first: a model may keep its blocks elsewhere than model.model.layers
+        return False
+    return getattr(type(model.model.layers[0]).__call__, "__name__", "") != "checkpointed_fn"
 
 
 def can_pack(model, folder: Path) -> bool:
