@@ -9,8 +9,9 @@ default), batched as the trainer batches them (length-grouped, the recipe's batc
 rounded to MLX's PAD_MULTIPLE) one way, packed into rows of data.cutoff tokens the other.
 
 Speed: `mlxft lora --recipe alpaca-sft --backend mlx` for --speed-steps steps, unpacked at the
-recipe's batch size, then packed at batch sizes that give about the same tokens per step, at
-cutoffs 512 and 256 (the packed row's width). Trained tokens/s as the run reports it, one process
+recipe's batch size, then packed at batch sizes that give about the same tokens per step, into
+rows of 512, 256 and 128 tokens (data.packing_length; the examples keep data.cutoff 512).
+Trained tokens/s as the run reports it, one process
 each, one after the other: compare within one run of this script.
 """
 
@@ -92,10 +93,10 @@ def main() -> None:
         alpaca = next(r for r in table if r["recipe"] == "alpaca-sft")
         per_step = alpaca["batch_size"] * alpaca["mean_tokens"]
         settings = [(f"unpacked, batch {alpaca['batch_size']}", [])]
-        for cutoff in (512, 256):
+        for cutoff in (512, 256, 128):
             batch = max(1, round(per_step / cutoff))
             settings.append((f"packed into {cutoff}, batch {batch}",
-                             ["--set", "data.packing=true", "--set", f"data.cutoff={cutoff}", "--set", f"train.batch_size={batch}"]))
+                             ["--set", "data.packing=true", "--set", f"data.packing_length={cutoff}", "--set", f"train.batch_size={batch}"]))
         print(f"speed: alpaca-sft on MLX, {args.model}, {args.speed_steps} steps")
         results["speed"] = speed(args.model, args.speed_steps, settings)
     print(json.dumps(results))

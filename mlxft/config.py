@@ -39,6 +39,8 @@ class DataConfig:
     cutoff: int = setting(512, low=2)  # a prompt token and an answer token at least
     train_on_inputs: bool = False
     packing: bool = False  # SFT: several examples in a row of data.cutoff tokens, each attending only to itself
+    # packed rows' width (null: data.cutoff); attention runs over a whole row, so narrower rows cost less of it
+    packing_length: int | None = setting(None, low=2)
     # a chat row's assistant turns that are scored: all of them (TRL's assistant_only_loss), or the last
     assistant_turns: str = setting("all", choices=("all", "last"))
     split: list[float] = setting([0.85, 0.10, 0.05], low=0.0)

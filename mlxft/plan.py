@@ -194,6 +194,8 @@ def plan(config: RunConfig, backend: str, *, method: str = SFT_RECIPES_METHOD, t
         rows, batch_setting = min(rc.completions_per_pass or completions, completions), "rl.completions_per_pass"
         offset = rc.max_prompt_length or 0
         length = offset + rc.max_completion_length
+    elif method == "lora" and config.data.packing and config.data.packing_length:  # rows of the packed width
+        setting, length, rows = "data.packing_length", config.data.packing_length, config.train.batch_size
     else:
         length, rows = (config.data.cutoff if method == "lora" else getattr(config, method).max_length), config.train.batch_size
     if length is None:
@@ -230,8 +232,8 @@ def plan(config: RunConfig, backend: str, *, method: str = SFT_RECIPES_METHOD, t
     if method == "rl":
         echo("  (one training pass; sampling, which holds the KV cache of a prompt's completions, was not measured)")
     if method == "lora" and config.data.packing:
-        echo("  (packed rows were measured as plain rows of the cutoff: their block mask, rows x cutoff^2 booleans, is not "
-             "included)")
+        echo(f"  (packed rows were measured as plain rows of {length} tokens: their block mask, rows x {length}^2 booleans, "
+             "is not included)")
     if limit is not None:
         batch = model.largest_batch(length, limit)
         cutoff = model.largest_length(rows, limit)

@@ -54,8 +54,9 @@ def encode_sft_data(splits, tokenizer, config, echo) -> tuple[list, list, object
 
 
 def packed_train_set(train_set: list, config, can_pack: bool, folder, pad_multiple: int, echo) -> list:
-    """The training examples packed into rows of data.cutoff tokens when data.packing is on
-    (mlxft.data.packing), else as they are; validation is never packed (its loss is per example)."""
+    """The training examples packed into rows of data.packing_length tokens (default data.cutoff)
+    when data.packing is on (mlxft.data.packing), else as they are; validation is never packed (its
+    loss is per example)."""
     from mlxft.data.packing import describe_packing, pack
 
     if not config.data.packing:
@@ -64,8 +65,9 @@ def packed_train_set(train_set: list, config, can_pack: bool, folder, pad_multip
         raise UserError(f"data.packing needs a model whose attention takes mlxft's mask of packed rows: a "
                         f"{', '.join(sorted(SPLIT_HEAD_TYPES))} model without sliding-window layers (on PyTorch with "
                         f"attention sdpa or eager); {folder} is {model_type(folder) or 'of no known model_type'}")
-    rows = pack(train_set, config.data.cutoff)
-    echo(describe_packing(train_set, rows, config.data.cutoff, config.train.batch_size, pad_multiple))
+    width = config.data.packing_length or config.data.cutoff
+    rows = pack(train_set, width)
+    echo(describe_packing(train_set, rows, width, config.train.batch_size, pad_multiple))
     return rows
 
 

@@ -170,15 +170,15 @@ def test_a_model_without_the_mask_is_refused_in_one_line(tiny_model_dir):
     assert packed_train_set(examples, load_config("tallrec", []), False, tiny_model_dir, 16, print) is examples
 
 
-@pytest.mark.parametrize("backend", ["mlx", "torch"])
-def test_cli_packs_and_trains(tiny_model_dir, tmp_path, backend):
+@pytest.mark.parametrize("backend, width", [("mlx", "data.cutoff=256"), ("torch", "data.packing_length=256")])
+def test_cli_packs_and_trains(tiny_model_dir, tmp_path, backend, width):
     out = tmp_path / "run"
     result = CliRunner().invoke(cli, ["lora", "--recipe", "tallrec", "--model", str(tiny_model_dir), "--backend", backend,
                                       "--out", str(out), "--set", "data.packing=true", "--set", "data.k_shot=64",
-                                      "--set", "data.cutoff=256", "--set", "train.steps=2", "--set", "train.batch_size=2",
+                                      "--set", width, "--set", "train.steps=2", "--set", "train.batch_size=2",
                                       "--set", "data.max_valid_rows=4", "--set", "eval.generate_examples=0"])
     assert result.exit_code == 0, result.output
-    assert "packing: 64 examples into" in result.output
+    assert "packing: 64 examples into" in result.output and "rows of up to 256 tokens" in result.output
     summary = json.loads((out / "summary.json").read_text())
     assert summary["train_rows"] == 64 and 10 < summary["packed_rows"] < 64
     losses = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
