@@ -234,3 +234,38 @@ def length_groups(prompts: list[list[int]], together: bool = True) -> list[list[
         else:
             groups.append([i])
     return groups
+
+
+class RunningBatch:
+    """What every backend's batch engine (mlxft.serve.batcher's model side) keeps the same way:
+    its rows and each row's newest token, in one order, reordered together with the backend's
+    cache (`reorder_cache`)."""
+
+    rows: list
+    last: list
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def keep(self, indices: list[int]) -> None:
+        """Keep only these rows (finished and cancelled ones leave)."""
+        if len(indices) < len(self.rows):
+            self.reorder(indices)
+
+    def clear(self) -> None:
+        self.keep([])
+
+    def reorder(self, indices: list[int]) -> None:
+        self.rows = [self.rows[i] for i in indices]
+        self.last = [self.last[i] for i in indices]
+        self.reorder_cache(indices)
+
+    def reorder_cache(self, indices: list[int]) -> None:
+        raise NotImplementedError
+
+    def in_request_order(self, before: int, joined: list[int]) -> None:
+        """After start() added requests 0..n-1 as rows in the order `joined` (grouped by prompt
+        length), put the new rows back in the order they were asked for."""
+        if joined != sorted(joined):
+            self.reorder(list(range(before)) + [before + joined.index(i) for i in range(len(joined))])
+

@@ -22,7 +22,7 @@ import mlx.core as mx
 
 from mlxft.backends.mlx.adapter_stack import AdapterStack
 from mlxft.errors import UserError
-from mlxft.generation import Sampling, length_groups
+from mlxft.generation import RunningBatch, Sampling, length_groups
 
 REPETITION_CONTEXT = 20  # tokens the repetition penalty looks back on, as mlx-lm's default
 
@@ -59,7 +59,7 @@ class Row:
     history: list[int] = field(default_factory=list)  # prompt and answer so far, for the repetition penalty
 
 
-class BatchEngine:
+class BatchEngine(RunningBatch):
     """The running batch of one model; used from one thread only (the server's model thread)."""
 
     def __init__(self, model, tokenizer, adapters: AdapterStack):
@@ -68,7 +68,7 @@ class BatchEngine:
         self.adapters = adapters
         self.rows: list[Row] = []
         self.cache = None  # one BatchKVCache per layer, or None while no row runs
-        self.last = None  # the newest token of each row, the next step's input
+        self.last: list[int] = []  # the newest token of each row, the next step's input
         self.vocabulary = model.args.vocab_size if hasattr(model, "args") else 1 << 62
         self.default_slot = 0  # what a request that names no adapter gets
 
@@ -78,9 +78,6 @@ class BatchEngine:
 
     def detokenizer(self):
         return self.tokenizer.detokenizer  # a fresh copy per call
-
-    def __len__(self) -> int:
-        return len(self.rows)
 
     def slot(self, name: str | None) -> int:
         """The adapter slot a request naming `name` runs with (None: the default); KeyError when unknown."""
@@ -119,8 +116,7 @@ class BatchEngine:
             self.join(rows, cache, tokens)
             firsts.update(zip(group, tokens))
             joined += group
-        if joined != sorted(joined):  # the new rows in the order they were asked for
-            self.reorder(list(range(before)) + [before + joined.index(i) for i in range(len(requests))])
+        self.in_request_order(before, joined)
         return [firsts[i] for i in range(len(requests))]
 
     def join(self, rows: list[Row], cache, tokens: list[int]) -> None:
@@ -146,7 +142,7 @@ class BatchEngine:
         self.rows.extend(rows)
         for row, token in zip(rows, tokens):
             row.history.append(token)
-        self.last = tokens if self.last is None else self.last + tokens
+        self.last = self.last + tokens
 
     def step(self) -> list[int]:
         """One token more for every row, in row order."""
@@ -169,23 +165,13 @@ class BatchEngine:
                                      for i, row in enumerate(rows)])
         return tokens.tolist()
 
-    def keep(self, indices: list[int]) -> None:
-        """Keep only these rows (finished and cancelled ones leave)."""
-        if len(indices) < len(self.rows):
-            self.reorder(indices)
-
-    def reorder(self, indices: list[int]) -> None:
-        self.rows = [self.rows[i] for i in indices]
-        self.last = [self.last[i] for i in indices]
+    def reorder_cache(self, indices: list[int]) -> None:
         if not indices:
-            self.cache, self.last = None, None
+            self.cache = None
         else:
             for layer in self.cache:
                 layer.filter(indices)
         self.adapters.release({row.slot for row in self.rows})
-
-    def clear(self) -> None:
-        self.keep([])
 
 
 def batch_engine(model, tokenizer) -> BatchEngine | None:

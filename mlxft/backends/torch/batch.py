@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 import torch
 
 from mlxft.errors import UserError
-from mlxft.generation import Sampling, TextDecoder, length_groups
+from mlxft.generation import RunningBatch, Sampling, TextDecoder, length_groups
 
 
 class StreamingDecoder:
@@ -65,7 +65,7 @@ class Row:
     history: list[int] = field(default_factory=list)  # prompt and answer so far (repetition penalty; its length is the position)
 
 
-class BatchEngine:
+class BatchEngine(RunningBatch):
     """The running batch of one model; used from one thread only (the server's model thread)."""
 
     def __init__(self, model, tokenizer, end_ids: set[int]):
@@ -89,9 +89,6 @@ class BatchEngine:
 
     def detokenizer(self) -> StreamingDecoder:
         return StreamingDecoder(self.tokenizer)
-
-    def __len__(self) -> int:
-        return len(self.rows)
 
     def slot(self, name: str | None) -> int:
         if name is not None:
@@ -122,8 +119,7 @@ class BatchEngine:
             self.join(rows, output.get("cache", output.get("past_key_values")), tokens)
             firsts.update(zip(group, tokens))
             joined += group
-        if joined != sorted(joined):  # the new rows in the order they were asked for
-            self.reorder(list(range(before)) + [before + joined.index(i) for i in range(len(requests))])
+        self.in_request_order(before, joined)
         return [firsts[i] for i in range(len(requests))]
 
     def join(self, rows: list[Row], cache, tokens: list[int]) -> None:
@@ -164,14 +160,7 @@ class BatchEngine:
         return [greedy[i] if row.sampling.temperature == 0 and row.sampling.repetition_penalty == 1.0
                 else next_token(logits[i], row.history, row.sampling, row.generator) for i, row in enumerate(rows)]
 
-    def keep(self, indices: list[int]) -> None:
-        """Keep only these rows (finished and cancelled ones leave)."""
-        if len(indices) < len(self.rows):
-            self.reorder(indices)
-
-    def reorder(self, indices: list[int]) -> None:
-        self.rows = [self.rows[i] for i in indices]
-        self.last = [self.last[i] for i in indices]
+    def reorder_cache(self, indices: list[int]) -> None:
         if not indices:
             self.cache, self.valid = None, None
             return
@@ -181,9 +170,6 @@ class BatchEngine:
         self.valid = valid[:, cut:]
         for layer in self.cache.layers:
             layer.keys, layer.values = layer.keys[index, :, cut:], layer.values[index, :, cut:]
-
-    def clear(self) -> None:
-        self.keep([])
 
 
 def pad_left(tensor: torch.Tensor, width: int, dim: int = 2) -> torch.Tensor:
