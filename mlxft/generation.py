@@ -238,11 +238,10 @@ def length_groups(prompts: list[list[int]], together: bool = True) -> list[list[
 
 class RunningBatch:
     """What every backend's batch engine (mlxft.serve.batcher's model side) keeps the same way:
-    its rows and each row's newest token, in one order, reordered together with the backend's
-    cache (`reorder_cache`)."""
+    its rows in one order, reordered together with the backend's state for them (its cache and
+    each row's newest token: `reorder_state`)."""
 
     rows: list
-    last: list
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -257,10 +256,9 @@ class RunningBatch:
 
     def reorder(self, indices: list[int]) -> None:
         self.rows = [self.rows[i] for i in indices]
-        self.last = [self.last[i] for i in indices]
-        self.reorder_cache(indices)
+        self.reorder_state(indices)
 
-    def reorder_cache(self, indices: list[int]) -> None:
+    def reorder_state(self, indices: list[int]) -> None:
         raise NotImplementedError
 
     def in_request_order(self, before: int, joined: list[int]) -> None:
@@ -268,4 +266,3 @@ class RunningBatch:
         length), put the new rows back in the order they were asked for."""
         if joined != sorted(joined):
             self.reorder(list(range(before)) + [before + joined.index(i) for i in range(len(joined))])
-

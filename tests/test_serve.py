@@ -299,18 +299,37 @@ def test_concurrent_requests_are_batched_and_equal_their_single_answers(server, 
     assert max(widths) >= 8  # many answers in one decode step, not one at a time
 
 
+def one_request_answers(generator, bodies):
+    """Each body answered alone through the generator's stream(), the one-request path."""
+    serial = start(StreamOnly(generator))
+    try:
+        return [ask(serial, body) for body in bodies]
+    finally:
+        serial.shutdown()
+        serial.server_close()
+
+
+def test_batched_answers_equal_mlx_lms_one_request_path(server, generator):
+    # The engine computes a step ahead and keeps its own repetition-penalty context: its greedy,
+    # penalized and stopped answers, 32 at once, equal stream()'s (mlx-lm's stream_generate).
+    # Seeded draws are not compared: mlx-lm draws from one global key, the engine from a key per row.
+    # The last body's answer changes when the penalty misses the token the step ahead was fed.
+    bodies = MIXED[:4] + [{"prompt": "will headline write instruction read", "temperature": 0, "max_tokens": 30,
+                           "repetition_penalty": 2.0}]
+    references = one_request_answers(generator, bodies)
+    with ThreadPoolExecutor(16) as pool:
+        answers = list(pool.map(lambda i: ask(server, bodies[i % 5], stream=bool(i // 5 % 2)), range(40)))
+    for i, answer in enumerate(answers):
+        assert answer == references[i % 5], (i, answer)
+
+
 def test_pytorch_batches_too_and_its_answers_equal_the_one_request_path(tiny_model_dir, monkeypatch):
     # The same mixed requests on PyTorch: one at a time through stream() (the one-request path),
     # then 48 at once through the batch engine; greedy, penalized, stopped and seeded answers agree.
     from mlxft.backends.torch.stream import load_generator as torch_generator
 
     generator = torch_generator(str(tiny_model_dir))
-    serial = start(StreamOnly(generator))
-    try:
-        references = [ask(serial, body) for body in MIXED]
-    finally:
-        serial.shutdown()
-        serial.server_close()
+    references = one_request_answers(generator, MIXED)
     batched = start(generator)
     try:
         engine, widths = batched.scheduler.engine, []
@@ -384,12 +403,18 @@ def test_a_full_queue_gets_429_in_openai_shape(generator):
     engine.step = lambda: release.wait(30) and step()  # the batch's one place stays taken until released
     body = {"prompt": "hi", "temperature": 0, "max_tokens": 3}
     try:
-        with ThreadPoolExecutor(2) as pool:
-            held = [pool.submit(call, server, "POST", COMPLETIONS, body) for _ in range(2)]  # one runs, one waits
+        def until(condition):
             deadline = time.monotonic() + 10
-            while server.scheduler.admission.waiting < 1 or len(engine) < 1:
+            while not condition():
                 assert time.monotonic() < deadline
                 time.sleep(0.01)
+
+        with ThreadPoolExecutor(2) as pool:
+            # One after the other: sent together, the second could find the first still queued (429).
+            held = [pool.submit(call, server, "POST", COMPLETIONS, body)]
+            until(lambda: len(engine) == 1)  # the first runs
+            held.append(pool.submit(call, server, "POST", COMPLETIONS, body))
+            until(lambda: server.scheduler.admission.waiting == 1)  # the second waits
             status, error, headers = error_of(server, "POST", COMPLETIONS, body)
             assert status == 429 and error["code"] == "rate_limit_exceeded" and headers["retry-after"] == "1"
             release.set()

@@ -9,11 +9,13 @@ The loop, on the model thread (MLX stays on one thread; see mlxft.serve.worker):
     one decode step for every row of the batch
     hand each row's text to its connection; drop rows that finished or whose client left
 
-A backend supplies the engine (mlxft.backends.mlx.batch.BatchEngine): start(requests) -> first
-tokens, step() -> next tokens, keep(rows), slot(adapter name), detokenizer(), eos_ids. Text,
-stop strings, token counts and finish reasons are handled here, per request, with the rules of
-the one-request stream() (mlx-lm's stream_generate): the end-of-sequence token ends an answer and
-is not counted in it, max_tokens ends it ("length"), a stop string ends it and is cut.
+A backend supplies the engine (mlxft.backends.mlx.batch.BatchEngine): start(requests) -> each
+one's first token, or None from an engine that computes a step ahead (MLX's: the first tokens
+then come with the next step); step() -> each row's next token; keep(rows), slot(adapter name),
+detokenizer(), eos_ids. Text, stop strings, token counts and finish reasons are handled here, per
+request, with the rules of the one-request stream() (mlx-lm's stream_generate): the
+end-of-sequence token ends an answer and is not counted in it, max_tokens ends it ("length"), a
+stop string ends it and is cut.
 """
 
 from __future__ import annotations
@@ -196,7 +198,8 @@ class BatchScheduler:
         self.answers += [Answer(waiting.job, self.engine.detokenizer(), waiting.sampling, len(ids), self.engine.eos_ids)
                          for waiting, ids, _ in admitted]
         firsts = self.engine.start([(ids, waiting.sampling, slot) for waiting, ids, slot in admitted])
-        self.advance(firsts, start=start)
+        if firsts is not None:
+            self.advance(firsts, start=start)
 
     def advance(self, tokens: list[int], start: int = 0) -> None:
         """Feed each row from `start` on its token; then drop the rows that are done or abandoned."""

@@ -4,10 +4,18 @@ The running batch is a list of rows (one per answer being generated) over one ba
 (mlx-lm's BatchKVCache). New requests join between decode steps: their prompts are run on their
 own (those of equal length together, so no row is padded while its prompt runs) and their caches
 are merged into the batch's; a finished or cancelled row is filtered out. A decode step runs
-every row at once. Each row keeps its own sampling: greedy rows take the argmax of the batch's
-logits; a sampled row draws from its own random key (seeded by the request's seed), so a seeded
-answer does not depend on what else is in the batch; top_p, top_k and the repetition penalty
-are mlx-lm's, applied to the row alone.
+every row at once.
+
+The engine runs one step ahead, as mlx-lm's BatchGenerator does: step() hands out the tokens of
+the step queued last and queues the next one before it returns, so the model computes while the
+server turns tokens into text (MLX evaluates on a thread of its own). Rows that joined get their
+first token from the next step(); a row that ends has computed one token more than it needed,
+which is dropped with it.
+
+Each row keeps its own sampling: greedy rows take the argmax of the batch's logits; a sampled row
+draws from its own random key (seeded by the request's seed), so a seeded answer does not depend
+on what else is in the batch; top_p, top_k and the repetition penalty are mlx-lm's, applied to
+the row alone.
 
 mlx-lm's BatchGenerator does the same scheduling, but its rows cannot carry an adapter each (the
 model is called with the batch alone) nor a seed each; this loop is short enough to own.
@@ -25,6 +33,10 @@ from mlxft.errors import UserError
 from mlxft.generation import RunningBatch, Sampling, length_groups
 
 REPETITION_CONTEXT = 20  # tokens the repetition penalty looks back on, as mlx-lm's default
+
+
+def log_softmax(logits: mx.array) -> mx.array:
+    return logits - mx.logsumexp(logits, axis=-1, keepdims=True)
 
 
 class RowSampler:
@@ -68,7 +80,7 @@ class BatchEngine(RunningBatch):
         self.adapters = adapters
         self.rows: list[Row] = []
         self.cache = None  # one BatchKVCache per layer, or None while no row runs
-        self.last: list[int] = []  # the newest token of each row, the next step's input
+        self.last: mx.array | None = None  # each row's token not yet handed out (computed one step ahead)
         self.vocabulary = model.args.vocab_size if hasattr(model, "args") else 1 << 62
         self.default_slot = 0  # what a request that names no adapter gets
 
@@ -99,27 +111,24 @@ class BatchEngine(RunningBatch):
         self.adapters.remove(name)
         self.adapters.release({row.slot for row in self.rows})
 
-    def start(self, requests: list[tuple[list[int], Sampling, int]]) -> list[int]:
-        """Run the prompts of new requests ((prompt ids, sampling, adapter slot) each), add them to
-        the batch, and return each one's first token."""
+    def start(self, requests: list[tuple[list[int], Sampling, int]]) -> None:
+        """Run the prompts of new requests ((prompt ids, sampling, adapter slot) each) and add them
+        to the batch, in the order asked; each one's first token comes with the next step()."""
         from mlx_lm.models.cache import KVCache, make_prompt_cache
 
         before = len(self.rows)
         plain = all(type(c) is KVCache for c in make_prompt_cache(self.model))
-        firsts, joined = {}, []
+        joined = []
         for group in length_groups([ids for ids, _, _ in requests], together=plain):
             cache = make_prompt_cache(self.model)
             rows = [Row(requests[i][2], RowSampler(requests[i][1], self.vocabulary), list(requests[i][0])) for i in group]
             self.adapters.rows.set([row.slot for row in rows])
             logits = self.model(mx.array([requests[i][0] for i in group]), cache=cache)[:, -1, :]
-            tokens = self.sample(logits, rows)
-            self.join(rows, cache, tokens)
-            firsts.update(zip(group, tokens))
+            self.join(rows, cache, self.sample(logits, rows))
             joined += group
         self.in_request_order(before, joined)
-        return [firsts[i] for i in range(len(requests))]
 
-    def join(self, rows: list[Row], cache, tokens: list[int]) -> None:
+    def join(self, rows: list[Row], cache, tokens: mx.array) -> None:
         from mlx_lm.models.cache import KVCache
 
         if len(rows) == 1:
@@ -140,37 +149,45 @@ class BatchEngine(RunningBatch):
             for mine, theirs in zip(self.cache, merged):
                 mine.extend(theirs)
         self.rows.extend(rows)
-        for row, token in zip(rows, tokens):
-            row.history.append(token)
-        self.last = self.last + tokens
+        self.last = tokens if self.last is None else mx.concatenate([self.last, tokens])
 
     def step(self) -> list[int]:
-        """One token more for every row, in row order."""
+        """Each row's next token, in row order; the step after it is queued before this returns."""
+        handed = self.last
         self.adapters.rows.set([row.slot for row in self.rows])
-        logits = self.model(mx.array(self.last)[:, None], cache=self.cache)[:, -1, :]
-        self.last = self.sample(logits, self.rows)
-        for row, token in zip(self.rows, self.last):
+        logits = self.model(handed[:, None], cache=self.cache)[:, -1, :]
+        self.last = self.sample(logits, self.rows, handed)
+        mx.async_eval(self.last)
+        tokens = handed.tolist()
+        for row, token in zip(self.rows, tokens):
             row.history.append(token)
-        return self.last
+        return tokens
 
-    def sample(self, logits: mx.array, rows: list[Row]) -> list[int]:
+    def sample(self, logits: mx.array, rows: list[Row], newest: mx.array | None = None) -> mx.array:
+        """Each row's next token (not yet evaluated). `newest`: the tokens the logits follow, when
+        they are not yet in the rows' histories (the step ahead's input)."""
         if any(row.sampler.penalty for row in rows):
-            logits = mx.concatenate([
-                row.sampler.penalty(mx.array(row.history[-REPETITION_CONTEXT:]), logits[i:i + 1])
-                if row.sampler.penalty else logits[i:i + 1] for i, row in enumerate(rows)])
-        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-        tokens = mx.argmax(logprobs, axis=-1)
-        if not all(row.sampler.greedy for row in rows):
-            tokens = mx.concatenate([tokens[i:i + 1] if row.sampler.greedy else row.sampler.draw(logprobs[i:i + 1])
-                                     for i, row in enumerate(rows)])
-        return tokens.tolist()
+            def context(i: int, row: Row) -> mx.array:
+                seen = mx.array(row.history[-REPETITION_CONTEXT:])
+                return seen if newest is None else mx.concatenate([seen, newest[i:i + 1]])[-REPETITION_CONTEXT:]
 
-    def reorder_cache(self, indices: list[int]) -> None:
+            logits = mx.concatenate([row.sampler.penalty(context(i, row), logits[i:i + 1])
+                                     if row.sampler.penalty else logits[i:i + 1] for i, row in enumerate(rows)])
+        # Greedy rows need no log-probabilities, and normalising a vocabulary is an exp per entry for
+        # every row (see benchmarks/RESULTS.md, serving): only sampled rows pay for it.
+        tokens = mx.argmax(logits, axis=-1)
+        if not all(row.sampler.greedy for row in rows):
+            tokens = mx.concatenate([tokens[i:i + 1] if row.sampler.greedy else row.sampler.draw(log_softmax(logits[i:i + 1]))
+                                     for i, row in enumerate(rows)])
+        return tokens
+
+    def reorder_state(self, indices: list[int]) -> None:
         if not indices:
-            self.cache = None
+            self.cache, self.last = None, None
         else:
             for layer in self.cache:
                 layer.filter(indices)
+            self.last = self.last[mx.array(indices)]
         self.adapters.release({row.slot for row in self.rows})
 
 

@@ -160,7 +160,8 @@ class BatchEngine(RunningBatch):
         return [greedy[i] if row.sampling.temperature == 0 and row.sampling.repetition_penalty == 1.0
                 else next_token(logits[i], row.history, row.sampling, row.generator) for i, row in enumerate(rows)]
 
-    def reorder_cache(self, indices: list[int]) -> None:
+    def reorder_state(self, indices: list[int]) -> None:
+        self.last = [self.last[i] for i in indices]
         if not indices:
             self.cache, self.valid = None, None
             return
