@@ -112,10 +112,15 @@ def tallrec_training_rows(max_history: int | None = 10) -> list[dict]:
     return rows
 
 
-def side_environment(threads: int, fast_blas: bool = True) -> dict:
-    """The environment of one side: thread counts, this checkout importable, and for MLX sides
-    the BLAS preload that the `mlxft` command would use (or none, for the stock wheel)."""
-    env = {**os.environ, **{name: str(threads) for name in THREAD_VARIABLES}}
+def side_environment(threads: int | None, fast_blas: bool = True) -> dict:
+    """The environment of one side: thread counts (None: none set, and mlxft's own choice,
+    mlxft.cpu_share's auto), this checkout importable, and for MLX sides the BLAS preload that
+    the `mlxft` command would use (or none, for the stock wheel)."""
+    if threads is None:
+        env = {name: value for name, value in os.environ.items() if name not in THREAD_VARIABLES}
+        env["MLXFT_CPU_THREADS"] = "auto"
+    else:
+        env = {**os.environ, **{name: str(threads) for name in THREAD_VARIABLES}}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     env.pop("MLXFT_BLAS_ACTIVE", None)
     env.pop("LD_PRELOAD", None)

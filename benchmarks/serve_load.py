@@ -204,7 +204,9 @@ def main() -> None:
     parser.add_argument("--model", default="builtin", help="'builtin' or a model folder both servers load")
     parser.add_argument("--requests", type=int, default=4, help="requests per client")
     parser.add_argument("--max-tokens", type=int, default=32)
-    parser.add_argument("--threads", type=int, default=1, help="BLAS/OpenMP threads of each server")
+    parser.add_argument("--threads", default="1",
+                        help="BLAS/OpenMP threads of each server, or 'auto': none set, so mlxft serve chooses them "
+                             "(mlxft.cpu_share: fewer while other processes, the clients among them, take cores)")
     parser.add_argument("--skip-peer", action="store_true", help="mlxft only")
     parser.add_argument("--backend", choices=("mlx", "torch"), default="mlx", help="the backend mlxft serves with")
     parser.add_argument("--levels", default=",".join(map(str, LEVELS)), help="numbers of concurrent clients, comma-separated")
@@ -212,6 +214,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None, help="write the figures as JSON here")
     args = parser.parse_args()
     args.levels = [int(n) for n in args.levels.split(",")]
+    if args.threads != "auto" and not args.threads.isdigit():
+        parser.error(f"--threads {args.threads}: a number or 'auto'")
 
     import mlx.core as mx
     import mlx_lm
@@ -220,7 +224,7 @@ def main() -> None:
 
     model_dir = resolve_model_dir(args.model)
     tokenizer = load_tokenizer(model_dir)
-    env = common.side_environment(args.threads, fast_blas=True)
+    env = common.side_environment(None if args.threads == "auto" else int(args.threads), fast_blas=True)
     work = Path(tempfile.mkdtemp(prefix="serve-load-"))
     results = {"model": str(args.model), "max_tokens": args.max_tokens, "requests_per_client": args.requests,
                "threads": args.threads, "mlx": mx.__version__, "mlx_lm": mlx_lm.__version__, "cpus": os.cpu_count()}

@@ -43,18 +43,30 @@ def in_server_environment(threads: int) -> None:
     os.execve(sys.executable, [sys.executable, *sys.argv], env)
 
 
+def timed(step, steps: int) -> float:
+    """Seconds per call of `step`, from nothing in flight to nothing in flight: both engines keep a
+    step queued when they return, so the clock starts and stops on an idle device."""
+    import mlx.core as mx
+
+    mx.synchronize()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    mx.synchronize()
+    return (time.perf_counter() - start) / steps
+
+
 def mlxft_steps(model, tokenizer, prompts: list[list[int]], steps: int) -> tuple[float, list[list[int]]]:
     """Seconds per decode step of mlxft's BatchEngine, and each row's tokens."""
     from mlxft.backends.mlx.batch import batch_engine
     from mlxft.generation import Sampling
 
     engine = batch_engine(model, tokenizer)
-    engine.start([(ids, Sampling(max_tokens=steps + 1), 0) for ids in prompts])
-    tokens = [engine.step()]  # the prompts' first tokens, as mlx-lm's first step hands them out
-    start = time.perf_counter()
-    for _ in range(steps):
-        tokens.append(engine.step())
-    seconds = (time.perf_counter() - start) / steps
+    firsts = engine.start([(ids, Sampling(max_tokens=steps + 1), 0) for ids in prompts])
+    # The prompts' first tokens: from the next step when the engine runs a step ahead (as mlx-lm's
+    # first step hands them out), else from start() (mlxft before it ran a step ahead).
+    tokens = [engine.step() if firsts is None else firsts]
+    seconds = timed(lambda: tokens.append(engine.step()), steps)
     return seconds, [list(row) for row in zip(*tokens)]
 
 
@@ -69,13 +81,14 @@ def mlx_lm_steps(model, prompts: list[list[int]], steps: int) -> tuple[float, li
     while not all(tokens.values()):  # the prompts' step hands out each row's first token
         for response in generator.next_generated():
             tokens[response.uid].append(response.token)
-    start = time.perf_counter()
-    for _ in range(steps):
+
+    def step():
         responses = generator.next_generated()
         assert len(responses) == len(prompts), "a row left mlx-lm's batch early"
         for response in responses:
             tokens[response.uid].append(response.token)
-    seconds = (time.perf_counter() - start) / steps
+
+    seconds = timed(step, steps)
     generator.close()
     return seconds, [tokens[uid] for uid in uids]
 

@@ -5,7 +5,8 @@ product over one thread per core, and each part waits for the others. When anoth
 a core, the part on that core waits for the scheduler, the rest spin, and the whole run slows far
 more than the one core it lost (benchmarks/RESULTS.md, "CPU threads beside a busy neighbour").
 
-So between training steps the driver asks a CpuShare how many cores the *other* processes used
+So between training steps (and `mlxft serve` between decode steps, or between answers when it
+answers one at a time) the driver asks a CpuShare how many cores the *other* processes used
 over the last few seconds (the machine's busy time from /proc/stat minus this process's own from
 /proc/self/stat) and runs on the cores left: max(1, cores - round(others)). Two runs started side
 by side each see the other and settle on half the cores each; when a neighbour leaves, the threads
@@ -102,15 +103,17 @@ def setting() -> int | str | None:
 
 
 class CpuShare:
-    """Call `update()` between steps (when no product is running); it changes the thread count at
-    most once a window, and says so through `echo`."""
+    """Call `update()` between steps; it changes the thread count at most once a window, and says so
+    through `echo`. No product may run while the count changes: a caller that keeps work in flight
+    (MLX's serving engine, a step ahead) passes `settle`, which waits for it, called only then."""
 
     def __init__(self, echo=print, *, cores: int | None = None, setters: list | None = None,
-                 read: Callable[[], CpuTimes] = read_cpu_times, mode: int | str | None = "from-environment"):
+                 read: Callable[[], CpuTimes] = read_cpu_times, clock: Callable[[], float] = time.monotonic,
+                 mode: int | str | None = "from-environment"):
         self.mode = setting() if mode == "from-environment" else mode
         self.cores = cores or len(os.sched_getaffinity(0))
         self.setters = thread_setters() if setters is None else setters
-        self.read, self.echo = read, echo
+        self.read, self.clock, self.echo = read, clock, echo  # clock: read's CpuTimes.at
         self.ticks = os.sysconf("SC_CLK_TCK")
         self.threads = self.cores
         self.last = None
@@ -124,12 +127,12 @@ class CpuShare:
     def active(self) -> bool:
         return self.last is not None
 
-    def update(self) -> None:
+    def update(self, settle: Callable[[], None] | None = None) -> None:
         if not self.active:
             return
-        now = self.read()
-        if now.at - self.last.at < WINDOW_SECONDS:
+        if self.clock() - self.last.at < WINDOW_SECONDS:  # before reading /proc: serving calls this every step
             return
+        now = self.read()
         others = others_cores(self.last, now, self.ticks)
         self.last = now
         wanted = threads_for(others, self.cores)
@@ -137,6 +140,8 @@ class CpuShare:
             self.pending = None
         elif self.pending == wanted:  # the second window in a row that asks for it
             self.echo(f"compute threads {self.threads} -> {wanted}: other processes use {others:.1f} of {self.cores} cores")
+            if settle is not None:
+                settle()
             self.apply(wanted)
             self.pending = None
         else:

@@ -55,7 +55,8 @@ class Clock:
 
 def share_with(clock, cores=2):
     applied, said = [], []
-    share = CpuShare(said.append, cores=cores, setters=[applied.append], read=lambda: clock.now, mode="auto")
+    share = CpuShare(said.append, cores=cores, setters=[applied.append], read=lambda: clock.now, clock=lambda: clock.now.at,
+                     mode="auto")
     share.ticks = 100
     return share, applied, said
 

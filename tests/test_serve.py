@@ -396,6 +396,53 @@ def test_a_generator_without_batching_answers_one_at_a_time(generator):
         start(watch, adapters={"a": "somewhere"})
 
 
+def neighbour_share(events):
+    """A CpuShare whose every reading is a window later with a neighbour on one of two cores: it
+    asks for one thread at its second reading. Thread changes and settles are logged in `events`."""
+    from mlxft.cpu_share import CpuShare, CpuTimes
+
+    state = {"at": 0.0, "busy": 0}
+
+    def clock():
+        state["at"] += 2.5
+        return state["at"]
+
+    def read():
+        state["busy"] += 250  # 100 ticks a second: one core for 2.5 s
+        return CpuTimes(state["busy"], 0, state["at"])
+
+    share = CpuShare(lambda message: None, cores=2, setters=[lambda n: events.append(("threads", n))], read=read,
+                     clock=clock, mode="auto")
+    share.ticks = 100
+    return share
+
+
+def test_serving_gives_a_neighbour_threads_between_steps_with_nothing_in_flight(server, generator):
+    from mlxft.serve.worker import SerialScheduler
+
+    body = {"prompt": "Below is an instruction", "temperature": 0, "max_tokens": 12}
+    reference = ask(server, body)
+    events, scheduler = [], server.scheduler
+    settle = scheduler.engine.settle
+    scheduler.engine.settle = lambda: events.append(("settle",)) or settle()
+    scheduler.threads = neighbour_share(events)
+    try:
+        assert ask(server, body) == reference
+    finally:
+        scheduler.threads = None
+        scheduler.engine.settle = settle
+    assert events == [("settle",), ("threads", 1)]  # the step ahead finished before the count changed
+
+    events = []
+    serial = SerialScheduler(generator, 4, threads=neighbour_share(events))
+    try:
+        for _ in range(3):  # asked before each answer: the second asks for the change
+            assert len(list(serial.submit(lambda: generator.encode("hi"), Sampling(max_tokens=3), None))) > 1
+    finally:
+        serial.stop()
+    assert events == [("threads", 1)]
+
+
 def test_a_full_queue_gets_429_in_openai_shape(generator):
     server = start(generator, max_batch=1, max_queue=1)
     engine, release = server.scheduler.engine, threading.Event()

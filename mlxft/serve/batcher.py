@@ -5,9 +5,11 @@ The loop, on the model thread (MLX stays on one thread; see mlxft.serve.worker):
 
     take what arrived (requests, and calls such as adding an adapter)
     admit waiting requests while the batch has room (--max-batch): render and encode each prompt,
-        run the prompts, hand out each one's first token
+        run the prompts (an engine that computes a step ahead hands the first tokens out with the
+        next step; the others hand them out here)
     one decode step for every row of the batch
     hand each row's text to its connection; drop rows that finished or whose client left
+    on a shared Linux CPU, fewer compute threads while other processes take cores (mlxft.cpu_share)
 
 A backend supplies the engine (mlxft.backends.mlx.batch.BatchEngine): start(requests) -> each
 one's first token, or None from an engine that computes a step ahead (MLX's: the first tokens
@@ -87,8 +89,9 @@ class Call:
 
 
 class BatchScheduler:
-    def __init__(self, engine, *, max_batch: int, max_queue: int, log=None, name: str = "mlxft-model"):
+    def __init__(self, engine, *, max_batch: int, max_queue: int, log=None, name: str = "mlxft-model", threads=None):
         self.engine = engine
+        self.threads = threads  # a CpuShare (mlxft.cpu_share), asked between decode steps
         self.max_batch = max_batch
         self.admission = Admission(max_queue)
         self.log = log
@@ -144,6 +147,8 @@ class BatchScheduler:
                 self.admit()
                 if self.answers:
                     self.advance(self.engine.step())
+                if self.threads is not None:
+                    self.threads.update(settle=getattr(self.engine, "settle", None))
             except Exception as e:  # a bug: every answer in flight fails with it, the server goes on
                 if self.log is not None:
                     self.log(f"generation failed:\n{traceback.format_exc()}")

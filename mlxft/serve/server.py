@@ -111,11 +111,16 @@ def make_server(generator, *, host: str = "127.0.0.1", port: int = 8080, model_i
 def make_scheduler(generator, max_batch: int, max_queue: int, log, adapters: bool):
     """Continuous batching when the generator offers a batch engine, else one request at a time
     with its stream() (a backend without batching still serves, its one model only)."""
+    from mlxft.cpu_share import CpuShare
+
     engine_of = getattr(generator, "batch_engine", None)
     engine = engine_of() if callable(engine_of) else None
+    # Fewer compute threads while other processes (the clients among them) take cores; said in the log.
+    threads = CpuShare(log or (lambda message: None))
+    threads = threads if threads.active else None
     if engine is None:
         if adapters:
             raise UserError("this backend serves one request at a time and no adapters by name (NAME=PATH, --adapters-dir); "
                             "give one adapter as --adapter PATH, or serve with --backend mlx")
-        return SerialScheduler(generator, max_queue)
-    return BatchScheduler(engine, max_batch=max_batch, max_queue=max_queue, log=log)
+        return SerialScheduler(generator, max_queue, threads)
+    return BatchScheduler(engine, max_batch=max_batch, max_queue=max_queue, log=log, threads=threads)

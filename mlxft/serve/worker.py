@@ -63,8 +63,10 @@ class Job:
 
 
 class ModelWorker:
-    def __init__(self, name: str = "mlxft-model", started: Callable[[Job], None] | None = None):
+    def __init__(self, name: str = "mlxft-model", started: Callable[[Job], None] | None = None,
+                 between: Callable[[], None] | None = None):
         self.started = started  # told of each job as it leaves the queue, run or skipped
+        self.between = between  # called before each job, when no generation runs
         self.jobs: queue.Queue = queue.Queue()
         self.thread = threading.Thread(target=self._loop, name=name, daemon=True)
         self.thread.start()
@@ -84,6 +86,8 @@ class ModelWorker:
             job = self.jobs.get()
             if job is None:
                 return
+            if self.between is not None:
+                self.between()
             if self.started is not None:
                 self.started(job)
             if not job.cancelled.is_set():
@@ -118,10 +122,11 @@ class Admission:
 class SerialScheduler:
     """Requests answered one at a time with `generator.stream()`, at most `max_queue` waiting."""
 
-    def __init__(self, generator, max_queue: int):
+    def __init__(self, generator, max_queue: int, threads=None):
         self.generator = generator
         self.admission = Admission(max_queue)
-        self.worker = ModelWorker(started=lambda job: self.admission.leave())
+        # threads: a CpuShare (mlxft.cpu_share), asked between answers
+        self.worker = ModelWorker(started=lambda job: self.admission.leave(), between=threads and threads.update)
 
     def submit(self, prepare: Callable[[], list[int]], sampling, model: str | None) -> Job:
         """`model` is None here: this scheduler serves the one model it was given."""

@@ -8,8 +8,9 @@ every row at once.
 
 The engine runs one step ahead, as mlx-lm's BatchGenerator does: step() hands out the tokens of
 the step queued last and queues the next one before it returns, so the model computes while the
-server turns tokens into text (MLX evaluates on a thread of its own). Rows that joined get their
-first token from the next step(); a row that ends has computed one token more than it needed,
+server turns tokens into text (MLX evaluates on a thread of its own; on a CPU, much of a step
+still runs on the calling thread). Rows that joined get their first token from the next step(),
+as soon as their prompts have run; a row that ends has computed one token more than it needed,
 which is dropped with it.
 
 Each row keeps its own sampling: greedy rows take the argmax of the batch's logits; a sampled row
@@ -33,10 +34,6 @@ from mlxft.errors import UserError
 from mlxft.generation import RunningBatch, Sampling, length_groups
 
 REPETITION_CONTEXT = 20  # tokens the repetition penalty looks back on, as mlx-lm's default
-
-
-def log_softmax(logits: mx.array) -> mx.array:
-    return logits - mx.logsumexp(logits, axis=-1, keepdims=True)
 
 
 class RowSampler:
@@ -154,6 +151,10 @@ class BatchEngine(RunningBatch):
     def step(self) -> list[int]:
         """Each row's next token, in row order; the step after it is queued before this returns."""
         handed = self.last
+        # Evaluated on its own first: an array evaluated only inside the next step's graph is ready
+        # when that whole graph is. After start() or keep(), `last` is a new array (the prompts'
+        # first tokens, the rows kept), and handing it out would wait for the step ahead.
+        mx.async_eval(handed)
         self.adapters.rows.set([row.slot for row in self.rows])
         logits = self.model(handed[:, None], cache=self.cache)[:, -1, :]
         self.last = self.sample(logits, self.rows, handed)
@@ -162,6 +163,10 @@ class BatchEngine(RunningBatch):
         for row, token in zip(self.rows, tokens):
             row.history.append(token)
         return tokens
+
+    def settle(self) -> None:
+        """Wait for the step ahead: nothing computes once this returns (the thread count may change)."""
+        mx.synchronize()
 
     def sample(self, logits: mx.array, rows: list[Row], newest: mx.array | None = None) -> mx.array:
         """Each row's next token (not yet evaluated). `newest`: the tokens the logits follow, when
@@ -173,11 +178,13 @@ class BatchEngine(RunningBatch):
 
             logits = mx.concatenate([row.sampler.penalty(context(i, row), logits[i:i + 1])
                                      if row.sampler.penalty else logits[i:i + 1] for i, row in enumerate(rows)])
-        # Greedy rows need no log-probabilities, and normalising a vocabulary is an exp per entry for
-        # every row (see benchmarks/RESULTS.md, serving): only sampled rows pay for it.
-        tokens = mx.argmax(logits, axis=-1)
+        # Greedy rows too take the argmax of the log-probabilities, as mlx-lm does: subtracting the
+        # logsumexp can round two nearly tied logits to one value (the first then wins), and a greedy
+        # answer must be mlx-lm's token for token (benchmarks/RESULTS.md, serving: what skipping it saves).
+        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        tokens = mx.argmax(logprobs, axis=-1)
         if not all(row.sampler.greedy for row in rows):
-            tokens = mx.concatenate([tokens[i:i + 1] if row.sampler.greedy else row.sampler.draw(log_softmax(logits[i:i + 1]))
+            tokens = mx.concatenate([tokens[i:i + 1] if row.sampler.greedy else row.sampler.draw(logprobs[i:i + 1])
                                      for i, row in enumerate(rows)])
         return tokens
 

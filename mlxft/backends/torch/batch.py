@@ -1,5 +1,6 @@
 """Continuous batching on PyTorch for `mlxft serve --backend torch`: the model's side of
-mlxft.serve.batcher, with the interface of mlxft.backends.mlx.batch.BatchEngine.
+mlxft.serve.batcher, with the interface of mlxft.backends.mlx.batch.BatchEngine, except that it
+computes no step ahead: start() returns the first tokens at once.
 
 The running batch is a list of rows over one transformers DynamicCache whose rows are left-padded
 to a common length: `valid [B, T]` says which cached positions of a row are real. New requests
