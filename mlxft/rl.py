@@ -216,6 +216,11 @@ def policy_objective(logps, reference, weights, advantages, rc, *, xp, detach, o
     return loss_sum, xp.stack([detach(s) for s in sums])
 
 
+def reward_sums_size(function_count: int) -> int:
+    """The length of reward_sums' array for this many reward functions."""
+    return len(CARRIED) + 2 * function_count
+
+
 def reward_sums(total: np.ndarray, table: np.ndarray, g: int, truncated: int) -> np.ndarray:
     """CARRIED sums, then each function's reward sum and sum of squares."""
     groups = total.reshape(-1, g)

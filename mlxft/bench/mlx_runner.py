@@ -14,7 +14,7 @@ from mlxft.backends.mlx import lora, steps
 from mlxft.backends.mlx import model as mlx_model
 from mlxft.bench.workload import Workload, distinct_shapes, initial_adapter, shared_layout, step_record
 from mlxft.reward import HEAD, score_positions
-from mlxft.rl import LOSS_STATISTICS, statistic_names
+from mlxft.rl import reward_sums_size
 from mlxft.schedule import learning_rate
 
 
@@ -52,7 +52,7 @@ def run(workload: Workload) -> dict:
         rc = config.rl
         loss = partial(steps.rl_loss, split_head=split_head, rc=rc)
         reference_step = steps.make_token_reference_step(model, split_head) if rc.beta else None
-        carried = len(statistic_names([f"f{i}" for i in range(len(rc.reward_functions))])) - len(LOSS_STATISTICS)
+        carried = reward_sums_size(len(rc.reward_functions))
 
         def arrays_of(batch):
             inputs, positions, tokens, weights = steps.sft_inputs(batch)

@@ -16,7 +16,7 @@ from mlxft.backends.torch.adamw import MLXAdamW
 from mlxft.bench.workload import Workload, initial_adapter, shared_layout, step_record
 from mlxft.data.batching import PairBatch, scored_targets
 from mlxft.reward import HEAD
-from mlxft.rl import LOSS_STATISTICS, statistic_names
+from mlxft.rl import reward_sums_size
 from mlxft.schedule import learning_rate
 
 
@@ -48,7 +48,7 @@ def run(workload: Workload, threads: int | None = None) -> dict:
                 return steps.pair_loss(model, tensors, reference, split_head=split_head, dc=config.dpo)
     elif workload.name == "rl":  # one training pass of a rollout: the reference's log-probs, then the policy loss
         rc = config.rl
-        carried = len(statistic_names([f"f{i}" for i in range(len(rc.reward_functions))])) - len(LOSS_STATISTICS)
+        carried = reward_sums_size(len(rc.reward_functions))
 
         def loss_of(batch):
             targets = scored_targets(batch)

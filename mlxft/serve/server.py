@@ -117,7 +117,6 @@ def make_scheduler(generator, max_batch: int, max_queue: int, log, adapters: boo
     engine = engine_of() if callable(engine_of) else None
     # Fewer compute threads while other processes (the clients among them) take cores; said in the log.
     threads = CpuShare(log or (lambda message: None))
-    threads = threads if threads.active else None
     if engine is None:
         if adapters:
             raise UserError("this backend serves one request at a time and no adapters by name (NAME=PATH, --adapters-dir); "
