@@ -29,11 +29,11 @@ def resolve_model_dir(name: str) -> Path:
         return ensure_builtin()
     if name.startswith("ollama:"):
         from mlxft import ollama
-        from mlxft.gguf import gguf_folder
+        from mlxft.gguf.read import gguf_folder
 
         return gguf_folder(ollama.model_file(name))
     if name.lower().endswith(".gguf"):
-        from mlxft.gguf import gguf_folder
+        from mlxft.gguf.read import gguf_folder
 
         return gguf_folder(name)
     path = Path(name).expanduser()

@@ -49,35 +49,63 @@ def model_file(spec: str) -> Path:
     return blob
 
 
-# Chat templates Ollama's Go templates can say, recognised by their markers: (marker in the
-# Jinja template, Go template, stop strings). Others get no TEMPLATE line: `ollama create` then
-# picks a template itself from the GGUF's tokenizer.chat_template.
-GO_TEMPLATES = [
-    ("<|im_start|>",
-     "{{- if .System }}<|im_start|>system\n{{ .System }}<|im_end|>\n{{ end }}"
-     "{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n{{ end }}<|im_start|>assistant\n",
-     ["<|im_end|>", "<|im_start|>"]),
-    ("<|start_header_id|>",
-     "{{- if .System }}<|start_header_id|>system<|end_header_id|>\n\n{{ .System }}<|eot_id|>{{ end }}"
-     "{{- range .Messages }}<|start_header_id|>{{ .Role }}<|end_header_id|>\n\n{{ .Content }}<|eot_id|>{{ end }}"
-     "<|start_header_id|>assistant<|end_header_id|>\n\n",
-     ["<|eot_id|>", "<|start_header_id|>"]),
-    ("<|end|>",  # phi-3's and the built-in model's <|role|> ... <|end|>
-     "{{- if .System }}<|system|>\n{{ .System }}<|end|>\n{{ end }}"
-     "{{- range .Messages }}<|{{ .Role }}|>\n{{ .Content }}<|end|>\n{{ end }}<|assistant|>\n",
-     ["<|end|>", "<|user|>"]),
+# Chat templates Ollama's Go templates can say, recognised by their markers: how a turn of a role
+# opens and closes, and the stop strings. Others get no TEMPLATE line: `ollama create` then picks a
+# template itself from the GGUF's tokenizer.chat_template.
+TURN_FORMS = [
+    ("<|im_start|>", "<|im_start|>{role}\n", "<|im_end|>\n", ["<|im_end|>", "<|im_start|>"]),
+    ("<|start_header_id|>", "<|start_header_id|>{role}<|end_header_id|>\n\n", "<|eot_id|>", ["<|eot_id|>", "<|start_header_id|>"]),
+    ("<|end|>", "<|{role}|>\n", "<|end|>\n", ["<|end|>", "<|user|>"]),  # phi-3's and the built-in model's
 ]
 
 
-def modelfile(gguf_name: str, chat_template: str | None, eos_token: str | None) -> str:
-    """A Modelfile for `ollama create NAME -f Modelfile` beside the GGUF file."""
-    lines = [f"FROM ./{gguf_name}"]
+def default_system(tokenizer, opening: str, closing: str) -> str | None:
+    """The system prompt the chat template adds when a chat has none (SmolLM2's "You are a helpful
+    AI assistant named SmolLM ..."), read off a rendering of one user turn."""
+    rendered = tokenizer.apply_chat_template([{"role": "user", "content": "\x00"}], tokenize=False, add_generation_prompt=True)
+    start = opening.format(role="system")
+    bos = getattr(tokenizer, "bos_token", None) or ""
+    if bos and not start.startswith(bos):  # SmolLM2's BOS is <|im_start|> itself
+        rendered = rendered.removeprefix(bos)
+    if not rendered.startswith(start):
+        return None
+    end = rendered.find(closing, len(start))
+    return rendered[len(start):end] if end >= 0 else None
+
+
+def go_template(tokenizer) -> tuple[str, list[str]] | None:
+    """Ollama's TEMPLATE (Go text/template) that renders what the tokenizer's chat template renders
+    (BOS aside: llama.cpp adds it when tokenizing), and its stop strings; None for a template of
+    another form. The system turn is .System, else the template's default system prompt."""
+    chat_template = tokenizer.chat_template or ""
+    for marker, opening, closing, stops in TURN_FORMS:
+        if marker not in chat_template:
+            continue
+        def turn(role, text):
+            return opening.format(role=role) + text + closing
+        default = default_system(tokenizer, opening, closing)
+        if default is not None and ("{{" in default or '"""' in default):
+            return None  # would need escaping that a Modelfile cannot hold
+        # No {{- trims: a turn's closing newline is part of what the model saw.
+        system = "{{ if .System }}" + turn("system", "{{ .System }}")
+        system += ("{{ else }}" + turn("system", default) if default is not None else "") + "{{ end }}"
+        messages = ('{{ range .Messages }}{{ if eq .Role "user" }}' + turn("user", "{{ .Content }}")
+                    + '{{ else if eq .Role "assistant" }}' + turn("assistant", "{{ .Content }}") + "{{ end }}{{ end }}")
+        return system + messages + opening.format(role="assistant"), stops
+    return None
+
+
+def modelfile(gguf_name: str, tokenizer, adapter: str | None = None) -> str:
+    """A Modelfile for `ollama create NAME -f Modelfile`: FROM the model file (and ADAPTER a LoRA
+    GGUF on it), the TEMPLATE of its chat template, and stops."""
+    lines = [f"FROM {gguf_name}"]
+    if adapter:
+        lines.append(f"ADAPTER {adapter}")
+    template = go_template(tokenizer) if tokenizer.chat_template else None
     stops = []
-    for marker, template, template_stops in GO_TEMPLATES:
-        if chat_template and marker in chat_template:
-            lines.append(f'TEMPLATE """{template}"""')
-            stops = template_stops
-            break
-    for stop in dict.fromkeys([*stops, *([eos_token] if eos_token else [])]):
+    if template:
+        lines.append(f'TEMPLATE """{template[0]}"""')
+        stops = template[1]
+    for stop in dict.fromkeys([*stops, *([tokenizer.eos_token] if tokenizer.eos_token else [])]):
         lines.append(f"PARAMETER stop {json.dumps(stop)}")
     return "\n".join(lines) + "\n"

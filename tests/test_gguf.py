@@ -17,7 +17,10 @@ from mlxft import export as export_module  # noqa: E402
 from mlxft.cli import cli  # noqa: E402
 from mlxft.errors import UserError  # noqa: E402
 from mlxft.export import export_gguf  # noqa: E402
-from mlxft.gguf import gguf_folder, permute, unpermute, write_gguf  # noqa: E402
+from mlxft.gguf import runtime  # noqa: E402
+from mlxft.gguf.names import permute, unpermute  # noqa: E402
+from mlxft.gguf.read import gguf_folder  # noqa: E402
+from mlxft.gguf.write import write_gguf  # noqa: E402
 from mlxft.model_files import resolve_model_dir  # noqa: E402
 from mlxft.ollama import modelfile  # noqa: E402
 
@@ -115,12 +118,26 @@ def test_files_gguf_cannot_describe_are_named(tmp_path, home):
     assert not any(home.glob("gguf-*"))  # no half-made cache folder
 
 
-def test_modelfile_templates_and_stops():
-    chatml = "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
-    text = modelfile("m.gguf", chatml, "<|im_end|>")
-    assert text.startswith("FROM ./m.gguf\nTEMPLATE \"\"\"") and "{{ .Content }}<|im_end|>" in text
+SMOLLM2_TEMPLATE = ("{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+                    "{{ '<|im_start|>system\\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\\n' }}"
+                    "{% endif %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}"
+                    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+
+
+def with_template(tiny_model_dir, chat_template):
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(tiny_model_dir))
+    tokenizer.chat_template = chat_template
+    return tokenizer
+
+
+def test_modelfile_templates_stops_and_the_default_system_prompt(tiny_model_dir):
+    text = modelfile("./m.gguf", with_template(tiny_model_dir, SMOLLM2_TEMPLATE))
+    assert text.startswith('FROM ./m.gguf\nTEMPLATE """{{ if .System }}<|im_start|>system\n{{ .System }}<|im_end|>\n{{ else }}')
+    assert "{{ else }}<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n" in text
     assert text.count('PARAMETER stop "<|im_end|>"') == 1 and 'PARAMETER stop "<|im_start|>"' in text
-    assert modelfile("m.gguf", "{{ messages }}", "</s>") == 'FROM ./m.gguf\nPARAMETER stop "</s>"\n'
+    plain = with_template(tiny_model_dir, "{% for m in messages %}{{ m.content }}{% endfor %}")
+    assert modelfile("./m.gguf", plain) == 'FROM ./m.gguf\nPARAMETER stop "</s>"\n'
+    assert modelfile("./b.gguf", plain, adapter="./a.gguf").startswith("FROM ./b.gguf\nADAPTER ./a.gguf\n")
 
 
 @pytest.mark.slow
@@ -133,7 +150,8 @@ def test_export_a_trained_run_check_it_and_train_from_the_file(tiny_model_dir, t
     result = CliRunner().invoke(cli, ["export", "gguf", str(tmp_path / "run"), "--out", str(out), "--type", "q8_0",
                                       "--ollama", "tallrec"])
     assert result.exit_code == 0, result.output
-    assert "fused 4 modules" in result.output and "checked: logits of the file read back differ" in result.output
+    assert "fused 4 modules" in result.output
+    assert ("certified in llama.cpp via" in result.output) == runtime.available(), result.output
     assert (out.parent / "Modelfile").read_text().startswith("FROM ./tallrec.gguf\nTEMPLATE")
     monkeypatch.setenv("OLLAMA_MODELS", str(tmp_path / "ollama"))
     ollama_store(tmp_path / "ollama", out, name="tallrec")
@@ -144,10 +162,17 @@ def test_export_a_trained_run_check_it_and_train_from_the_file(tiny_model_dir, t
     assert json.loads((tmp_path / "run2" / "summary.json").read_text())["steps"] == 1
 
 
-def test_an_export_that_does_not_match_its_source_is_refused(tiny_model_dir, tmp_path, monkeypatch):
+def test_without_llama_cpp_the_file_is_read_back_and_the_export_says_it_never_ran(tiny_model_dir, tmp_path, monkeypatch):
+    from mlxft.export import describe
+
+    monkeypatch.setattr(runtime, "available", lambda: False)
     monkeypatch.setitem(export_module.TOLERANCE, "f16", 0.0)
-    with pytest.raises(UserError, match="export check failed: .* the file was deleted"):
+    with pytest.raises(UserError, match="export check failed: .* nothing was kept"):
         export_gguf(tiny_model_dir, tmp_path / "tiny.gguf", "f16", echo=lambda *a: None)
-    assert not (tmp_path / "tiny.gguf").exists()
+    assert list(tmp_path.iterdir()) == []
     report = export_gguf(tiny_model_dir, tmp_path / "tiny.gguf", "f32", echo=lambda *a: None)
-    assert report["check"]["max_relative_difference"] == 0.0
+    assert report["check"]["max_relative_difference"] == 0.0 and "certificate" not in report
+    assert "NOT run in llama.cpp: llama-cpp-python is not installed" in describe(report)
+    monkeypatch.setattr(runtime, "require", lambda what: (_ for _ in ()).throw(UserError(f"{what} needs llama.cpp")))
+    with pytest.raises(UserError, match="--type q4_k_m .* needs llama.cpp"):
+        export_gguf(tiny_model_dir, tmp_path / "q.gguf", "q4_k_m", echo=lambda *a: None)

@@ -49,18 +49,28 @@ def export_group():
 @export_group.command("gguf")
 @click.argument("source", type=click.Path(path_type=Path))
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="The .gguf file to write.")
-@click.option("--type", "kind", type=click.Choice(["f16", "f32", "q8_0"]), default="f16", show_default=True,
-              help="Weight type; norms stay f32.")
+@click.option("--type", "kind", type=click.Choice(["f16", "f32", "q8_0", "q4_0", "q4_k_m", "q5_k_m", "q6_k"]), default="f16",
+              show_default=True, help="Weight type; norms stay f32. q4_0 and the K-quants are made by llama.cpp's quantizer "
+              "(pip install 'mlxft[llama-cpp]').")
 @click.option("--model", default=None, help="Base model of an adapter; default: the adapter's base_model_name_or_path.")
+@click.option("--adapter-only", is_flag=True, help="Write the adapter alone as llama.cpp's LoRA GGUF (--lora, Ollama's ADAPTER).")
+@click.option("--base", "base_gguf", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="With --adapter-only: the base model's GGUF, certified with the adapter and named by the Modelfile's FROM.")
 @click.option("--ollama", "ollama_name", default=None, help="Also write a Modelfile beside the file for `ollama create NAME`.")
-def export_gguf_command(source, out, kind, model, ollama_name):
-    """SOURCE (a model folder, a run, or an adapter: fused first) as one GGUF file, read back and
-    checked against SOURCE's logits before it is kept."""
+@click.option("--force", is_flag=True, help="Replace an existing --out (and Modelfile).")
+def export_gguf_command(source, out, kind, model, adapter_only, base_gguf, ollama_name, force):
+    """SOURCE (a model folder, a run, or an adapter: fused first; with --adapter-only the adapter
+    alone) as GGUF, certified in llama.cpp before it is kept when llama-cpp-python is installed."""
     from mlxft.export import describe, export_gguf
 
     if not out.name.endswith(".gguf"):
         raise UserError(f"--out {out}: name a .gguf file")
-    click.echo(describe(export_gguf(source, out, kind, model=model, ollama_name=ollama_name, echo=click.echo)))
+    if base_gguf and not adapter_only:
+        raise UserError("--base goes with --adapter-only")
+    if adapter_only and kind != "f16":
+        raise UserError("--type is the model's weight type; --adapter-only writes the adapter in f32")
+    click.echo(describe(export_gguf(source, out, kind, model=model, ollama_name=ollama_name, force=force,
+                                    adapter_only=adapter_only, base_gguf=base_gguf, echo=click.echo)))
 
 
 @cli.command("generate")
