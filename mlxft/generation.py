@@ -36,6 +36,7 @@ class Piece:
     finish_reason: str | None
     prompt_tokens: int
     completion_tokens: int
+    cached_tokens: int = 0  # of prompt_tokens, those whose keys and values came from the prompt cache
 
 
 class StopScanner:

@@ -112,7 +112,10 @@ def test_chat_completion_and_its_stream(server, generator):
     assert text == choice["message"]["content"]  # temperature 0: the same answer, streamed
     finishes = [c["choices"][0]["finish_reason"] for c in chunks if c["choices"]]
     assert finishes[-1] == choice["finish_reason"] and set(finishes[:-1]) == {None}
-    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"] == answer["usage"]
+    usage = chunks[-1]["usage"]
+    assert chunks[-1]["choices"] == [] and {**usage, "prompt_tokens_details": None} == {**answer["usage"], "prompt_tokens_details": None}
+    # The same prompt again: all of it but its last token came from the prompt cache.
+    assert usage["prompt_tokens_details"]["cached_tokens"] == usage["prompt_tokens"] - 1
     assert len(chunks) > 4  # streamed in pieces, not in one block
 
 

@@ -127,9 +127,12 @@ def chat_command(model, adapter, template, backend, trust_remote_code, system, t
 @click.option("--cors-origin", "cors_origins", multiple=True, metavar="ORIGIN",
               help="A web origin (https://app.example) whose pages may call the API; repeat for more, '*' for any. "
                    "Off by default.")
+@click.option("--prompt-cache-bytes", type=click.IntRange(min=0), default=None,
+              help="Bound of the prompt cache (keys and values of answered prompts, per adapter, reused by the next request "
+                   "that starts the same way); default: a tenth of this machine's memory, at most 8 GiB; 0: off. MLX only.")
 @click.option("--quiet", is_flag=True, help="Do not log each request.")
 def serve_command(model, adapters, template, backend, trust_remote_code, adapters_dir, host, port, api_key, max_batch, max_queue,
-                  cors_origins, quiet):
+                  cors_origins, prompt_cache_bytes, quiet):
     """OpenAI-compatible API (/v1/chat/completions, /v1/completions, /v1/models) and a chat page at /;
     many adapters on one base, requests batched together whatever adapter they ask for."""
     from mlxft.serve.options import adapter_options, base_model_of, check_origins, is_loopback
@@ -146,7 +149,7 @@ def serve_command(model, adapters, template, backend, trust_remote_code, adapter
         server = make_server(generator, host=host, port=port, template=template, api_key=api_key,
                              log=None if quiet else (lambda line: click.echo(line, err=True)),
                              max_batch=max_batch, max_queue=max_queue, adapters=named, default_adapter=default,
-                             cors_origins=check_origins(cors_origins))
+                             cors_origins=check_origins(cors_origins), prompt_cache_bytes=prompt_cache_bytes)
     except OSError as e:
         raise UserError(f"cannot listen on {host}:{port} ({e.strerror or e})") from None
     if not is_loopback(host) and not api_key:

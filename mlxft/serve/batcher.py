@@ -49,6 +49,7 @@ class Answer:
         self.job, self.detokenizer, self.eos_ids = job, detokenizer, eos_ids
         self.stops = StopScanner(sampling.stop)
         self.max_tokens, self.prompt_tokens, self.used = sampling.max_tokens, prompt_tokens, 0
+        self.cached = 0  # prompt tokens the engine took from its prompt cache
         self.done = False
 
     def feed(self, token: int) -> None:
@@ -66,10 +67,10 @@ class Answer:
         if self.stops.stopped:
             return self.finish(text, "stop")
         if text:
-            self.job.put(Piece(text, None, self.prompt_tokens, self.used))
+            self.job.put(Piece(text, None, self.prompt_tokens, self.used, self.cached))
 
     def finish(self, text: str, reason: str) -> None:
-        self.job.put(Piece(text, reason, self.prompt_tokens, self.used))
+        self.job.put(Piece(text, reason, self.prompt_tokens, self.used, self.cached))
         self.job.end()
         self.done = True
 
@@ -100,6 +101,11 @@ class BatchScheduler:
         self.answers: list[Answer] = []  # one per row of the engine's batch, in its order
         self.thread = threading.Thread(target=self.loop, name=name, daemon=True)
         self.thread.start()
+
+    @property
+    def prompt_cache(self):
+        """The engine's prompt cache (mlxft.serve.prompt_cache), or None."""
+        return getattr(self.engine, "prompt_cache", None)
 
     # Other threads ------------------------------------------------------------------------------
 
@@ -203,6 +209,8 @@ class BatchScheduler:
         self.answers += [Answer(waiting.job, self.engine.detokenizer(), waiting.sampling, len(ids), self.engine.eos_ids)
                          for waiting, ids, _ in admitted]
         firsts = self.engine.start([(ids, waiting.sampling, slot) for waiting, ids, slot in admitted])
+        for answer, cached in zip(self.answers[start:], getattr(self.engine, "cached", None) or ()):
+            answer.cached = cached
         if firsts is not None:
             self.advance(firsts, start=start)
 
@@ -216,5 +224,8 @@ class BatchScheduler:
             if not answer.done and answer.job.cancelled.is_set():
                 answer.job.end()
         if len(keep) < len(self.answers):
+            remember = getattr(self.engine, "remember", None)
+            if remember is not None:  # answers that finished leave their keys and values in the prompt cache
+                remember([i for i, answer in enumerate(self.answers) if answer.done and not answer.job.cancelled.is_set()])
             self.answers = [self.answers[i] for i in keep]
             self.engine.keep(keep)

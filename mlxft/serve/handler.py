@@ -144,7 +144,11 @@ class Handler(BaseHTTPRequestHandler):
         self.send_bytes(200, chat_page(self.server.model_id).encode(), "text/html; charset=utf-8")
 
     def health(self) -> None:
-        self.send_json(200, {"status": "ok", "model": self.server.model_id})
+        health = {"status": "ok", "model": self.server.model_id}
+        cache = getattr(self.server.scheduler, "prompt_cache", None)
+        if cache is not None:
+            health["prompt_cache"] = cache.figures()
+        self.send_json(200, health)
 
     def models(self) -> None:
         self.send_json(200, model_list(self.server.model_names(), self.server.created))
@@ -199,13 +203,13 @@ class Handler(BaseHTTPRequestHandler):
             items = iter(job)
             prompt_tokens = next(items)  # rendered and encoded: errors in the prompt are raised here
             if request.stream:
-                self.send_events(completion, items, request.include_usage, prompt_tokens)
+                self.send_events(completion, items, request.include_usage, prompt_tokens, job.has_more)
             else:
-                text, finish, used = [], "length", 0
+                text, finish, used, cached = [], "length", 0, 0
                 for piece in items:
                     text.append(piece.text)
-                    finish, used = piece.finish_reason or finish, piece.completion_tokens
-                self.send_json(200, completion.response("".join(text), finish, prompt_tokens, used))
+                    finish, used, cached = piece.finish_reason or finish, piece.completion_tokens, piece.cached_tokens
+                self.send_json(200, completion.response("".join(text), finish, prompt_tokens, used, cached))
         finally:
             job.cancel()  # a client that left stops its generation at the next token
 
@@ -223,8 +227,10 @@ class Handler(BaseHTTPRequestHandler):
             raise ApiError(400, str(e), code="invalid_value") from None
         return ids
 
-    def send_events(self, completion: Completion, pieces, include_usage: bool, prompt_tokens: int) -> None:
-        """Server-sent events: `data: {chunk}` per piece, the finish reason, then `data: [DONE]`."""
+    def send_events(self, completion: Completion, pieces, include_usage: bool, prompt_tokens: int, has_more=lambda: False) -> None:
+        """Server-sent events: `data: {chunk}` per piece, the finish reason, then `data: [DONE]`.
+        Events are held while more pieces are already waiting (`has_more`) and written together:
+        one socket write per batch of pieces, not per token."""
         self.streaming = True
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
@@ -233,21 +239,27 @@ class Handler(BaseHTTPRequestHandler):
         self.end_headers()
         if completion.chat:
             self.send_event(completion.chunk(None, first=True))
-        used = 0
+        used = cached = 0
+        held = []
         try:
             for piece in pieces:
-                used = piece.completion_tokens
+                used, cached = piece.completion_tokens, piece.cached_tokens
                 if piece.text:
-                    self.send_event(completion.chunk(piece.text))
+                    held.append(event(completion.chunk(piece.text)))
                 if piece.finish_reason:
-                    self.send_event(completion.chunk(None, piece.finish_reason))
+                    held.append(event(completion.chunk(None, piece.finish_reason)))
+                if held and not has_more():
+                    self.wfile.write(b"".join(held))
+                    held = []
+            if held:
+                self.wfile.write(b"".join(held))
         except (BrokenPipeError, ConnectionResetError, TimeoutError):
             raise  # the client left (or stopped reading): answer() cancels the generation
         except Exception:  # the status line is gone: say it in the stream, as OpenAI does
             self.send_event(ApiError(500, "generation failed; the server's log has the details", type="server_error").body())
             raise
         if include_usage:
-            self.send_event(completion.usage_chunk(prompt_tokens, used))
+            self.send_event(completion.usage_chunk(prompt_tokens, used, cached))
         self.wfile.write(b"data: [DONE]\n\n")
 
     # Plumbing ---------------------------------------------------------------------------------
@@ -299,7 +311,7 @@ class Handler(BaseHTTPRequestHandler):
         super().end_headers()
 
     def send_event(self, payload: dict) -> None:
-        self.wfile.write(b"data: " + json.dumps(payload).encode() + b"\n\n")
+        self.wfile.write(event(payload))
 
     def send_json(self, status: int, payload: dict, headers: dict | None = None, quiet: bool = False) -> None:
         try:
@@ -322,3 +334,8 @@ class Handler(BaseHTTPRequestHandler):
     def log_message(self, format, *args):
         if self.server.log is not None:
             self.server.log(f"{self.address_string()} {format % args}")
+
+
+def event(payload: dict) -> bytes:
+    """One server-sent event."""
+    return b"data: " + json.dumps(payload).encode() + b"\n\n"

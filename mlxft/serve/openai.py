@@ -206,10 +206,10 @@ class Completion:
         kind = ("chat.completion.chunk" if chunk else "chat.completion") if self.chat else "text_completion"
         return {"id": self.id, "object": kind, "created": self.created, "model": self.model}
 
-    def response(self, text: str, finish_reason: str, prompt_tokens: int, completion_tokens: int) -> dict:
+    def response(self, text: str, finish_reason: str, prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict:
         choice = {"index": 0, "logprobs": None, "finish_reason": finish_reason}
         choice.update({"message": {"role": "assistant", "content": text}} if self.chat else {"text": text})
-        return {**self._head(False), "choices": [choice], "usage": usage(prompt_tokens, completion_tokens)}
+        return {**self._head(False), "choices": [choice], "usage": usage(prompt_tokens, completion_tokens, cached_tokens)}
 
     def chunk(self, text: str | None, finish_reason: str | None = None, first: bool = False) -> dict:
         choice = {"index": 0, "logprobs": None, "finish_reason": finish_reason}
@@ -220,13 +220,14 @@ class Completion:
             choice["text"] = text or ""
         return {**self._head(True), "choices": [choice]}
 
-    def usage_chunk(self, prompt_tokens: int, completion_tokens: int) -> dict:
-        return {**self._head(True), "choices": [], "usage": usage(prompt_tokens, completion_tokens)}
+    def usage_chunk(self, prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict:
+        return {**self._head(True), "choices": [], "usage": usage(prompt_tokens, completion_tokens, cached_tokens)}
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict:
+    """OpenAI's usage object; cached_tokens: prompt tokens served from the prompt cache."""
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+            "total_tokens": prompt_tokens + completion_tokens, "prompt_tokens_details": {"cached_tokens": cached_tokens}}
 
 
 def model_list(models: list[str], created: int) -> dict:

@@ -57,12 +57,13 @@ class ModelServer(ThreadingHTTPServer):
     def __init__(self, address, generator, *, model_id: str, template: str = "auto", api_key: str | None = None, log=None,
                  read_timeout: float = READ_TIMEOUT, max_batch: int = MAX_BATCH, max_queue: int = MAX_QUEUE,
                  adapters: dict[str, str | Path] | None = None, default_adapter: str | Path | None = None,
-                 cors_origins: tuple[str, ...] = ()):
+                 cors_origins: tuple[str, ...] = (), prompt_cache_bytes: int | None = None):
         # Everything that can fail on the user's input comes before binding: no socket is left open.
         self.template = resolve_template(template, generator.tokenizer)
         self.generator = generator
         self.model_id = model_id
-        self.scheduler = make_scheduler(generator, max_batch, max_queue, log, bool(adapters) or default_adapter is not None)
+        self.scheduler = make_scheduler(generator, max_batch, max_queue, log, bool(adapters) or default_adapter is not None,
+                                        prompt_cache_bytes)
         try:
             if default_adapter is not None:
                 self.scheduler.add_adapter(model_id, default_adapter, default=True)
@@ -99,16 +100,19 @@ class ModelServer(ThreadingHTTPServer):
 def make_server(generator, *, host: str = "127.0.0.1", port: int = 8080, model_id: str | None = None,
                 template: str = "auto", api_key: str | None = None, log=None, read_timeout: float = READ_TIMEOUT,
                 max_batch: int = MAX_BATCH, max_queue: int = MAX_QUEUE, adapters: dict[str, str | Path] | None = None,
-                default_adapter: str | Path | None = None, cors_origins: tuple[str, ...] = ()) -> ModelServer:
+                default_adapter: str | Path | None = None, cors_origins: tuple[str, ...] = (),
+                prompt_cache_bytes: int | None = None) -> ModelServer:
     """`adapters`: {name: adapter folder} served beside the base, picked by a request's "model";
     `default_adapter`: the adapter a request that names no model (or the model served) gets;
-    `cors_origins`: the web origins whose pages may call the API (`*`: any), none by default."""
+    `cors_origins`: the web origins whose pages may call the API (`*`: any), none by default;
+    `prompt_cache_bytes`: the prompt cache's bound (None: a tenth of the machine's memory; 0: none)."""
     return ModelServer((host, port), generator, model_id=model_id or generator.name, template=template,
                        api_key=api_key, log=log, read_timeout=read_timeout, max_batch=max_batch, max_queue=max_queue,
-                       adapters=adapters, default_adapter=default_adapter, cors_origins=cors_origins)
+                       adapters=adapters, default_adapter=default_adapter, cors_origins=cors_origins,
+                       prompt_cache_bytes=prompt_cache_bytes)
 
 
-def make_scheduler(generator, max_batch: int, max_queue: int, log, adapters: bool):
+def make_scheduler(generator, max_batch: int, max_queue: int, log, adapters: bool, prompt_cache_bytes: int | None = None):
     """Continuous batching when the generator offers a batch engine, else one request at a time
     with its stream() (a backend without batching still serves, its one model only)."""
     from mlxft.cpu_share import CpuShare
@@ -122,4 +126,8 @@ def make_scheduler(generator, max_batch: int, max_queue: int, log, adapters: boo
             raise UserError("this backend serves one request at a time and no adapters by name (NAME=PATH, --adapters-dir); "
                             "give one adapter as --adapter PATH, or serve with --backend mlx")
         return SerialScheduler(generator, max_queue, threads)
+    if hasattr(engine, "remember") and prompt_cache_bytes != 0:
+        from mlxft.serve.prompt_cache import PromptCache, default_bytes
+
+        engine.prompt_cache = PromptCache(default_bytes() if prompt_cache_bytes is None else prompt_cache_bytes)
     return BatchScheduler(engine, max_batch=max_batch, max_queue=max_queue, log=log, threads=threads)

@@ -52,6 +52,10 @@ class Job:
     def cancel(self) -> None:
         self.cancelled.set()
 
+    def has_more(self) -> bool:
+        """Whether an item is already waiting (the reader may hold its output back for it)."""
+        return not self.items.empty()
+
     def __iter__(self):
         while True:
             item, error = self.items.get()

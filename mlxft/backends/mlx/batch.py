@@ -18,6 +18,11 @@ draws from its own random key (seeded by the request's seed), so a seeded answer
 on what else is in the batch; top_p, top_k and the repetition penalty are mlx-lm's, applied to
 the row alone.
 
+With a prompt cache (mlxft.serve.prompt_cache), each new request runs on its own: it starts from
+the keys and values of the longest beginning it shares with an earlier prompt or answer of the same
+adapter, runs only the rest, and files its prompt at once, so that requests arriving together
+behind one system prompt compute it once; a finished row files its prompt and answer before it leaves.
+
 mlx-lm's BatchGenerator does the same scheduling, but its rows cannot carry an adapter each (the
 model is called with the batch alone) nor a seed each; this loop is short enough to own.
 """
@@ -80,6 +85,10 @@ class BatchEngine(RunningBatch):
         self.last: mx.array | None = None  # each row's token not yet handed out (computed one step ahead)
         self.vocabulary = model.args.vocab_size if hasattr(model, "args") else 1 << 62
         self.default_slot = 0  # what a request that names no adapter gets
+        self.prompt_cache = None  # a PromptCache, set by the server
+        self.cached: list[int] = []  # per request of the last start(): prompt tokens taken from the cache
+        self.adapter_keys = {0: 0}  # slot -> the key its prompt-cache entries are filed under (0: the base)
+        self.next_key = 1
 
     @property
     def eos_ids(self) -> set[int]:
@@ -99,13 +108,17 @@ class BatchEngine(RunningBatch):
 
     def add_adapter(self, name: str, spec, weights, where: str, default: bool = False) -> None:
         slot = self.adapters.add(name, spec, weights, where)
+        self.adapter_keys[slot], self.next_key = self.next_key, self.next_key + 1  # a new key even for a reused name
         if default:
             self.default_slot = slot
 
     def remove_adapter(self, name: str) -> None:
         if self.adapters.slot(name) == self.default_slot and self.default_slot:
             raise UserError(f"'{name}' is the adapter the server was started with; it cannot be removed")
+        slot = self.adapters.slot(name)
         self.adapters.remove(name)
+        if self.prompt_cache is not None and slot in self.adapter_keys:
+            self.prompt_cache.forget(self.adapter_keys[slot])
         self.adapters.release({row.slot for row in self.rows})
 
     def start(self, requests: list[tuple[list[int], Sampling, int]]) -> None:
@@ -115,6 +128,13 @@ class BatchEngine(RunningBatch):
 
         before = len(self.rows)
         plain = all(type(c) is KVCache for c in make_prompt_cache(self.model))
+        self.cached = [0] * len(requests)
+        if self.prompt_cache is not None and plain:
+            # One at a time, each filing its prompt before the next looks: requests that start alike
+            # (new chats behind one system prompt) compute that beginning once, even in one call.
+            for i, (ids, sampling, slot) in enumerate(requests):
+                self.cached[i] = self.start_from_cache(ids, sampling, slot)
+            return
         joined = []
         for group in length_groups([ids for ids, _, _ in requests], together=plain):
             cache = make_prompt_cache(self.model)
@@ -124,6 +144,45 @@ class BatchEngine(RunningBatch):
             self.join(rows, cache, self.sample(logits, rows))
             joined += group
         self.in_request_order(before, joined)
+
+    def start_from_cache(self, ids: list[int], sampling: Sampling, slot: int) -> int:
+        """Add one request, its prompt's longest cached beginning taken from the prompt cache and
+        the rest run; its prompt then filed there. Returns the prompt tokens taken from the cache."""
+        from mlx_lm.models.cache import KVCache
+
+        key = self.adapter_keys[slot]
+        n, state = self.prompt_cache.lookup(key, ids)
+        cache = []
+        for layer_state in state or [None] * len(self.model.layers):
+            layer = KVCache()
+            if layer_state is not None:  # sliced: new arrays, so the entry stays as it is
+                layer.state = (layer_state[0][..., :n, :], layer_state[1][..., :n, :], n)
+            cache.append(layer)
+        row = Row(slot, RowSampler(sampling, self.vocabulary), list(ids))
+        self.adapters.rows.set([slot])
+        logits = self.model(mx.array([ids[n:]]), cache=cache)[:, -1, :]
+        tokens = self.sample(logits, [row])
+        self.file(key, ids, [(layer.keys[..., : layer.offset, :], layer.values[..., : layer.offset, :]) for layer in cache])
+        self.join([row], cache, tokens)
+        return n
+
+    def file(self, key, tokens: list[int], state: list[tuple[mx.array, mx.array]]) -> None:
+        mx.eval(state)  # copies of this row alone: the entry keeps no batch buffer alive
+        self.prompt_cache.insert(key, tokens, state, sum(keys.nbytes + values.nbytes for keys, values in state))
+
+    def remember(self, indices: list[int]) -> None:
+        """File these rows' prompts and answers (their keys and values) in the prompt cache; called
+        for rows that finished, before they leave. The cache holds what was fed to the model: the
+        row's history, whose last token's keys and values the step ahead already computed."""
+        if self.prompt_cache is None or self.cache is None:
+            return
+        for i in indices:
+            row = self.rows[i]
+            layers = [layer.extract(i) for layer in self.cache]
+            state = [(layer.keys, layer.values) for layer in layers]
+            if any(keys.shape[2] != len(row.history) for keys, _ in state):
+                continue  # not the row's own tokens: file nothing rather than something wrong
+            self.file(self.adapter_keys[row.slot], row.history, state)
 
     def join(self, rows: list[Row], cache, tokens: mx.array) -> None:
         from mlx_lm.models.cache import KVCache
