@@ -92,7 +92,7 @@ class LoraConfig:
 
 @dataclass
 class TrainConfig:
-    learning_rate: float = setting(3e-4, low=0.0)  # 0 freezes the weights: a control run
+    learning_rate: float = setting(3e-4, low=0.0)  # 0 freezes the weights: a control run (check_first_step=false)
     schedule: str = setting("cosine", choices=("cosine", "linear", "constant"))  # after warmup
     warmup_steps: int = setting(20, low=0)
     min_learning_rate: float = setting(0.0, low=0.0)
@@ -108,6 +108,9 @@ class TrainConfig:
     epochs: float | None = setting(None, above=0.0)  # when steps is None; default 1
     seed: int = setting(0, low=0)
     grad_checkpoint: bool = False
+    # Stop after the first steps unless every trainable tensor got a finite, non-zero gradient and
+    # changed (mlxft.first_step); false for a control run that trains nothing on purpose.
+    check_first_step: bool = True
     report_every: int = setting(10, low=1)
     checkpoint_every: int = setting(100, low=1)
     # Share of the device's memory (Metal: the recommended working set; CUDA: the GPU's; CPU: the

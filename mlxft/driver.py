@@ -44,6 +44,7 @@ from mlxft.cpu_share import CpuShare
 from mlxft.data.batching import iterate_batches
 from mlxft.distributed import World, data_digest
 from mlxft.errors import UserError
+from mlxft.first_step import FirstStepCheck
 from mlxft.progress import Progress
 from mlxft.runs import Run
 from mlxft.schedule import learning_rate
@@ -54,6 +55,7 @@ class StepResult:
     sums: np.ndarray  # the method's statistic sums over the step's micro-batches (see the module docstring)
     grad_norm: float  # before clipping
     learning_rate: float  # as the optimizer applied it (MLX keeps it in float32)
+    probes: list | None = None  # mlxft.first_step.TensorProbe per trainable tensor, when the step was asked to probe
 
 
 @dataclass
@@ -70,12 +72,13 @@ class MemoryMeter:
 class Trainer:
     """A trainer's step and its ways to measure and save, as the driver calls them."""
 
-    step: Callable[[int, list, float], StepResult]  # (step index, micro-batches, learning rate)
+    step: Callable[..., StepResult]  # (step index, micro-batches, learning rate, probe=False)
     validate: Callable[[], dict]  # eval_* metrics of the model as it is; {} without validation data
     summarize: Callable[[np.ndarray], dict]  # sums -> {"loss": ..., the method's other metrics}
     save_weights: Callable[[Path], None]  # the adapter (or full model) into a folder
     save_checkpoint: Callable[[int, dict | None, int, dict], None]  # (step, best, stale, progress), atomically
     memory: MemoryMeter
+    waits_for_signal: bool = False  # online RL: a step whose rewards are all equal has no gradient, and is no fault
 
 
 def memory_over_limit(trainer: Trainer, share: float | None, budget: float | None, where: str,
@@ -160,6 +163,10 @@ def fit(run: Run, config: RunConfig, trainer: Trainer, train_set: list, *, start
     budget = trainer.memory.budget() if tc.memory_limit else (None, "")  # the device's memory does not change
     threads = CpuShare(echo)  # fewer compute threads while other processes take cores (Linux CPUs)
     stopped_early = False
+    # Probed at every start, a resumed one too: the step is compiled again after the optimizer is restored.
+    check = FirstStepCheck(learning_rate=tc.learning_rate, waits_for_signal=trainer.waits_for_signal,
+                           enabled=tc.check_first_step)
+    saved_at = step  # the checkpoint a stopped run resumes from (0: none)
     while step < total_steps:
         micro_batches, epoch = [], 0.0
         for _ in range(tc.grad_accumulation):
@@ -167,13 +174,25 @@ def fit(run: Run, config: RunConfig, trainer: Trainer, train_set: list, *, start
             micro_batches.append(batch)
         rate = learning_rate(step, peak=tc.learning_rate, total_steps=total_steps, warmup_steps=tc.warmup_steps,
                              schedule=tc.schedule, minimum=tc.min_learning_rate)
-        result = trainer.step(step, micro_batches, rate)
+        result = trainer.step(step, micro_batches, rate, probe=True) if check.pending else trainer.step(
+            step, micro_batches, rate)
         step += 1
         threads.update()  # between steps: no product is running
+        try:
+            passed = check.observe(step, result.probes, float(result.sums[0]), result.learning_rate) \
+                if check.pending else None
+            loss = trainer.summarize(result.sums)["loss"]
+            if not (math.isfinite(loss) and math.isfinite(result.grad_norm)):
+                raise TrainingDiverged(diverged_message(step, loss, result.grad_norm, saved_at, run))
+        except UserError:
+            progress.close()
+            raise
+        if passed:
+            progress.report(passed)
         tokens = sum(b.tokens for b in micro_batches)
         trained_tokens += tokens
         window.add(result.sums, tokens)
-        progress.update(loss=trainer.summarize(result.sums)["loss"])
+        progress.update(loss=loss)
 
         evaluate_now = ec.every and step % ec.every == 0 and step < total_steps
         if step % tc.report_every == 0 or step == total_steps or evaluate_now:
@@ -202,6 +221,7 @@ def fit(run: Run, config: RunConfig, trainer: Trainer, train_set: list, *, start
         over = memory_over_limit(trainer, tc.memory_limit, *budget, world)  # stop before the next step swaps
         if (step % tc.checkpoint_every == 0 or stopped_early or over) and world.main:
             trainer.save_checkpoint(step, best, stale, {"trained_tokens": trained_tokens, **window.state()})
+            saved_at = step
         if over:
             progress.close()
             raise memory.MemoryLimitReached(memory.limit_message(*over, tc.memory_limit, step))
@@ -219,6 +239,17 @@ def fit(run: Run, config: RunConfig, trainer: Trainer, train_set: list, *, start
     if world.main:
         trainer.save_weights(run.folder / "last")
     return Fitted(step, total_steps, stopped_early, trained_tokens, best, before, after, extra)
+
+
+class TrainingDiverged(UserError):
+    """The loss or the gradient stopped being finite: the run stops with its last checkpoint kept."""
+
+
+def diverged_message(step: int, loss: float, grad_norm: float, saved_at: int, run: Run) -> str:
+    kept = (f"its checkpoint of step {saved_at} is kept (--resume {run.folder} goes on from it)" if saved_at else
+            "no checkpoint had been written yet")
+    return (f"step {step}: the loss is {loss:.4g} and the gradient norm {grad_norm:.4g}, so the run stops here; "
+            f"{kept}; a lower train.learning_rate or train.max_grad_norm usually cures it")
 
 
 class Window:

@@ -196,8 +196,8 @@ class Rollouts:
     def counting(self, optimizer_step):
         """The driver's step: `optimizer_step`, with `step` kept up to date for the log."""
 
-        def step(index: int, batches: list, rate: float):
+        def step(index: int, batches: list, rate: float, probe: bool = False):
             self.step = index + 1
-            return optimizer_step(index, batches, rate)
+            return optimizer_step(index, batches, rate, probe=probe)
 
         return step

@@ -32,14 +32,16 @@ class Scripted:
     """A trainer whose step i has loss sum i + 1 over i + 2 tokens, and whose validation losses
     are read from a list: what the driver does with them is then known exactly."""
 
-    def __init__(self, eval_losses=(), peak_per_step=0.0):
+    def __init__(self, eval_losses=(), peak_per_step=0.0, nan_from=None):
         self.eval_losses, self.peak_per_step = list(eval_losses), peak_per_step  # peak memory grows by that (GB) a step
+        self.nan_from = nan_from  # the loss sums are NaN from that step (1-based) on
         self.seen, self.saved, self.checkpoints, self.validations = [], [], [], 0
 
-    def step(self, index, batches, rate):
+    def step(self, index, batches, rate, probe=False):  # no probes: the first steps' check has nothing to read
         self.seen.extend(b.rows for b in batches)
         self.peak_gb = self.peak_per_step * (index + 1)
-        return driver.StepResult(np.array([index + 2.0, index + 1.0], np.float32), grad_norm=0.5, learning_rate=rate)
+        loss = float("nan") if self.nan_from and index + 1 >= self.nan_from else index + 1.0
+        return driver.StepResult(np.array([index + 2.0, loss], np.float32), grad_norm=0.5, learning_rate=rate)
 
     def validate(self):
         self.validations += 1
@@ -204,3 +206,21 @@ def test_a_run_that_passes_its_memory_limit_stops_with_its_checkpoint_written(tm
     # Without a guard the same run goes to its end.
     cfg = config(tmp_path / "b", "train.steps=8", "train.memory_limit=null")
     assert fit(Run.create(tmp_path / "b" / "run", cfg), cfg, Scripted(peak_per_step=1.5)).steps == 8
+
+
+def test_a_loss_that_stops_being_finite_stops_the_run_with_its_last_checkpoint(tmp_path):
+    cfg = config(tmp_path, "train.steps=10", "train.checkpoint_every=2")
+    run = Run.create(tmp_path / "run", cfg)
+    scripted = Scripted(nan_from=5)
+    with pytest.raises(driver.TrainingDiverged, match=r"step 5: the loss is nan and the gradient norm 0.5, so the run "
+                                                      r"stops here; its checkpoint of step 4 is kept \(--resume "):
+        fit(run, cfg, scripted)
+    assert [c[0] for c in scripted.checkpoints] == [2, 4]  # nothing written from the bad step
+    assert [r["step"] for r in run.metrics()] == []  # report_every 10: the bad step reported nothing either
+    assert json.loads((run.checkpoint_dir / "state.json").read_text())["step"] == 4  # what --resume goes on from
+
+
+def test_a_run_diverging_before_its_first_checkpoint_says_none_was_written(tmp_path):
+    cfg = config(tmp_path, "train.steps=10", "train.checkpoint_every=5")
+    with pytest.raises(driver.TrainingDiverged, match="step 1: the loss is nan .* no checkpoint had been written yet"):
+        fit(Run.create(tmp_path / "run", cfg), cfg, Scripted(nan_from=1))

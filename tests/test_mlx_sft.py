@@ -130,7 +130,7 @@ def test_adapter_is_written_in_peft_layout(tiny_model_dir, tmp_path):
 def test_early_stopping_and_best_adapter(tiny_model_dir, tmp_path):
     # With a zero learning rate nothing improves: the run stops after `patience` evaluations
     # without progress, and the best adapter is the first one evaluated.
-    config = tiny_config(tiny_model_dir, tmp_path / "run", "train.learning_rate=0.0", "eval.every=1",
+    config = tiny_config(tiny_model_dir, tmp_path / "run", "train.learning_rate=0.0", "train.check_first_step=false", "eval.every=1",
                          "eval.patience=2", "eval.metric=loss", "train.warmup_steps=0")
     summary = run_training(config, tmp_path / "run")
     assert summary["stopped_early"] and summary["steps"] == 3

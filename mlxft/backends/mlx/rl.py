@@ -158,6 +158,7 @@ def train(config: RunConfig, run: Run, *, resume: bool = False, adapter: str | N
             run, model, optimizer, spec, config, folder, *state,
             heads=dict(tree_flatten({"value_head": model.value_head.parameters()})) if ppo else None),
         memory=mlx_model.memory_meter(),
+        waits_for_signal=True,
     )
 
     # --- loop ----------------------------------------------------------------------------------

@@ -27,6 +27,7 @@ from mlxft.data.shared_prompt import pair_inputs
 from mlxft.distributed import World, empty, step_seed
 from mlxft.dpo_loss import pair_objective
 from mlxft.driver import StepResult
+from mlxft.first_step import TensorProbe, sample_points
 from mlxft.reward import reward_objective, score_positions
 from mlxft.rl import policy_objective
 
@@ -68,12 +69,12 @@ def train_step(model, optimizer, micro_step, update, inputs_of, seed: int, world
     state = [model.state, optimizer.state, mx.random.state]
     passes_of = passes_of or (lambda batch: [inputs_of(batch)])
 
-    def step(index: int, batches: list, rate: float) -> StepResult:
+    def step(index: int, batches: list, rate: float, probe: bool = False) -> StepResult:
         mx.random.seed(step_seed(seed, index, world.rank))  # resume-exact dropout noise
         mine = [batch for batch in map(world.shard, batches) if not empty(batch)]  # a rank may get no rows
         laid_out = [passes_of(batch) for batch in mine] if updates > 1 else None
         optimizer.learning_rate = rate
-        total = None
+        total, probes = None, None
         for _ in range(updates):
             grads, sums = None, None
             for passes in laid_out or map(passes_of, mine):  # one at a time, when each is used once
@@ -88,13 +89,42 @@ def train_step(model, optimizer, micro_step, update, inputs_of, seed: int, world
                 grads = grads if grads is not None else tree_map(mx.zeros_like, model.trainable_parameters())
                 sums = sums if sums is not None else mx.zeros((statistics,), mx.float32)
                 grads, sums = all_sum(grads, sums, world)
+            before = probe_before(model, grads) if probe and probes is None else None
             grad_norm = update(grads, sums[0])
             mx.eval(state, sums, grad_norm)
+            if before is not None:
+                probes = probe_after(model, *before)
             total = sums if total is None else total + sums
         mlx_model.trim_cache()
-        return StepResult(np.array(total), grad_norm.item(), float(optimizer.learning_rate.item()))
+        return StepResult(np.array(total), grad_norm.item(), float(optimizer.learning_rate.item()), probes)
 
     return step
+
+
+def probe_before(model, grads) -> tuple:
+    """What a probe reads before the update (mlxft.first_step): per trainable tensor its largest
+    |gradient|, whether the gradient is finite, and the weights at the sampled points and at the
+    largest gradient's."""
+    grads, weights = dict(tree_flatten(grads)), dict(tree_flatten(model.trainable_parameters()))
+    names = [name for name in weights if name in grads]
+    points, read = {}, []
+    for name in names:
+        g = mx.abs(grads[name].reshape(-1).astype(mx.float32))
+        points[name] = mx.concatenate([mx.argmax(g)[None].astype(mx.int32),
+                                       mx.array(list(sample_points(g.size)), mx.int32)])
+        read.append(mx.stack([g.max(), mx.all(mx.isfinite(g)).astype(mx.float32)]))
+    values = {name: weights[name].reshape(-1)[points[name]] for name in names}
+    mx.eval(points, values, read)
+    return names, points, values, [r.tolist() for r in read]
+
+
+def probe_after(model, names, points, before, read) -> list[TensorProbe]:
+    """TensorProbes from probe_before's readings and the weights after the update."""
+    weights = dict(tree_flatten(model.trainable_parameters()))
+    moved = [mx.any(weights[name].reshape(-1)[points[name]] != before[name]) for name in names]
+    mx.eval(moved)
+    return [TensorProbe(name, gradient, bool(finite), bool(m.item()))
+            for name, (gradient, finite), m in zip(names, read, moved)]
 
 
 def all_sum(grads, sums, world: World):

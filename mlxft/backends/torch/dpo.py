@@ -145,7 +145,7 @@ def train(config: RunConfig, run: Run, *, resume: bool = False, adapter: str | N
     statistics, summarize = len(statistic_names(dc.loss_type)), summarizer(dc.loss_type)
     trainer = driver.Trainer(
         step=steps.train_step(optimizer, loss_of, seed=tc.seed, max_grad_norm=tc.max_grad_norm, world=world,
-                              statistics=statistics),
+                              statistics=statistics, names=list(named)),
         validate=driver.pair_validation(model, valid_set, validation_sums, summarize, statistics=statistics,
                                         batch_size=ec.batch_size, pad_id=pad_id, pad_multiple=PAD_MULTIPLE, world=world),
         summarize=summarize,

@@ -90,7 +90,7 @@ def train(config: RunConfig, run: Run, *, resume: bool = False, adapter: str | N
 
     trainer = driver.Trainer(
         step=steps.train_step(optimizer, loss_of, seed=tc.seed, max_grad_norm=tc.max_grad_norm, world=world,
-                              statistics=len(STATISTICS)),
+                              statistics=len(STATISTICS), names=list(named)),
         validate=driver.pair_validation(model, valid_set, validation_sums, summarize, statistics=len(STATISTICS),
                                         batch_size=ec.batch_size, pad_id=pad_id, pad_multiple=PAD_MULTIPLE, world=world),
         summarize=summarize,

@@ -134,7 +134,7 @@ def train(config: RunConfig, run: Run, *, resume: bool = False, adapter: str | N
     trainer = driver.Trainer(
         step=rollouts.counting(steps.train_step(optimizer, loss_of, seed=tc.seed, max_grad_norm=tc.max_grad_norm,
                                                 world=world, statistics=len(statistic_names(names)), passes_of=passes_of,
-                                                updates=rc.num_iterations)),
+                                                updates=rc.num_iterations, names=list(named))),
         validate=rollouts.validate,
         summarize=summarizer(names, ppo),
         save_weights=lambda where: checkpoint.save_weights(where, model, spec, config, folder),
@@ -142,6 +142,7 @@ def train(config: RunConfig, run: Run, *, resume: bool = False, adapter: str | N
             run, model, optimizer, named, spec, config, folder, *state,
             heads={f"value_head.{k}": v for k, v in model.value_head.state_dict().items()} if ppo else None),
         memory=torch_model.memory_meter(device),
+        waits_for_signal=True,
     )
 
     # --- loop ----------------------------------------------------------------------------------

@@ -23,6 +23,7 @@ from mlxft.data.shared_prompt import pair_inputs
 from mlxft.distributed import World, empty, step_seed
 from mlxft.dpo_loss import pair_objective
 from mlxft.driver import StepResult
+from mlxft.first_step import TensorProbe, sample_points
 from mlxft.reward import reward_objective, score_positions
 from mlxft.rl import policy_objective
 
@@ -30,7 +31,7 @@ from mlxft.rl import policy_objective
 
 
 def train_step(optimizer, loss_of, *, seed: int, max_grad_norm: float | None, world: World = World(), statistics: int = 2,
-               inputs_of=None, updates: int = 1, passes_of=None):
+               inputs_of=None, updates: int = 1, passes_of=None, names: list[str] | None = None):
     """The driver's step(step index, micro-batches, learning rate) -> StepResult: `loss_of(inputs)`
     of each micro-batch laid out by `inputs_of(batch)` (default: the batch itself), or of each of
     the passes `passes_of(batch)` lays it out as, one forward and backward each (online RL's
@@ -39,22 +40,26 @@ def train_step(optimizer, loss_of, *, seed: int, max_grad_norm: float | None, wo
     (`statistics` of them) are added across ranks before the update divides by the global count:
     DDP's all-reduce, done once per optimizer step rather than per micro-batch. With `updates` > 1
     (online RL's rl.num_iterations) the micro-batches are laid out once and trained on that many
-    times, one optimizer update each; the statistics sum over all of them."""
+    times, one optimizer update each; the statistics sum over all of them. `names` name the
+    optimizer's tensors, in its order, for the first steps' probes (mlxft.first_step)."""
     inputs_of = inputs_of or (lambda batch: batch)
     passes_of = passes_of or (lambda batch: [inputs_of(batch)])
     parameters = [p for group in optimizer.param_groups for p in group["params"]]
+    names = names or [f"tensor {i}" for i in range(len(parameters))]
 
-    def step(index: int, batches: list, rate: float) -> StepResult:
+    def step(index: int, batches: list, rate: float, probe: bool = False) -> StepResult:
         torch.manual_seed(step_seed(seed, index, world.rank))  # resume-exact dropout noise
         mine = [batch for batch in map(world.shard, batches) if not empty(batch)]  # a rank may get no rows
         laid_out = [one for batch in mine for one in passes_of(batch)] if updates > 1 else None
-        reported = None
-        for _ in range(updates):
-            sums, grad_norm = one_update(laid_out or (one for batch in mine for one in passes_of(batch)), rate)
+        reported, probes = None, None
+        for k in range(updates):
+            sums, grad_norm, probed = one_update(laid_out or (one for batch in mine for one in passes_of(batch)), rate,
+                                                 probe and k == 0)
             reported = sums if reported is None else reported + sums
-        return StepResult(reported, grad_norm, rate)
+            probes = probes or probed
+        return StepResult(reported, grad_norm, rate, probes)
 
-    def one_update(inputs, rate: float):
+    def one_update(inputs, rate: float, probe: bool):
         optimizer.zero_grad(set_to_none=True)
         total = None
         for one in inputs:  # one at a time, when each is used once
@@ -80,9 +85,32 @@ def train_step(optimizer, loss_of, *, seed: int, max_grad_norm: float | None, wo
                 offset += p.numel()
             total = flat[offset:]
         sums = total.cpu().numpy()  # one device sync per update
-        return sums, update(optimizer, float(sums[0]), rate, max_grad_norm)
+        before = probe_before(parameters) if probe else None
+        grad_norm = update(optimizer, float(sums[0]), rate, max_grad_norm)
+        return sums, grad_norm, probe_after(names, parameters, *before) if probe else None
 
     return step
+
+
+@torch.no_grad()
+def probe_before(parameters) -> tuple:
+    """What a probe reads before the update (mlxft.first_step): per tensor its largest |gradient|,
+    whether the gradient is finite, and the weights at the sampled points and the largest gradient's."""
+    points, values, read = [], [], []
+    for p in parameters:
+        g = p.grad.reshape(-1).float().abs() if p.grad is not None else torch.zeros(p.numel(), device=p.device)
+        at = torch.cat([g.argmax().reshape(1), torch.tensor(list(sample_points(p.numel())), device=p.device)])
+        points.append(at)
+        values.append(p.detach().reshape(-1)[at].clone())
+        read.append(torch.stack([g.max(), torch.isfinite(g).all().float()]))
+    return points, values, torch.stack(read).cpu().tolist() if read else []
+
+
+@torch.no_grad()
+def probe_after(names, parameters, points, before, read) -> list[TensorProbe]:
+    """TensorProbes from probe_before's readings and the weights after the update."""
+    moved = [bool((p.detach().reshape(-1)[at] != was).any()) for p, at, was in zip(parameters, points, before)]
+    return [TensorProbe(name, gradient, bool(finite), m) for name, (gradient, finite), m in zip(names, read, moved)]
 
 
 def update(optimizer, count: float, rate: float, max_grad_norm: float | None) -> float:
