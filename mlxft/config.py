@@ -108,6 +108,10 @@ class TrainConfig:
     epochs: float | None = setting(None, above=0.0)  # when steps is None; default 1
     seed: int = setting(0, low=0)
     grad_checkpoint: bool = False
+    # Scored positions the LM head runs on at a time, so that no step holds logits for all of
+    # them (MLX; mlxft.backends.mlx.model.token_scores); null: sized by the vocabulary (a chunk's
+    # float32 logits ~128 MB); 0: all positions at once.
+    head_chunk: int | None = setting(None, low=0)
     # Stop after the first steps unless every trainable tensor got a finite, non-zero gradient and
     # changed (mlxft.first_step); false for a control run that trains nothing on purpose.
     check_first_step: bool = True

@@ -54,3 +54,14 @@ def limit_message(peak_gb: float, budget_gb: float, where: str, share: float, st
             f"{where} ({share * budget_gb:.2f} of {budget_gb:.2f} GB); its checkpoint is written. Continue with "
             "--resume and less memory per step (--set train.grad_checkpoint=true or rl.completions_per_pass=N), "
             "or raise train.memory_limit there; or start again with a smaller train.batch_size or data.cutoff")
+
+
+# The LM head runs on chunks of scored positions (train.head_chunk), each holding a few
+# [chunk, vocabulary] float32 arrays at once: sized so that one of them is 16 MB, whatever the
+# vocabulary, when train.head_chunk is null.
+CHUNK_ELEMENTS = 2**22
+
+
+def head_chunk_rows(chunk: int | None, vocabulary: int) -> int:
+    """Scored positions per chunk for train.head_chunk (None: sized by CHUNK_ELEMENTS; 0: no chunks)."""
+    return max(16, CHUNK_ELEMENTS // vocabulary) if chunk is None else chunk

@@ -122,9 +122,10 @@ def train(config: RunConfig, run: Run, *, resume: bool = False, adapter: str | N
     start = driver.Start()
     if resume:  # before the step is compiled: it must capture the restored optimizer state
         start = driver.Start(*checkpoint.load(run, model, optimizer, config.lora.full_finetune))
-    micro_step, update = steps.make_step(model, optimizer, partial(steps.pair_loss, split_head=split_head, dc=dc),
+    micro_step, update = steps.make_step(model, optimizer, partial(steps.pair_loss, split_head=split_head, dc=dc,
+                                                                      chunk=tc.head_chunk),
                                          tc.max_grad_norm)
-    reference_step = steps.make_reference_step(model, split_head) if cache is None and needs_reference(dc.loss_type) else None
+    reference_step = steps.make_reference_step(model, split_head, tc.head_chunk) if cache is None and needs_reference(dc.loss_type) else None
 
     def reference_for(pairs, split: str, arrays, rows=None):
         """Reference log-prob sums [2B] of a pair batch, in its row order (chosen, then rejected);

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx.utils import tree_flatten
 
 from mlxft import memory
 from mlxft.driver import MemoryMeter
@@ -60,6 +61,81 @@ def head_logits(model, hidden: mx.array) -> mx.array:
     return model.model.embed_tokens.as_linear(hidden)
 
 
+def head_module(model):
+    """The module whose weight the LM head multiplies by: lm_head, or the tied embedding."""
+    if getattr(model, "lm_head", None) is not None and not model.args.tie_word_embeddings:
+        return model.lm_head
+    return model.model.embed_tokens
+
+
+def head_trains(model) -> bool:
+    """Whether the LM head has trainable weights (full fine-tuning, or LoRA on lm_head)."""
+    return bool(tree_flatten(head_module(model).trainable_parameters()))
+
+
+def token_scores(model, hidden: mx.array, tokens: mx.array, chunk: int, *, grad: bool = True, extras: bool = False):
+    """Per scored token: (log-prob of `tokens` [...], and with `extras` the mean logit over the
+    vocabulary and the entropy, both without gradient), from the last hidden states [..., H] that
+    score them. The LM head runs on `chunk` positions at a time (0: all at once), one chunk after
+    the other, and never holds [positions, vocabulary] logits for all of them.
+
+    With a frozen head (LoRA, QLoRA) each chunk makes the gradient of its log-probs with respect
+    to its hidden states while its logits are alive ([chunk, H], as the backward pass would), so
+    the backward pass needs no logits at all and nothing is computed twice; `grad=False` (a
+    reference or an evaluation) skips it. A trainable head keeps the whole logits, as before."""
+    shape, width = tokens.shape, hidden.shape[-1]
+    hidden, tokens = hidden.reshape(-1, width), mx.stop_gradient(tokens.reshape(-1))
+    rows = hidden.shape[0]
+    chunk = rows if chunk <= 0 else min(chunk, rows)
+
+    def head(x):
+        return head_logits(model, x).astype(mx.float32)
+
+    module = head_module(model)
+    plain = type(module) in (nn.Linear, nn.Embedding) and "bias" not in module
+    weight = module.weight if plain else None
+
+    def scores(x, t, with_gradient: bool):
+        z = head(x)
+        lse = mx.logsumexp(z, axis=-1, keepdims=True)
+        at = t[:, None]
+        out = [mx.take_along_axis(z, at, axis=-1)[:, 0] - lse[:, 0]]
+        if with_gradient or extras:
+            p = mx.exp(z - lse)
+        if extras:
+            out += [mx.stop_gradient(z.mean(-1)), mx.stop_gradient(lse[:, 0] - (p * z).sum(-1))]
+        if with_gradient:  # d log p(t) / dz = onehot(t) - p, taken back through the head
+            if weight is not None:  # W[t] - p W: no [chunk, V] one-hot, one array fewer alive
+                g = (weight[t] - p.astype(weight.dtype) @ weight).astype(mx.float32)
+            else:  # a quantized head: its own backward pass
+                minus = mx.put_along_axis(p, at, mx.take_along_axis(p, at, axis=-1) - 1, axis=-1)
+                g = -mx.vjp(head, [x], [minus])[1][0]  # negated at [chunk, H], not [chunk, V]
+            out[0] = mx.depends(out[0], g)  # made now, while z is alive, not in the backward pass
+            out.append(g)
+        return out
+
+    @mx.custom_function
+    def piece(x, t):
+        return scores(x, t, True)
+
+    @piece.vjp
+    def piece_vjp(primals, cotangents, outputs):
+        return (cotangents[0][:, None] * outputs[-1]).astype(primals[0].dtype), mx.zeros_like(primals[1])
+
+    if head_trains(model):  # the head's own gradient needs all of its logits: as before
+        out = scores(hidden, tokens, False)
+    else:
+        pieces = []
+        for i in range(0, rows, chunk):
+            x = hidden[i : i + chunk]
+            if pieces:  # one chunk after the other: else MLX may run them side by side, all logits alive
+                x = mx.depends(x, pieces[-1][0])
+            pieces.append(piece(x, tokens[i : i + chunk]) if grad else scores(x, tokens[i : i + chunk], False))
+        out = [mx.concatenate([p[k] for p in pieces]) for k in range(3 if extras else 1)]
+    out = [o.reshape(shape) for o in out[: 3 if extras else 1]]
+    return tuple(out) if extras else out[0]
+
+
 def can_split_head(model, folder: Path) -> bool:
     return model_type(folder) in SPLIT_HEAD_TYPES and hasattr(model, "model") and hasattr(model, "args")
 
@@ -90,16 +166,16 @@ def can_pack(model, folder: Path) -> bool:
     return takes_block_mask(model, folder)
 
 
-def block_masked_logits_at(model, inputs: mx.array, mask: mx.array, positions: mx.array) -> mx.array:
-    """Logits [B, K, V] at `positions` [B, K] of rows run with `mask` [B, 1, T, T] (True: may attend)."""
+def block_masked_hidden_at(model, inputs: mx.array, mask: mx.array, positions: mx.array) -> mx.array:
+    """Last hidden states [B, K, H] at `positions` [B, K] of rows run with `mask` [B, 1, T, T] (True: may attend)."""
     hidden = model.model(inputs, cache=[_MaskOnly(mask)] * len(model.model.layers))
-    return head_logits(model, mx.take_along_axis(hidden, positions[..., None], axis=1))
+    return mx.take_along_axis(hidden, positions[..., None], axis=1)
 
 
-def shared_prompt_logits(model, prompt_ids: mx.array, answer_ids: mx.array, mask: mx.array) -> mx.array:
-    """Logits [2B, A, V] predicting answer_ids [2B, A] from one [prompt | chosen | rejected] row
-    per pair (see mlxft.data.shared_prompt). The widths come from the arguments' shapes, so a
-    compiled caller is traced again for every (P, A), never reused across them."""
+def shared_prompt_hidden(model, prompt_ids: mx.array, answer_ids: mx.array, mask: mx.array) -> mx.array:
+    """Last hidden states [2B, A, H] predicting answer_ids [2B, A] from one [prompt | chosen |
+    rejected] row per pair (see mlxft.data.shared_prompt). The widths come from the arguments'
+    shapes, so a compiled caller is traced again for every (P, A), never reused across them."""
     b, p = prompt_ids.shape
     a = answer_ids.shape[1]
     rows = mx.concatenate([prompt_ids, answer_ids[:b], answer_ids[b:]], axis=1)
@@ -107,7 +183,7 @@ def shared_prompt_logits(model, prompt_ids: mx.array, answer_ids: mx.array, mask
         hidden = model.model(rows, cache=[_MaskOnly(mask)] * len(model.model.layers))
     chosen = hidden[:, p - 1 : p + a - 1]
     rejected = mx.concatenate([hidden[:, p - 1 : p], hidden[:, p + a : p + 2 * a - 1]], axis=1)
-    return head_logits(model, mx.concatenate([chosen, rejected], axis=0))
+    return mx.concatenate([chosen, rejected], axis=0)
 
 
 class _MaskOnly:
@@ -154,10 +230,33 @@ def _positions_restart(model, *, at: int, to: int):
             attention.rope = rope
 
 
-def token_losses(model, inputs, positions, tokens, weights, split_head: bool) -> tuple[mx.array, mx.array]:
+def scores_at(model, inputs, positions, tokens, split_head: bool, chunk: int | None = None, **kwargs):
+    """token_scores of `tokens` [B, K] at `positions` [B, K] of `inputs`, the head in chunks of
+    train.head_chunk (`chunk`); a model whose head cannot be split scores all of its logits."""
+    if not split_head:
+        return logits_scores(logits_at(model, inputs, positions, False), tokens, kwargs.get("extras", False))
+    return hidden_scores(model, hidden_at(model, inputs, positions), tokens, chunk, **kwargs)
+
+
+def hidden_scores(model, hidden, tokens, chunk: int | None = None, **kwargs):
+    """token_scores with train.head_chunk's `chunk` (None: sized by the vocabulary)."""
+    return token_scores(model, hidden, tokens, memory.head_chunk_rows(chunk, model.args.vocab_size), **kwargs)
+
+
+def logits_scores(logits, tokens, extras: bool = False):
+    """What token_scores returns, from logits already made."""
+    logits = logits.astype(mx.float32)
+    logps = -nn.losses.cross_entropy(logits, tokens)
+    if not extras:
+        return logps
+    entropy = mx.logsumexp(logits, axis=-1) - (mx.softmax(logits, axis=-1) * logits).sum(-1)
+    return logps, mx.stop_gradient(logits.mean(-1)), mx.stop_gradient(entropy)
+
+
+def token_losses(model, inputs, positions, tokens, weights, split_head: bool,
+                 chunk: int | None = None) -> tuple[mx.array, mx.array]:
     """(sum of token cross-entropies, number of scored tokens) for one micro-batch."""
-    logits = logits_at(model, inputs, positions, split_head).astype(mx.float32)
-    losses = nn.losses.cross_entropy(logits, tokens) * weights
+    losses = -scores_at(model, inputs, positions, tokens, split_head, chunk) * weights
     return losses.sum(), weights.sum()
 
 

@@ -108,10 +108,11 @@ def train(config: RunConfig, run: Run, *, resume: bool = False, adapter: str | N
         start = driver.Start(*checkpoint.load(run, model, optimizer, False))
         if ppo:
             model.value_head.update(tree_unflatten(list(checkpoint.load_heads(run).items()))["value_head"])
-    micro_step, update = steps.make_step(model, optimizer, partial(steps.rl_loss, split_head=split_head, rc=rc),
+    micro_step, update = steps.make_step(model, optimizer, partial(steps.rl_loss, split_head=split_head, rc=rc,
+                                                                     chunk=tc.head_chunk),
                                          tc.max_grad_norm)
-    reference_step = steps.make_token_reference_step(model, split_head) if rc.beta else None
-    old_policy_step = steps.make_old_policy_step(model, split_head, ppo) if ppo or rc.num_iterations > 1 else None
+    reference_step = steps.make_token_reference_step(model, split_head, tc.head_chunk) if rc.beta else None
+    old_policy_step = steps.make_old_policy_step(model, split_head, ppo, tc.head_chunk) if ppo or rc.num_iterations > 1 else None
     names = reward_names(functions, rc)
     log = CompletionLog(run.folder / "completions.jsonl", rc.log_completions_every, names)
     if resume:

@@ -73,8 +73,8 @@ def train(config: RunConfig, run: Run, *, resume: bool = False, adapter: str | N
     start = driver.Start()
     if resume:  # before the step is compiled: it must capture the restored optimizer state
         start = driver.Start(*checkpoint.load(run, model, optimizer, config.lora.full_finetune))
-    loss, inputs_of = ((steps.packed_sft_loss, steps.packed_sft_inputs) if config.data.packing
-                       else (partial(steps.sft_loss, split_head=split_head), steps.sft_inputs))
+    loss, inputs_of = ((partial(steps.packed_sft_loss, chunk=tc.head_chunk), steps.packed_sft_inputs) if config.data.packing
+                       else (partial(steps.sft_loss, split_head=split_head, chunk=tc.head_chunk), steps.sft_inputs))
     micro_step, update = steps.make_step(model, optimizer, loss, tc.max_grad_norm)
 
     trainer = driver.Trainer(

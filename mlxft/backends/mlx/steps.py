@@ -20,7 +20,7 @@ from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 from mlxft.backends.mlx import PAD_MULTIPLE, SHARED_PROMPT_FEW_WIDTHS, SHARED_PROMPT_PAD_MULTIPLE, lora
 from mlxft.backends.mlx import model as mlx_model
-from mlxft.backends.mlx.model import logits_at, shared_prompt_logits
+from mlxft.backends.mlx.model import hidden_scores, scores_at, shared_prompt_hidden
 from mlxft.data.batching import iterate_pair_batches, scored_targets
 from mlxft.data.packing import block_mask
 from mlxft.data.shared_prompt import pair_inputs
@@ -142,9 +142,10 @@ def all_sum(grads, sums, world: World):
 # --- supervised fine-tuning ----------------------------------------------------------------------
 
 
-def sft_loss(model, inputs, positions, tokens, weights, *, split_head: bool):
-    """(cross-entropy sum over the scored tokens, [scored tokens, that sum])."""
-    loss_sum, n_tokens = mlx_model.token_losses(model, inputs, positions, tokens, weights, split_head)
+def sft_loss(model, inputs, positions, tokens, weights, *, split_head: bool, chunk: int | None = None):
+    """(cross-entropy sum over the scored tokens, [scored tokens, that sum]); the LM head on
+    `chunk` scored positions at a time (train.head_chunk; mlxft.backends.mlx.model.token_scores)."""
+    loss_sum, n_tokens = mlx_model.token_losses(model, inputs, positions, tokens, weights, split_head, chunk)
     return loss_sum, mx.stack([n_tokens, mx.stop_gradient(loss_sum)])
 
 
@@ -155,10 +156,10 @@ def sft_inputs(batch) -> tuple:
             mx.array(targets.weights))
 
 
-def packed_sft_loss(model, inputs, mask, positions, tokens, weights):
+def packed_sft_loss(model, inputs, mask, positions, tokens, weights, *, chunk: int | None = None):
     """sft_loss of packed rows (mlxft.data.packing): each example attends only to itself."""
-    logits = mlx_model.block_masked_logits_at(model, inputs, mask, positions).astype(mx.float32)
-    losses = nn.losses.cross_entropy(logits, tokens) * weights
+    hidden = mlx_model.block_masked_hidden_at(model, inputs, mask, positions)
+    losses = -hidden_scores(model, hidden, tokens, chunk) * weights
     return losses.sum(), mx.stack([weights.sum(), mx.stop_gradient(losses.sum())])
 
 
@@ -171,62 +172,61 @@ def packed_sft_inputs(batch) -> tuple:
 # --- online RL -------------------------------------------------------------------------------------
 
 
-def token_logps(model, inputs, positions, tokens, split_head: bool):
-    """(log-probs [N, K] of the scored tokens, their logits [N, K, V] in float32)."""
-    logits = logits_at(model, inputs, positions, split_head).astype(mx.float32)
-    return -nn.losses.cross_entropy(logits, tokens), logits
+def token_logps(model, inputs, positions, tokens, split_head: bool, chunk: int | None = None, grad: bool = True):
+    """(log-probs [N, K] of the scored tokens, their entropies [N, K], without gradient)."""
+    logps, _, entropy = scores_at(model, inputs, positions, tokens, split_head, chunk, grad=grad, extras=True)
+    return logps, entropy
 
 
-def token_logps_values(model, inputs, positions, tokens):
-    """(log-probs [N, K], logits [N, K, V] in float32, PPO's values [N, K]): the LM head and the
-    value head (float32) on the same hidden states, from one forward."""
+def token_logps_values(model, inputs, positions, tokens, chunk: int | None = None, grad: bool = True):
+    """(log-probs [N, K], entropies [N, K], PPO's values [N, K]): the LM head and the value head
+    (float32) on the same hidden states, from one forward."""
     hidden = mlx_model.hidden_at(model, inputs, positions)
-    logits = mlx_model.head_logits(model, hidden).astype(mx.float32)
-    return -nn.losses.cross_entropy(logits, tokens), logits, model.value_head(hidden.astype(mx.float32))[..., 0]
+    logps, _, entropy = hidden_scores(model, hidden, tokens, chunk, grad=grad, extras=True)
+    return logps, entropy, model.value_head(hidden.astype(mx.float32))[..., 0]
 
 
 def rl_loss(model, inputs, positions, tokens, weights, reference, old_logps, old_values, advantages, returns, carried, *,
-            split_head: bool, rc):
+            split_head: bool, rc, chunk: int | None = None):
     """(the policy loss sum of a rollout's completions, mlxft.rl statistic sums): the loss
     statistics, the completion tokens' entropy, then the rollout's reward sums (`carried`).
     `old_logps` count from a second update on a rollout (rl.num_iterations), `old_values` and
     `returns` for PPO only; they are zeros otherwise."""
     values = None
     if rc.algo == "ppo":
-        logps, logits, values = token_logps_values(model, inputs, positions, tokens)
+        logps, entropy, values = token_logps_values(model, inputs, positions, tokens, chunk)
     else:
-        logps, logits = token_logps(model, inputs, positions, tokens, split_head)
+        logps, entropy = token_logps(model, inputs, positions, tokens, split_head, chunk)
     loss_sum, sums = policy_objective(logps, reference, weights, advantages, rc, xp=mx, detach=mx.stop_gradient,
                                       old_logps=old_logps if rc.num_iterations > 1 else None, values=values,
                                       old_values=old_values, returns=returns)
-    entropy = mx.logsumexp(logits, axis=-1) - (mx.softmax(logits, axis=-1) * logits).sum(-1)
     return loss_sum, mx.concatenate([sums, mx.stop_gradient((entropy * weights).sum())[None], carried])
 
 
-def make_old_policy_step(model, split_head: bool, ppo: bool):
+def make_old_policy_step(model, split_head: bool, ppo: bool, chunk: int | None = None):
     """Compiled: the policy's log-probs [N, K] of a rollout's completion tokens as it was when it
     sampled them (π_old of a later update), and for PPO its values [N, K] (else zeros)."""
 
     @partial(mx.compile, inputs=[model.state])
     def old_policy_step(inputs, positions, tokens):
         if ppo:
-            logps, _, values = token_logps_values(model, inputs, positions, tokens)
+            logps, _, values = token_logps_values(model, inputs, positions, tokens, chunk, grad=False)
         else:
-            logps = token_logps(model, inputs, positions, tokens, split_head)[0]
+            logps = token_logps(model, inputs, positions, tokens, split_head, chunk, grad=False)[0]
             values = mx.zeros(logps.shape)
         return mx.stop_gradient(logps), mx.stop_gradient(values)
 
     return old_policy_step
 
 
-def make_token_reference_step(model, split_head: bool):
+def make_token_reference_step(model, split_head: bool, chunk: int | None = None):
     """Compiled: the reference's log-probs [N, K] of a rollout's completion tokens, from the base
     model (adapter off; see make_reference_step)."""
 
     @partial(mx.compile, inputs=[model.state])
     def reference_step(inputs, positions, tokens):
         with lora.adapter_off(model):
-            logps = token_logps(model, inputs, positions, tokens, split_head)[0]
+            logps = token_logps(model, inputs, positions, tokens, split_head, chunk, grad=False)[0]
         return mx.stop_gradient(logps)
 
     return reference_step
@@ -256,29 +256,28 @@ def reward_inputs(pairs, pad_id: int) -> tuple:
 # --- DPO -----------------------------------------------------------------------------------------
 
 
-def sequence_logps(model, arrays: dict, split_head: bool):
+def sequence_logps(model, arrays: dict, split_head: bool, chunk: int | None = None, grad: bool = True):
     """Per row of a pair batch (chosen rows, then rejected): (sum of the answer tokens'
     log-probs, sum over the answer tokens of the mean logit over the vocabulary, answer tokens).
     `arrays` is either layout of mlxft.data.shared_prompt.pair_inputs."""
     if "mask" in arrays:
-        logits = shared_prompt_logits(model, arrays["prompt_ids"], arrays["answer_ids"], arrays["mask"])
-        tokens = arrays["answer_ids"]
+        hidden = shared_prompt_hidden(model, arrays["prompt_ids"], arrays["answer_ids"], arrays["mask"])
+        logps, means, _ = hidden_scores(model, hidden, arrays["answer_ids"], chunk, grad=grad, extras=True)
     else:
-        logits = logits_at(model, arrays["inputs"], arrays["positions"], split_head)
-        tokens = arrays["tokens"]
-    logits, weights = logits.astype(mx.float32), arrays["weights"]
-    token_logps = -nn.losses.cross_entropy(logits, tokens) * weights
-    return token_logps.sum(-1), (logits.mean(-1) * weights).sum(-1), weights.sum(-1)
+        logps, means, _ = scores_at(model, arrays["inputs"], arrays["positions"], arrays["tokens"], split_head, chunk,
+                                    grad=grad, extras=True)
+    weights = arrays["weights"]
+    return (logps * weights).sum(-1), (means * weights).sum(-1), weights.sum(-1)
 
 
-def pair_loss(model, arrays: dict, reference, labels=None, *, split_head: bool, dc):
+def pair_loss(model, arrays: dict, reference, labels=None, *, split_head: bool, dc, chunk: int | None = None):
     """(sum of the DPO losses of the batch's pairs, their statistic sums) given reference log-prob
     sums (and, for KTO, the rows' labels)."""
-    return pair_objective(*sequence_logps(model, arrays, split_head), reference, dc, xp=mx, detach=mx.stop_gradient,
+    return pair_objective(*sequence_logps(model, arrays, split_head, chunk), reference, dc, xp=mx, detach=mx.stop_gradient,
                           labels=labels)
 
 
-def make_reference_step(model, split_head: bool):
+def make_reference_step(model, split_head: bool, chunk: int | None = None):
     """Compiled: reference log-prob sums [2B] of a pair batch, from the base model (adapter off).
     mx.compile reads `scale` and `training` while tracing, so this trace has the adapter off and
     the policy step's trace has it on; neither reads them again."""
@@ -286,7 +285,7 @@ def make_reference_step(model, split_head: bool):
     @partial(mx.compile, inputs=[model.state])
     def reference_step(arrays):
         with lora.adapter_off(model):
-            logps = sequence_logps(model, arrays, split_head)[0]
+            logps = sequence_logps(model, arrays, split_head, chunk, grad=False)[0]
         return mx.stop_gradient(logps)
 
     return reference_step
@@ -299,13 +298,14 @@ def pair_arrays(batch, pad_id: int, shared: bool, pad_to_multiple: int | None = 
     return {k: mx.array(v) for k, v in arrays.items()}
 
 
-def score_pairs(model, pairs, arrays_of, pad_id: int, split_head: bool, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+def score_pairs(model, pairs, arrays_of, pad_id: int, split_head: bool, batch_size: int,
+                chunk: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Log-prob sums of every pair's chosen and rejected answer under the model as it is now."""
     chosen, rejected = np.zeros(len(pairs), np.float32), np.zeros(len(pairs), np.float32)
     was_training = model.training
     model.eval()
     for batch in iterate_pair_batches(pairs, batch_size, pad_id, shuffle=False, pad_to_multiple=PAD_MULTIPLE):
-        logps = np.array(mx.stop_gradient(sequence_logps(model, arrays_of(batch), split_head)[0]))
+        logps = np.array(mx.stop_gradient(sequence_logps(model, arrays_of(batch), split_head, chunk, grad=False)[0]))
         chosen[batch.index], rejected[batch.index] = logps[: batch.pairs], logps[batch.pairs :]
     model.train(was_training)
     return chosen, rejected

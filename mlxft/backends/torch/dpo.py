@@ -123,7 +123,7 @@ def train(config: RunConfig, run: Run, *, resume: bool = False, adapter: str | N
         if not needs_reference(dc.loss_type):  # never read
             return torch.zeros(2 * pairs.pairs, device=device)
         with torch_model.autocast(device):
-            return steps.reference_logps(model, tensors, split_head=split_head)
+            return steps.reference_logps(model, tensors, split_head=split_head, chunk=tc.head_chunk)
 
     labels = {"train": pair_labels(splits.train), "valid": pair_labels(splits.valid)}  # KTO's; 1 for every pair
 
@@ -132,7 +132,7 @@ def train(config: RunConfig, run: Run, *, resume: bool = False, adapter: str | N
         reference = reference_for(pairs, "train", tensors)  # no_grad: nothing of it is kept for the backward
         with torch_model.autocast(device):
             return steps.pair_loss(model, tensors, reference, torch.from_numpy(labels["train"][pairs.index]).to(device),
-                                   split_head=split_head, dc=dc)
+                                   split_head=split_head, dc=dc, chunk=tc.head_chunk)
 
     @torch.no_grad()
     def validation_sums(pairs, rows) -> np.ndarray:

@@ -128,9 +128,9 @@ def block_masked_hidden(model, rows: torch.Tensor, mask: torch.Tensor, positions
     return model.model(input_ids=rows, attention_mask=mask, position_ids=positions, use_cache=False).last_hidden_state
 
 
-def shared_prompt_logits(model, prompt_ids: torch.Tensor, answer_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Logits [2B, A, V] predicting answer_ids [2B, A] from one [prompt | chosen | rejected] row
-    per pair (see mlxft.data.shared_prompt): the rejected answer gets the chosen one's positions."""
+def shared_prompt_hidden(model, prompt_ids: torch.Tensor, answer_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Last hidden states [2B, A, H] predicting answer_ids [2B, A] from one [prompt | chosen |
+    rejected] row per pair (see mlxft.data.shared_prompt): the rejected answer gets the chosen one's positions."""
     b, p = prompt_ids.shape
     a = answer_ids.shape[1]
     rows = torch.cat([prompt_ids, answer_ids[:b], answer_ids[b:]], dim=1)
@@ -138,14 +138,14 @@ def shared_prompt_logits(model, prompt_ids: torch.Tensor, answer_ids: torch.Tens
     hidden = block_masked_hidden(model, rows, mask, positions)
     chosen = hidden[:, p - 1 : p + a - 1]
     rejected = torch.cat([hidden[:, p - 1 : p], hidden[:, p + a : p + 2 * a - 1]], dim=1)
-    return model.lm_head(torch.cat([chosen, rejected]))
+    return torch.cat([chosen, rejected])
 
 
-def block_masked_logits_at(model, inputs: torch.Tensor, mask: torch.Tensor, segment_positions: torch.Tensor,
+def block_masked_hidden_at(model, inputs: torch.Tensor, mask: torch.Tensor, segment_positions: torch.Tensor,
                            positions: torch.Tensor) -> torch.Tensor:
-    """Logits [B, K, V] at `positions` [B, K] of packed rows (mlxft.data.packing)."""
+    """Last hidden states [B, K, H] at `positions` [B, K] of packed rows (mlxft.data.packing)."""
     hidden = block_masked_hidden(model, inputs, mask, segment_positions)
-    return model.lm_head(hidden.gather(1, positions[..., None].expand(-1, -1, hidden.shape[-1])))
+    return hidden.gather(1, positions[..., None].expand(-1, -1, hidden.shape[-1]))
 
 
 def enable_gradient_checkpointing(model, lora_dropout: float = 0.0) -> None:
@@ -184,11 +184,87 @@ def hidden_at(model, inputs: torch.Tensor, positions: torch.Tensor) -> torch.Ten
     return hidden.gather(1, positions[..., None].expand(-1, -1, hidden.shape[-1]))
 
 
-def token_losses(model, inputs, positions, tokens, weights, split_head: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def token_losses(model, inputs, positions, tokens, weights, split_head: bool,
+                 chunk: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum of token cross-entropies, number of scored tokens) for one micro-batch."""
-    logits = logits_at(model, inputs, positions, split_head).float()
-    losses = F.cross_entropy(logits.flatten(0, 1), tokens.flatten().long(), reduction="none") * weights.flatten()
+    losses = -scores_at(model, inputs, positions, tokens.long(), split_head, chunk) * weights
     return losses.sum(), weights.sum()
+
+
+def head_trains(model) -> bool:
+    """Whether the LM head has trainable weights (full fine-tuning, or LoRA on lm_head)."""
+    return any(p.requires_grad for p in model.lm_head.parameters())
+
+
+def chunk_scores(hidden, tokens, weight, bias, extras: bool, with_gradient: bool):
+    """One chunk's log-probs [c] (and mean logits, entropies), and with `with_gradient` the
+    gradient of its log-probs with respect to its hidden states [c, H]; the [c, V] logits are
+    worked on in place, one copy at a time."""
+    z = F.linear(hidden, weight, bias).float()
+    means = z.mean(-1) if extras else None
+    z -= torch.logsumexp(z, dim=-1, keepdim=True)  # log p
+    logps = z.gather(1, tokens[:, None])[:, 0]
+    entropy = -(z.exp() * z).sum(-1) if extras else None
+    if not with_gradient:
+        return logps, means, entropy, None
+    p = z.exp_()
+    p.scatter_add_(1, tokens[:, None], torch.full_like(logps[:, None], -1.0))  # p - onehot(t)
+    return logps, means, entropy, -(p.to(weight.dtype) @ weight)
+
+
+class HeadScores(torch.autograd.Function):
+    """token_scores's chunks under autograd: the gradient with respect to the hidden states is
+    made in the forward, chunk by chunk, so the backward pass holds no logits (a frozen head)."""
+
+    @staticmethod
+    def forward(ctx, hidden, tokens, weight, bias, chunk: int, extras: bool):
+        with_gradient = ctx.needs_input_grad[0]
+        out = [chunk_scores(hidden[i : i + chunk], tokens[i : i + chunk], weight, bias, extras, with_gradient)
+               for i in range(0, hidden.shape[0], chunk)]
+        logps = torch.cat([o[0] for o in out])
+        if with_gradient:
+            ctx.save_for_backward(torch.cat([o[3] for o in out]))
+        if not extras:
+            return logps
+        ctx.mark_non_differentiable(means := torch.cat([o[1] for o in out]), entropy := torch.cat([o[2] for o in out]))
+        return logps, means, entropy
+
+    @staticmethod
+    def backward(ctx, grad_logps, *_):
+        (g,) = ctx.saved_tensors
+        return (grad_logps[:, None] * g).to(g.dtype), None, None, None, None, None
+
+
+def token_scores(model, hidden, tokens, chunk: int | None = None, *, extras: bool = False):
+    """Per scored token: the log-prob of `tokens` [...] (and with `extras` the mean logit and the
+    entropy, detached), from the last hidden states [..., H] scoring them: the LM head on
+    train.head_chunk positions at a time (mlxft.backends.mlx.model.token_scores). A trainable or
+    non-linear head gets the whole logits, as before."""
+    head, shape = model.lm_head, tokens.shape
+    chunk = memory.head_chunk_rows(chunk, head.weight.shape[0])
+    if chunk <= 0 or head_trains(model) or type(head) is not torch.nn.Linear:
+        return logits_scores(head(hidden), tokens, extras)
+    out = HeadScores.apply(hidden.reshape(-1, hidden.shape[-1]), tokens.reshape(-1), head.weight, head.bias, chunk,
+                           extras)
+    return tuple(o.view(shape) for o in out) if extras else out.view(shape)
+
+
+def logits_scores(logits, tokens, extras: bool = False):
+    """What token_scores returns, from logits already made."""
+    logits = logits.float()
+    logps = -F.cross_entropy(logits.flatten(0, -2), tokens.flatten(), reduction="none").view_as(tokens)
+    if not extras:
+        return logps
+    detached = logits.detach()
+    entropy = torch.logsumexp(detached, dim=-1) - (torch.softmax(detached, dim=-1) * detached).sum(-1)
+    return logps, detached.mean(-1), entropy
+
+
+def scores_at(model, inputs, positions, tokens, split_head: bool, chunk: int | None = None, *, extras: bool = False):
+    """token_scores at `positions` [B, K] of `inputs`; a model whose head cannot be split scores all of its logits."""
+    if not split_head:
+        return logits_scores(logits_at(model, inputs, positions, False), tokens, extras)
+    return token_scores(model, hidden_at(model, inputs, positions), tokens, chunk, extras=extras)
 
 
 def to_device(device: torch.device, *arrays):

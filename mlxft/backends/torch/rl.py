@@ -107,8 +107,8 @@ def train(config: RunConfig, run: Run, *, resume: bool = False, adapter: str | N
             one = (inputs[rows], positions[rows], tokens[rows])
             zeros = torch.zeros(one[2].shape, device=device)
             with torch_model.autocast(device):
-                reference.append(steps.reference_token_logps(model, *one, split_head=split_head) if rc.beta else zeros)
-                old = (steps.old_policy_outputs(model, *one, split_head=split_head, ppo=ppo)
+                reference.append(steps.reference_token_logps(model, *one, split_head=split_head, chunk=tc.head_chunk) if rc.beta else zeros)
+                old = (steps.old_policy_outputs(model, *one, split_head=split_head, ppo=ppo, chunk=tc.head_chunk)
                        if ppo or rc.num_iterations > 1 else (zeros, zeros))
             old_logps.append(old[0])
             old_values.append(old[1])
@@ -129,7 +129,7 @@ def train(config: RunConfig, run: Run, *, resume: bool = False, adapter: str | N
 
     def loss_of(inputs: tuple):
         with torch_model.autocast(device):
-            return steps.rl_loss(model, *inputs, split_head=split_head, rc=rc)
+            return steps.rl_loss(model, *inputs, split_head=split_head, rc=rc, chunk=tc.head_chunk)
 
     trainer = driver.Trainer(
         step=rollouts.counting(steps.train_step(optimizer, loss_of, seed=tc.seed, max_grad_norm=tc.max_grad_norm,

@@ -79,8 +79,9 @@ def train(config: RunConfig, run: Run, *, resume: bool = False, adapter: str | N
                                               config.model.trust_remote_code))
 
     trainer = driver.Trainer(
-        step=steps.train_step(optimizer, partial(steps.packed_sft_loss, model, device=device) if config.data.packing
-                              else partial(steps.sft_loss, model, split_head=split_head, device=device),
+        step=steps.train_step(optimizer, partial(steps.packed_sft_loss, model, device=device, chunk=tc.head_chunk) if config.data.packing
+                              else partial(steps.sft_loss, model, split_head=split_head, device=device,
+                                           chunk=tc.head_chunk),
                               seed=tc.seed, max_grad_norm=tc.max_grad_norm, world=world, names=list(named)),
         validate=sft_validation(evaluate, model, valid_set, pad_id=pad_id, split_head=split_head,
                                 batch_size=ec.batch_size, answer_ids=answer_ids, world=world),

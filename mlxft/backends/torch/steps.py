@@ -12,11 +12,10 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from mlxft.backends.torch import PAD_MULTIPLE, SHARED_PROMPT_FEW_WIDTHS, SHARED_PROMPT_PAD_MULTIPLE, lora
 from mlxft.backends.torch import model as torch_model
-from mlxft.backends.torch.model import logits_at, shared_prompt_logits
+from mlxft.backends.torch.model import scores_at, shared_prompt_hidden, token_scores
 from mlxft.data import packing
 from mlxft.data.batching import iterate_pair_batches, scored_targets
 from mlxft.data.shared_prompt import pair_inputs
@@ -129,17 +128,17 @@ def update(optimizer, count: float, rate: float, max_grad_norm: float | None) ->
 # --- supervised fine-tuning ----------------------------------------------------------------------
 
 
-def sft_loss(model, batch, *, split_head: bool, device):
+def sft_loss(model, batch, *, split_head: bool, device, chunk: int | None = None):
     """(cross-entropy sum over the scored tokens, [scored tokens, that sum] detached)."""
     targets = scored_targets(batch)
     inputs, positions, tokens, weights = torch_model.to_device(device, batch.input_ids[:, :-1], targets.positions,
                                                                targets.tokens, targets.weights)
     with torch_model.autocast(device):
-        loss_sum, n_tokens = torch_model.token_losses(model, inputs, positions, tokens, weights, split_head)
+        loss_sum, n_tokens = torch_model.token_losses(model, inputs, positions, tokens, weights, split_head, chunk)
     return loss_sum, torch.stack([n_tokens.detach(), loss_sum.detach()])
 
 
-def packed_sft_loss(model, batch, *, device):
+def packed_sft_loss(model, batch, *, device, chunk: int | None = None):
     """sft_loss of packed rows (mlxft.data.packing): each example attends only to itself and
     counts its positions from 0."""
     targets = scored_targets(batch)
@@ -148,65 +147,61 @@ def packed_sft_loss(model, batch, *, device):
         device, batch.input_ids[:, :-1], packing.block_mask(segments), packing.segment_positions(segments), targets.positions,
         targets.tokens, targets.weights)
     with torch_model.autocast(device):
-        logits = torch_model.block_masked_logits_at(model, inputs, mask, segment_positions, positions).float()
-        losses = F.cross_entropy(logits.flatten(0, 1), tokens.flatten(), reduction="none") * weights.flatten()
+        hidden = torch_model.block_masked_hidden_at(model, inputs, mask, segment_positions, positions)
+        losses = -token_scores(model, hidden, tokens, chunk) * weights
     return losses.sum(), torch.stack([weights.sum().detach(), losses.sum().detach()])
 
 
 # --- online RL -------------------------------------------------------------------------------------
 
 
-def token_logps(model, inputs, positions, tokens, split_head: bool):
-    """(log-probs [N, K] of the scored tokens, their logits [N, K, V] in float32)."""
-    logits = logits_at(model, inputs, positions, split_head).float()
-    logps = -F.cross_entropy(logits.flatten(0, 1), tokens.flatten(), reduction="none").view_as(tokens)
-    return logps, logits
+def token_logps(model, inputs, positions, tokens, split_head: bool, chunk: int | None = None):
+    """(log-probs [N, K] of the scored tokens, their entropies [N, K], detached)."""
+    logps, _, entropy = scores_at(model, inputs, positions, tokens, split_head, chunk, extras=True)
+    return logps, entropy
 
 
-def token_logps_values(model, inputs, positions, tokens):
-    """(log-probs [N, K], logits [N, K, V] in float32, PPO's values [N, K]): the LM head and the
-    value head (float32) on the same hidden states, from one forward."""
+def token_logps_values(model, inputs, positions, tokens, chunk: int | None = None):
+    """(log-probs [N, K], entropies [N, K], PPO's values [N, K]): the LM head and the value head
+    (float32) on the same hidden states, from one forward."""
     hidden = torch_model.hidden_at(model, inputs, positions)
-    logits = model.lm_head(hidden).float()
-    logps = -F.cross_entropy(logits.flatten(0, 1), tokens.flatten(), reduction="none").view_as(tokens)
-    return logps, logits, model.value_head(hidden.float())[..., 0]
+    logps, _, entropy = token_scores(model, hidden, tokens, chunk, extras=True)
+    return logps, entropy, model.value_head(hidden.float())[..., 0]
 
 
 def rl_loss(model, inputs, positions, tokens, weights, reference, old_logps, old_values, advantages, returns, carried, *,
-            split_head: bool, rc):
+            split_head: bool, rc, chunk: int | None = None):
     """(the policy loss sum of a rollout's completions, mlxft.rl statistic sums detached): the
     loss statistics, the completion tokens' entropy, then the rollout's reward sums (`carried`).
     `old_logps` count from a second update on a rollout (rl.num_iterations), `old_values` and
     `returns` for PPO only; they are zeros otherwise."""
     values = None
     if rc.algo == "ppo":
-        logps, logits, values = token_logps_values(model, inputs, positions, tokens)
+        logps, entropy, values = token_logps_values(model, inputs, positions, tokens, chunk)
     else:
-        logps, logits = token_logps(model, inputs, positions, tokens, split_head)
+        logps, entropy = token_logps(model, inputs, positions, tokens, split_head, chunk)
     loss_sum, sums = policy_objective(logps, reference, weights, advantages, rc, xp=torch, detach=torch.Tensor.detach,
                                       old_logps=old_logps if rc.num_iterations > 1 else None, values=values,
                                       old_values=old_values, returns=returns)
-    logits = logits.detach()
-    entropy = torch.logsumexp(logits, dim=-1) - (torch.softmax(logits, dim=-1) * logits).sum(-1)
     return loss_sum, torch.cat([sums, (entropy * weights).sum()[None], carried])
 
 
 @torch.no_grad()
-def old_policy_outputs(model, inputs, positions, tokens, *, split_head: bool, ppo: bool):
+def old_policy_outputs(model, inputs, positions, tokens, *, split_head: bool, ppo: bool, chunk: int | None = None):
     """The policy's log-probs [N, K] of a rollout's completion tokens as it was when it sampled them
     (π_old of a later update), and for PPO its values [N, K] (else zeros)."""
     if ppo:
-        logps, _, values = token_logps_values(model, inputs, positions, tokens)
+        logps, _, values = token_logps_values(model, inputs, positions, tokens, chunk)
         return logps, values
-    logps = token_logps(model, inputs, positions, tokens, split_head)[0]
+    logps = token_logps(model, inputs, positions, tokens, split_head, chunk)[0]
     return logps, torch.zeros_like(logps)
 
 
 @torch.no_grad()
-def reference_token_logps(model, inputs, positions, tokens, *, split_head: bool) -> torch.Tensor:
+def reference_token_logps(model, inputs, positions, tokens, *, split_head: bool, chunk: int | None = None) -> torch.Tensor:
     """The reference's log-probs [N, K] of a rollout's completion tokens, from the base model (adapter off)."""
     with lora.adapter_off(model):
-        return token_logps(model, inputs, positions, tokens, split_head)[0]
+        return token_logps(model, inputs, positions, tokens, split_head, chunk)[0]
 
 
 # --- reward models ---------------------------------------------------------------------------------
@@ -232,33 +227,32 @@ def reward_loss(model, pairs, *, pad_id: int, center_coefficient: float, device)
 # --- DPO -----------------------------------------------------------------------------------------
 
 
-def sequence_logps(model, tensors: dict, split_head: bool):
+def sequence_logps(model, tensors: dict, split_head: bool, chunk: int | None = None):
     """Per row of a pair batch (chosen rows, then rejected): (sum of the answer tokens'
     log-probs, sum over the answer tokens of the mean logit over the vocabulary (detached: a
     metric), answer tokens). `tensors` is either layout of mlxft.data.shared_prompt.pair_inputs."""
     if "mask" in tensors:
-        logits = shared_prompt_logits(model, tensors["prompt_ids"], tensors["answer_ids"], tensors["mask"]).float()
-        tokens = tensors["answer_ids"]
+        hidden = shared_prompt_hidden(model, tensors["prompt_ids"], tensors["answer_ids"], tensors["mask"])
+        logps, means, _ = token_scores(model, hidden, tensors["answer_ids"], chunk, extras=True)
     else:
-        logits = logits_at(model, tensors["inputs"], tensors["positions"], split_head).float()
-        tokens = tensors["tokens"]
+        logps, means, _ = scores_at(model, tensors["inputs"], tensors["positions"], tensors["tokens"], split_head, chunk,
+                                    extras=True)
     weights = tensors["weights"]
-    token_logps = -F.cross_entropy(logits.flatten(0, 1), tokens.flatten(), reduction="none").view_as(weights) * weights
-    return token_logps.sum(-1), (logits.detach().mean(-1) * weights).sum(-1), weights.sum(-1)
+    return (logps * weights).sum(-1), (means * weights).sum(-1), weights.sum(-1)
 
 
-def pair_loss(model, tensors: dict, reference, labels=None, *, split_head: bool, dc):
+def pair_loss(model, tensors: dict, reference, labels=None, *, split_head: bool, dc, chunk: int | None = None):
     """(sum of the DPO losses of the batch's pairs, their statistic sums) given reference log-prob
     sums (and, for KTO, the rows' labels)."""
-    return pair_objective(*sequence_logps(model, tensors, split_head), reference, dc, xp=torch, detach=torch.Tensor.detach,
+    return pair_objective(*sequence_logps(model, tensors, split_head, chunk), reference, dc, xp=torch, detach=torch.Tensor.detach,
                           labels=labels)
 
 
 @torch.no_grad()
-def reference_logps(model, tensors: dict, *, split_head: bool) -> torch.Tensor:
+def reference_logps(model, tensors: dict, *, split_head: bool, chunk: int | None = None) -> torch.Tensor:
     """Reference log-prob sums [2B] of a pair batch, from the base model (adapter off)."""
     with lora.adapter_off(model):
-        return sequence_logps(model, tensors, split_head)[0]
+        return sequence_logps(model, tensors, split_head, chunk)[0]
 
 
 def pair_tensors(batch, pad_id: int, shared: bool, device, pad_to_multiple: int | None = None) -> dict:
