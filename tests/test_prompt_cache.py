@@ -188,3 +188,27 @@ def test_a_cancelled_request_leaves_its_prompt_but_no_half_made_answer(generator
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_a_warmed_system_prompt_serves_the_first_chat_behind_it(generators):
+    warmed, cold = start(generators[0], warm_prompt=SYSTEM), start(generators[1])
+    try:
+        assert warmed.warmed_tokens > 40  # the rendered system turn, up to where the user's message begins
+        first = conversations(1)[0]
+        (answer, cached), (cold_answer, cold_cached) = chat(warmed, first), chat(cold, first)
+        assert answer == cold_answer  # greedy: a warmed beginning answers as one computed now
+        assert cold_cached == 0 and warmed.warmed_tokens - 2 <= cached <= warmed.warmed_tokens, (cached, warmed.warmed_tokens)
+        # a chat with another system prompt finds only the template's own beginning warmed
+        other = chat(warmed, [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}])[1]
+        assert other < 0.3 * warmed.warmed_tokens, (other, warmed.warmed_tokens)
+    finally:
+        for server in (warmed, cold):
+            server.shutdown()
+            server.server_close()
+
+
+def test_warming_needs_the_prompt_cache(generators):
+    from mlxft.errors import UserError
+
+    with pytest.raises(UserError, match="--warm-prompt fills the prompt cache, which this server does not have"):
+        start(generators[1], warm_prompt=SYSTEM, prompt_cache_bytes=0)

@@ -130,9 +130,12 @@ def chat_command(model, adapter, template, backend, trust_remote_code, system, t
 @click.option("--prompt-cache-bytes", type=click.IntRange(min=0), default=None,
               help="Bound of the prompt cache (keys and values of answered prompts, per adapter, reused by the next request "
                    "that starts the same way); default: a tenth of this machine's memory, at most 8 GiB; 0: off. MLX only.")
+@click.option("--warm-prompt", type=click.Path(path_type=Path, dir_okay=False, exists=True), default=None,
+              help="A text file: prefilled at start as a chat's system prompt for the model and each adapter, so that the "
+                   "first chats behind it hit the prompt cache. MLX only.")
 @click.option("--quiet", is_flag=True, help="Do not log each request.")
 def serve_command(model, adapters, template, backend, trust_remote_code, adapters_dir, host, port, api_key, max_batch, max_queue,
-                  cors_origins, prompt_cache_bytes, quiet):
+                  cors_origins, prompt_cache_bytes, warm_prompt, quiet):
     """OpenAI-compatible API (/v1/chat/completions, /v1/completions, /v1/models) and a chat page at /;
     many adapters on one base, requests batched together whatever adapter they ask for."""
     from mlxft.serve.options import adapter_options, base_model_of, check_origins, is_loopback
@@ -149,12 +152,15 @@ def serve_command(model, adapters, template, backend, trust_remote_code, adapter
         server = make_server(generator, host=host, port=port, template=template, api_key=api_key,
                              log=None if quiet else (lambda line: click.echo(line, err=True)),
                              max_batch=max_batch, max_queue=max_queue, adapters=named, default_adapter=default,
-                             cors_origins=check_origins(cors_origins), prompt_cache_bytes=prompt_cache_bytes)
+                             cors_origins=check_origins(cors_origins), prompt_cache_bytes=prompt_cache_bytes,
+                             warm_prompt=warm_prompt.read_text() if warm_prompt else None)
     except OSError as e:
         raise UserError(f"cannot listen on {host}:{port} ({e.strerror or e})") from None
     if not is_loopback(host) and not api_key:
         click.echo(f"warning: listening on {host} without --api-key: anyone who can reach this machine can use the model", err=True)
     served = f" and {len(named)} adapters" if named else ""
+    if server.warmed_tokens:
+        click.echo(f"prompt cache warmed: {server.warmed_tokens} tokens of {warm_prompt.name} for each model", err=True)
     click.echo(f"serving {server.model_id}{served} at {server.url} (chat page at /, OpenAI API at /v1); Ctrl-C stops", err=True)
     try:
         server.serve_forever()

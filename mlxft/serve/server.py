@@ -39,8 +39,9 @@ import time
 from http.server import ThreadingHTTPServer
 from pathlib import Path
 
-from mlxft.conversation import resolve_template
+from mlxft.conversation import render_messages, resolve_template
 from mlxft.errors import UserError
+from mlxft.generation import Sampling
 from mlxft.serve.batcher import BatchScheduler
 from mlxft.serve.handler import Handler
 from mlxft.serve.worker import SerialScheduler
@@ -57,7 +58,7 @@ class ModelServer(ThreadingHTTPServer):
     def __init__(self, address, generator, *, model_id: str, template: str = "auto", api_key: str | None = None, log=None,
                  read_timeout: float = READ_TIMEOUT, max_batch: int = MAX_BATCH, max_queue: int = MAX_QUEUE,
                  adapters: dict[str, str | Path] | None = None, default_adapter: str | Path | None = None,
-                 cors_origins: tuple[str, ...] = (), prompt_cache_bytes: int | None = None):
+                 cors_origins: tuple[str, ...] = (), prompt_cache_bytes: int | None = None, warm_prompt: str | None = None):
         # Everything that can fail on the user's input comes before binding: no socket is left open.
         self.template = resolve_template(template, generator.tokenizer)
         self.generator = generator
@@ -71,6 +72,7 @@ class ModelServer(ThreadingHTTPServer):
                 if name == model_id:
                     raise UserError(f"--adapter {name}=...: '{name}' is the name of the model served; pick another")
                 self.scheduler.add_adapter(name, path)
+            self.warmed_tokens = self.warm(warm_prompt) if warm_prompt else 0
             if ":" in address[0]:
                 self.address_family = socket.AF_INET6  # an IPv6 literal such as ::1
             super().__init__(address, Handler)
@@ -82,6 +84,22 @@ class ModelServer(ThreadingHTTPServer):
         self.read_timeout = read_timeout
         self.cors_origins = tuple(cors_origins)
         self.created = int(time.time())
+
+    def warm(self, system: str) -> int:
+        """Prefill `system` as the system prompt of a chat, for the model served and each adapter, so
+        that the first chats behind it hit the prompt cache (mlx-lm #1178). Returns the tokens filed
+        per model: the rendered chat up to where the user's message begins."""
+        if getattr(self.scheduler, "prompt_cache", None) is None:
+            raise UserError("--warm-prompt fills the prompt cache, which this server does not have (MLX only, and not "
+                            "with --prompt-cache-bytes 0)")
+        marker = "\x00mlxft-user\x00"  # the user's message is cut off here: what follows differs per chat
+        rendered = render_messages([{"role": "system", "content": system}, {"role": "user", "content": marker}],
+                                   self.template, self.generator.tokenizer)
+        ids = self.generator.encode(rendered.split(marker)[0])
+        for name in [None, *self.model_names()[1:]]:  # None: the default model (the base, or --adapter PATH)
+            for _ in self.scheduler.submit(lambda: ids, Sampling(max_tokens=1), name):
+                pass  # the prompt is filed when its prefill ends; one token is answered and dropped
+        return len(ids)
 
     def model_names(self) -> list[str]:
         """The default model first, then the adapters served by name."""
@@ -101,15 +119,16 @@ def make_server(generator, *, host: str = "127.0.0.1", port: int = 8080, model_i
                 template: str = "auto", api_key: str | None = None, log=None, read_timeout: float = READ_TIMEOUT,
                 max_batch: int = MAX_BATCH, max_queue: int = MAX_QUEUE, adapters: dict[str, str | Path] | None = None,
                 default_adapter: str | Path | None = None, cors_origins: tuple[str, ...] = (),
-                prompt_cache_bytes: int | None = None) -> ModelServer:
+                prompt_cache_bytes: int | None = None, warm_prompt: str | None = None) -> ModelServer:
     """`adapters`: {name: adapter folder} served beside the base, picked by a request's "model";
     `default_adapter`: the adapter a request that names no model (or the model served) gets;
     `cors_origins`: the web origins whose pages may call the API (`*`: any), none by default;
-    `prompt_cache_bytes`: the prompt cache's bound (None: a tenth of the machine's memory; 0: none)."""
+    `prompt_cache_bytes`: the prompt cache's bound (None: a tenth of the machine's memory; 0: none);
+    `warm_prompt`: a system prompt prefilled into the cache for every model served, before the first request."""
     return ModelServer((host, port), generator, model_id=model_id or generator.name, template=template,
                        api_key=api_key, log=log, read_timeout=read_timeout, max_batch=max_batch, max_queue=max_queue,
                        adapters=adapters, default_adapter=default_adapter, cors_origins=cors_origins,
-                       prompt_cache_bytes=prompt_cache_bytes)
+                       prompt_cache_bytes=prompt_cache_bytes, warm_prompt=warm_prompt)
 
 
 def make_scheduler(generator, max_batch: int, max_queue: int, log, adapters: bool, prompt_cache_bytes: int | None = None):
