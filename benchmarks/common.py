@@ -35,6 +35,7 @@ SMOLLM_135M_SHAPE = {
     "max_position_embeddings": 2048,
 }
 SMOLLM_VOCAB = 49152
+VOCABULARIES = {"smollm": SMOLLM_VOCAB, "qwen": 151_936}  # --vocab: rows of the built model's embedding and LM head
 THREAD_VARIABLES = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
 
 
@@ -45,10 +46,10 @@ def arguments(description: str, steps: int = 5, warmup: int = 2, batch_size: int
     parser.add_argument("--batch-size", type=int, default=batch_size, help=f"rows (DPO: pairs) per step (default {batch_size})")
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="threads for every side (default: all cores)")
     parser.add_argument("--model", default=None, help="model folder (default: the SmolLM-135M-shaped random Llama, built once)")
-    parser.add_argument("--vocab", choices=("tokenizer", "smollm"), default="tokenizer",
+    parser.add_argument("--vocab", choices=("tokenizer", *VOCABULARIES), default="tokenizer",
                         help="the built model's vocabulary: the built-in tokenizer's 2,048 (107M parameters, default) or "
                              "SmolLM-135M's 49,152 (134.5M; ids past the tokenizer's are never input, but the LM head "
-                             "scores them all, as SmolLM's does)")
+                             "scores them all, as SmolLM's does), or qwen: Qwen2.5's 151,936")
     parser.add_argument("--pad-multiple", type=int, default=None,
                         help="mlxft's batch padding multiple (default: its trainers' 16)")
     parser.add_argument("--work", type=Path, default=None, help="folder for data, logs and results (default: a new one under /tmp)")
@@ -71,7 +72,7 @@ def benchmark_model(given: str | None = None, vocab: str = "tokenizer") -> Path:
     from mlxft.cache import cache_root
     from mlxft.model_files import TOKENIZER_OUTPUTS
 
-    name = "smollm-135m-shape-random" if vocab == "tokenizer" else "smollm-135m-shape-49152-vocab-random"
+    name = "smollm-135m-shape-random" if vocab == "tokenizer" else f"smollm-135m-shape-{VOCABULARIES[vocab]}-vocab-random"
     folder = cache_root() / "benchmarks" / name
     if (folder / "model.safetensors").exists():
         return folder
@@ -88,7 +89,7 @@ def benchmark_model(given: str | None = None, vocab: str = "tokenizer") -> Path:
     else:
         from safetensors.numpy import save_file
 
-        config = model_config(SMOLLM_VOCAB, SMOLLM_135M_SHAPE)
+        config = model_config(VOCABULARIES[vocab], SMOLLM_135M_SHAPE)
         (staging / "config.json").write_text(json.dumps(config, indent=2))
         (staging / "generation_config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": 2}))
         save_file(initial_weights(config, seed=0), str(staging / "model.safetensors"), metadata={"format": "pt"})

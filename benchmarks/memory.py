@@ -95,7 +95,9 @@ def mlx_lm_side(model: Path, data: Path, work: Path, env: dict, args, *, checkpo
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", required=True)
+    parser.add_argument("--model", help="a model folder; else the SmolLM-135M-shaped random model of --vocab")
+    parser.add_argument("--vocab", choices=tuple(common.VOCABULARIES), default="qwen",
+                        help="without --model: the random model's vocabulary (qwen: 151,936 rows of LM head)")
     parser.add_argument("--length", type=int, default=1020)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--steps", type=int, default=3)
@@ -107,7 +109,7 @@ def main() -> None:
     args = parser.parse_args()
     from transformers import AutoTokenizer
 
-    model = Path(args.model).expanduser()
+    model = Path(args.model).expanduser() if args.model else common.benchmark_model(None, args.vocab)
     work = args.work or Path(tempfile.mkdtemp(prefix="mlxft-memory-"))
     work.mkdir(parents=True, exist_ok=True)
     data = work / "rows.jsonl"
