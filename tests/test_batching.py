@@ -1,7 +1,8 @@
 import numpy as np
 
-from mlxft.data.batching import collate, iterate_batches, length_grouped_order, padding_fraction, widen
+from mlxft.data.batching import collate, iterate_batches, padding_fraction, widen
 from mlxft.data.encode import Example
+from mlxft.data.length_grouping import length_grouped_order
 
 
 def make(lengths, scored=1):

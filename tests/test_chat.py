@@ -204,7 +204,7 @@ def test_pytorch_sampling_filters_are_mlx_lms():
     import torch
     from mlx_lm.sample_utils import apply_top_k, apply_top_p, make_repetition_penalty
 
-    from mlxft.backends.torch.stream import keep_top_k, keep_top_p, next_token, penalize_repetition
+    from mlxft.backends.torch.sampling import keep_top_k, keep_top_p, next_token, penalize_repetition
 
     logits = np.random.default_rng(0).normal(0, 1, 500).astype(np.float32)
     logprobs = torch.log_softmax(torch.from_numpy(logits), -1)

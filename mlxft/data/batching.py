@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from mlxft.data.encode import Example, PreferenceExample
+from mlxft.data.length_grouping import length_grouped_order
 from mlxft.data.packing import PackedRow, segment_ids_of
 
 
@@ -67,23 +68,6 @@ def collate(examples: Sequence[Example | PackedRow], pad_id: int, pad_to_multipl
     lengths = np.array([len(e) for e in examples], dtype=np.int32)
     packed = isinstance(examples[0], PackedRow)
     return Batch(input_ids, loss_mask, lengths, segment_ids_of(examples, width) if packed else None)
-
-
-def length_grouped_order(lengths: Sequence[int], batch_size: int, seed: int, window: int = 16) -> list[list[int]]:
-    """Batches of indices with similar lengths, in a seeded random order.
-
-    Shuffle, cut into windows of `window` batches, sort each window by length and cut it into
-    batches, then shuffle the batches: close to fully sorted padding, while every epoch still
-    sees different neighbours and no length order in time.
-    """
-    rng = np.random.default_rng(seed)
-    order = rng.permutation(len(lengths))
-    span = batch_size * window
-    batches = []
-    for start in range(0, len(order), span):
-        chunk = sorted(order[start : start + span], key=lambda i: lengths[i])
-        batches += [[int(i) for i in chunk[j : j + batch_size]] for j in range(0, len(chunk), batch_size)]
-    return [batches[i] for i in rng.permutation(len(batches))]
 
 
 def iterate_batches(

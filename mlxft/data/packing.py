@@ -33,6 +33,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from mlxft.data.encode import Example
+from mlxft.data.length_grouping import length_grouped_order
 
 
 @dataclass
@@ -107,7 +108,6 @@ def segment_positions(segment_ids: np.ndarray) -> np.ndarray:
 def padding_fraction_of(lengths: Sequence[int], batch_size: int, seed: int, pad_to_multiple: int) -> float:
     """The padding of one epoch of length-grouped batches of rows this long, each batch padded to
     its longest row rounded up to `pad_to_multiple` (what the trainers run)."""
-    from mlxft.data.batching import length_grouped_order
 
     padded = real = 0
     for group in length_grouped_order(lengths, batch_size, seed):

@@ -12,7 +12,7 @@ import re
 import time
 import traceback
 from http.server import BaseHTTPRequestHandler
-from typing import TYPE_CHECKING
+from typing import Protocol
 from urllib.parse import unquote, urlsplit
 
 from mlxft.conversation import render_messages
@@ -22,8 +22,23 @@ from mlxft.serve.openai import ApiError, Completion, model_card, model_list, par
 from mlxft.serve.options import ADAPTER_NAME
 from mlxft.serve.page import chat_page
 
-if TYPE_CHECKING:
-    from mlxft.serve.server import ModelServer
+
+class Served(Protocol):
+    """What the handler reads of its server (mlxft.serve.server.ModelServer), named here so that
+    the handler needs no import of the server that imports it."""
+
+    read_timeout: float
+    api_key: str | None
+    model_id: str
+    created: int
+    scheduler: object
+    generator: object
+    template: str
+    cors_origins: tuple[str, ...]
+    log: object
+
+    def model_names(self) -> list[str]: ...
+
 
 MAX_BODY = 4 * 1024 * 1024  # a chat request is text; anything larger is a mistake or an attack
 ROUTES = {
@@ -45,7 +60,7 @@ def routes_for(path: str) -> dict | None:
 
 
 class Handler(BaseHTTPRequestHandler):
-    server: ModelServer
+    server: Served
     server_version = "mlxft"
     default_request_version = "HTTP/1.0"  # answer a garbled request line with a status line and headers, not bare HTTP/0.9
 

@@ -10,7 +10,7 @@ batch to theirs) and added as rows; a finished or cancelled row is dropped, and 
 padding in every row left are cut. A decode step runs every row at once with a padding mask and
 each row's own position (its count of real tokens), so a row computes what it would alone.
 
-Each row samples as the one-request path does (mlxft.backends.torch.stream.next_token, mlx-lm's
+Each row samples as the one-request path does (mlxft.backends.torch.sampling.next_token, mlx-lm's
 rules) with its own torch.Generator, seeded by the request's seed: a seeded answer does not
 depend on what else is in the batch. Greedy rows take the argmax of the batch's logits.
 
@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from mlxft.backends.torch.sampling import next_token
 from mlxft.errors import UserError
 from mlxft.generation import RunningBatch, Sampling, TextDecoder, length_groups
 
@@ -155,7 +156,6 @@ class BatchEngine(RunningBatch):
         return self.last
 
     def sample(self, logits: torch.Tensor, rows: list[Row]) -> list[int]:
-        from mlxft.backends.torch.stream import next_token
 
         greedy = logits.argmax(dim=-1).tolist()
         return [greedy[i] if row.sampling.temperature == 0 and row.sampling.repetition_penalty == 1.0
