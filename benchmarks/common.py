@@ -139,12 +139,13 @@ def side_environment(threads: int | None, fast_blas: bool = True) -> dict:
     return env
 
 
-def run_side(name: str, command: list[str], env: dict, log: Path) -> dict:
-    """Run one side to completion; returns {'seconds', 'peak_rss_gb'} of its process (from wait4)."""
+def run_side(name: str, command: list[str], env: dict, log: Path, cwd: Path = ROOT) -> dict:
+    """Run one side to completion, in `cwd` (`python -m` imports from there first); returns
+    {'seconds', 'peak_rss_gb'} of its process (from wait4)."""
     print(f"[{time.strftime('%H:%M:%S')}] {name}: {' '.join(command)}", flush=True)
     start = time.perf_counter()
     with open(log, "w") as out:
-        process = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
+        process = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=cwd)
         _, status, usage = os.wait4(process.pid, 0)
         process.returncode = os.waitstatus_to_exitcode(status)
     seconds = time.perf_counter() - start

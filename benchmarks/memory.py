@@ -49,8 +49,9 @@ def text_rows(tokenizer, length: int, count: int) -> list[dict]:
 
 def mlxft_side(model: Path, data: Path, work: Path, env: dict, args, *, checkpoint: bool, before: Path | None = None) -> dict:
     out = work / f"mlxft-{'ckpt' if checkpoint else 'plain'}-{'before' if before else 'now'}"
-    if before:  # that checkout's mlxft, not this one's
+    if before:  # that checkout's mlxft, not this one's (python -m imports from its working folder first)
         env = {**env, "PYTHONPATH": str(before.resolve())}
+    where = before.resolve() if before else ROOT
     sets = {"lora.r": 8, "lora.alpha": 16, "lora.dropout": 0, "lora.target_modules": "[q_proj,v_proj]",
             "lora.full_finetune": "false", "train.batch_size": args.batch_size, "train.steps": args.steps,
             "train.warmup_steps": 0, "train.report_every": 1, "train.checkpoint_every": 10**6,
@@ -58,7 +59,9 @@ def mlxft_side(model: Path, data: Path, work: Path, env: dict, args, *, checkpoi
             "data.split": "[1,0,0]", "data.packing": "false", "data.template": "plain", "eval.every": 0, "eval.generate_examples": 0}
     command = [sys.executable, "-m", "mlxft.cli", "lora", "--backend", "mlx", "--recipe", "alpaca-sft", "--model", str(model), "--data",
                str(data), "--out", str(out)] + [a for k, v in sets.items() for a in ("--set", f"{k}={v}")]
-    common.run_side(f"mlxft {out.name}", command, env, work / f"{out.name}.log")
+    common.run_side(f"mlxft {out.name}", command, env, work / f"{out.name}.log", cwd=where)
+    if before and "head_chunk" in (out / "config.yaml").read_text():
+        sys.exit(f"{out.name} ran this checkout's mlxft, not {before}'s")
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in records if "tokens_per_second" in r]
     later = steps[1:] or steps
