@@ -212,7 +212,7 @@ def make_old_policy_step(model, split_head: bool, ppo: bool, chunk: int | None =
         if ppo:
             logps, _, values = token_logps_values(model, inputs, positions, tokens, chunk, grad=False)
         else:
-            logps = token_logps(model, inputs, positions, tokens, split_head, chunk, grad=False)[0]
+            logps = scores_at(model, inputs, positions, tokens, split_head, chunk, grad=False)  # no entropy needed
             values = mx.zeros(logps.shape)
         return mx.stop_gradient(logps), mx.stop_gradient(values)
 
@@ -226,7 +226,7 @@ def make_token_reference_step(model, split_head: bool, chunk: int | None = None)
     @partial(mx.compile, inputs=[model.state])
     def reference_step(inputs, positions, tokens):
         with lora.adapter_off(model):
-            logps = token_logps(model, inputs, positions, tokens, split_head, chunk, grad=False)[0]
+            logps = scores_at(model, inputs, positions, tokens, split_head, chunk, grad=False)  # no entropy needed
         return mx.stop_gradient(logps)
 
     return reference_step

@@ -193,7 +193,7 @@ def old_policy_outputs(model, inputs, positions, tokens, *, split_head: bool, pp
     if ppo:
         logps, _, values = token_logps_values(model, inputs, positions, tokens, chunk)
         return logps, values
-    logps = token_logps(model, inputs, positions, tokens, split_head, chunk)[0]
+    logps = scores_at(model, inputs, positions, tokens, split_head, chunk)  # no entropy needed
     return logps, torch.zeros_like(logps)
 
 
@@ -201,7 +201,7 @@ def old_policy_outputs(model, inputs, positions, tokens, *, split_head: bool, pp
 def reference_token_logps(model, inputs, positions, tokens, *, split_head: bool, chunk: int | None = None) -> torch.Tensor:
     """The reference's log-probs [N, K] of a rollout's completion tokens, from the base model (adapter off)."""
     with lora.adapter_off(model):
-        return token_logps(model, inputs, positions, tokens, split_head, chunk)[0]
+        return scores_at(model, inputs, positions, tokens, split_head, chunk)
 
 
 # --- reward models ---------------------------------------------------------------------------------
