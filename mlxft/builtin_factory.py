@@ -135,7 +135,7 @@ def pretraining_rows() -> list[dict]:
 
 def pretrain(folder: Path, train, echo) -> None:
     """Full fine-tuning of the fresh weights in `folder` on pretraining_rows(), in place, by
-    `train(config, run, echo=...)` (mlxft.backends.mlx.sft.train)."""
+    `train(config, run, echo=...)` (mlxft.methods.sft.train, on MLX)."""
     from mlxft.config import load_config
     from mlxft.data.records import write_jsonl
     from mlxft.runs import Run
@@ -170,7 +170,7 @@ def main(argv=None) -> int:
 
     # The shipped weights were trained with OpenBLAS's products, as `mlxft` runs them on Linux.
     reexec_with_fast_blas(sys.argv[1:] if argv is None else argv, module="mlxft.builtin_factory")
-    from mlxft.backends.mlx.sft import train
+    from mlxft.methods.sft import train
 
     parser = argparse.ArgumentParser(prog="python -m mlxft.builtin_factory", description=__doc__.split("\n\n")[0])
     parser.add_argument("out", nargs="?", type=Path, help="the folder to build into (its files are replaced)")

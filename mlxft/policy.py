@@ -1,6 +1,6 @@
 """The weights a run trains, set up the same way by every trainer on every backend: all of them
 (full fine-tuning), a continued adapter (--adapter, or a resumed run's checkpoint), or a new LoRA
-adapter from the recipe. `backend` is mlxft.backends.get(name): its model and lora modules.
+adapter from the recipe. `backend` is a backend's engine (mlxft.backends.engine): its model and lora modules.
 """
 
 from __future__ import annotations

@@ -145,7 +145,7 @@ def evaluate_pairs(backend, model: str, adapter: str, source, *, template: str =
                    trust_remote_code: bool = False, lengths=None) -> dict:
     """`mlxft eval reward`: a saved reward model on a file of {prompt, chosen, rejected} rows (or a
     MIND folder's pairs). {'pairs', 'loss', 'accuracy', 'margin', 'rewards/chosen', 'rewards/rejected',
-    'scores': [[chosen, rejected], ...] in file order}. `backend` is mlxft.backends.get(name)."""
+    'scores': [[chosen, rejected], ...] in file order}. `backend`: 'mlx' or 'torch'."""
     from pathlib import Path
 
     from mlxft.config import RewardConfig
@@ -161,7 +161,9 @@ def evaluate_pairs(backend, model: str, adapter: str, source, *, template: str =
         records = mind_preference_records(path)
     else:
         records = preference_records(load_records(path), None)
-    tokenizer, score = backend.reward.load_scorer(model, adapter, trust_remote_code=trust_remote_code)
+    from mlxft.backends import engine_for
+
+    tokenizer, score = engine_for(backend).load_scorer(model, adapter, trust_remote_code=trust_remote_code)
     rc = lengths or RewardConfig()
     pairs, _ = encode_preference_records(records, resolve_preference_template(template, records, tokenizer), tokenizer,
                                          max_length=rc.max_length, max_prompt_length=rc.max_prompt_length,

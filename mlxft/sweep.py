@@ -42,10 +42,8 @@ def run_one(config: RunConfig, folder: Path, backend: str, echo) -> dict:
     if (folder / RESULT).exists():
         echo(f"{folder.name}: reused (same config)")
         return json.loads((folder / RESULT).read_text())
-    from mlxft import backends
     from mlxft.eval.yes_no import score_yes_no
-
-    train = backends.get(backend).sft.train
+    from mlxft.methods import sft
     config.out = str(folder)
     if (folder / "checkpoint" / "state.json").exists():
         echo(f"{folder.name}: resuming")
@@ -58,7 +56,7 @@ def run_one(config: RunConfig, folder: Path, backend: str, echo) -> dict:
         echo(f"{folder.name}: training")
         run = Run.create(folder, config)
     try:
-        summary = train(config, run, resume=run.resumed, echo=lambda *a: None)
+        summary = sft.train(config, run, backend=backend, resume=run.resumed, echo=lambda *a: None)
     except BaseException:
         run.reports.close(failed=True)
         raise

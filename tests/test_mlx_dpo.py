@@ -13,7 +13,7 @@ from click.testing import CliRunner
 from mlx.utils import tree_flatten
 
 from mlxft.adapters import AdapterSpec, save_adapter
-from mlxft.backends.mlx import dpo, lora, steps
+from mlxft.backends.mlx import lora, steps
 from mlxft.backends.mlx import model as mlx_model
 from mlxft.backends.mlx.model import load
 from mlxft.cli import cli
@@ -23,7 +23,8 @@ from mlxft.data.dataset import load_preference_splits
 from mlxft.data.encode import PreferenceExample, encode_preference
 from mlxft.data.records import Record
 from mlxft.data.templates import render_preference
-from mlxft.dpo_common import REFERENCE_FILE
+from mlxft.methods import dpo
+from mlxft.methods.dpo import REFERENCE_FILE
 from mlxft.dpo_loss import dpo_losses, summarize
 from mlxft.errors import UserError
 from mlxft.runs import Run
@@ -481,7 +482,7 @@ def test_long_prompts_and_answers_are_cut_and_counted(char_tokenizer, tmp_path):
 
 
 def test_empty_answers_are_counted_and_flagged_in_the_comparison(tmp_path):
-    from mlxft.dpo_common import write_comparison
+    from mlxft.methods.dpo import write_comparison
 
     rows = [Record({"prompt": "What is 44 plus 39?", "chosen": "83", "rejected": "84"}, "p.jsonl:1"),
             Record({"prompt": "Name a colour.", "chosen": "Blue.", "rejected": "No."}, "p.jsonl:2")]

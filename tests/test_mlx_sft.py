@@ -12,7 +12,7 @@ from mlx.utils import tree_flatten
 from mlxft.adapters import AdapterSpec, load_adapter
 from mlxft.backends.mlx import lora, steps
 from mlxft.backends.mlx.model import load
-from mlxft.backends.mlx.sft import train
+from mlxft.methods.sft import train
 from mlxft.config import load_config
 from mlxft.data.batching import collate
 from mlxft.data.encode import Example
@@ -216,7 +216,7 @@ def test_resume_of_a_run_that_continued_another_adapter(tiny_model_dir, tmp_path
     # rebuild that adapter's layers, not the recipe's.
     if backend == "torch":
         pytest.importorskip("peft")
-        from mlxft.backends.torch.sft import train as backend_train
+        backend_train = partial(train, backend="torch")
     else:
         backend_train = train
     first = tiny_config(tiny_model_dir, tmp_path / "first", "train.steps=2",

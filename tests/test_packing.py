@@ -25,7 +25,7 @@ from mlxft.data.batching import collate, widen
 from mlxft.data.encode import Example
 from mlxft.data.packing import block_mask, pack, padding_fraction_of, segment_positions
 from mlxft.errors import UserError
-from mlxft.sft_common import packed_train_set
+from mlxft.methods.sft import packed_train_set
 
 CPU = torch.device("cpu")
 SPEC = AdapterSpec(4, 8, 0.0, ["q_proj", "v_proj"], "x")

@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 
 import mlx.core as mx
+from functools import partial
+
 import numpy as np
 import pytest
 
@@ -92,8 +94,8 @@ def test_a_saved_reward_adapter_scores_the_same_in_transformers_with_peft(tiny_m
     from peft import PeftModel
     from transformers import AutoModelForSequenceClassification
 
-    from mlxft import backends
-    from mlxft.backends.mlx import reward
+    from mlxft.backends import engine_for
+    from mlxft.methods import reward
     from mlxft.model_files import pad_id as pad_id_of
     from mlxft.reward import evaluate_pairs
 
@@ -105,8 +107,8 @@ def test_a_saved_reward_adapter_scores_the_same_in_transformers_with_peft(tiny_m
 
     pairs = tmp_path / "pairs.jsonl"
     pairs.write_text("".join(line + "\n" for line in bundled("data/preference-sample.jsonl").read_text().splitlines()[:6]))
-    ours = evaluate_pairs(backends.get("mlx"), str(tiny_model_dir), str(adapter), pairs)
-    tokenizer, _ = reward.load_scorer(str(tiny_model_dir), str(adapter))
+    ours = evaluate_pairs("mlx", str(tiny_model_dir), str(adapter), pairs)
+    tokenizer, _ = engine_for("mlx").load_scorer(str(tiny_model_dir), str(adapter))
     base = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=1, pad_token_id=pad_id_of(tokenizer),
                                                               dtype=torch.float32)
     head_before = base.score.weight.detach().clone()
@@ -138,16 +140,16 @@ def test_a_saved_reward_adapter_scores_the_same_in_transformers_with_peft(tiny_m
 def test_resume_after_a_kill_reproduces_the_reports(tiny_model_dir, tmp_path, stop_after_step, backend):
     if backend == "torch":
         pytest.importorskip("peft")
-    from mlxft import backends
+    from mlxft.methods import reward
 
-    trainer = backends.get(backend).reward
+    train = partial(reward.train, backend=backend)
     straight = tiny_config(tiny_model_dir, tmp_path / "a")
-    trainer.train(straight, Run.create(tmp_path / "a", straight), echo=lambda *a: None)
+    train(straight, Run.create(tmp_path / "a", straight), echo=lambda *a: None)
     killed = tiny_config(tiny_model_dir, tmp_path / "b")
     counter = stop_after_step(5)  # killed after step 5, with a checkpoint at step 3
     with pytest.raises(KeyboardInterrupt):
-        trainer.train(killed, Run.create(tmp_path / "b", killed), echo=lambda *a: None)
-    trainer.train(killed, Run.open_for_resume(tmp_path / "b"), resume=True, echo=lambda *a: None)
+        train(killed, Run.create(tmp_path / "b", killed), echo=lambda *a: None)
+    train(killed, Run.open_for_resume(tmp_path / "b"), resume=True, echo=lambda *a: None)
     assert counter["after_stop"] == 3
     a, b = metrics(tmp_path / "a"), metrics(tmp_path / "b")
     for key in ("loss", "accuracy", "margin", "grad_norm", "eval_accuracy"):

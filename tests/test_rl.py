@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 
 import mlx.core as mx
+from functools import partial
+
 import numpy as np
 import pytest
 
@@ -302,18 +304,18 @@ def test_resume_after_a_kill_samples_and_reports_the_same(tiny_model_dir, tmp_pa
     # the reward sums counted in every pass instead of once would multiply the reward.
     if backend == "torch":
         pytest.importorskip("peft")
-    from mlxft import backends
+    from mlxft.methods import rl
 
-    trainer = backends.get(backend).rl
+    train = partial(rl.train, backend=backend)
     functions = rewards_file(tmp_path)
     extra = ["rl.algo=ppo", "rl.num_iterations=2", "rl.num_generations=2"] if algo == "ppo" else []
     straight = tiny_config(tiny_model_dir, tmp_path / "a", functions, *extra)
-    summary = trainer.train(straight, Run.create(tmp_path / "a", straight), echo=lambda *a: None)
+    summary = train(straight, Run.create(tmp_path / "a", straight), echo=lambda *a: None)
     killed = tiny_config(tiny_model_dir, tmp_path / "b", functions, *extra, "rl.completions_per_pass=3")
     counter = stop_after_step(3)  # killed after step 3, with a checkpoint at step 2
     with pytest.raises(KeyboardInterrupt):
-        trainer.train(killed, Run.create(tmp_path / "b", killed), echo=lambda *a: None)
-    trainer.train(killed, Run.open_for_resume(tmp_path / "b"), resume=True, echo=lambda *a: None)
+        train(killed, Run.create(tmp_path / "b", killed), echo=lambda *a: None)
+    train(killed, Run.open_for_resume(tmp_path / "b"), resume=True, echo=lambda *a: None)
     assert counter["after_stop"] == 2
     a, b = ([json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()] for run in "ab")
     keys = ("loss", "reward", "rewards/brevity/mean", "kl", "entropy", "completions/mean_length", "eval_reward",
@@ -376,21 +378,21 @@ def test_a_reward_adapter_scores_on_the_policys_weights_as_on_its_own(tiny_model
         pytest.importorskip("peft")
     from test_parity import starting_adapter
 
-    from mlxft import backends
     from mlxft.adapters import attach_adapter
-    from mlxft.backends.mlx import reward as mlx_reward
+    from mlxft.backends import engine_for
+    from mlxft.methods import reward
     from mlxft.data.batching import collate
     from mlxft.data.encode import Example
     from mlxft.model_files import pad_id as pad_id_of
 
     config = load_config("reward", [f"model.name={tiny_model_dir}", "data.k_shot=16", "train.steps=3", "eval.every=0",
                                     "data.max_valid_rows=4", f"out={tmp_path / 'reward'}"])
-    mlx_reward.train(config, Run.create(tmp_path / "reward", config), echo=lambda *a: None)
+    reward.train(config, Run.create(tmp_path / "reward", config), echo=lambda *a: None)
     reward_adapter = str(tmp_path / "reward" / "last")
     policy_adapter = starting_adapter(tiny_model_dir, tmp_path / "policy")
 
-    b = backends.get(backend)
-    tokenizer, own = b.reward.load_scorer(str(tiny_model_dir), reward_adapter)
+    b = engine_for(backend)
+    tokenizer, own = b.load_scorer(str(tiny_model_dir), reward_adapter)
     pad_id = pad_id_of(tokenizer)
     rng = np.random.default_rng(1)
     rows = collate([Example(rng.integers(3, 200, size=n).tolist(), [1] * n) for n in (9, 5, 12)], pad_id).input_ids
@@ -403,7 +405,7 @@ def test_a_reward_adapter_scores_on_the_policys_weights_as_on_its_own(tiny_model
         model = b.model.load(str(tiny_model_dir), device=torch.device("cpu"))[0]
     attach_adapter(b.lora, model, policy_adapter)
     before = b.lora.adapter_weights(model)
-    shared = b.reward.swapped_scorer(model, reward_adapter, pad_id)(rows)
+    shared = b.swapped_scorer(model, reward_adapter, pad_id)(rows)
     assert np.abs(shared - own(rows)).max() < 1e-5
     assert np.abs(shared).max() > 1e-3
     after = b.lora.adapter_weights(model)
@@ -412,7 +414,7 @@ def test_a_reward_adapter_scores_on_the_policys_weights_as_on_its_own(tiny_model
 
 @pytest.mark.slow
 def test_rl_with_a_reward_model_alone(tiny_model_dir, tmp_path):
-    from mlxft.backends.mlx import reward, rl
+    from mlxft.methods import reward, rl
 
     config = load_config("reward", [f"model.name={tiny_model_dir}", "data.k_shot=16", "train.steps=2", "eval.every=0",
                                     "data.max_valid_rows=4", f"out={tmp_path / 'reward'}"])

@@ -1,10 +1,12 @@
 """Saved equals trained: every LoRA run loads its saved adapter back and checks it on a probe batch,
 on both backends; a save that lost the training, or an adapter that changes nothing, is said."""
 
+from functools import partial
+
 import pytest
 
 from mlxft import adapters
-from mlxft.backends.mlx import sft as mlx_sft
+from mlxft.methods import sft
 from mlxft.config import load_config
 from mlxft.errors import UserError
 from mlxft.runs import Run
@@ -13,10 +15,7 @@ from mlxft.runs import Run
 def trainer(backend):
     if backend == "torch":
         pytest.importorskip("torch")
-        from mlxft.backends.torch import sft
-
-        return sft.train
-    return mlx_sft.train
+    return partial(sft.train, backend=backend)
 
 
 def config(model_dir, out, *extra):
@@ -49,7 +48,7 @@ def test_a_save_that_lost_the_training_stops_the_run(tiny_model_dir, tmp_path, m
 def test_an_adapter_that_changes_nothing_is_said_out_loud(tiny_model_dir, tmp_path):
     said = []
     c = config(tiny_model_dir, tmp_path / "run", "train.learning_rate=0", "train.check_first_step=false")
-    summary = mlx_sft.train(c, Run.create(tmp_path / "run", c), echo=said.append)
+    summary = sft.train(c, Run.create(tmp_path / "run", c), echo=said.append)
     assert summary["saved_check"]["adapter_changes_logits"] is False
     assert any("does not change the model's logits" in line for line in said)
 

@@ -41,9 +41,7 @@ def test_sweep_writes_the_table_plot_and_json_and_reuses_only_matching_runs(tiny
     def no_training(*a, **k):
         raise AssertionError("a finished run with the same config was trained again")
 
-    from types import SimpleNamespace
-
-    monkeypatch.setattr("mlxft.backends.get", lambda name: SimpleNamespace(sft=SimpleNamespace(train=no_training)))
+    monkeypatch.setattr("mlxft.methods.sft.train", no_training)
     monkeypatch.setattr("mlxft.eval.yes_no.score_yes_no", no_training)
     again = CliRunner().invoke(cli, sweep_args(tiny_model_dir, tmp_path / "sw"))
     assert again.exit_code == 0, again.output

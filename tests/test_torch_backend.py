@@ -19,13 +19,12 @@ from mlxft.adapters import AdapterSpec, apply_adapter, load_adapter
 from mlxft.backends.mlx import lora as mlx_lora
 from mlxft.backends.mlx import model as mlx_model
 from mlxft.backends.mlx import steps as mlx_steps
-from mlxft.backends.mlx.sft import train as mlx_train
 from mlxft.backends.torch import lora as torch_lora
 from mlxft.backends.torch import model as torch_model
-from mlxft.backends.torch import sft as torch_sft
 from mlxft.backends.torch import steps as torch_steps
 from mlxft.backends.torch.adamw import MLXAdamW
 from mlxft.cli import cli
+from mlxft.methods import sft
 from mlxft.config import load_config
 from mlxft.data.batching import collate, scored_targets
 from mlxft.data.encode import Example
@@ -170,7 +169,7 @@ def test_adapters_cross_between_mlx_peft_and_torch(tiny_model_dir, tmp_path):
     ids = random_batches(2, [4])[0].input_ids
     # MLX-trained adapter -> plain PEFT
     config = tiny_config(tiny_model_dir, tmp_path / "mlx", "train.steps=3", "lora.dropout=0.0")
-    mlx_train(config, Run.create(tmp_path / "mlx", config), echo=lambda *a: None)
+    sft.train(config, backend="mlx", run=Run.create(tmp_path / "mlx", config), echo=lambda *a: None)
     spec, weights = load_adapter(tmp_path / "mlx/last")
     assert all(np.abs(b).sum() > 0 for _, b in weights.values())
     m, _, _ = mlx_model.load(str(tiny_model_dir))
@@ -182,7 +181,7 @@ def test_adapters_cross_between_mlx_peft_and_torch(tiny_model_dir, tmp_path):
 
     # torch-trained adapter -> MLX (and PEFT)
     config = tiny_config(tiny_model_dir, tmp_path / "torch", "train.steps=3")
-    torch_sft.train(config, Run.create(tmp_path / "torch", config), echo=lambda *a: None)
+    sft.train(config, backend="torch", run=Run.create(tmp_path / "torch", config), echo=lambda *a: None)
     spec, weights = load_adapter(tmp_path / "torch/last")
     t, _, _ = torch_model.load(str(tiny_model_dir), device=CPU)
     apply_adapter(torch_lora, t, spec, weights, "torch")
@@ -241,7 +240,7 @@ def test_an_mlx_dora_adapter_loads_in_peft_with_the_same_logits(tiny_model_dir, 
 
     ids = random_batches(2, [4])[0].input_ids
     config = tiny_config(tiny_model_dir, tmp_path / "mlx", "train.steps=3", "lora.dropout=0.0", "lora.use_dora=true")
-    mlx_train(config, Run.create(tmp_path / "mlx", config), echo=lambda *a: None)
+    sft.train(config, backend="mlx", run=Run.create(tmp_path / "mlx", config), echo=lambda *a: None)
     spec, weights = load_adapter(tmp_path / "mlx/last")
     assert spec.use_dora and all(len(tensors) == 3 for tensors in weights.values())
     m, _, _ = mlx_model.load(str(tiny_model_dir))
@@ -326,17 +325,17 @@ def test_cli_torch_run_matches_the_mlx_run_folder(tiny_model_dir, tmp_path):
 ], ids=["lora-dropout", "full"])
 def test_resume_after_a_kill_reproduces_the_losses(tiny_model_dir, tmp_path, stop_after_step, extra, trainable):
     config = tiny_config(tiny_model_dir, tmp_path / "a", *extra)
-    summary = torch_sft.train(config, Run.create(tmp_path / "a", config), echo=lambda *a: None)
+    summary = sft.train(config, backend="torch", run=Run.create(tmp_path / "a", config), echo=lambda *a: None)
     assert summary["trainable_parameters"] == trainable  # the same counts as the MLX trainer's
     uninterrupted = losses(tmp_path / "a")
 
     killed = tiny_config(tiny_model_dir, tmp_path / "b", *extra)
     steps = stop_after_step(5)  # killed after step 5, with a checkpoint at step 3
     with pytest.raises(KeyboardInterrupt):
-        torch_sft.train(killed, Run.create(tmp_path / "b", killed), echo=lambda *a: None)
+        sft.train(killed, backend="torch", run=Run.create(tmp_path / "b", killed), echo=lambda *a: None)
     assert json.loads((tmp_path / "b/checkpoint/state.json").read_text())["step"] == 3
 
-    torch_sft.train(killed, Run.open_for_resume(tmp_path / "b"), resume=True, echo=lambda *a: None)
+    sft.train(killed, backend="torch", run=Run.open_for_resume(tmp_path / "b"), resume=True, echo=lambda *a: None)
     assert steps["after_stop"] == 3  # steps 4 to 6, and only those
     assert losses(tmp_path / "b") == pytest.approx(uninterrupted, rel=1e-6)
     assert len(set(uninterrupted)) == 6  # six different steps, not one loss six times
@@ -453,16 +452,15 @@ def test_an_mlx_quantized_folder_is_refused_in_one_line(tiny_model_dir, tmp_path
 @needs_cuda
 def test_qlora_on_cuda_trains(tiny_model_dir, tmp_path):
     config = tiny_config(tiny_model_dir, tmp_path / "q", "model.quantize=4", "train.steps=2")
-    summary = torch_sft.train(config, Run.create(tmp_path / "q", config), echo=lambda *a: None)
+    summary = sft.train(config, backend="torch", run=Run.create(tmp_path / "q", config), echo=lambda *a: None)
     assert summary["device"].startswith("cuda") and summary["trainable_parameters"] == 2048
 
 
-def test_one_dispatch_gives_each_backend_its_modules():
-    from mlxft import backends
-    from mlxft.backends.mlx import sft as mlx_sft
+def test_one_dispatch_gives_each_backend_its_engine():
+    from mlxft.backends import engine_for
     from mlxft.errors import UserError
 
-    assert backends.get("mlx").sft.train is mlx_sft.train
-    assert backends.get("torch").evaluate.evaluate.__module__ == "mlxft.backends.torch.evaluate"
+    assert engine_for("mlx").name == "mlx" and engine_for("mlx").lora.__name__ == "mlxft.backends.mlx.lora"
+    assert engine_for("torch").evaluate.__module__ == "mlxft.backends.torch.evaluate"
     with pytest.raises(UserError, match="no backend 'auto'"):
-        backends.get("auto")
+        engine_for("auto")

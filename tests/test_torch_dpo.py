@@ -15,11 +15,9 @@ from click.testing import CliRunner
 from mlx.utils import tree_flatten
 
 from mlxft.adapters import AdapterSpec, save_adapter
-from mlxft.backends.mlx import dpo as mlx_dpo
 from mlxft.backends.mlx import lora as mlx_lora
 from mlxft.backends.mlx import model as mlx_model
 from mlxft.backends.mlx import steps as mlx_steps
-from mlxft.backends.torch import dpo as torch_dpo
 from mlxft.backends.torch import lora as torch_lora
 from mlxft.backends.torch import model as torch_model
 from mlxft.backends.torch import steps as torch_steps
@@ -28,7 +26,8 @@ from mlxft.cli import cli
 from mlxft.config import DPOConfig, load_config
 from mlxft.data.batching import collate_pairs
 from mlxft.data.encode import PreferenceExample
-from mlxft.dpo_common import REFERENCE_FILE
+from mlxft.methods import dpo
+from mlxft.methods.dpo import REFERENCE_FILE
 from mlxft.dpo_loss import summarize
 from mlxft.runs import Run
 from mlxft.schedule import learning_rate
@@ -321,7 +320,7 @@ def test_cli_torch_run_matches_the_mlx_run_folder(tiny_model_dir, tmp_path):
                          ids=["adapter-off-reference-with-dropout", "cached-reference-accumulated"])
 def test_resume_after_a_kill_reproduces_the_losses(tiny_model_dir, tmp_path, stop_after_step, extra):
     config = tiny_config(tiny_model_dir, tmp_path / "a", *extra)
-    torch_dpo.train(config, Run.create(tmp_path / "a", config), echo=lambda *a: None)
+    dpo.train(config, backend="torch", run=Run.create(tmp_path / "a", config), echo=lambda *a: None)
     uninterrupted = losses(tmp_path / "a")
     assert uninterrupted[0] == pytest.approx(math.log(2), abs=1e-5) and uninterrupted[-1] < uninterrupted[0]
     assert len(set(uninterrupted)) == 6
@@ -329,11 +328,11 @@ def test_resume_after_a_kill_reproduces_the_losses(tiny_model_dir, tmp_path, sto
     killed = tiny_config(tiny_model_dir, tmp_path / "b", *extra)
     steps = stop_after_step(5)  # killed after step 5, with a checkpoint at step 3
     with pytest.raises(KeyboardInterrupt):
-        torch_dpo.train(killed, Run.create(tmp_path / "b", killed), echo=lambda *a: None)
+        dpo.train(killed, backend="torch", run=Run.create(tmp_path / "b", killed), echo=lambda *a: None)
     assert json.loads((tmp_path / "b/checkpoint/state.json").read_text())["step"] == 3
     assert (tmp_path / "b" / REFERENCE_FILE).exists() == ("dpo.precompute_reference=true" in extra)
 
-    torch_dpo.train(killed, Run.open_for_resume(tmp_path / "b"), resume=True, echo=lambda *a: None)
+    dpo.train(killed, backend="torch", run=Run.open_for_resume(tmp_path / "b"), resume=True, echo=lambda *a: None)
     assert steps["after_stop"] == 3  # steps 4 to 6, and only those
     assert losses(tmp_path / "b") == pytest.approx(uninterrupted, rel=1e-6)
 
@@ -346,9 +345,9 @@ def test_a_reference_adapter_is_scored_once_and_agrees_with_mlx(tiny_model_dir, 
                for i in range(2) for m in ("q_proj", "k_proj")}
     save_adapter(tmp_path / "sft", AdapterSpec(4, 8, 0.0, ["q_proj", "k_proj"], str(tiny_model_dir)), weights)
     summaries = {}
-    for backend, trainer in (("mlx", mlx_dpo), ("torch", torch_dpo)):
+    for backend in ("mlx", "torch"):
         config = tiny_config(tiny_model_dir, tmp_path / backend, "train.steps=1", f"dpo.reference_adapter={tmp_path / 'sft'}")
-        summaries[backend] = trainer.train(config, Run.create(tmp_path / backend, config), echo=lambda *a: None)
+        summaries[backend] = dpo.train(config, Run.create(tmp_path / backend, config), backend=backend, echo=lambda *a: None)
     torch_summary = summaries["torch"]
     assert torch_summary["reference"] == f"base model + adapter {tmp_path / 'sft'}"
     assert (tmp_path / "torch" / REFERENCE_FILE).exists()

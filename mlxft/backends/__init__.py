@@ -1,12 +1,12 @@
 """Backends: MLX (Apple Silicon, or its CPU backend elsewhere) and PyTorch (CUDA, MPS or CPU).
 
-Both take the same numpy batches from mlxft.data, write the same run folder and answer to the
-same functions; the CLI only picks one.
+Both take the same numpy batches from mlxft.data, write the same run folder and keep the same
+contract (mlxft.backends.engine), which the methods (mlxft.methods) are written against; the CLI
+only picks one.
 """
 
 from __future__ import annotations
 
-import importlib
 import importlib.util
 import platform
 from pathlib import Path
@@ -45,24 +45,18 @@ def resolve_backend(name: str, *, supports: tuple[str, ...] = ("mlx", "torch"), 
     return "mlx" if quantized else "torch"
 
 
-class Backend:
-    """One backend's modules under the names every backend has (sft, dpo, evaluate, model, lora,
-    ...), imported when first asked for: `get("torch").sft.train(...)`."""
+def engine_for(name: str):
+    """The one dispatch: a resolved backend name ('mlx' or 'torch', see resolve_backend) -> its
+    engine (mlxft.backends.engine.Engine). Imported here, not at the top: each pulls in its framework."""
+    if name == "mlx":
+        from mlxft.backends.mlx.engine import MLXEngine
 
-    def __init__(self, name: str):
-        self.name = name
+        return MLXEngine()
+    if name == "torch":
+        from mlxft.backends.torch.engine import TorchEngine
 
-    def __getattr__(self, module: str):
-        if module.startswith("_"):
-            raise AttributeError(module)
-        return importlib.import_module(f"mlxft.backends.{self.name}.{module}")
-
-
-def get(name: str) -> Backend:
-    """The one dispatch: a resolved backend name ('mlx' or 'torch', see resolve_backend) -> its modules."""
-    if name not in ("mlx", "torch"):
-        raise UserError(f"no backend '{name}'; resolve --backend first (mlx or torch)")
-    return Backend(name)
+        return TorchEngine()
+    raise UserError(f"no backend '{name}'; resolve --backend first (mlx or torch)")
 
 
 def is_mlx_quantized(model_name: str | None) -> bool:

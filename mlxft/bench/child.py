@@ -30,21 +30,20 @@ def main(argv: list[str]) -> int:
     result: dict
     try:
         work = workloads.load(Path(workload_path)).for_backend(backend)
-        if backend == "mlx":
-            from mlxft.bench import mlx_runner
+        from mlxft.bench import runner
 
+        if backend == "mlx":
             rates = gemm.measure(("mlx", "numpy")) if measure_gemm else {}
-            result = mlx_runner.run(work)
+            result = runner.run(work, backend)
             # the stock wheel's reference BLAS runs on one thread whatever the setting
             result["threads"] = gemm.openblas_threads() or 1
         elif backend == "torch":
             import torch
 
-            from mlxft.bench import torch_runner
-
             torch.set_num_threads(threads)
             rates = gemm.measure(("torch", "numpy")) if measure_gemm else {}
-            result = torch_runner.run(work, threads)
+            result = runner.run(work, backend)
+            result["threads"] = torch.get_num_threads()
         else:
             raise UserError(f"unknown backend '{backend}'")
         result.update(available=True, gemm_gflops=rates)

@@ -194,13 +194,12 @@ def eval_judge(responses_path, judge_url, judge_model, api, seed, api_key, out, 
 def eval_reward(model, adapter, data_path, template, batch_size, backend, out, as_json, trust_remote_code):
     """Pairwise accuracy of a reward model: how often it scores the chosen answer above the
     rejected one (ties count half), with the mean margin and Bradley-Terry loss."""
-    from mlxft import backends
     from mlxft.backends import is_mlx_quantized, resolve_backend
     from mlxft.files import write_atomic
     from mlxft.reward import evaluate_pairs
 
     backend = resolve_backend(backend, quantized=is_mlx_quantized(model))
-    report = evaluate_pairs(backends.get(backend), model, str(adapter), data_path, template=template,
+    report = evaluate_pairs(backend, model, str(adapter), data_path, template=template,
                             batch_size=batch_size, trust_remote_code=trust_remote_code)
     scores = report.pop("scores")
     if out:

@@ -36,7 +36,8 @@ def _train(method, recipe, model, data_source, out_dir, overrides, quantize, bac
     """Check everything a user gave, then create (or resume) the run folder, hold it, and train.
     A mistake found before the first report leaves no run folder behind (see runs.start).
     Under mlx.launch or torchrun every rank runs this; --nproc N starts N ranks that way."""
-    from mlxft import backends, distributed, runs
+    from mlxft import distributed, runs
+    from mlxft.methods import dpo, reward, rl, sft
     from mlxft.backends import is_mlx_quantized, resolve_backend
 
     if resume_dir:
@@ -71,8 +72,9 @@ def _train(method, recipe, model, data_source, out_dir, overrides, quantize, bac
                 raise UserError(f"--resume {resume_dir}: its checkpoint was written by the {written_by} backend; "
                                 f"resume it with --backend {written_by}")
             backend = resolve_backend(written_by)
-        trainer = getattr(backends.get(backend), method)
-        return trainer.train(config, run, resume=run.resumed, adapter=str(adapter) if adapter else None, echo=echo, world=world)
+        train = {"sft": sft.train, "dpo": dpo.train, "reward": reward.train, "rl": rl.train}[method]
+        return train(config, run, backend=backend, resume=run.resumed, adapter=str(adapter) if adapter else None, echo=echo,
+                     world=world)
 
 
 def _checkpoint_backend(resume_dir: Path) -> str:

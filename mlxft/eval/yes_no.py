@@ -1,5 +1,5 @@
 """`mlxft eval auc` (and the sweep's test scores): a model, plus an adapter, scores Yes/No rows on
-either backend. Backend-neutral: each backend gives its model loader, LoRA loader and evaluate()."""
+either backend. Backend-neutral: each backend's engine gives its model loader, LoRA layers and evaluate()."""
 
 from __future__ import annotations
 
@@ -8,20 +8,21 @@ def score_yes_no(backend_name: str, model_name: str, adapter: str | None, record
                  batch_size: int = 32, trust_remote_code: bool = False) -> dict:
     """Load the model (+ adapter), encode the rows, and report AUC, balance and answer loss from
     the probabilities of the answers' first tokens at the first answer position."""
-    from mlxft import backends
     from mlxft.adapters import attach_adapter
+    from mlxft.backends import engine_for
+    from mlxft.config import ModelConfig
     from mlxft.data.encode import answer_token_ids, encode_records
     from mlxft.data.templates import check_yes_no_rows
     from mlxft.model_files import pad_id
 
-    backend = backends.get(backend_name)
+    engine = engine_for(backend_name)
     schema, template = check_yes_no_rows(records, template, answers)
-    model, tokenizer, folder = backend.model.load(model_name, trust_remote_code=trust_remote_code)
+    model, tokenizer, folder = engine.load(ModelConfig(name=model_name, trust_remote_code=trust_remote_code))
     if adapter:
-        attach_adapter(backend.lora, model, adapter)
+        attach_adapter(engine.lora, model, adapter)
     examples, _ = encode_records(records, schema, template, tokenizer)
     ids = answer_token_ids(tokenizer, answers)
-    result = backend.evaluate.evaluate(model, examples, pad_id=pad_id(tokenizer), split_head=backend.model.can_split_head(model, folder),
-                                       batch_size=batch_size, answer_ids=ids)
+    result = engine.evaluate(model, examples, pad_id=pad_id(tokenizer), split_head=engine.can_split_head(model, folder),
+                             batch_size=batch_size, answer_ids=ids)
     result["answer_token_ids"] = ids
     return result

@@ -18,8 +18,12 @@ import torch
 class MLXAdamW(torch.optim.Optimizer):
     def __init__(self, params, lr: float, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.01,
                  bias_correction: bool = False):
-        super().__init__(params, {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay,
-                                  "bias_correction": bias_correction})
+        """`params`: the tensors, or {name: tensor}, whose names checkpoints and the first steps'
+        probes then use (`named`)."""
+        self.named = dict(params) if isinstance(params, dict) else None
+        super().__init__(list(params.values()) if isinstance(params, dict) else params,
+                         {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay,
+                          "bias_correction": bias_correction})
 
     @torch.no_grad()
     def step(self, closure=None):

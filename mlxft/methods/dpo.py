@@ -1,9 +1,45 @@
-"""The backend-neutral parts of a DPO run, shared by mlxft.backends.mlx.dpo and
-mlxft.backends.torch.dpo: where the reference comes from, the cached reference log-probs
-(reference_logps.safetensors: one file format, one check), and the before/after answers
-(comparison.json, comparison.md). No mlx, no torch: numpy arrays and files only.
+"""Direct preference optimisation (DPO) and its relatives, on either backend, with the reference
+model for free. Reads top to bottom: setup -> reference -> policy -> data -> optimizer -> loop ->
+save -> before/after answers.
 
-The loss math and the metric sums are in mlxft.dpo_loss; the loop is mlxft.driver's.
+    mlxft dpo --recipe dpo                                       # built-in model, bundled preference sample
+    mlxft dpo --recipe dpo --model mlx-community/Qwen2.5-0.5B-Instruct-4bit --data pairs.jsonl
+    mlxft dpo --recipe dpo --adapter runs/sft/best               # continue an SFT adapter; it is the reference
+    mlxft dpo --recipe dpo --backend torch --model Qwen/Qwen2.5-0.5B-Instruct
+    mlxft dpo --recipe dpo --data data/opposing-sample.json --set dpo.support_ratio=0.5 \
+        --set dpo.compare_prompts=data/opposing-test.json
+
+The reference model is never a second copy of the weights:
+- a new adapter: the reference is the base model, i.e. this very model with its LoRA layers
+  switched off for one forward (`lora.adapter_off`: each layer's scale 0 and dropout off; PEFT's
+  `disable_adapter()`), without gradient. How each backend runs it without keeping its
+  activations is the engine's (mlxft.backends.mlx.engine, mlxft.backends.torch.engine);
+- `dpo.precompute_reference`: the same log-probs, once for the train and validation pairs
+  before training, cached in the run folder (reference_logps.safetensors, reused on --resume):
+  no reference forward per step;
+- `--adapter DIR` (continue an SFT adapter), `dpo.reference_adapter`, or full fine-tuning: the
+  reference is base + that adapter (or the initial weights). The trained weights sit where the
+  reference's are, so there is nothing to switch off: the reference is always precomputed.
+
+One forward per step runs chosen and rejected together, and each prompt once: one [prompt |
+chosen | rejected] row per pair, the rejected answer at the chosen one's positions and masked from
+it (mlxft.data.shared_prompt; `dpo.share_prompt`, on by default: the same loss with ~30% fewer
+tokens on the bundled pairs). Model families it does not know, attention that takes no custom
+mask, and gradient checkpointing on MLX run the 2B rows [prompt + chosen; prompt + rejected]
+instead. Only answer tokens are scored, through the LM head at those positions.
+
+Supports: sigmoid (with label smoothing), IPO, hinge, robust, KTO, ORPO and SimPO losses
+(mlxft.dpo_loss); summed or averaged answer log-probs; LoRA (QLoRA on quantized bases) or full
+fine-tuning; AdamW with warmup and cosine / linear / constant decay; gradient accumulation
+weighted by pairs (k micro-batches give exactly the gradient of one batch k times the size);
+clipping; steps or epochs; validation every N steps with the best adapter kept and early
+stopping; atomic checkpoints and --resume that reproduces an uninterrupted run's losses;
+metrics.jsonl with TRL's names (rewards/chosen, rewards/rejected, rewards/accuracies,
+rewards/margins, logps/*, logits/*; eval_ for validation); summary.json; a progress bar; and
+answers of the model before and after training, side by side (comparison.json, comparison.md).
+
+Raises UserError for bad recipes, data, models and adapters (see mlxft.errors), for --quantize on
+PyTorch without CUDA, and for resuming a run another backend wrote.
 """
 
 from __future__ import annotations
@@ -15,10 +51,106 @@ from pathlib import Path
 
 import numpy as np
 
+from mlxft import driver
+from mlxft.adapters import attach_adapter
+from mlxft.backends import engine_for
+from mlxft.config import RunConfig
+from mlxft.data.batching import iterate_pair_batches
 from mlxft.data.dataset import encode_preference_split
 from mlxft.data.templates import describe_template
+from mlxft.distributed import World
+from mlxft.dpo_loss import statistic_names, summarizer
 from mlxft.errors import UserError
 from mlxft.files import write_atomic
+from mlxft.model_files import pad_id as pad_id_of
+from mlxft.policy import build_policy, describe_policy
+from mlxft.runs import Run
+from mlxft.saved_check import check_saved_adapter, probe_ids
+
+
+def train(config: RunConfig, run: Run, *, backend: str = "mlx", resume: bool = False, adapter: str | None = None,
+          echo=print, world: World = World()) -> dict:
+    """Train as `config` says on `backend` ('mlx' or 'torch'), writing into `run`; returns the
+    summary (also in summary.json), or {} on a rank other than 0 of several (mlxft.distributed)."""
+    tc, ec, dc = config.train, config.eval, config.dpo
+    engine = engine_for(backend)
+
+    # --- setup -----------------------------------------------------------------------------
+    engine.start(tc.seed)
+    splits, asked = load_pair_data(config, adapter)  # rows first: a data mistake should not wait for a model
+
+    model, tokenizer, folder = engine.load(config.model)
+    split_head = engine.can_split_head(model, folder)
+    pad_id = pad_id_of(tokenizer)
+    shared = dc.share_prompt and engine.can_share_prompts(model, folder, tc)
+    train_set, valid_set, truncated_pairs = encode_pairs(splits, tokenizer, config, echo)
+
+    # --- reference ---------------------------------------------------------------------------
+    cache, reference_name = prepare_reference(
+        run, config, adapter=adapter, model_folder=folder, train_set=train_set, valid_set=valid_set, resume=resume,
+        score=lambda pairs: engine.score_pairs(model, pairs, pad_id=pad_id, split_head=split_head, shared=shared,
+                                               batch_size=ec.batch_size),
+        carry_adapter=lambda path: attach_adapter(engine.lora, model, path),
+        drop_adapter=lambda: engine.lora.remove_lora(model), echo=echo, write=world.main)
+
+    # --- policy ----------------------------------------------------------------------------
+    engine.seed(tc.seed)  # a new adapter's A is the same whether or not the reference was scored first
+    spec = build_policy(engine, model, config, folder, start_from=run.checkpoint_dir / "weights" if resume else adapter)
+    trainable, line = describe_policy(engine, model, folder, spec, config, where=engine.where)
+    echo(describe_dpo(line, dc, reference_name, shared))
+    echo(f"run folder: {run.folder}")
+
+    # --- optimizer and step ----------------------------------------------------------------------
+    optimizer = engine.optimizer(model, tc)
+    start = engine.resume(run, model, optimizer, config) if resume else driver.Start()  # before the step is built
+
+    def cached(pairs, split: str, rows=None) -> np.ndarray:
+        """Cached reference log-prob sums [2B] of a pair batch, in its row order (chosen, then
+        rejected); `rows` maps its pairs' indices to the split's."""
+        return cached_reference(cache, split, pairs.index if rows is None else rows[pairs.index])
+
+    labels = {"train": pair_labels(splits.train), "valid": pair_labels(splits.valid)}  # KTO's; 1 for every pair
+    step = engine.pair_step(model, optimizer, config, split_head=split_head, shared=shared, pad_id=pad_id,
+                            reference=cached if cache is not None else None, labels=labels, world=world)
+    statistics, summarize = len(statistic_names(dc.loss_type)), summarizer(dc.loss_type)
+    trainer = driver.Trainer(
+        step=step.step,
+        validate=driver.pair_validation(model, valid_set, step.validation_sums, summarize, statistics=statistics,
+                                        batch_size=ec.batch_size, pad_id=pad_id, pad_multiple=engine.pad_multiple,
+                                        world=world),
+        summarize=summarize,
+        save_weights=lambda where: engine.save_weights(where, model, spec, config, folder),
+        save_checkpoint=lambda *state: engine.save_checkpoint(run, model, optimizer, spec, config, folder, *state),
+        memory=engine.memory_meter(),
+    )
+
+    # --- loop ----------------------------------------------------------------------------------
+    prompts = compare_rows(asked, splits, ec)
+    model.train()
+    fitted = driver.fit(run, config, trainer, train_set, start=start, iterate=iterate_pair_batches, pad_id=pad_id,
+                        pad_multiple=engine.pad_multiple, echo=echo,
+                        baseline=lambda: {"before_answers": answer_all(engine.generate_answer, model, tokenizer, prompts,
+                                                                       splits, config)},
+                        world=world)
+    if not world.main:
+        return {}
+
+    # --- save ----------------------------------------------------------------------------------
+    saved_check = None if config.lora.full_finetune else check_saved_adapter(
+        engine.lora, model, run.folder / "last", probe_ids(valid_set or train_set), echo)
+
+    # --- before / after answers ----------------------------------------------------------------
+    before_answers, comparison = compare_after(run, config, fitted, engine.generate_answer, model, tokenizer, prompts,
+                                               splits, adapter)
+    return driver.summarize_run(
+        run, config, fitted, trainer, method="dpo", backend=engine.name, device=engine.device, model=str(folder),
+        trainable=trainable, setup={"reference": reference_name, "loss_type": dc.loss_type, "beta": dc.beta},
+        data={"train_pairs": len(train_set), "valid_pairs": len(valid_set), "truncated_pairs": truncated_pairs,
+              "shared_prompts": shared},
+        outputs={"saved_check": saved_check, "before_answers": before_answers, "comparison": comparison})
+
+
+# --- the pieces of a run that are DPO's own: its pairs, its reference, its before/after answers -----
 
 REFERENCE_FILE = "reference_logps.safetensors"
 
