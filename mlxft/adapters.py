@@ -303,3 +303,23 @@ def attach_adapter(lora, model, path: str | Path, task_type: str | None = "CAUSA
     spec, weights = load_adapter(path, task_type)
     apply_adapter(lora, model, spec, weights, str(path))
     return spec
+
+
+def save_trained(folder: Path, model, spec: AdapterSpec, config, base_folder, lora, write_model) -> None:
+    """What a run saves as its weights: the adapter in PEFT's layout (`lora` is the backend's LoRA
+    module), or for full fine-tuning a whole model folder, written by `write_model(staging)`, with
+    the base's own config.json, generation config and tokenizer files beside it: transformers 5
+    rewrites rope settings in a form that mlx-lm and older transformers do not read, and the
+    folder must load on both backends."""
+    import shutil
+
+    from mlxft.model_files import TOKENIZER_OUTPUTS
+
+    if not config.lora.full_finetune:
+        save_adapter(folder, spec, lora.adapter_weights(model), lora.saved_modules(model, spec))
+        return
+    with staged_folder(folder) as staging:
+        write_model(staging)
+        for name in ("config.json", "generation_config.json", *TOKENIZER_OUTPUTS):
+            if (Path(base_folder) / name).exists():
+                shutil.copy(Path(base_folder) / name, staging / name)

@@ -6,9 +6,9 @@ signal)."""
 
 from __future__ import annotations
 
-import numpy as np
 from functools import partial
 
+import numpy as np
 import pytest
 
 from mlxft.config import load_config

@@ -23,10 +23,10 @@ from mlxft.data.dataset import load_preference_splits
 from mlxft.data.encode import PreferenceExample, encode_preference
 from mlxft.data.records import Record
 from mlxft.data.templates import render_preference
-from mlxft.methods import dpo
-from mlxft.methods.dpo import REFERENCE_FILE
 from mlxft.dpo_loss import dpo_losses, summarize
 from mlxft.errors import UserError
+from mlxft.methods import dpo
+from mlxft.methods.dpo import REFERENCE_FILE
 from mlxft.runs import Run
 
 TRL_NAMES = ["rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",

@@ -12,10 +12,10 @@ from mlx.utils import tree_flatten
 from mlxft.adapters import AdapterSpec, load_adapter
 from mlxft.backends.mlx import lora, steps
 from mlxft.backends.mlx.model import load
-from mlxft.methods.sft import train
 from mlxft.config import load_config
 from mlxft.data.batching import collate
 from mlxft.data.encode import Example
+from mlxft.methods.sft import train
 from mlxft.runs import Run
 
 

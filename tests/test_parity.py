@@ -8,9 +8,9 @@ import json
 import numpy as np
 import pytest
 
-from mlxft.methods import dpo, sft
 from mlxft.adapters import AdapterSpec, save_adapter
 from mlxft.config import load_config
+from mlxft.methods import dpo, sft
 from mlxft.runs import Run
 
 pytest.importorskip("peft")

@@ -5,10 +5,9 @@ transformers load it, resume after a kill, and the mistakes users make."""
 from __future__ import annotations
 
 import json
-
-import mlx.core as mx
 from functools import partial
 
+import mlx.core as mx
 import numpy as np
 import pytest
 

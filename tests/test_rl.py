@@ -5,10 +5,9 @@ errors, the sampler, both backends' loss and gradients on the same rollout, and 
 from __future__ import annotations
 
 import json
-
-import mlx.core as mx
 from functools import partial
 
+import mlx.core as mx
 import numpy as np
 import pytest
 
@@ -380,9 +379,9 @@ def test_a_reward_adapter_scores_on_the_policys_weights_as_on_its_own(tiny_model
 
     from mlxft.adapters import attach_adapter
     from mlxft.backends import engine_for
-    from mlxft.methods import reward
     from mlxft.data.batching import collate
     from mlxft.data.encode import Example
+    from mlxft.methods import reward
     from mlxft.model_files import pad_id as pad_id_of
 
     config = load_config("reward", [f"model.name={tiny_model_dir}", "data.k_shot=16", "train.steps=3", "eval.every=0",

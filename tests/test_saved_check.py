@@ -6,9 +6,9 @@ from functools import partial
 import pytest
 
 from mlxft import adapters
-from mlxft.methods import sft
 from mlxft.config import load_config
 from mlxft.errors import UserError
+from mlxft.methods import sft
 from mlxft.runs import Run
 
 

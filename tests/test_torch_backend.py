@@ -24,10 +24,10 @@ from mlxft.backends.torch import model as torch_model
 from mlxft.backends.torch import steps as torch_steps
 from mlxft.backends.torch.adamw import MLXAdamW
 from mlxft.cli import cli
-from mlxft.methods import sft
 from mlxft.config import load_config
 from mlxft.data.batching import collate, scored_targets
 from mlxft.data.encode import Example
+from mlxft.methods import sft
 from mlxft.runs import Run
 from mlxft.schedule import learning_rate
 

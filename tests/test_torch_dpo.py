@@ -26,9 +26,9 @@ from mlxft.cli import cli
 from mlxft.config import DPOConfig, load_config
 from mlxft.data.batching import collate_pairs
 from mlxft.data.encode import PreferenceExample
+from mlxft.dpo_loss import summarize
 from mlxft.methods import dpo
 from mlxft.methods.dpo import REFERENCE_FILE
-from mlxft.dpo_loss import summarize
 from mlxft.runs import Run
 from mlxft.schedule import learning_rate
 

@@ -154,9 +154,9 @@ def sampling_from(temperature, top_p, top_k, max_tokens, seed, repetition_penalt
 
 def load_generator(model, adapter, backend, trust_remote_code, what):
     """The model (+ adapter) that generate, chat, serve and eval generate stream answers from."""
-    from mlxft.backends import get
+    from mlxft.backends import engine_for
 
-    return get(model_backend(backend, what)).stream.load_generator(model, adapter, trust_remote_code=trust_remote_code)
+    return engine_for(model_backend(backend, what)).load_generator(model, adapter, trust_remote_code=trust_remote_code)
 
 
 def load_any(source: str | Path, columns: dict[str, str] | None = None, max_rows: int | None = None):

@@ -31,10 +31,10 @@ def fuse_command(adapter, model, out_dir, dequantize, quantize, force, backend, 
     if whole is not None:
         click.echo(f"{whole} is already a whole model (full fine-tuning): nothing to fuse; use --model {whole}")
         return
-    from mlxft.backends import get
+    from mlxft.backends import engine_for
 
-    result = get(backend).fuse.fuse(adapter, out_dir, model=model, quantize=int(quantize) if quantize else None, force=force,
-                                    trust_remote_code=trust_remote_code)
+    result = engine_for(backend).fuse(adapter, out_dir, model=model, quantize=int(quantize) if quantize else None,
+                                      force=force, trust_remote_code=trust_remote_code)
     precision = f"{result.quantization['bits']}-bit" if result.quantization else "full precision"
     click.echo(f"fused {result.merged_modules} modules of {adapter} into {result.base_model} ({precision}): {result.out}")
     click.echo(f"checked: the fused model's logits differ from base + adapter by {result.check['fused_vs_adapted']:.1e} "

@@ -37,8 +37,8 @@ def _train(method, recipe, model, data_source, out_dir, overrides, quantize, bac
     A mistake found before the first report leaves no run folder behind (see runs.start).
     Under mlx.launch or torchrun every rank runs this; --nproc N starts N ranks that way."""
     from mlxft import distributed, runs
-    from mlxft.methods import dpo, reward, rl, sft
     from mlxft.backends import is_mlx_quantized, resolve_backend
+    from mlxft.methods import dpo, reward, rl, sft
 
     if resume_dir:
         if recipe or model or data_source or out_dir or quantize or adapter or report_to is not None:

@@ -29,8 +29,8 @@ from mlxft.backends import engine_for
 from mlxft.config import RunConfig
 from mlxft.data.batching import iterate_pair_batches
 from mlxft.distributed import World
-from mlxft.methods.dpo import encode_pairs
 from mlxft.errors import NotImplementedYet
+from mlxft.methods.dpo import encode_pairs
 from mlxft.model_files import SPLIT_HEAD_TYPES
 from mlxft.model_files import pad_id as pad_id_of
 from mlxft.policy import build_policy, describe_policy

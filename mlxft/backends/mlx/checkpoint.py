@@ -11,30 +11,21 @@ folder and swapped in whole, so a kill leaves the previous checkpoint or the new
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import mlx.core as mx
 from mlx.utils import tree_flatten, tree_unflatten
 
-from mlxft.adapters import load_adapter, load_saved_modules, save_adapter
+from mlxft.adapters import load_adapter, load_saved_modules, save_trained
 from mlxft.backends.mlx import lora
 from mlxft.files import staged_folder
-from mlxft.model_files import TOKENIZER_OUTPUTS
 
 
 def save_weights(folder: Path, model, spec, config, base_folder) -> None:
-    """The adapter in PEFT layout, or for full fine-tuning a whole model folder."""
-    if not config.lora.full_finetune:
-        save_adapter(folder, spec, lora.adapter_weights(model), lora.saved_modules(model, spec))
-        return
+    """The adapter in PEFT layout, or for full fine-tuning a whole model folder (mlxft.adapters.save_trained)."""
     from mlx_lm.utils import save_model
 
-    with staged_folder(folder) as staging:
-        save_model(staging, model)
-        for name in ("config.json", "generation_config.json", *TOKENIZER_OUTPUTS):
-            if (Path(base_folder) / name).exists():
-                shutil.copy(Path(base_folder) / name, staging / name)
+    save_trained(folder, model, spec, config, base_folder, lora, lambda staging: save_model(staging, model))
 
 
 def save(run, model, optimizer, spec, config, base_folder, step, best, stale, progress=None, heads=None) -> None:

@@ -25,10 +25,12 @@ from mlxft.backends.engine import MethodStep
 from mlxft.backends.mlx import PAD_MULTIPLE, checkpoint, lora, steps
 from mlxft.backends.mlx import model as mlx_model
 from mlxft.backends.mlx.evaluate import evaluate
+from mlxft.backends.mlx.fuse import fuse
 from mlxft.backends.mlx.generate import generate_answer, sample_completions
+from mlxft.backends.mlx.stream import load_generator
 from mlxft.distributed import World
-from mlxft.driver import Start
 from mlxft.dpo_loss import needs_reference, statistic_names
+from mlxft.driver import Start
 from mlxft.errors import NotImplementedYet
 from mlxft.model_files import SPLIT_HEAD_TYPES
 from mlxft.reward import STATISTICS, TASK_TYPE, saved_head, score_positions
@@ -44,6 +46,8 @@ class MLXEngine:
     evaluate = staticmethod(evaluate)
     generate_answer = staticmethod(generate_answer)
     sample_completions = staticmethod(sample_completions)
+    load_generator = staticmethod(load_generator)  # generate, chat, serve: a model (+ adapter) ready to answer
+    fuse = staticmethod(fuse)  # mlxft fuse: an adapter merged into its base, checked
 
     # --- setup and model ---------------------------------------------------------------------
 

@@ -1,42 +1,30 @@
-"""Checkpoints and saved weights of the PyTorch trainers: an adapter in PEFT's layout (or a whole
-model folder for full fine-tuning), MLXAdamW's moments and the step, written into a staging
-folder and swapped in whole, so a kill leaves the previous checkpoint or the new one.
-
-    checkpoint/weights/  optimizer.safetensors  state.json {step, best, stale, backend: "torch", progress}
-    [heads.safetensors]
-
-`progress` is the run driver's: the tokens trained and the open report window (mlxft.driver).
+"""PyTorch's checkpoints, in the MLX checkpoint's layout (mlxft.backends.mlx.checkpoint), with
+"backend": "torch" in state.json and MLXAdamW's moments keyed by parameter name. A run resumes
+on the backend that wrote it.
 """
 
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import torch
 
-from mlxft.adapters import load_adapter, load_saved_modules, save_adapter
+from mlxft.adapters import load_adapter, load_saved_modules, save_trained
 from mlxft.backends.torch import lora
 from mlxft.backends.torch import model as torch_model
 from mlxft.errors import UserError
 from mlxft.files import staged_folder
-from mlxft.model_files import TOKENIZER_OUTPUTS
 
 
 def save_weights(folder: Path, model, spec, config, base_folder) -> None:
-    """The adapter in PEFT layout, or for full fine-tuning a whole model folder."""
-    if not config.lora.full_finetune:
-        save_adapter(folder, spec, lora.adapter_weights(model), lora.saved_modules(model, spec))
-        return
-    with staged_folder(folder) as staging:
+    """The adapter in PEFT layout, or for full fine-tuning a whole model folder (mlxft.adapters.save_trained)."""
+
+    def write_model(staging: Path) -> None:
         with torch_model.quiet_progress():
             model.save_pretrained(staging, safe_serialization=True)  # knows tied weights and shards
-        # The base's own config.json, as on MLX: transformers 5 rewrites rope settings in a form
-        # that mlx-lm and older transformers do not read, and the folder must load on both.
-        for name in ("config.json", "generation_config.json", *TOKENIZER_OUTPUTS):
-            if (Path(base_folder) / name).exists():
-                shutil.copy(Path(base_folder) / name, staging / name)
+
+    save_trained(folder, model, spec, config, base_folder, lora, write_model)
 
 
 def save(run, model, optimizer, named, spec, config, base_folder, step, best, stale, progress=None, heads=None) -> None:

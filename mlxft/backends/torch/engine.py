@@ -19,11 +19,13 @@ from mlxft.backends.torch import PAD_MULTIPLE, checkpoint, lora, steps
 from mlxft.backends.torch import model as torch_model
 from mlxft.backends.torch.adamw import MLXAdamW
 from mlxft.backends.torch.evaluate import evaluate
+from mlxft.backends.torch.fuse import fuse
 from mlxft.backends.torch.generate import generate_answer, sample_completions
+from mlxft.backends.torch.stream import load_generator
 from mlxft.data.batching import scored_targets
 from mlxft.distributed import World
-from mlxft.driver import Start
 from mlxft.dpo_loss import needs_reference, statistic_names
+from mlxft.driver import Start
 from mlxft.errors import NotImplementedYet
 from mlxft.model_files import SPLIT_HEAD_TYPES
 from mlxft.reward import STATISTICS, TASK_TYPE, saved_head, score_positions
@@ -38,6 +40,8 @@ class TorchEngine:
     evaluate = staticmethod(evaluate)
     generate_answer = staticmethod(generate_answer)
     sample_completions = staticmethod(sample_completions)
+    load_generator = staticmethod(load_generator)  # generate, chat, serve: a model (+ adapter) ready to answer
+    fuse = staticmethod(fuse)  # mlxft fuse: an adapter merged into its base, checked
 
     def __init__(self):
         self.torch_device = torch_model.pick_device()
