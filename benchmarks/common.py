@@ -2,7 +2,7 @@
 ratio table.
 
 The model is a Llama with SmolLM-135M's shape (576 wide, 30 layers, 9 query / 3 key-value heads,
-MLP 1536, tied embeddings) and random weights, written by mlxft.builtin.write_model next to the
+MLP 1536, tied embeddings) and random weights, written by mlxft.models.builtin.write_model next to the
 built-in tokenizer (so its vocabulary is that tokenizer's 2,048 pieces, not SmolLM's 49,152: the
 blocks are SmolLM's, the embedding is smaller). The rows are the training split of the bundled
 TALLRec sample (data/mind-sample through the tallrec recipe's conversion and split).
@@ -64,13 +64,13 @@ def work_folder(given: Path | None, name: str) -> Path:
 
 def benchmark_model(given: str | None = None, vocab: str = "tokenizer") -> Path:
     """The SmolLM-135M-shaped random Llama, built once into mlxft's cache: with the built-in
-    tokenizer's vocabulary (mlxft.builtin.write_model), or with SmolLM-135M's 49,152 rows of
+    tokenizer's vocabulary (mlxft.models.builtin.write_model), or with SmolLM-135M's 49,152 rows of
     embedding and LM head (the same config and initialisation, numbered past the tokenizer)."""
     if given:
         return Path(given)
-    from mlxft.builtin import ensure_builtin, initial_weights, model_config, write_model
-    from mlxft.cache import cache_root
-    from mlxft.model_files import TOKENIZER_OUTPUTS
+    from mlxft.models.builtin import ensure_builtin, initial_weights, model_config, write_model
+    from mlxft.models.cache import cache_root
+    from mlxft.models.files import TOKENIZER_OUTPUTS
 
     name = "smollm-135m-shape-random" if vocab == "tokenizer" else f"smollm-135m-shape-{VOCABULARIES[vocab]}-vocab-random"
     folder = cache_root() / "benchmarks" / name

@@ -9,7 +9,7 @@ bundled preference pairs (the dpo recipe's split) rendered through the tokenizer
 LoRA r 8 / alpha 16 / dropout 0 on every linear layer of all 30 layers, sigmoid loss with beta
 0.1, AdamW without weight decay, float32 on the CPU, the same torch and BLAS thread counts. The
 reference is the base model with the adapter disabled on both sides (no second copy).
-- mlxft: `mlxft bench --workload dpo --backends torch` (mlxft.backends.torch.dpo's step): each
+- mlxft: `mlxft bench --workload dpo --backends torch` (the PyTorch engine's DPO step, the one mlxft.methods.dpo runs): each
   prompt runs once for both answers (dpo.share_prompt, the trainer's default).
 - TRL: DPOTrainer with a peft LoraConfig, through benchmarks/peers/run_trl_dpo.py: prompt +
   chosen and prompt + rejected as rows of one concatenated forward.

@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 
 def export_types(model: Path, kinds: list[str], work: Path) -> list[dict]:
-    from mlxft.gguf.write import write_gguf
+    from mlxft.models.gguf.write import write_gguf
 
     rows = []
     for kind in kinds:
@@ -58,9 +58,9 @@ def architectures() -> list[dict]:
     import torch
     from test_gguf_llama_cpp import ARCHITECTURES, architecture_model
 
-    from mlxft.builtin import tokenizer_dir
-    from mlxft.gguf.runtime import Runtime
-    from mlxft.gguf.write import write_gguf
+    from mlxft.models.builtin import tokenizer_dir
+    from mlxft.models.gguf.runtime import Runtime
+    from mlxft.models.gguf.write import write_gguf
 
     rows = []
     for model_type in ARCHITECTURES:

@@ -49,8 +49,8 @@ def prompt_rows(model: Path) -> list[dict]:
     """The grpo recipe's training prompts as mlxft renders them for `model`: {prompt, answer, prompt_ids}."""
     from mlxft.config import load_config
     from mlxft.data.dataset import load_prompt_splits
-    from mlxft.model_files import load_tokenizer
-    from mlxft.rl import encode_prompts
+    from mlxft.methods.rollouts import encode_prompts
+    from mlxft.models.files import load_tokenizer
 
     config = load_config("grpo")
     splits = load_prompt_splits(config.data)

@@ -29,7 +29,7 @@ def encoded_rows(model: Path, path: Path) -> int:
     """{input_ids, labels} rows as mlxft encodes the tallrec recipe's training split."""
     from mlxft.config import load_config
     from mlxft.data.dataset import encode_split, load_splits
-    from mlxft.model_files import load_tokenizer
+    from mlxft.models.files import load_tokenizer
 
     config = load_config("tallrec", ["data.max_history=10", f"model.name={model}"])
     splits = load_splits(config.data)

@@ -32,7 +32,7 @@ from mlxft.backends.mlx import PAD_MULTIPLE
 from mlxft.config import load_config
 from mlxft.data.dataset import encode_split, load_splits
 from mlxft.data.packing import pack, padding_fraction_of
-from mlxft.model_files import load_tokenizer
+from mlxft.models.files import load_tokenizer
 
 SFT_RECIPES = ("tallrec", "tallrec-movie", "tallrec-book", "alpaca-sft", "product-desc")
 

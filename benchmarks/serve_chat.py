@@ -126,7 +126,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
 
-    from mlxft.model_files import load_tokenizer, resolve_model_dir
+    from mlxft.models.files import load_tokenizer, resolve_model_dir
 
     model_dir = resolve_model_dir(args.model)
     tokenizer = load_tokenizer(model_dir)

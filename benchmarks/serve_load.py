@@ -183,9 +183,9 @@ def write_adapters(model_dir: Path, folder: Path) -> list[str]:
     """Four random adapters of the model, of different ranks and targets: their names."""
     import numpy as np
 
-    from mlxft.adapters import AdapterSpec, save_adapter
     from mlxft.backends.mlx.lora import linear_modules
     from mlxft.backends.mlx.stream import load_generator
+    from mlxft.models.adapters import AdapterSpec, save_adapter
 
     modules = linear_modules(load_generator(str(model_dir)).model)
     kinds = {"attn-r8": (["q_proj", "v_proj"], 8), "mlp-r4": (["gate_proj", "up_proj", "down_proj"], 4),
@@ -220,7 +220,7 @@ def main() -> None:
     import mlx.core as mx
     import mlx_lm
 
-    from mlxft.model_files import load_tokenizer, resolve_model_dir
+    from mlxft.models.files import load_tokenizer, resolve_model_dir
 
     model_dir = resolve_model_dir(args.model)
     tokenizer = load_tokenizer(model_dir)

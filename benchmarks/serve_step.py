@@ -58,7 +58,7 @@ def timed(step, steps: int) -> float:
 
 def mlxft_steps(model, tokenizer, prompts: list[list[int]], steps: int) -> tuple[float, list[list[int]]]:
     """Seconds per decode step of mlxft's BatchEngine, and each row's tokens."""
-    from mlxft.backends.mlx.batch import batch_engine
+    from mlxft.backends.mlx.serve_batch import batch_engine
     from mlxft.generation import Sampling
 
     engine = batch_engine(model, tokenizer)
@@ -135,7 +135,7 @@ def main() -> None:
     import mlx_lm
 
     from mlxft.backends.mlx.stream import load_generator
-    from mlxft.model_files import resolve_model_dir
+    from mlxft.models.files import resolve_model_dir
 
     generator = load_generator(str(resolve_model_dir(args.model)))
     encoded = [generator.encode(p) for p in PROMPTS]

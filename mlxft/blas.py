@@ -57,7 +57,7 @@ def wanted() -> bool:
 def shim_folder() -> Path:
     import scipy_openblas32
 
-    from mlxft.cache import cache_root
+    from mlxft.models.cache import cache_root
 
     key = hashlib.sha256((SHIM_SOURCE + scipy_openblas32.get_lib_dir() + sys.version).encode()).hexdigest()[:12]
     return cache_root() / "blas" / key

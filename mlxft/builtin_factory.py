@@ -1,5 +1,5 @@
-"""How the built-in model shipped in mlxft/builtin_model/ is made. Not used at run time: mlxft
-loads the shipped files (mlxft.builtin); this rebuilds them, and checks that a rebuild gives the
+"""How the built-in model shipped in mlxft/models/builtin_model/ is made. Not used at run time: mlxft
+loads the shipped files (mlxft.models.builtin); this rebuilds them, and checks that a rebuild gives the
 same files.
 
     python -m mlxft.builtin_factory --check              # rebuild in a temporary folder and compare (~5 min, 2 CPU cores)
@@ -25,7 +25,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from mlxft.builtin import PACKAGED, write_model
+from mlxft.models.builtin import PACKAGED, write_model
 from mlxft.resources import bundled
 
 VOCAB_SIZE = 2048
@@ -138,7 +138,7 @@ def pretrain(folder: Path, train, echo) -> None:
     `train(config, run, echo=...)` (mlxft.methods.sft.train, on MLX)."""
     from mlxft.config import load_config
     from mlxft.data.records import write_jsonl
-    from mlxft.runs import Run
+    from mlxft.train.runs import Run
 
     work = folder / ".pretrain"
     write_jsonl(pretraining_rows(), work / "text.jsonl")

@@ -14,10 +14,10 @@ import yaml
 
 from mlxft.data.sources.hub import is_hub
 from mlxft.errors import UserError
-from mlxft.model_files import BUILTIN
-from mlxft.report_to import REPORT_TO
+from mlxft.models.files import BUILTIN
 from mlxft.resources import bundled
 from mlxft.settings import Given, build, check_key, read_yaml, set_path, setting
+from mlxft.train.report_to import REPORT_TO
 
 
 @dataclass
@@ -77,7 +77,7 @@ class LoraConfig:
     full_finetune: bool = False  # train every weight instead of an adapter
 
     def check(self) -> None:
-        from mlxft.adapters import TARGET_PRESETS
+        from mlxft.models.adapters import TARGET_PRESETS
 
         if isinstance(self.target_modules, str):
             if self.target_modules not in TARGET_PRESETS:
@@ -113,7 +113,7 @@ class TrainConfig:
     # float32 logits ~128 MB); 0: all positions at once.
     head_chunk: int | None = setting(None, low=0)
     # Stop after the first steps unless every trainable tensor got a finite, non-zero gradient and
-    # changed (mlxft.first_step); false for a control run that trains nothing on purpose.
+    # changed (mlxft.train.first_step); false for a control run that trains nothing on purpose.
     check_first_step: bool = True
     report_every: int = setting(10, low=1)
     checkpoint_every: int = setting(100, low=1)
@@ -121,7 +121,7 @@ class TrainConfig:
     # machine's) the run's peak may pass before it stops with its checkpoint written, rather than
     # swap; null: no guard.
     memory_limit: float | None = setting(0.9, above=0.0, high=1.0)
-    # Where every report goes besides metrics.jsonl (--report-to; mlxft.report_to): [] is none
+    # Where every report goes besides metrics.jsonl (--report-to; mlxft.train.report_to): [] is none
     report_to: list[str] = setting([], choices=REPORT_TO)
 
     def check(self) -> None:
@@ -133,7 +133,7 @@ class TrainConfig:
 
 
 # Which validation metrics can pick the best adapter (DPO's are reward accuracy and margin), and
-# which of them are better higher (mlxft.driver.track_best).
+# which of them are better higher (mlxft.train.driver.track_best).
 HIGHER_IS_BETTER = ("auc", "accuracy", "margin", "reward", "rewards/accuracies", "rewards/margins")
 EVAL_METRICS = ("loss", *HIGHER_IS_BETTER)
 
@@ -159,7 +159,7 @@ class DPOConfig:
     """Direct preference optimisation (`mlxft dpo`); names and defaults follow TRL's DPOConfig."""
 
     beta: float = setting(0.1, above=0.0)  # how far the policy may move from the reference
-    loss_type: str = "sigmoid"  # sigmoid, ipo, hinge, robust; simpo, orpo (no reference); kto (unpaired rows) (see mlxft.dpo_loss)
+    loss_type: str = "sigmoid"  # sigmoid, ipo, hinge, robust; simpo, orpo (no reference); kto (unpaired rows) (see mlxft.losses.dpo)
     label_smoothing: float = setting(0.0, low=0.0, below=0.5)  # sigmoid and robust: the share of pairs assumed mislabelled
     simpo_gamma: float = setting(0.5, low=0.0)  # simpo: the target reward margin (TRL's CPOConfig.simpo_gamma)
     desirable_weight: float = setting(1.0, above=0.0)  # kto: the weight of desirable rows' losses (TRL's KTOConfig)
@@ -175,7 +175,7 @@ class DPOConfig:
     compare_prompts: str | None = None  # .json/.jsonl of {prompt} rows answered before and after
 
     def check(self) -> None:
-        from mlxft.dpo_loss import check_loss_settings
+        from mlxft.losses.dpo import check_loss_settings
 
         try:
             check_loss_settings(self.loss_type, self.beta, self.label_smoothing)
@@ -188,7 +188,7 @@ class DPOConfig:
 
 @dataclass
 class RewardConfig:
-    """A reward model (`mlxft reward`, mlxft.reward); names and defaults follow TRL's RewardConfig."""
+    """A reward model (`mlxft reward`, mlxft.methods.reward); names and defaults follow TRL's RewardConfig."""
 
     max_length: int | None = setting(1024, low=2)  # prompt + answer, in tokens
     max_prompt_length: int | None = setting(512, low=1)
@@ -203,7 +203,7 @@ class RewardConfig:
 
 @dataclass
 class RLConfig:
-    """Online RL from prompts (`mlxft rl`, mlxft.rl); names and defaults follow TRL's GRPOConfig."""
+    """Online RL from prompts (`mlxft rl`, mlxft.methods.rl); names and defaults follow TRL's GRPOConfig."""
 
     # group-normalised or leave-one-out advantages, or PPO's: GAE from a value head on the policy
     algo: str = setting("grpo", choices=("grpo", "rloo", "ppo"))

@@ -192,7 +192,7 @@ def adapter_and_base(adapter: str | Path | None, model_name: str | None):
     """(adapter spec, adapter weights, model name) for --adapter and --model as generate, chat and
     serve take them: without --model the adapter's own base model (adapter_config.json), else the
     built-in model. No adapter: (None, None, name)."""
-    from mlxft.adapters import load_adapter, whole_model_folder
+    from mlxft.models.adapters import load_adapter, whole_model_folder
 
     spec = weights = None
     if adapter is not None:
@@ -238,7 +238,7 @@ def length_groups(prompts: list[list[int]], together: bool = True) -> list[list[
 
 
 class RunningBatch:
-    """What every backend's batch engine (mlxft.serve.batcher's model side) keeps the same way:
+    """What every backend's batch engine (mlxft.serve.scheduler's model side) keeps the same way:
     its rows in one order, reordered together with the backend's state for them (its cache and
     each row's newest token: `reorder_state`)."""
 

@@ -56,7 +56,7 @@ def char_tokenizer():
 def builtin_tokenizer(tmp_path_factory):
     """The real built-in tokenizer, built once per test session into a temporary cache."""
     os.environ["MLXFT_HOME"] = str(tmp_path_factory.mktemp("mlxft-home"))
-    from mlxft.model_files import load_tokenizer
+    from mlxft.models.files import load_tokenizer
 
     return load_tokenizer("builtin")
 
@@ -70,7 +70,7 @@ def tiny_model_dir(builtin_tokenizer, tmp_path_factory):
     """A 2-layer, 32-wide Llama with the built-in tokenizer: trains a step in milliseconds."""
     import shutil
 
-    from mlxft.builtin import tokenizer_dir, write_model
+    from mlxft.models.builtin import tokenizer_dir, write_model
 
     folder = tmp_path_factory.mktemp("tiny-model")
     for name in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "chat_template.jinja"):
@@ -100,7 +100,7 @@ def stop_after_step(monkeypatch):
     Ctrl-C or a kill stops it) right after its n-th optimizer step. The returned counter then
     counts the optimizer steps taken after the kill, so a resume test can assert that only the
     remaining steps ran."""
-    from mlxft.progress import Progress
+    from mlxft.train.progress import Progress
 
     original = Progress.update
 
@@ -128,7 +128,7 @@ def tiny_as_builtin(tiny_model_dir, tmp_path, monkeypatch):
     builtin_model sections apply to it, without minutes of building the real one."""
     import shutil
 
-    from mlxft.builtin import builtin_dir
+    from mlxft.models.builtin import builtin_dir
 
     monkeypatch.setenv("MLXFT_HOME", str(tmp_path / "mlxft-home"))
     shutil.copytree(tiny_model_dir, builtin_dir())

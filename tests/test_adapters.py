@@ -7,7 +7,7 @@ from mlxft.errors import UserError
 
 
 def test_select_modules_is_one_pure_function_for_both_backends():
-    from mlxft.adapters import select_modules
+    from mlxft.models.adapters import select_modules
 
     modules = {f"model.layers.{i}.self_attn.{n}": (8, 8) for i in (0, 1, 10) for n in ("q_proj", "v_proj")}
     assert select_modules(modules, ["v_proj"], None) == [
@@ -20,9 +20,9 @@ def test_select_modules_is_one_pure_function_for_both_backends():
 
 
 def test_target_presets_resolve_to_the_layer_names_of_each_part(tiny_model_dir):
-    from mlxft.adapters import resolve_targets
     from mlxft.backends.mlx import lora
     from mlxft.backends.mlx import model as mlx_model
+    from mlxft.models.adapters import resolve_targets
 
     model, _, _ = mlx_model.load(str(tiny_model_dir))
     modules = lora.linear_modules(model)
@@ -46,7 +46,7 @@ def test_a_preset_or_a_list_from_the_command_line():
 
 
 def test_rslora_scales_by_the_root_of_the_rank_and_says_so_to_peft():
-    from mlxft.adapters import AdapterSpec
+    from mlxft.models.adapters import AdapterSpec
 
     spec = AdapterSpec(r=16, alpha=32, dropout=0.0, target_modules=["q_proj"], base_model="m", use_rslora=True)
     assert spec.scaling == 8.0 and AdapterSpec(16, 32, 0.0, ["q_proj"], "m").scaling == 2.0
@@ -59,7 +59,7 @@ def test_a_dora_adapter_saves_its_magnitudes_under_peft_keys_and_needs_them(tmp_
     # PEFT's save names a DoRA layer's magnitude <module>.lora_magnitude_vector, [out], no ".weight".
     from safetensors.numpy import load_file
 
-    from mlxft.adapters import AdapterSpec, load_adapter, save_adapter
+    from mlxft.models.adapters import AdapterSpec, load_adapter, save_adapter
 
     spec = AdapterSpec(2, 4, 0.0, ["q_proj"], "m", use_dora=True)
     assert spec.to_peft()["use_dora"] is True and AdapterSpec(2, 4, 0.0, ["q_proj"], "m").to_peft()["use_dora"] is False

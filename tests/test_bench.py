@@ -142,9 +142,9 @@ def test_flop_count_matches_the_model(tiny_model_dir):
     import mlx.core as mx
     from mlx.utils import tree_flatten
 
-    from mlxft.adapters import AdapterSpec
     from mlxft.backends.mlx import lora
     from mlxft.backends.mlx import model as mlx_model
+    from mlxft.models.adapters import AdapterSpec
 
     model, _, folder = mlx_model.load(str(tiny_model_dir))
     spec = AdapterSpec(4, 8, 0.0, ["q_proj", "v_proj"], "x", layers=[1])

@@ -3,12 +3,12 @@ HF tokenizer."""
 
 import hashlib
 
-from mlxft.builtin import PACKAGED, builtin_dir, tokenizer_dir
 from mlxft.builtin_factory import corpus_lines, write_tokenizer
 from mlxft.data.encode import answer_token_ids, encode_prompted
 from mlxft.data.records import Record
 from mlxft.data.sources.mind import INSTRUCTION
 from mlxft.data.templates import render
+from mlxft.models.builtin import PACKAGED, builtin_dir, tokenizer_dir
 
 
 def test_the_factory_rebuilds_the_shipped_tokenizer(tmp_path):

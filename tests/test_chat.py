@@ -94,7 +94,7 @@ def test_generate_streams_the_greedy_answer(tiny_model_dir):
 def test_chat_command_with_an_adapter(tiny_model_dir, tmp_path):
     import numpy as np
 
-    from mlxft.adapters import AdapterSpec, save_adapter
+    from mlxft.models.adapters import AdapterSpec, save_adapter
 
     a = np.random.default_rng(0).normal(0, 0.2, (4, 32)).astype(np.float32)
     weights = {f"model.layers.{i}.self_attn.q_proj": (a, a.T.copy()) for i in range(2)}
@@ -123,7 +123,7 @@ def adapter(tiny_model_dir, tmp_path_factory):
     """An adapter on q_proj, v_proj and down_proj with non-zero B, so that it changes the answers."""
     import numpy as np
 
-    from mlxft.adapters import AdapterSpec, save_adapter
+    from mlxft.models.adapters import AdapterSpec, save_adapter
 
     rng = np.random.default_rng(1)
     shapes = {"self_attn.q_proj": (32, 32), "self_attn.v_proj": (32, 32), "mlp.down_proj": (32, 64)}

@@ -75,7 +75,7 @@ def test_adapter_mistakes(tiny_model_dir, tmp_path, lfs_adapter):
 def test_adapter_for_another_base_names_the_keys(tiny_model_dir, tmp_path):
     import numpy as np
 
-    from mlxft.adapters import AdapterSpec, save_adapter
+    from mlxft.models.adapters import AdapterSpec, save_adapter
 
     spec = AdapterSpec(4, 8, 0.0, ["q_proj"], "other")
     save_adapter(tmp_path / "wide", spec, {"model.layers.0.self_attn.q_proj": (np.zeros((4, 64)), np.zeros((64, 4)))})

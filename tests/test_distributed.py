@@ -1,4 +1,4 @@
-"""Data parallelism (mlxft.distributed): two ranks on loopback, MLX's ring (mlx.launch) and
+"""Data parallelism (mlxft.train.distributed): two ranks on loopback, MLX's ring (mlx.launch) and
 PyTorch's gloo (torchrun), train like one process on the same global batch, and only rank 0 writes."""
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from click.testing import CliRunner
 from mlxft.cli import cli
 from mlxft.data.batching import collate, collate_pairs
 from mlxft.data.encode import Example, PreferenceExample
-from mlxft.distributed import World
 from mlxft.errors import UserError
+from mlxft.train.distributed import World
 
 VOLATILE = {"tokens_per_second", "peak_memory_gb", "peak_rss_gb", "active_memory_gb", "cache_memory_gb"}
 
@@ -174,9 +174,9 @@ def test_each_rank_steps_on_its_share_only(tiny_model_dir, tmp_path):
     import mlx.core as mx
     import mlx.optimizers as optim
 
-    from mlxft.adapters import AdapterSpec
     from mlxft.backends.mlx import lora, steps
     from mlxft.backends.mlx import model as mlx_model
+    from mlxft.models.adapters import AdapterSpec
 
     rng = np.random.default_rng(0)
     rows = [Example(rng.integers(3, 500, size=12).tolist(), [0] * (12 - n) + [1] * n) for n in (1, 2, 3, 4, 5)]

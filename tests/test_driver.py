@@ -1,4 +1,4 @@
-"""The run driver (mlxft.driver) with a scripted trainer: no model, no backend. What every trainer
+"""The run driver (mlxft.train.driver) with a scripted trainer: no model, no backend. What every trainer
 gets from it: report windows, evaluation cadence, best/early stop, checkpoints, resume."""
 
 from __future__ import annotations
@@ -9,9 +9,9 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 
-from mlxft import driver
 from mlxft.config import load_config
-from mlxft.runs import Run
+from mlxft.train import driver
+from mlxft.train.runs import Run
 
 
 @dataclass
@@ -147,8 +147,8 @@ def test_the_baseline_is_measured_once_and_read_back_on_resume(tmp_path):
 
 
 def test_ranks_check_that_they_run_the_same_config_before_training(tmp_path):
-    from mlxft.distributed import World
     from mlxft.errors import UserError
+    from mlxft.train.distributed import World
 
     class OtherRankDiffers(World):
         def all_sum(self, values):  # rank 1 contributes 0 to "rank 0's value" and 1 to "ranks that differ"
@@ -191,7 +191,7 @@ def test_reports_after_a_resume_are_those_of_the_uninterrupted_run(tmp_path, sto
 
 def test_a_run_that_passes_its_memory_limit_stops_with_its_checkpoint_written(tmp_path):
     # Peak memory 1.5 GB more each step against a 10 GB budget: 0.5 of it is passed at step 4 (6 GB).
-    from mlxft.memory import MemoryLimitReached
+    from mlxft.train.memory import MemoryLimitReached
 
     cfg = config(tmp_path, "train.steps=8", "train.report_every=1", "train.memory_limit=0.5")
     run = Run.create(tmp_path / "run", cfg)

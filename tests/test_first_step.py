@@ -1,4 +1,4 @@
-"""The first steps' check (mlxft.first_step): a run that cannot train stops in one line before its
+"""The first steps' check (mlxft.train.first_step): a run that cannot train stops in one line before its
 first report, on both backends, and a run that trains says it passed. Negative controls: a
 learning rate of 0, an all-masked batch, a tensor cut off from the loss, an optimizer that does
 not update; and the rules alone (LoRA's A gets its first gradient at step 2; RL waits for a
@@ -13,8 +13,8 @@ import pytest
 
 from mlxft.config import load_config
 from mlxft.data import batching
-from mlxft.first_step import FirstStepCheck, TensorProbe, TrainsNothing, sample_points
-from mlxft.runs import Run
+from mlxft.train.first_step import FirstStepCheck, TensorProbe, TrainsNothing, sample_points
+from mlxft.train.runs import Run
 
 
 def probe(name, gradient=1.0, finite=True, changed=True):

@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from mlxft.adapters import AdapterSpec, save_adapter
 from mlxft.backends.mlx import lora
 from mlxft.backends.mlx.fuse import fuse
 from mlxft.backends.mlx.model import load
 from mlxft.cli import cli
 from mlxft.errors import UserError
+from mlxft.models.adapters import AdapterSpec, save_adapter
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]  # square, narrow and wide layers
 IDS = [1, 57, 300, 12, 999, 4, 1500, 77]
@@ -47,7 +47,7 @@ def logits(model, ids=IDS):
 
 
 def base_plus_adapter(model_dir, adapter):
-    from mlxft.adapters import apply_adapter, load_adapter
+    from mlxft.models.adapters import apply_adapter, load_adapter
 
     model, _, _ = load(str(model_dir))
     spec, weights = load_adapter(adapter)
@@ -151,7 +151,7 @@ def quantized_dir(tiny_model_dir, tmp_path_factory):
     """A 4-bit, 64-wide model (MLX quantizes in groups of 64), saved as mlx-community models are."""
     from mlx_lm.utils import quantize_model, save_config, save_model
 
-    from mlxft.builtin import write_model
+    from mlxft.models.builtin import write_model
 
     wide = tmp_path_factory.mktemp("wide")
     for name in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json"):
@@ -266,9 +266,9 @@ def test_torch_fused_folder_loads_in_transformers_and_mlx_lm_with_the_adapters_l
     from mlx_lm import load as mlx_lm_load
     from transformers import AutoModelForCausalLM
 
-    from mlxft.adapters import attach_adapter
     from mlxft.backends.torch import lora as torch_lora
     from mlxft.backends.torch.model import load as torch_load
+    from mlxft.models.adapters import attach_adapter
 
     adapted = torch_load(str(tiny_model_dir))[0]
     attach_adapter(torch_lora, adapted, adapter)

@@ -13,11 +13,11 @@ from click.testing import CliRunner
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mlxft import runs
 from mlxft.cli import cli
 from mlxft.config import RunConfig, load_config
 from mlxft.data.dataset import encode_preference_split, encode_split, load_preference_splits, load_splits
 from mlxft.errors import UserError
+from mlxft.train import runs
 
 
 def fuzz(examples: int):

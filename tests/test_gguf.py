@@ -13,16 +13,16 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 gguf = pytest.importorskip("gguf")
 
-from mlxft import export as export_module  # noqa: E402
 from mlxft.cli import cli  # noqa: E402
 from mlxft.errors import UserError  # noqa: E402
-from mlxft.export import export_gguf  # noqa: E402
-from mlxft.gguf import runtime  # noqa: E402
-from mlxft.gguf.names import permute, unpermute  # noqa: E402
-from mlxft.gguf.read import gguf_folder  # noqa: E402
-from mlxft.gguf.write import write_gguf  # noqa: E402
-from mlxft.model_files import resolve_model_dir  # noqa: E402
-from mlxft.ollama import modelfile  # noqa: E402
+from mlxft.models import export as export_module  # noqa: E402
+from mlxft.models.export import export_gguf  # noqa: E402
+from mlxft.models.files import resolve_model_dir  # noqa: E402
+from mlxft.models.gguf import runtime  # noqa: E402
+from mlxft.models.gguf.names import permute, unpermute  # noqa: E402
+from mlxft.models.gguf.read import gguf_folder  # noqa: E402
+from mlxft.models.gguf.write import write_gguf  # noqa: E402
+from mlxft.models.ollama import modelfile  # noqa: E402
 
 TEXT = "Will the user like the news? Answer: Yes. café 1999"
 
@@ -163,7 +163,7 @@ def test_export_a_trained_run_check_it_and_train_from_the_file(tiny_model_dir, t
 
 
 def test_without_llama_cpp_the_file_is_read_back_and_the_export_says_it_never_ran(tiny_model_dir, tmp_path, monkeypatch):
-    from mlxft.export import describe
+    from mlxft.models.export import describe
 
     monkeypatch.setattr(runtime, "available", lambda: False)
     monkeypatch.setitem(export_module.TOLERANCE, "f16", 0.0)

@@ -12,15 +12,15 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("llama_cpp", reason="llama.cpp is not installed: pip install 'mlxft[llama-cpp]'")
 
-from mlxft.adapters import AdapterSpec, save_adapter  # noqa: E402
 from mlxft.errors import UserError  # noqa: E402
-from mlxft.export import export_gguf  # noqa: E402
-from mlxft.gguf import adapter as adapter_module  # noqa: E402
-from mlxft.gguf import certify as certify_module  # noqa: E402
-from mlxft.gguf import names  # noqa: E402
-from mlxft.gguf.runtime import Runtime  # noqa: E402
-from mlxft.gguf.vocab import LLAMA3, QWEN2, SPLIT_PROBES, pre_tokenizer  # noqa: E402
-from mlxft.gguf.write import write_gguf  # noqa: E402
+from mlxft.models.adapters import AdapterSpec, save_adapter  # noqa: E402
+from mlxft.models.export import export_gguf  # noqa: E402
+from mlxft.models.gguf import adapter as adapter_module  # noqa: E402
+from mlxft.models.gguf import certify as certify_module  # noqa: E402
+from mlxft.models.gguf import names  # noqa: E402
+from mlxft.models.gguf.runtime import Runtime  # noqa: E402
+from mlxft.models.gguf.vocab import LLAMA3, QWEN2, SPLIT_PROBES, pre_tokenizer  # noqa: E402
+from mlxft.models.gguf.write import write_gguf  # noqa: E402
 
 QUIET = {"echo": lambda *a: None}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "chat_template.jinja")
@@ -103,7 +103,7 @@ def test_the_default_pre_tokenizer_would_have_tokenized_otherwise(tmp_path, monk
     # The negative control of the test above: the file that mlxft wrote before naming the family.
     tokenizer = bpe_tokenizer(tmp_path, split(LLAMA3), ignore_merges=True)
     random_model(tmp_path, "llama", len(tokenizer))
-    monkeypatch.setattr("mlxft.gguf.vocab.pre_tokenizer", lambda *a: "default")
+    monkeypatch.setattr("mlxft.models.gguf.vocab.pre_tokenizer", lambda *a: "default")
     write_gguf(tmp_path, tmp_path / "m.gguf", "f32")
     runtime = Runtime(tmp_path / "m.gguf", context=256)
     texts = [*SPLIT_PROBES, *MORE_TEXTS]
@@ -149,7 +149,7 @@ def architecture_model(tmp_path, builtin_model, model_type):
 
 @pytest.fixture
 def builtin_model():
-    from mlxft.builtin import tokenizer_dir
+    from mlxft.models.builtin import tokenizer_dir
 
     return tokenizer_dir()
 

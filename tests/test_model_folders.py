@@ -12,8 +12,8 @@ transformers = pytest.importorskip("transformers")
 
 from mlxft.backends.mlx import model as mlx_model  # noqa: E402
 from mlxft.backends.torch import model as torch_model  # noqa: E402
-from mlxft.builtin import tokenizer_dir  # noqa: E402
-from mlxft.model_files import mlx_config_overrides  # noqa: E402
+from mlxft.models.builtin import tokenizer_dir  # noqa: E402
+from mlxft.models.files import mlx_config_overrides  # noqa: E402
 
 IDS = [[1, 57, 300, 41, 990, 12, 7, 1500, 33, 600, 8, 2000, 5, 77, 120, 43]]
 

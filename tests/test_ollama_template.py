@@ -13,7 +13,7 @@ transformers = pytest.importorskip("transformers")
 GO = shutil.which("go")
 pytestmark = pytest.mark.skipif(GO is None, reason="Go is not installed (apt-get install golang-go)")
 
-from mlxft.ollama import go_template  # noqa: E402
+from mlxft.models.ollama import go_template  # noqa: E402
 
 SMOLLM2 = ("{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
            "{{ '<|im_start|>system\\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\\n' }}"

@@ -12,7 +12,6 @@ import torch
 from click.testing import CliRunner
 from mlx.utils import tree_flatten
 
-from mlxft.adapters import AdapterSpec
 from mlxft.backends.mlx import lora as mlx_lora
 from mlxft.backends.mlx import model as mlx_model
 from mlxft.backends.mlx import steps as mlx_steps
@@ -26,6 +25,7 @@ from mlxft.data.encode import Example
 from mlxft.data.packing import block_mask, pack, padding_fraction_of, segment_positions
 from mlxft.errors import UserError
 from mlxft.methods.sft import packed_train_set
+from mlxft.models.adapters import AdapterSpec
 
 CPU = torch.device("cpu")
 SPEC = AdapterSpec(4, 8, 0.0, ["q_proj", "v_proj"], "x")

@@ -8,10 +8,10 @@ import json
 import numpy as np
 import pytest
 
-from mlxft.adapters import AdapterSpec, save_adapter
 from mlxft.config import load_config
 from mlxft.methods import dpo, sft
-from mlxft.runs import Run
+from mlxft.models.adapters import AdapterSpec, save_adapter
+from mlxft.train.runs import Run
 
 pytest.importorskip("peft")
 pytestmark = pytest.mark.slow

@@ -8,7 +8,7 @@ import pytest
 from test_cli_train import one_line_error, run
 
 from mlxft.config import load_config
-from mlxft.plan import fit, measure_peaks, plan, synthetic_pairs
+from mlxft.train.plan import fit, measure_peaks, plan, synthetic_pairs
 
 
 def test_the_fit_recovers_fixed_linear_and_square_parts_and_what_fits():
@@ -72,8 +72,8 @@ def test_synthetic_pairs_share_their_prompt_and_score_the_answers():
 
 def test_the_plan_says_what_fits(monkeypatch, tiny_model_dir):
     peaks = {(1, 256): 1.3, (1, 512): 1.6, (2, 512): 2.2}  # fixed 1 GB, 0.6 GB a row of 512
-    monkeypatch.setattr("mlxft.plan.measure_peaks", lambda *a: [peaks[s] for s in a[3]])
-    monkeypatch.setattr("mlxft.plan.device_budget", lambda backend: (10.0, "a test budget"))
+    monkeypatch.setattr("mlxft.train.plan.measure_peaks", lambda *a: [peaks[s] for s in a[3]])
+    monkeypatch.setattr("mlxft.train.plan.device_budget", lambda backend: (10.0, "a test budget"))
     config = load_config("tallrec", [f"model.name={tiny_model_dir}", "lora.full_finetune=false", "data.cutoff=512",
                                      "train.batch_size=16", "train.memory_limit=0.8"])
     lines = []

@@ -1,4 +1,4 @@
-"""--report-to (mlxft.report_to): the reports of metrics.jsonl, also in TensorBoard's event files and
+"""--report-to (mlxft.train.report_to): the reports of metrics.jsonl, also in TensorBoard's event files and
 in an offline W&B run, read back with their own readers; nothing of them without the flag."""
 
 from __future__ import annotations
@@ -11,10 +11,10 @@ import pytest
 from click.testing import CliRunner
 from test_driver import Scripted, config, fit
 
-from mlxft import driver, report_to
 from mlxft.cli import cli
 from mlxft.errors import UserError
-from mlxft.runs import Run
+from mlxft.train import driver, report_to
+from mlxft.train.runs import Run
 
 TINY_RUN = ["--recipe", "tallrec", "--backend", "mlx", "--set", "data.k_shot=16", "--set", "data.max_valid_rows=8",
             "--set", "train.batch_size=4", "--set", "train.steps=4", "--set", "train.report_every=1",
@@ -159,7 +159,7 @@ def test_tensorboard_and_wandb_hold_the_reports_of_metrics_jsonl(tiny_model_dir,
 
 
 def killed_and_resumed(tmp_path, stop_after_step, sink):
-    """A scripted run (mlxft.driver with no model) of 9 steps reporting every step, killed after
+    """A scripted run (mlxft.train.driver with no model) of 9 steps reporting every step, killed after
     step 6 (reports 1-5 written, the checkpoint at step 4), then resumed: reports 5-9 again."""
     cfg = config(tmp_path, "train.steps=9", "train.report_every=1", "train.checkpoint_every=4", f"train.report_to=[{sink}]")
     killed = Run.create(tmp_path / "run", cfg)

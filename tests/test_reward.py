@@ -1,4 +1,4 @@
-"""Reward models (mlxft.reward, mlxft.backends.<b>.reward): the Bradley-Terry loss by hand on
+"""Reward models (mlxft.methods.reward, mlxft.losses.reward, on both engines): the Bradley-Terry loss by hand on
 three array libraries, where the head reads, MIND-derived pairs, the saved adapter as PEFT and
 transformers load it, resume after a kill, and the mistakes users make."""
 
@@ -14,9 +14,10 @@ import pytest
 from mlxft.config import load_config
 from mlxft.data.sources.mind import iter_preference_rows
 from mlxft.errors import UserError
+from mlxft.losses.reward import reward_objective, summarize
+from mlxft.models.heads import score_positions
 from mlxft.resources import bundled
-from mlxft.reward import reward_objective, score_positions, summarize
-from mlxft.runs import Run
+from mlxft.train.runs import Run
 
 
 def tiny_config(model_dir, out, *extra):
@@ -95,8 +96,8 @@ def test_a_saved_reward_adapter_scores_the_same_in_transformers_with_peft(tiny_m
 
     from mlxft.backends import engine_for
     from mlxft.methods import reward
-    from mlxft.model_files import pad_id as pad_id_of
-    from mlxft.reward import evaluate_pairs
+    from mlxft.methods.reward import evaluate_pairs
+    from mlxft.models.files import pad_id as pad_id_of
 
     config = tiny_config(tiny_model_dir, tmp_path / "run", "eval.every=0")
     summary = reward.train(config, Run.create(tmp_path / "run", config), echo=lambda *a: None)
@@ -173,7 +174,7 @@ def test_mistakes_are_one_line_errors(tiny_model_dir, tmp_path):
 
 
 def test_a_reward_adapter_is_refused_where_a_language_model_adapter_is_expected(tmp_path):
-    from mlxft.adapters import AdapterSpec, load_adapter, load_saved_modules, save_adapter
+    from mlxft.models.adapters import AdapterSpec, load_adapter, load_saved_modules, save_adapter
 
     lora = {"model.layers.0.self_attn.q_proj": (np.ones((2, 4), np.float32), np.zeros((4, 2), np.float32))}
     head = np.arange(4, dtype=np.float32)[None]

@@ -1,4 +1,4 @@
-"""Online RL (mlxft.rl, mlxft.rewards, mlxft.backends.<b>.rl): advantages and the policy loss by
+"""Online RL (mlxft.methods.rl, mlxft.losses.rl, mlxft.rewards, on both engines): advantages and the policy loss by
 hand on three array libraries (its gradient is the policy gradient), reward functions and their
 errors, the sampler, both backends' loss and gradients on the same rollout, and runs end to end."""
 
@@ -13,10 +13,9 @@ import pytest
 
 from mlxft.config import RLConfig, load_config
 from mlxft.errors import UserError
+from mlxft.losses.rl import group_advantages, policy_objective, ppo_advantages, summarizer
 from mlxft.rewards import arithmetic, load_reward_function, number_only, score
-from mlxft.rl import policy_objective, summarizer
-from mlxft.rollouts import group_advantages, ppo_advantages
-from mlxft.runs import Run
+from mlxft.train.runs import Run
 
 # --- advantages and the loss -------------------------------------------------------------------------
 
@@ -202,7 +201,6 @@ def test_both_backends_give_the_same_loss_and_gradients_on_the_same_rollout(tiny
     from mlx.utils import tree_flatten
     from test_parity import starting_adapter
 
-    from mlxft.adapters import attach_adapter
     from mlxft.backends.mlx import lora as mlx_lora
     from mlxft.backends.mlx import model as mlx_model
     from mlxft.backends.mlx import steps as mlx_steps
@@ -211,7 +209,9 @@ def test_both_backends_give_the_same_loss_and_gradients_on_the_same_rollout(tiny
     from mlxft.backends.torch import steps as torch_steps
     from mlxft.data.batching import collate, scored_targets
     from mlxft.data.encode import Example
-    from mlxft.rl import reward_sums, value_head_init
+    from mlxft.losses.rl import reward_sums
+    from mlxft.models.adapters import attach_adapter
+    from mlxft.models.heads import value_head_init
 
     adapter = starting_adapter(tiny_model_dir, tmp_path / "start")
     rng = np.random.default_rng(0)
@@ -377,12 +377,12 @@ def test_a_reward_adapter_scores_on_the_policys_weights_as_on_its_own(tiny_model
         pytest.importorskip("peft")
     from test_parity import starting_adapter
 
-    from mlxft.adapters import attach_adapter
     from mlxft.backends import engine_for
     from mlxft.data.batching import collate
     from mlxft.data.encode import Example
     from mlxft.methods import reward
-    from mlxft.model_files import pad_id as pad_id_of
+    from mlxft.models.adapters import attach_adapter
+    from mlxft.models.files import pad_id as pad_id_of
 
     config = load_config("reward", [f"model.name={tiny_model_dir}", "data.k_shot=16", "train.steps=3", "eval.every=0",
                                     "data.max_valid_rows=4", f"out={tmp_path / 'reward'}"])

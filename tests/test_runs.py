@@ -9,11 +9,11 @@ import sys
 
 import pytest
 
-from mlxft import runs
 from mlxft.config import load_config
 from mlxft.errors import UserError
 from mlxft.files import staged_folder, write_atomic
-from mlxft.runs import Run
+from mlxft.train import runs
+from mlxft.train.runs import Run
 
 
 def config(out):
@@ -23,7 +23,7 @@ def config(out):
 HOLD = """
 import sys, time
 from mlxft.config import load_config
-from mlxft.runs import Run
+from mlxft.train.runs import Run
 run = Run.create(sys.argv[1], load_config("tallrec"))
 print("holding", flush=True)
 time.sleep(60)

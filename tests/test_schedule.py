@@ -2,7 +2,7 @@ import math
 
 import pytest
 
-from mlxft.schedule import learning_rate
+from mlxft.train.schedule import learning_rate
 
 
 def test_warmup_then_cosine_to_the_minimum():

@@ -483,7 +483,7 @@ def write_adapter(folder, modules, targets, r, seed, layers=None, dora=False):
     changes the answers)."""
     import numpy as np
 
-    from mlxft.adapters import AdapterSpec, save_adapter
+    from mlxft.models.adapters import AdapterSpec, save_adapter
 
     rng = np.random.default_rng(seed)
     spec = AdapterSpec(r=r, alpha=2 * r, dropout=0.0, target_modules=targets, base_model="", layers=layers, use_dora=dora)

@@ -8,7 +8,7 @@ from click.testing import CliRunner
 
 from mlxft.cli import cli
 from mlxft.eval.plots import run_panels
-from mlxft.sweep import config_for, config_hash, summarize
+from mlxft.methods.sweep import config_for, config_hash, summarize
 
 FAST = ["data.max_history=3", "data.max_valid_rows=8", "data.split=[0.85,0.1,0.05]", "train.batch_size=4",
         "train.steps=2", "train.warmup_steps=1", "eval.every=0", "eval.patience=null", "train.checkpoint_every=100"]

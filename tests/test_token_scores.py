@@ -11,8 +11,8 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 
-from mlxft import memory
 from mlxft.backends.mlx import model as mlx_model
+from mlxft.train import memory
 
 
 class Head(nn.Module):

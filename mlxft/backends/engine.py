@@ -7,7 +7,7 @@ mlxft.backends.mlx.engine.MLXEngine and mlxft.backends.torch.engine.TorchEngine;
 mlxft.backends.engine_for(name) gives one.
 
 A step builder (sft_step, reward_step, pair_step, rl_step) returns a MethodStep: the driver's
-step (mlxft.driver.Trainer.step), and what the method's validation and the benchmark need of the
+step (mlxft.train.driver.Trainer.step), and what the method's validation and the benchmark need of the
 same objective. Each backend's own rules stay inside its builders: on MLX the optimizer state is
 restored before the step is compiled (so build the step after `resume`), the reference traces
 with the adapter off, and the reference is evaluated before the policy's forward begins.
@@ -22,8 +22,8 @@ from typing import Any, Callable, Protocol
 import numpy as np
 
 from mlxft.config import ModelConfig, RunConfig, TrainConfig
-from mlxft.distributed import World
-from mlxft.driver import MemoryMeter, Start, StepResult
+from mlxft.train.distributed import World
+from mlxft.train.driver import MemoryMeter, Start, StepResult
 
 
 @dataclass
@@ -77,13 +77,14 @@ class Engine(Protocol):
                   pad_to_multiple: int | None = None) -> MethodStep: ...
     def score_pairs(self, model, pairs: list, *, pad_id: int, split_head: bool, shared: bool,
                     batch_size: int) -> tuple[np.ndarray, np.ndarray]: ...
-    def rl_step(self, model, optimizer, config: RunConfig, *, split_head: bool, rollouts, advantages,
+    def rl_step(self, model, optimizer, config: RunConfig, *, split_head: bool, rollouts, advantages, statistics: int,
                 world: World = World()) -> MethodStep: ...
 
     # --- answers, samples and scores ---------------------------------------------------------
     def evaluate(self, model, examples: list, *, pad_id: int, split_head: bool, batch_size: int, answer_ids=None,
                  world: World = World()) -> dict: ...
-    def generate_answer(self, model, tokenizer, prompt: str, max_tokens: int) -> str: ...
+    def generate_answer(self, model, tokenizer, prompt: str, *, max_tokens: int = 64, temperature: float = 0.0,
+                        top_p: float = 0.0, top_k: int = 0) -> str: ...
     def sample_completions(self, model, prompt_ids: list[int], n: int, *, max_tokens: int, temperature: float,
                            top_p: float = 1.0, stop=()) -> list: ...
     def swapped_scorer(self, model, adapter: str, pad_id: int) -> Callable[[np.ndarray], np.ndarray]: ...

@@ -23,7 +23,7 @@ How they are counted (the usual 6N convention, written out):
 
 from __future__ import annotations
 
-from mlxft.adapters import AdapterSpec
+from mlxft.models.adapters import AdapterSpec
 
 BLOCK_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 

@@ -8,14 +8,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from mlxft import memory
 from mlxft.backends import engine_for
 from mlxft.bench.workload import Workload, initial_adapter, shared_layout, step_record
 from mlxft.config import ModelConfig
 from mlxft.data.batching import Batch, PairBatch
-from mlxft.reward import init_head
-from mlxft.rl import reward_sums_size, statistic_names, value_head_init
-from mlxft.schedule import learning_rate
+from mlxft.losses.rl import reward_sums_size, statistic_names
+from mlxft.models.heads import init_head, value_head_init
+from mlxft.train import memory
+from mlxft.train.schedule import learning_rate
 
 
 @dataclass

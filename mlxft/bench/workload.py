@@ -12,7 +12,6 @@ proof that the backends did the same work.
 
 from __future__ import annotations
 
-import importlib
 import json
 import time
 from dataclasses import dataclass, replace
@@ -20,11 +19,11 @@ from pathlib import Path
 
 import numpy as np
 
-from mlxft.adapters import AdapterSpec, layer_index, resolve_targets
 from mlxft.config import RunConfig, dump_config, load_config
 from mlxft.data.batching import Batch, iterate_pair_batches, widen
-from mlxft.driver import batch_stream
 from mlxft.errors import UserError
+from mlxft.models.adapters import AdapterSpec, layer_index, resolve_targets
+from mlxft.train.driver import batch_stream
 
 RECIPES = {"lora": "tallrec", "dpo": "dpo"}
 LLAMA_BLOCK = {"self_attn": ("q_proj", "k_proj", "v_proj", "o_proj"), "mlp": ("gate_proj", "up_proj", "down_proj")}
@@ -79,7 +78,9 @@ def backend_shared_prompt_padding(backend: str) -> tuple[int, bool]:
 def _backend(backend: str):
     """mlxft.backends.mlx or .torch: their packages hold only constants, so reading them imports
     neither framework."""
-    return importlib.import_module(f"mlxft.backends.{'mlx' if backend == 'mlx' else 'torch'}")
+    from mlxft.backends import mlx, torch
+
+    return mlx if backend == "mlx" else torch
 
 
 def resolve_config(workload: str, model: str | None, overrides: list[str], batch_size: int | None,
@@ -113,7 +114,7 @@ def build(workload: str, config: RunConfig, *, steps: int, warmup: int, pad_mult
     """Rows -> ids -> the batches of warmup + steps optimizer steps, as the trainers make them,
     padded to their longest row (pad_multiple: what every backend widens them to instead of its
     own PAD_MULTIPLE, to measure another padding policy)."""
-    from mlxft.model_files import load_tokenizer, pad_id, resolve_model_dir
+    from mlxft.models.files import load_tokenizer, pad_id, resolve_model_dir
 
     if steps < 1 or warmup < 0:
         raise UserError(f"--steps must be at least 1 and --warmup at least 0 (got {steps} and {warmup})")

@@ -69,7 +69,7 @@ REPORT_TO_OPTION = click.option(
 
 def resolve_config(recipe, model, data_source, out_dir, overrides, quantize, trust_remote_code, report_to=None):
     from mlxft.config import load_config
-    from mlxft.report_to import parse_names
+    from mlxft.train.report_to import parse_names
 
     settings = list(overrides)
     if model:

@@ -163,7 +163,7 @@ def inspect_command(file, tokenizer_name, template, completion_field, cutoff, tr
     """
     from mlxft.data.inspect import format_inspection, inspect_records
     from mlxft.data.templates import schema_and_template
-    from mlxft.model_files import load_tokenizer
+    from mlxft.models.files import load_tokenizer
 
     mapping = {}
     for item in columns:

@@ -122,7 +122,7 @@ def eval_generate(model, adapter, data_path, out, template, completion_field, ma
     from mlxft.data.templates import render, schema_and_template
     from mlxft.files import write_atomic
     from mlxft.generation import Sampling
-    from mlxft.progress import Progress
+    from mlxft.train.progress import Progress
 
     records = load_records(data_path)
     generator = load_generator(model, str(adapter) if adapter else None, backend, trust_remote_code, "eval generate")
@@ -161,7 +161,7 @@ def eval_judge(responses_path, judge_url, judge_model, api, seed, api_key, out, 
     from mlxft.data.records import load_records
     from mlxft.eval.judge import judge
     from mlxft.files import write_atomic
-    from mlxft.progress import Progress
+    from mlxft.train.progress import Progress
 
     rows = [record.fields for record in load_records(responses_path)]
     progress = Progress(len(rows), unit="row")
@@ -196,7 +196,7 @@ def eval_reward(model, adapter, data_path, template, batch_size, backend, out, a
     rejected one (ties count half), with the mean margin and Bradley-Terry loss."""
     from mlxft.backends import is_mlx_quantized, resolve_backend
     from mlxft.files import write_atomic
-    from mlxft.reward import evaluate_pairs
+    from mlxft.methods.reward import evaluate_pairs
 
     backend = resolve_backend(backend, quantized=is_mlx_quantized(model))
     report = evaluate_pairs(backend, model, str(adapter), data_path, template=template,

@@ -22,7 +22,7 @@ from mlxft.errors import UserError
 def fuse_command(adapter, model, out_dir, dequantize, quantize, force, backend, trust_remote_code):
     """Merge an adapter into its base model: a standalone Hugging Face folder that mlx-lm,
     transformers and mlxft load. A quantized base comes out de-quantized unless --quantize."""
-    from mlxft.adapters import whole_model_folder
+    from mlxft.models.adapters import whole_model_folder
 
     backend = model_backend(backend, "fuse")
     if dequantize and quantize:
@@ -61,7 +61,7 @@ def export_group():
 def export_gguf_command(source, out, kind, model, adapter_only, base_gguf, ollama_name, force):
     """SOURCE (a model folder, a run, or an adapter: fused first; with --adapter-only the adapter
     alone) as GGUF, certified in llama.cpp before it is kept when llama-cpp-python is installed."""
-    from mlxft.export import describe, export_gguf
+    from mlxft.models.export import describe, export_gguf
 
     if not out.name.endswith(".gguf"):
         raise UserError(f"--out {out}: name a .gguf file")

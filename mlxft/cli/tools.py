@@ -79,10 +79,10 @@ def bench_command(workload, backends, model, steps, warmup, batch_size, seq_len,
 def plan_command(recipe, model, method, backend, quantize, threads, overrides, out_dir):
     """The memory a run needs, and the largest train.batch_size and data.cutoff that fit this
     machine: the recipe's training step is run at full length on 1 and 2 rows (and 1 of half the
-    length), and the peaks are fitted (see mlxft.plan)."""
+    length), and the peaks are fitted (see mlxft.train.plan)."""
     from mlxft.backends import resolve_backend
     from mlxft.cli.common import resolve_config
-    from mlxft.plan import plan
+    from mlxft.train.plan import plan
 
     config = resolve_config(recipe, model, None, None, list(overrides), int(quantize) if quantize else None, False)
     plan(config, resolve_backend(backend, quantized=bool(config.model.quantize)), method=method, threads=threads,

@@ -36,9 +36,9 @@ def _train(method, recipe, model, data_source, out_dir, overrides, quantize, bac
     """Check everything a user gave, then create (or resume) the run folder, hold it, and train.
     A mistake found before the first report leaves no run folder behind (see runs.start).
     Under mlx.launch or torchrun every rank runs this; --nproc N starts N ranks that way."""
-    from mlxft import distributed, runs
     from mlxft.backends import is_mlx_quantized, resolve_backend
     from mlxft.methods import dpo, reward, rl, sft
+    from mlxft.train import distributed, runs
 
     if resume_dir:
         if recipe or model or data_source or out_dir or quantize or adapter or report_to is not None:
@@ -89,7 +89,7 @@ def _checkpoint_backend(resume_dir: Path) -> str:
 
 def _check_start_adapter(adapter: Path, config) -> None:
     """--adapter continues a LoRA adapter: refuse what would silently ignore it."""
-    from mlxft.adapters import adapter_folder
+    from mlxft.models.adapters import adapter_folder
 
     if config.lora.full_finetune:
         why = " (the recipe's builtin_model section turns it on for the built-in model)" if config.builtin_model.get("lora.full_finetune") else ""
@@ -215,8 +215,8 @@ def sweep_command(recipe, shots, seeds, model, data_source, overrides, out_dir, 
     Finished runs are reused only when their whole config matches (its hash names the folder).
     """
     from mlxft.backends import is_mlx_quantized, resolve_backend
-    from mlxft.report_to import parse_names
-    from mlxft.sweep import sweep
+    from mlxft.methods.sweep import sweep
+    from mlxft.train.report_to import parse_names
 
     settings = list(overrides) + ([f"model.name={model}"] if model else []) + ([f"data.source={data_source}"] if data_source else [])
     if report_to is not None:

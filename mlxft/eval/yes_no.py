@@ -8,12 +8,12 @@ def score_yes_no(backend_name: str, model_name: str, adapter: str | None, record
                  batch_size: int = 32, trust_remote_code: bool = False) -> dict:
     """Load the model (+ adapter), encode the rows, and report AUC, balance and answer loss from
     the probabilities of the answers' first tokens at the first answer position."""
-    from mlxft.adapters import attach_adapter
     from mlxft.backends import engine_for
     from mlxft.config import ModelConfig
     from mlxft.data.encode import answer_token_ids, encode_records
     from mlxft.data.templates import check_yes_no_rows
-    from mlxft.model_files import pad_id
+    from mlxft.models.adapters import attach_adapter
+    from mlxft.models.files import pad_id
 
     engine = engine_for(backend_name)
     schema, template = check_yes_no_rows(records, template, answers)

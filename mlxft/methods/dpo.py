@@ -29,7 +29,7 @@ mask, and gradient checkpointing on MLX run the 2B rows [prompt + chosen; prompt
 instead. Only answer tokens are scored, through the LM head at those positions.
 
 Supports: sigmoid (with label smoothing), IPO, hinge, robust, KTO, ORPO and SimPO losses
-(mlxft.dpo_loss); summed or averaged answer log-probs; LoRA (QLoRA on quantized bases) or full
+(mlxft.losses.dpo); summed or averaged answer log-probs; LoRA (QLoRA on quantized bases) or full
 fine-tuning; AdamW with warmup and cosine / linear / constant decay; gradient accumulation
 weighted by pairs (k micro-batches give exactly the gradient of one batch k times the size);
 clipping; steps or epochs; validation every N steps with the best adapter kept and early
@@ -51,27 +51,27 @@ from pathlib import Path
 
 import numpy as np
 
-from mlxft import driver
-from mlxft.adapters import attach_adapter
 from mlxft.backends import engine_for
 from mlxft.config import RunConfig
 from mlxft.data.batching import iterate_pair_batches
 from mlxft.data.dataset import encode_preference_split
 from mlxft.data.templates import describe_template
-from mlxft.distributed import World
-from mlxft.dpo_loss import statistic_names, summarizer
 from mlxft.errors import UserError
 from mlxft.files import write_atomic
-from mlxft.model_files import pad_id as pad_id_of
-from mlxft.policy import build_policy, describe_policy
-from mlxft.runs import Run
-from mlxft.saved_check import check_saved_adapter, probe_ids
+from mlxft.losses.dpo import statistic_names, summarizer
+from mlxft.models.adapters import attach_adapter
+from mlxft.models.files import pad_id as pad_id_of
+from mlxft.train import driver
+from mlxft.train.distributed import World
+from mlxft.train.policy import build_policy, describe_policy
+from mlxft.train.runs import Run
+from mlxft.train.saved_check import check_saved_adapter, probe_ids
 
 
 def train(config: RunConfig, run: Run, *, backend: str = "mlx", resume: bool = False, adapter: str | None = None,
           echo=print, world: World = World()) -> dict:
     """Train as `config` says on `backend` ('mlx' or 'torch'), writing into `run`; returns the
-    summary (also in summary.json), or {} on a rank other than 0 of several (mlxft.distributed)."""
+    summary (also in summary.json), or {} on a rank other than 0 of several (mlxft.train.distributed)."""
     tc, ec, dc = config.train, config.eval, config.dpo
     engine = engine_for(backend)
 
@@ -160,9 +160,9 @@ REFERENCE_FILE = "reference_logps.safetensors"
 def load_pair_data(config, adapter: str | None):
     """(preference splits, the prompts asked before and after training or None), with the run's DPO
     settings checked: everything that can be wrong before a model loads."""
-    from mlxft.adapters import load_adapter
     from mlxft.data.dataset import load_preference_splits, prompt_records, resolve_source
     from mlxft.data.records import load_records
+    from mlxft.models.adapters import load_adapter
 
     dc = config.dpo
     dc.check()
@@ -209,7 +209,7 @@ def prepare_reference(run, config, *, adapter: str | None, model_folder, train_s
     - a precomputed reference is scored once, `score(pairs) -> (chosen, rejected)`, with the
       reference adapter on for that time (`carry_adapter(path)`, `drop_adapter()`), and saved
       in the run folder (REFERENCE_FILE, written atomically; by rank 0 alone: `write`)."""
-    from mlxft.dpo_loss import needs_reference, uses_mean_logps
+    from mlxft.losses.dpo import needs_reference, uses_mean_logps
 
     dc = config.dpo
     if not needs_reference(dc.loss_type):

@@ -1,5 +1,5 @@
 """Online RL on either backend: GRPO (with the Dr. GRPO and DAPO losses), RLOO and PPO from prompts and
-reward functions (mlxft.rl, mlxft.rewards), on the shared run driver and one copy of the weights.
+reward functions (mlxft.losses.rl, mlxft.rewards), on the shared run driver and one copy of the weights.
 Reads top to bottom: setup -> model -> data -> policy -> optimizer -> rollouts and step -> loop -> save.
 
     mlxft rl --recipe grpo                                        # built-in model, bundled arithmetic questions
@@ -39,26 +39,27 @@ UserError for --quantize on PyTorch without CUDA and for resuming a run another 
 
 from __future__ import annotations
 
-from mlxft import driver
 from mlxft.backends import engine_for
 from mlxft.config import RunConfig
-from mlxft.distributed import World
-from mlxft.model_files import pad_id as pad_id_of
-from mlxft.policy import build_policy, describe_policy
-from mlxft.rl import (
-    check_ppo,
-    describe_rl,
+from mlxft.errors import NotImplementedYet
+from mlxft.losses.rl import statistic_names, summarizer
+from mlxft.methods.rollouts import (
+    REWARD_MODEL,
+    CompletionLog,
+    Rollouts,
+    advantages_of,
     encode_prompts,
     iterate_prompt_batches,
     load_rl_data,
     reward_names,
-    statistic_names,
     stop_ids,
-    summarizer,
-    value_head_init,
 )
-from mlxft.rollouts import CompletionLog, Rollouts, advantages_of
-from mlxft.runs import Run
+from mlxft.models.files import pad_id as pad_id_of
+from mlxft.models.heads import value_head_init
+from mlxft.train import driver
+from mlxft.train.distributed import World
+from mlxft.train.policy import build_policy, describe_policy
+from mlxft.train.runs import Run
 
 
 def train(config: RunConfig, run: Run, *, backend: str = "mlx", resume: bool = False, adapter: str | None = None,
@@ -128,3 +129,18 @@ def train(config: RunConfig, run: Run, *, backend: str = "mlx", resume: bool = F
                                     "reward_functions": list(rc.reward_functions)},
         data={"train_prompts": len(train_set), "valid_prompts": len(valid_set), "truncated_prompts": truncated},
         outputs={"completions": str(log.path) if log.path.exists() else None})
+
+
+def check_ppo(split_head: bool) -> None:
+    if not split_head:
+        raise NotImplementedYet("rl.algo=ppo reads the value head off the model's last hidden states, which mlxft "
+                                "takes only from the model families it can split at the LM head (Llama, Qwen, "
+                                "Mistral, ...); use rl.algo=grpo or rloo with this model")
+
+
+def describe_rl(policy_line: str, rc, functions) -> str:
+    names = reward_names(functions, rc)
+    if rc.reward_adapter:
+        names[-1] = f"{REWARD_MODEL} ({rc.reward_adapter}, on this model's weights)"
+    return (f"{policy_line}; {rc.algo.upper()} ({rc.loss_type} loss), {rc.num_generations} completions per prompt of "
+            f"at most {rc.max_completion_length} tokens, beta {rc.beta:g}; rewards: {', '.join(names)}")

@@ -14,7 +14,7 @@ to itself); the LM head run on scored positions only, in chunks (train.head_chun
 step on MLX, bf16 autocast on CUDA; gradient checkpointing; validation loss (and AUC for Yes/No
 data) every N steps with the best adapter kept and early stopping; atomic checkpoints every N
 steps and --resume that reproduces the losses of an uninterrupted run; data parallelism
-(mlxft.distributed); metrics.jsonl, summary.json and a progress bar with loss and tokens/s.
+(mlxft.train.distributed); metrics.jsonl, summary.json and a progress bar with loss and tokens/s.
 
 Raises UserError for bad recipes, data, models and adapters (see mlxft.errors), for --quantize on
 PyTorch without CUDA, and for resuming a run another backend wrote.
@@ -22,25 +22,25 @@ PyTorch without CUDA, and for resuming a run another backend wrote.
 
 from __future__ import annotations
 
-from mlxft import driver
 from mlxft.backends import engine_for
 from mlxft.config import RunConfig
 from mlxft.data.batching import iterate_batches
 from mlxft.data.dataset import load_splits
 from mlxft.data.encode import answer_token_ids
-from mlxft.distributed import World
 from mlxft.errors import UserError
-from mlxft.model_files import SPLIT_HEAD_TYPES, model_type
-from mlxft.model_files import pad_id as pad_id_of
-from mlxft.policy import build_policy, describe_policy
-from mlxft.runs import Run
-from mlxft.saved_check import check_saved_adapter, probe_ids
+from mlxft.models.files import SPLIT_HEAD_TYPES, model_type
+from mlxft.models.files import pad_id as pad_id_of
+from mlxft.train import driver
+from mlxft.train.distributed import World
+from mlxft.train.policy import build_policy, describe_policy
+from mlxft.train.runs import Run
+from mlxft.train.saved_check import check_saved_adapter, probe_ids
 
 
 def train(config: RunConfig, run: Run, *, backend: str = "mlx", resume: bool = False, adapter: str | None = None,
           echo=print, world: World = World()) -> dict:
     """Train as `config` says on `backend` ('mlx' or 'torch'), writing into `run`; returns the
-    summary (also in summary.json), or {} on a rank other than 0 of several (mlxft.distributed)."""
+    summary (also in summary.json), or {} on a rank other than 0 of several (mlxft.train.distributed)."""
     tc, ec = config.train, config.eval
     engine = engine_for(backend)
 

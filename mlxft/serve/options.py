@@ -44,7 +44,7 @@ def adapter_options(values: list[str], folder: Path | None = None) -> tuple[Path
 def base_model_of(default: Path | None, named: dict[str, Path]) -> str | None:
     """The base model the adapters were trained on (adapter_config.json), when --model is not given:
     the default adapter's, else the one every named adapter names; None: the built-in model."""
-    from mlxft.adapters import CONFIG_FILE, adapter_folder
+    from mlxft.models.adapters import CONFIG_FILE, adapter_folder
 
     def base(path: Path) -> str:
         try:

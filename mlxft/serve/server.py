@@ -11,7 +11,7 @@ with mlxft.serve.handler answering each connection and mlxft.serve.options readi
 
 Each connection gets a thread, so /health answers while answers are generated; the model runs on
 one thread of its own, where requests join and leave one running batch between decode steps
-(mlxft.serve.batcher; a generator that can only stream one answer at a time is served one request
+(mlxft.serve.scheduler; a generator that can only stream one answer at a time is served one request
 at a time, mlxft.serve.worker). Every answer is JSON, errors included; a connection that sends
 nothing for `read_timeout` seconds is closed; nothing of an internal error's text reaches a
 client (it goes to the log). With an API key, every /v1 request must carry
@@ -42,8 +42,8 @@ from pathlib import Path
 from mlxft.conversation import render_messages, resolve_template
 from mlxft.errors import UserError
 from mlxft.generation import Sampling
-from mlxft.serve.batcher import BatchScheduler
 from mlxft.serve.handler import Handler
+from mlxft.serve.scheduler import BatchScheduler
 from mlxft.serve.worker import SerialScheduler
 
 READ_TIMEOUT = 30.0  # seconds a client may stay silent while sending a request (or reading an answer)

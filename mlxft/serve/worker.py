@@ -1,5 +1,5 @@
 """The one thread that runs the model for `mlxft serve`, for a generator that answers one
-request at a time (its `stream()` only; mlxft.serve.batcher runs the ones that can batch).
+request at a time (its `stream()` only; mlxft.serve.scheduler runs the ones that can batch).
 
 Connections come and go on threads of their own, but none of them touches the model: MLX keeps
 resources per calling thread (streams, caches) that outlive the thread, so a thread per request

@@ -52,8 +52,8 @@ def fetch() -> Path:
 
 def convert() -> Path:
     """The Hugging Face folder beside the GGUF file, converted by mlxft once."""
-    from mlxft.cache import build_once
-    from mlxft.gguf.read import convert as convert_gguf
+    from mlxft.models.cache import build_once
+    from mlxft.models.gguf.read import convert as convert_gguf
 
     return build_once(folder_path(), "model.safetensors", lambda staging: convert_gguf(gguf_path(), staging))
 

@@ -72,7 +72,8 @@ def test_tallrec_lora_learns_on_both_backends(real_model, tmp_path, backend):
 
 
 # Measured agreement of llama.cpp's greedy tokens with mlxft's before the first divergence, over the
-# certificate's 4 prompts (benchmarks/RESULTS.md): f16 1.00, q8_0 0.90, q4_k_m 0.61.
+# certificate's 4 prompts (benchmarks/RESULTS.md): f16 1.00, q8_0 0.90, q4_k_m 0.61; on another
+# machine q8_0 0.775, its two divergences both near ties (gaps 0.3% of the largest logit; 1.00 beyond ties).
 AGREEMENT = {"f16": 1.0, "q8_0": 0.8, "q4_k_m": 0.45}
 
 
@@ -86,7 +87,9 @@ def test_export_gguf_is_certified_in_llama_cpp(real_model, tmp_path, kind):
     certificate = json.loads((tmp_path / "smollm2.certificate.json").read_text())
     assert certificate["passed"] and certificate["tokenizer"]["mismatches"] == []
     assert certificate["tokenizer"]["leading_space_differences"] == []  # byte-level BPE has none
-    assert certificate["greedy"]["token_agreement"] >= AGREEMENT[kind], certificate["greedy"]
+    # Beyond near ties: mlxft's own pick at a near tie depends on the BLAS it runs on (the France
+    # prompt's first token on one machine's OpenBLAS, at a gap of 0.3% of the largest logit).
+    assert certificate["greedy"]["token_agreement_beyond_ties"] >= AGREEMENT[kind], certificate["greedy"]
     assert "named SmolLM" in (tmp_path / "Modelfile").read_text()  # the template's default system prompt
     if kind != "f16":
         return
@@ -106,7 +109,7 @@ def test_export_gguf_is_certified_in_llama_cpp(real_model, tmp_path, kind):
 
 def test_an_adapter_gguf_answers_under_lora_as_mlxft_generate_does(real_model, tmp_path):
     pytest.importorskip("llama_cpp", reason="llama.cpp is not installed: pip install 'mlxft[llama-cpp]'")
-    from mlxft.adapters import AdapterSpec, save_adapter
+    from mlxft.models.adapters import AdapterSpec, save_adapter
 
     rng = np.random.default_rng(0)
     weights = {f"model.layers.{i}.self_attn.{name}": (rng.normal(0, 0.02, (8, 576)), rng.normal(0, 0.02, (out, 8)))

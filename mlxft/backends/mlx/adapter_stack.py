@@ -27,8 +27,8 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_unflatten
 
-from mlxft.adapters import AdapterSpec, check_modules
 from mlxft.errors import UserError
+from mlxft.models.adapters import AdapterSpec, check_modules
 
 
 class AdapterRows:

@@ -5,7 +5,7 @@ folder and swapped in whole, so a kill leaves the previous checkpoint or the new
     checkpoint/weights/  optimizer.safetensors  state.json {step, best, stale, backend: "mlx", progress}
     [heads.safetensors]
 
-`progress` is the run driver's: the tokens trained and the open report window (mlxft.driver).
+`progress` is the run driver's: the tokens trained and the open report window (mlxft.train.driver).
 """
 
 from __future__ import annotations
@@ -16,13 +16,13 @@ from pathlib import Path
 import mlx.core as mx
 from mlx.utils import tree_flatten, tree_unflatten
 
-from mlxft.adapters import load_adapter, load_saved_modules, save_trained
 from mlxft.backends.mlx import lora
 from mlxft.files import staged_folder
+from mlxft.models.adapters import load_adapter, load_saved_modules, save_trained
 
 
 def save_weights(folder: Path, model, spec, config, base_folder) -> None:
-    """The adapter in PEFT layout, or for full fine-tuning a whole model folder (mlxft.adapters.save_trained)."""
+    """The adapter in PEFT layout, or for full fine-tuning a whole model folder (mlxft.models.adapters.save_trained)."""
     from mlx_lm.utils import save_model
 
     save_trained(folder, model, spec, config, base_folder, lora, lambda staging: save_model(staging, model))

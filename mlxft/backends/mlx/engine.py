@@ -28,13 +28,14 @@ from mlxft.backends.mlx.evaluate import evaluate
 from mlxft.backends.mlx.fuse import fuse
 from mlxft.backends.mlx.generate import generate_answer, sample_completions
 from mlxft.backends.mlx.stream import load_generator
-from mlxft.distributed import World
-from mlxft.dpo_loss import needs_reference, statistic_names
-from mlxft.driver import Start
+from mlxft.data.passes import row_passes, split_passes
 from mlxft.errors import NotImplementedYet
-from mlxft.model_files import SPLIT_HEAD_TYPES
-from mlxft.reward import STATISTICS, TASK_TYPE, saved_head, score_positions
-from mlxft.rollouts import row_passes, split_passes
+from mlxft.losses.dpo import needs_reference, statistic_names
+from mlxft.losses.reward import STATISTICS
+from mlxft.models.files import SPLIT_HEAD_TYPES
+from mlxft.models.heads import TASK_TYPE, saved_head, score_positions
+from mlxft.train.distributed import World
+from mlxft.train.driver import Start
 
 
 class MLXEngine:
@@ -80,7 +81,7 @@ class MLXEngine:
         return model.args.hidden_size
 
     def add_reward_head(self, model, weight: np.ndarray) -> None:
-        from mlxft.reward import HEAD
+        from mlxft.models.heads import HEAD
 
         setattr(model, HEAD, nn.Linear(weight.shape[1], 1, bias=False))  # trainable: build_policy froze the rest
         getattr(model, HEAD).weight = mx.array(weight)
@@ -191,7 +192,7 @@ class MLXEngine:
                 world: World = World()) -> MethodStep:
         """`rollouts.make(prompt batch)` samples and scores a rollout; `advantages(rollout, old
         log-probs, reference log-probs, old values, weights, rl config)` -> (advantages, returns);
-        `statistics`: how many sums the step reports (mlxft.rl.statistic_names)."""
+        `statistics`: how many sums the step reports (mlxft.losses.rl.statistic_names)."""
         tc, rc = config.train, config.rl
         ppo = rc.algo == "ppo"
         loss = partial(steps.rl_loss, split_head=split_head, rc=rc, chunk=tc.head_chunk)
@@ -236,7 +237,7 @@ class MLXEngine:
         this model's base) run on the model being trained: its LoRA weights swapped in for the forward
         (lora.adapter_swapped) and its head kept outside the model, so that nothing of it trains.
         One copy of the base weights serves the policy, the reference and the reward model."""
-        from mlxft.adapters import load_adapter
+        from mlxft.models.adapters import load_adapter
 
         spec, weights = load_adapter(adapter, task_type=TASK_TYPE)
         head = head_of(adapter, model.args.hidden_size)
@@ -251,8 +252,8 @@ class MLXEngine:
     def load_scorer(self, name: str, adapter: str, *, trust_remote_code: bool = False):
         """(tokenizer, score): a saved reward adapter on its base model, and a function from rows of
         token ids [N, T] (right-padded with the tokenizer's pad id) to their scores [N] (numpy)."""
-        from mlxft.adapters import attach_adapter
-        from mlxft.model_files import pad_id as pad_id_of
+        from mlxft.models.adapters import attach_adapter
+        from mlxft.models.files import pad_id as pad_id_of
 
         model, tokenizer, folder = mlx_model.load(name, trust_remote_code=trust_remote_code)
         if not mlx_model.can_split_head(model, folder):

@@ -14,8 +14,8 @@ import numpy as np
 from mlxft.backends.mlx import PAD_MULTIPLE
 from mlxft.backends.mlx.model import logits_at
 from mlxft.data.batching import iterate_batches, scored_targets
-from mlxft.distributed import World
 from mlxft.eval.metrics import ValidationTally
+from mlxft.train.distributed import World
 
 
 def evaluate(model, examples, *, pad_id: int, split_head: bool, batch_size: int = 32,

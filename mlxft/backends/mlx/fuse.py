@@ -23,12 +23,12 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_unflatten
 
-from mlxft.adapters import adapter_folder, apply_adapter, check_modules
 from mlxft.backends.mlx import lora
 from mlxft.errors import UserError
 from mlxft.files import staged_folder
-from mlxft.fuse_common import Fused, adapter_and_base_name, check_out, check_sources, copy_model_files, fused_check
-from mlxft.saved_check import fixed_probe, relative_difference
+from mlxft.models.adapters import adapter_folder, apply_adapter, check_modules
+from mlxft.models.fuse import Fused, adapter_and_base_name, check_out, check_sources, copy_model_files, fused_check
+from mlxft.train.saved_check import fixed_probe, relative_difference
 
 QUANTIZATION_KEYS = ("quantization", "quantization_config")
 GROUP_SIZE = 64  # mlx-lm's default group size for newly quantized models
@@ -65,7 +65,7 @@ def fuse(adapter: str | Path, out: str | Path, *, model: str | None = None, quan
     return Fused(out, base_name, len(weights), config.get("quantization"), check)
 
 
-# mlx's dtypes under the names every backend's check uses (mlxft.fuse_common.FUSE_TOLERANCE).
+# mlx's dtypes under the names every backend's check uses (mlxft.models.fuse.FUSE_TOLERANCE).
 DTYPE_NAMES = {mx.float32: "float32", mx.bfloat16: "bfloat16", mx.float16: "float16"}
 
 

@@ -20,7 +20,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 from mlx_lm.tuner.dora import DoRALinear
 from mlx_lm.tuner.lora import LoRALinear
 
-from mlxft.adapters import AdapterSpec, check_swappable, select_modules
+from mlxft.models.adapters import AdapterSpec, check_swappable, select_modules
 
 
 def linear_modules(model) -> dict[str, tuple[int, int]]:

@@ -1,6 +1,6 @@
 """Load a model for training or evaluation on MLX, through mlx-lm's loader.
 
-The folder comes from mlxft.model_files (built-in, local or hub), so the PyTorch backend reads
+The folder comes from mlxft.models.files (built-in, local or hub), so the PyTorch backend reads
 the very same files. A quantized MLX model (mlx-community 4-bit) loads as it is; `quantize`
 quantizes a full-precision one on load. Either way LoRA on top of it is QLoRA.
 """
@@ -15,10 +15,10 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from mlxft import memory
-from mlxft.driver import MemoryMeter
 from mlxft.errors import UserError
-from mlxft.model_files import SPLIT_HEAD_TYPES, check_model_folder, mlx_config_overrides, model_type, resolve_model_dir
+from mlxft.models.files import SPLIT_HEAD_TYPES, check_model_folder, mlx_config_overrides, model_type, resolve_model_dir
+from mlxft.train import memory
+from mlxft.train.driver import MemoryMeter
 
 
 def load(name: str, *, quantize: int | None = None, trust_remote_code: bool = False):

@@ -3,7 +3,7 @@ The trainers (sft.py, dpo.py) and the bench run exactly these.
 
 An objective is a function loss(model, *inputs) -> (loss sum, sums): the loss summed over its
 micro-batch, and a vector of the method's statistic sums whose [0] is what the loss is a sum over
-(scored tokens, pairs) and [1] the loss sum (see mlxft.driver). Gradients of the sums add up over
+(scored tokens, pairs) and [1] the loss sum (see mlxft.train.driver). Gradients of the sums add up over
 micro-batches and are divided once by the step's sums[0], so k micro-batches give exactly the
 gradient of one batch k times the size.
 """
@@ -24,12 +24,13 @@ from mlxft.backends.mlx.model import hidden_scores, scores_at, shared_prompt_hid
 from mlxft.data.batching import iterate_pair_batches, scored_targets
 from mlxft.data.packing import block_mask
 from mlxft.data.shared_prompt import pair_inputs
-from mlxft.distributed import World, empty, step_seed
-from mlxft.dpo_loss import pair_objective
-from mlxft.driver import StepResult
-from mlxft.first_step import TensorProbe, sample_points
-from mlxft.reward import reward_objective, score_positions
-from mlxft.rl import policy_objective
+from mlxft.losses.dpo import pair_objective
+from mlxft.losses.reward import reward_objective
+from mlxft.losses.rl import policy_objective
+from mlxft.models.heads import score_positions
+from mlxft.train.distributed import World, empty, step_seed
+from mlxft.train.driver import StepResult
+from mlxft.train.first_step import TensorProbe, sample_points
 
 # --- one optimizer step ----------------------------------------------------------------------------
 
@@ -102,7 +103,7 @@ def train_step(model, optimizer, micro_step, update, inputs_of, seed: int, world
 
 
 def probe_before(model, grads) -> tuple:
-    """What a probe reads before the update (mlxft.first_step): per trainable tensor its largest
+    """What a probe reads before the update (mlxft.train.first_step): per trainable tensor its largest
     |gradient|, whether the gradient is finite, and the weights at the sampled points and at the
     largest gradient's."""
     grads, weights = dict(tree_flatten(grads)), dict(tree_flatten(model.trainable_parameters()))
@@ -188,7 +189,7 @@ def token_logps_values(model, inputs, positions, tokens, chunk: int | None = Non
 
 def rl_loss(model, inputs, positions, tokens, weights, reference, old_logps, old_values, advantages, returns, carried, *,
             split_head: bool, rc, chunk: int | None = None):
-    """(the policy loss sum of a rollout's completions, mlxft.rl statistic sums): the loss
+    """(the policy loss sum of a rollout's completions, mlxft.losses.rl statistic sums): the loss
     statistics, the completion tokens' entropy, then the rollout's reward sums (`carried`).
     `old_logps` count from a second update on a rollout (rl.num_iterations), `old_values` and
     `returns` for PPO only; they are zeros otherwise."""
@@ -237,13 +238,13 @@ def make_token_reference_step(model, split_head: bool, chunk: int | None = None)
 
 def reward_scores(model, input_ids, positions, head=None):
     """Scores [N] of whole rows: the reward head (`head`, else `model.score`; float32) on the
-    hidden state at each row's position (mlxft.reward.score_positions)."""
+    hidden state at each row's position (mlxft.models.heads.score_positions)."""
     hidden = mx.take_along_axis(model.model(input_ids), positions[:, None, None], axis=1)[:, 0]
     return (head or model.score)(hidden.astype(mx.float32))[:, 0]
 
 
 def reward_loss(model, input_ids, positions, *, center_coefficient: float):
-    """(sum of the Bradley-Terry losses of a pair batch, mlxft.reward.STATISTICS sums)."""
+    """(sum of the Bradley-Terry losses of a pair batch, mlxft.losses.reward.STATISTICS sums)."""
     return reward_objective(reward_scores(model, input_ids, positions), center_coefficient, xp=mx, detach=mx.stop_gradient)
 
 

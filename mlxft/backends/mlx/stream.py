@@ -19,11 +19,11 @@ from mlxft.generation import Generator, Piece, Sampling, StopScanner, adapter_an
 class TextGenerator(Generator):
 
     def batch_engine(self):
-        """The running batch `mlxft serve` answers many requests with (mlxft.backends.mlx.batch),
+        """The running batch `mlxft serve` answers many requests with (mlxft.backends.mlx.serve_batch),
         or None when this model cannot be batched or already carries an adapter of its own (named
         adapters are added to the engine instead, per row)."""
-        from mlxft.backends.mlx.batch import batch_engine
         from mlxft.backends.mlx.lora import lora_layers
+        from mlxft.backends.mlx.serve_batch import batch_engine
 
         if lora_layers(self.model):
             return None
@@ -62,9 +62,9 @@ class TextGenerator(Generator):
 def load_generator(model_name: str | None, adapter: str | Path | None = None, *, trust_remote_code: bool = False) -> TextGenerator:
     """A base model (+ adapter, applied unfused) ready to answer. Without --model the adapter's
     own base model (adapter_config.json) is used, else the built-in model."""
-    from mlxft.adapters import apply_adapter
     from mlxft.backends.mlx import lora
     from mlxft.backends.mlx.model import load
+    from mlxft.models.adapters import apply_adapter
 
     spec, weights, model_name = adapter_and_base(adapter, model_name)
     model, tokenizer, folder = load(model_name, trust_remote_code=trust_remote_code)

@@ -10,15 +10,15 @@ from pathlib import Path
 
 import torch
 
-from mlxft.adapters import load_adapter, load_saved_modules, save_trained
 from mlxft.backends.torch import lora
 from mlxft.backends.torch import model as torch_model
 from mlxft.errors import UserError
 from mlxft.files import staged_folder
+from mlxft.models.adapters import load_adapter, load_saved_modules, save_trained
 
 
 def save_weights(folder: Path, model, spec, config, base_folder) -> None:
-    """The adapter in PEFT layout, or for full fine-tuning a whole model folder (mlxft.adapters.save_trained)."""
+    """The adapter in PEFT layout, or for full fine-tuning a whole model folder (mlxft.models.adapters.save_trained)."""
 
     def write_model(staging: Path) -> None:
         with torch_model.quiet_progress():

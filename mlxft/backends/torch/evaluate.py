@@ -13,8 +13,8 @@ import torch.nn.functional as F
 from mlxft.backends.torch import PAD_MULTIPLE
 from mlxft.backends.torch.model import autocast, logits_at, to_device
 from mlxft.data.batching import iterate_batches, scored_targets
-from mlxft.distributed import World
 from mlxft.eval.metrics import ValidationTally
+from mlxft.train.distributed import World
 
 
 @torch.no_grad()

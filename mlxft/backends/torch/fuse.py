@@ -21,12 +21,12 @@ from pathlib import Path
 
 import torch
 
-from mlxft.adapters import adapter_folder, apply_adapter, check_modules
 from mlxft.backends.torch import lora
 from mlxft.errors import NotImplementedYet
 from mlxft.files import staged_folder
-from mlxft.fuse_common import Fused, adapter_and_base_name, check_out, check_sources, copy_model_files, fused_check
-from mlxft.saved_check import fixed_probe, relative_difference
+from mlxft.models.adapters import adapter_folder, apply_adapter, check_modules
+from mlxft.models.fuse import Fused, adapter_and_base_name, check_out, check_sources, copy_model_files, fused_check
+from mlxft.train.saved_check import fixed_probe, relative_difference
 
 # safetensors' names for the float dtypes a base may be stored in.
 STORED_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}

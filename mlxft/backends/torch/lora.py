@@ -1,6 +1,6 @@
 """LoRA on PyTorch through PEFT, from the same AdapterSpec the MLX backend uses.
 
-PEFT's own layout is the on-disk format (mlxft.adapters), so nothing is transposed here: a LoRA
+PEFT's own layout is the on-disk format (mlxft.models.adapters), so nothing is transposed here: a LoRA
 layer's lora_A.weight is A [r, in] and lora_B.weight is B [out, r], scaled by alpha / r. PEFT
 initialises A as kaiming_uniform(a=sqrt(5)), i.e. uniform within ±1/sqrt(in), and B as zero:
 the same distribution as mlx-lm's LoRALinear, so a new adapter starts as a no-op on both. DoRA
@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from mlxft.adapters import AdapterSpec, check_swappable, layer_index, select_modules
+from mlxft.models.adapters import AdapterSpec, check_swappable, layer_index, select_modules
 
 ADAPTER = "default"  # PEFT's adapter name; mlxft keeps one adapter per model
 
@@ -85,7 +85,7 @@ def adapter_tensors(layer) -> list:
 
 def adapter_weights(model) -> dict[str, tuple[np.ndarray, ...]]:
     """{module path: (A [r, in], B [out, r]), and DoRA's magnitude m [out] third} as float32 numpy,
-    for mlxft.adapters.save_adapter."""
+    for mlxft.models.adapters.save_adapter."""
     return {path: tuple(t.detach().float().cpu().numpy() for t in adapter_tensors(m))
             for path, m in lora_layers(model).items()}
 

@@ -1,6 +1,6 @@
 """Load a model for training or evaluation on PyTorch, through transformers.
 
-The folder comes from mlxft.model_files (built-in, local or hub), exactly as on MLX, so both
+The folder comes from mlxft.models.files (built-in, local or hub), exactly as on MLX, so both
 backends read the same config.json, safetensors and tokenizer files and see the same token ids.
 Weights stay float32; on CUDA the forward runs under bf16 autocast when the GPU supports it, the
 usual mixed-precision recipe (master weights and optimizer state in float32).
@@ -15,10 +15,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from mlxft import memory
-from mlxft.driver import MemoryMeter
 from mlxft.errors import UserError
-from mlxft.model_files import SPLIT_HEAD_TYPES, check_model_folder, load_tokenizer, model_type, resolve_model_dir
+from mlxft.models.files import SPLIT_HEAD_TYPES, check_model_folder, load_tokenizer, model_type, resolve_model_dir
+from mlxft.train import memory
+from mlxft.train.driver import MemoryMeter
 
 
 def pick_device() -> torch.device:

@@ -1,6 +1,6 @@
 """The steps of the PyTorch trainers: one optimizer step for any objective, and each method's loss.
 The trainers (sft.py, dpo.py) and the bench run exactly these; the twins of
-mlxft.backends.mlx.steps, with the same sums (see mlxft.driver).
+mlxft.backends.mlx.steps, with the same sums (see mlxft.train.driver).
 
 An objective is a function loss_of(batch) -> (loss sum, sums): the loss summed over a micro-batch
 (with its graph), and the detached vector of the method's statistic sums whose [0] is what the
@@ -19,12 +19,13 @@ from mlxft.backends.torch.model import scores_at, shared_prompt_hidden, token_sc
 from mlxft.data import packing
 from mlxft.data.batching import iterate_pair_batches, scored_targets
 from mlxft.data.shared_prompt import pair_inputs
-from mlxft.distributed import World, empty, step_seed
-from mlxft.dpo_loss import pair_objective
-from mlxft.driver import StepResult
-from mlxft.first_step import TensorProbe, sample_points
-from mlxft.reward import reward_objective, score_positions
-from mlxft.rl import policy_objective
+from mlxft.losses.dpo import pair_objective
+from mlxft.losses.reward import reward_objective
+from mlxft.losses.rl import policy_objective
+from mlxft.models.heads import score_positions
+from mlxft.train.distributed import World, empty, step_seed
+from mlxft.train.driver import StepResult
+from mlxft.train.first_step import TensorProbe, sample_points
 
 # --- one optimizer step ----------------------------------------------------------------------------
 
@@ -40,7 +41,7 @@ def train_step(optimizer, loss_of, *, seed: int, max_grad_norm: float | None, wo
     DDP's all-reduce, done once per optimizer step rather than per micro-batch. With `updates` > 1
     (online RL's rl.num_iterations) the micro-batches are laid out once and trained on that many
     times, one optimizer update each; the statistics sum over all of them. `names` name the
-    optimizer's tensors, in its order, for the first steps' probes (mlxft.first_step)."""
+    optimizer's tensors, in its order, for the first steps' probes (mlxft.train.first_step)."""
     inputs_of = inputs_of or (lambda batch: batch)
     passes_of = passes_of or (lambda batch: [inputs_of(batch)])
     parameters = [p for group in optimizer.param_groups for p in group["params"]]
@@ -93,7 +94,7 @@ def train_step(optimizer, loss_of, *, seed: int, max_grad_norm: float | None, wo
 
 @torch.no_grad()
 def probe_before(parameters) -> tuple:
-    """What a probe reads before the update (mlxft.first_step): per tensor its largest |gradient|,
+    """What a probe reads before the update (mlxft.train.first_step): per tensor its largest |gradient|,
     whether the gradient is finite, and the weights at the sampled points and the largest gradient's."""
     points, values, read = [], [], []
     for p in parameters:
@@ -171,7 +172,7 @@ def token_logps_values(model, inputs, positions, tokens, chunk: int | None = Non
 
 def rl_loss(model, inputs, positions, tokens, weights, reference, old_logps, old_values, advantages, returns, carried, *,
             split_head: bool, rc, chunk: int | None = None):
-    """(the policy loss sum of a rollout's completions, mlxft.rl statistic sums detached): the
+    """(the policy loss sum of a rollout's completions, mlxft.losses.rl statistic sums detached): the
     loss statistics, the completion tokens' entropy, then the rollout's reward sums (`carried`).
     `old_logps` count from a second update on a rollout (rl.num_iterations), `old_values` and
     `returns` for PPO only; they are zeros otherwise."""
@@ -209,14 +210,14 @@ def reference_token_logps(model, inputs, positions, tokens, *, split_head: bool,
 
 def reward_scores(model, input_ids, positions, head=None):
     """Scores [N] of whole rows: the reward head (`head`, else `model.score`; float32) on the
-    hidden state at each row's position (mlxft.reward.score_positions)."""
+    hidden state at each row's position (mlxft.models.heads.score_positions)."""
     hidden = model.model(input_ids=input_ids).last_hidden_state
     hidden = hidden[torch.arange(len(positions), device=hidden.device), positions]
     return (head or model.score)(hidden.float())[:, 0]
 
 
 def reward_loss(model, pairs, *, pad_id: int, center_coefficient: float, device):
-    """(sum of the Bradley-Terry losses of a pair batch, mlxft.reward.STATISTICS sums detached)."""
+    """(sum of the Bradley-Terry losses of a pair batch, mlxft.losses.reward.STATISTICS sums detached)."""
     ids = pairs.batch.input_ids
     input_ids, positions = torch_model.to_device(device, ids, score_positions(ids, pad_id))
     with torch_model.autocast(device):

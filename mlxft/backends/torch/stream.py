@@ -32,9 +32,9 @@ class TextGenerator(Generator):
         self.end_ids = end_of_sequence_ids(folder, tokenizer)
 
     def batch_engine(self):
-        """The running batch `mlxft serve` answers many requests with (mlxft.backends.torch.batch),
+        """The running batch `mlxft serve` answers many requests with (mlxft.backends.torch.serve_batch),
         or None when this model's cache cannot be batched."""
-        from mlxft.backends.torch.batch import batch_engine
+        from mlxft.backends.torch.serve_batch import batch_engine
 
         return batch_engine(self.model, self.tokenizer, self.end_ids)
 
@@ -77,10 +77,10 @@ def sampled_tokens(model, prompt_ids: list[int], sampling: Sampling) -> Iterator
 def load_generator(model_name: str | None, adapter: str | Path | None = None, *, trust_remote_code: bool = False) -> TextGenerator:
     """A base model (+ adapter, applied unfused through PEFT) ready to answer. Without --model the
     adapter's own base model (adapter_config.json) is used, else the built-in model."""
-    from mlxft.adapters import apply_adapter
     from mlxft.backends.torch import lora
     from mlxft.backends.torch.model import load
     from mlxft.generation import adapter_and_base
+    from mlxft.models.adapters import apply_adapter
 
     spec, weights, model_name = adapter_and_base(adapter, model_name)
     model, tokenizer, folder = load(model_name, trust_remote_code=trust_remote_code)

@@ -1,7 +1,7 @@
 """The built-in model: what every command uses when no --model is named, so mlxft runs offline.
 
 A tiny Llama (0.7M parameters, 2,048-token BPE vocabulary, Hugging Face names) shipped in the
-package, mlxft/builtin_model/ (~3 MB: mlxft's own weights and tokenizer, made by
+package, mlxft/models/builtin_model/ (~3 MB: mlxft's own weights and tokenizer, made by
 mlxft.builtin_factory, which says how). On first use it is copied into the cache folder (MLXFT_HOME,
 default ~/.cache/mlxft) under a name that hashes the shipped files, and both backends load it
 from there through their usual loaders.
@@ -18,7 +18,7 @@ import shutil
 from functools import lru_cache
 from pathlib import Path
 
-from mlxft.cache import build_once, cache_root
+from mlxft.models.cache import build_once, cache_root
 
 PACKAGED = Path(__file__).parent / "builtin_model"
 

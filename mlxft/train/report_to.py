@@ -1,5 +1,5 @@
 """`--report-to tensorboard,wandb`: every report of a run, as metrics.jsonl holds it
-(mlxft.runs.Run.log), also goes where people look at training curves.
+(mlxft.train.runs.Run.log), also goes where people look at training curves.
 
     mlxft lora --recipe tallrec --report-to tensorboard     # then: tensorboard --logdir runs
 

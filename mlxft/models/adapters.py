@@ -5,7 +5,7 @@
                                  base_model.model.<module>.lora_B.weight [out, r]
                                  base_model.model.<module>.lora_magnitude_vector [out]  (DoRA only)
 
-A reward model (mlxft.reward) is task_type SEQ_CLS with modules_to_save ["score"], its head
+A reward model (mlxft.methods.reward) is task_type SEQ_CLS with modules_to_save ["score"], its head
 saved whole as base_model.model.score.weight [1, hidden], as PEFT saves it.
 
 Tensors here are numpy arrays keyed by module path ("model.layers.0.self_attn.q_proj"): (A, B),
@@ -39,7 +39,7 @@ class AdapterSpec:
     target_modules: list[str]
     base_model: str
     layers: list[int] | None = None  # None: every block
-    task_type: str = "CAUSAL_LM"  # SEQ_CLS: a reward model (mlxft.reward), its head in modules_to_save
+    task_type: str = "CAUSAL_LM"  # SEQ_CLS: a reward model (mlxft.methods.reward), its head in modules_to_save
     modules_to_save: list[str] | None = None  # modules trained in full beside the adapter (PEFT's name)
     use_rslora: bool = False  # rank-stabilised LoRA: scaling alpha / sqrt(r) instead of alpha / r
     use_dora: bool = False  # DoRA: each output row of W + scaling * B @ A rescaled to a trained magnitude
@@ -313,7 +313,7 @@ def save_trained(folder: Path, model, spec: AdapterSpec, config, base_folder, lo
     folder must load on both backends."""
     import shutil
 
-    from mlxft.model_files import TOKENIZER_OUTPUTS
+    from mlxft.models.files import TOKENIZER_OUTPUTS
 
     if not config.lora.full_finetune:
         save_adapter(folder, spec, lora.adapter_weights(model), lora.saved_modules(model, spec))

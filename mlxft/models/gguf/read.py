@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from mlxft.errors import UserError
-from mlxft.gguf.names import READABLE, hf_name, unpermute
+from mlxft.models.gguf.names import READABLE, hf_name, unpermute
 
 GGUF_VERSION = "1"  # of this converter: part of the cache key
 
@@ -114,7 +114,7 @@ def cache_key(path: Path) -> str:
 
 def gguf_folder(path: str | Path, echo=None) -> Path:
     """The Hugging Face folder of a GGUF file, converted into the cache on first use."""
-    from mlxft.cache import build_once, cache_root
+    from mlxft.models.cache import build_once, cache_root
 
     path = Path(path).expanduser()
     if not path.is_file():
@@ -128,10 +128,10 @@ def gguf_folder(path: str | Path, echo=None) -> Path:
 
 def convert(path: Path, folder: Path, echo=None) -> None:
     """Write config.json, model.safetensors and the tokenizer of a GGUF file into `folder`."""
-    import gguf
     from safetensors.numpy import save_file
 
-    from mlxft.progress import Progress
+    import gguf
+    from mlxft.train.progress import Progress
 
     try:
         reader = gguf.GGUFReader(str(path))

@@ -1,4 +1,4 @@
-"""Continuous batching on MLX for `mlxft serve`: the model's side of mlxft.serve.batcher.
+"""Continuous batching on MLX for `mlxft serve`: the model's side of mlxft.serve.scheduler.
 
 The running batch is a list of rows (one per answer being generated) over one batched KV cache
 (mlx-lm's BatchKVCache). New requests join between decode steps: their prompts are run on their

@@ -1,4 +1,4 @@
-"""DPO on MLX with a 2-layer, 32-wide model: ln 2 at step 0, the losses against NumPy, the
+"""DPO (mlxft.methods.dpo) on the MLX engine with a 2-layer, 32-wide model: ln 2 at step 0, the losses against NumPy, the
 reference as the adapter-off model, masks, memory, resume, the CLI and its errors."""
 
 import json
@@ -12,7 +12,6 @@ import pytest
 from click.testing import CliRunner
 from mlx.utils import tree_flatten
 
-from mlxft.adapters import AdapterSpec, save_adapter
 from mlxft.backends.mlx import lora, steps
 from mlxft.backends.mlx import model as mlx_model
 from mlxft.backends.mlx.model import load
@@ -23,11 +22,12 @@ from mlxft.data.dataset import load_preference_splits
 from mlxft.data.encode import PreferenceExample, encode_preference
 from mlxft.data.records import Record
 from mlxft.data.templates import render_preference
-from mlxft.dpo_loss import dpo_losses, summarize
 from mlxft.errors import UserError
+from mlxft.losses.dpo import dpo_losses, summarize
 from mlxft.methods import dpo
 from mlxft.methods.dpo import REFERENCE_FILE
-from mlxft.runs import Run
+from mlxft.models.adapters import AdapterSpec, save_adapter
+from mlxft.train.runs import Run
 
 TRL_NAMES = ["rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
              "logps/chosen", "logps/rejected", "logits/chosen", "logits/rejected"]
@@ -75,7 +75,7 @@ def adapted_model(model_dir, b_scale=0.0):
 # --- the loss math ---------------------------------------------------------------------------------
 
 def numpy_reference(pc, pr, rc, rr, beta, loss_type, eps):
-    """The published formulas, written out once more without mlxft.dpo_loss."""
+    """The published formulas, written out once more without mlxft.losses.dpo."""
     d = (pc - rc) - (pr - rr)
 
     def logsig(x):
@@ -497,7 +497,7 @@ def test_empty_answers_are_counted_and_flagged_in_the_comparison(tmp_path):
 
 
 def test_kto_losses_by_hand():
-    from mlxft.dpo_loss import kto_losses
+    from mlxft.losses.dpo import kto_losses
 
     # Rows: a desirable answer with r = 0.5, an undesirable one with r = -0.5; the mismatched
     # answers' ratios 1.0 and 0.5 give z0 = 0.75 (not differentiated).

@@ -37,7 +37,7 @@ class Architecture:
     block_names: dict = field(default_factory=lambda: dict(LLAMA_BLOCK))
     reorders_qk: bool = False
     norm_offset: float = 0.0
-    readable: bool = False  # mlxft.gguf.read turns such a file back into a folder
+    readable: bool = False  # mlxft.models.gguf.read turns such a file back into a folder
 
 
 ARCHITECTURES = {a.model_type: a for a in (

@@ -1,4 +1,4 @@
-"""DPO on PyTorch against DPO on MLX, on a 2-layer, 32-wide Llama: ln 2 at step 0, the reference
+"""DPO (mlxft.methods.dpo) on the PyTorch engine against the MLX one, on a 2-layer, 32-wide Llama: ln 2 at step 0, the reference
 as the adapter-off model, the same losses and TRL metrics on the same weights for every loss type,
 the same optimizer steps, the CLI end to end with the MLX run's summary keys, and resume."""
 
@@ -14,7 +14,6 @@ import torch
 from click.testing import CliRunner
 from mlx.utils import tree_flatten
 
-from mlxft.adapters import AdapterSpec, save_adapter
 from mlxft.backends.mlx import lora as mlx_lora
 from mlxft.backends.mlx import model as mlx_model
 from mlxft.backends.mlx import steps as mlx_steps
@@ -26,11 +25,12 @@ from mlxft.cli import cli
 from mlxft.config import DPOConfig, load_config
 from mlxft.data.batching import collate_pairs
 from mlxft.data.encode import PreferenceExample
-from mlxft.dpo_loss import summarize
+from mlxft.losses.dpo import summarize
 from mlxft.methods import dpo
 from mlxft.methods.dpo import REFERENCE_FILE
-from mlxft.runs import Run
-from mlxft.schedule import learning_rate
+from mlxft.models.adapters import AdapterSpec, save_adapter
+from mlxft.train.runs import Run
+from mlxft.train.schedule import learning_rate
 
 CPU = torch.device("cpu")
 SPEC = AdapterSpec(4, 8, 0.0, ["q_proj", "v_proj"], "x")
@@ -39,7 +39,7 @@ SPEC = AdapterSpec(4, 8, 0.0, ["q_proj", "v_proj"], "x")
 @pytest.fixture(autouse=True, scope="module")
 def one_torch_thread():
     """On these tiny models torch's threads cost more in synchronisation than they save (see
-    test_torch_backend.py)."""
+    test_torch_engine.py)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

@@ -24,7 +24,7 @@ import numpy as np
 from mlxft.config import RunConfig, dump_config, load_config
 from mlxft.errors import UserError
 from mlxft.files import write_atomic
-from mlxft.runs import Run
+from mlxft.train.runs import Run
 
 RESULT = "test.json"  # written last, atomically: its presence means the run is complete
 

@@ -5,10 +5,10 @@ adapter from the recipe. `backend` is a backend's engine (mlxft.backends.engine)
 
 from __future__ import annotations
 
-from mlxft.adapters import AdapterSpec, attach_adapter, resolve_targets
 from mlxft.config import RunConfig
 from mlxft.errors import UserError
-from mlxft.model_files import BUILTIN
+from mlxft.models.adapters import AdapterSpec, attach_adapter, resolve_targets
+from mlxft.models.files import BUILTIN
 
 
 def recipe_spec(config: RunConfig, folder, linear_modules: dict) -> AdapterSpec:

@@ -1,4 +1,4 @@
-"""The MLX trainer on a 2-layer, 32-wide model: golden losses, resume, accumulation, counts."""
+"""SFT (mlxft.methods.sft) on a 2-layer, 32-wide model, on MLX unless a test says: golden losses, resume, accumulation, counts."""
 
 import json
 from functools import partial
@@ -9,14 +9,14 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
-from mlxft.adapters import AdapterSpec, load_adapter
 from mlxft.backends.mlx import lora, steps
 from mlxft.backends.mlx.model import load
 from mlxft.config import load_config
 from mlxft.data.batching import collate
 from mlxft.data.encode import Example
 from mlxft.methods.sft import train
-from mlxft.runs import Run
+from mlxft.models.adapters import AdapterSpec, load_adapter
+from mlxft.train.runs import Run
 
 
 def tiny_config(model_dir, out, *extra):
@@ -146,7 +146,7 @@ def wide_model_dir(tiny_model_dir, tmp_path_factory):
     """64 wide: the smallest width MLX quantizes (its group size is 64)."""
     import shutil
 
-    from mlxft.builtin import write_model
+    from mlxft.models.builtin import write_model
 
     folder = tmp_path_factory.mktemp("wide-model")
     for name in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json"):

@@ -1,7 +1,9 @@
-"""One online-RL rollout and what a trainer does with it (the algorithm is mlxft.rl's docstring):
+"""One online-RL rollout and what a trainer does with it (the algorithm is mlxft.losses.rl's docstring):
 sample G completions per prompt, score them, advantages per group (or PPO's per token), the rows
 cut into passes (rl.completions_per_pass), held-out rewards of greedy completions, and
 completions.jsonl. Backend-neutral: a backend hands in its samplers and reward-model scorer.
+
+Its data too: the prompts, in batches, and the reward functions' names and table.
 """
 
 from __future__ import annotations
@@ -13,9 +15,124 @@ from pathlib import Path
 import numpy as np
 
 from mlxft.data.batching import Batch, collate
-from mlxft.data.encode import Example
-from mlxft.rl import PromptBatch, columns_of, reward_names, reward_sums, reward_table
+from mlxft.data.encode import Example, encode_prompt
+from mlxft.errors import NotImplementedYet, UserError
+from mlxft.losses.rl import group_advantages, ppo_advantages, reward_sums
 
+# --- prompts and rewards ---------------------------------------------------------------------------
+
+@dataclass
+class PromptExample:
+    ids: list[int]  # the rendered prompt's token ids
+    row: int  # its row in the split (whose other fields the reward functions get)
+    text: str  # the prompt as the reward functions see it (the row's prompt, before any template)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+@dataclass
+class PromptBatch:
+    examples: list[PromptExample]
+    index: np.ndarray
+    tokens: int = 0  # prompt + completion tokens trained on: known once the step has sampled
+
+    @property
+    def lengths(self) -> np.ndarray:
+        """The prompts' lengths (a batch's rows, as mlxft.train.distributed counts them)."""
+        return np.array([len(e) for e in self.examples], dtype=np.int32)
+
+
+def load_rl_data(config, adapter=None, world=None):
+    """(splits of prompt rows, the reward functions): everything that can be wrong before a model loads."""
+    from mlxft.data.dataset import load_prompt_splits
+    from mlxft.rewards import load_reward_function
+
+    rc = config.rl
+    rc.check()
+    if world is not None and world.size > 1:
+        raise NotImplementedYet("mlxft rl runs as one process for now; drop --nproc")
+    if adapter and rc.beta:
+        raise NotImplementedYet("--adapter with rl.beta > 0: the reference would be that adapter, which cannot be "
+                                "switched off; set rl.beta=0, or start a new adapter")
+    if config.lora.full_finetune:
+        raise NotImplementedYet("mlxft rl trains a LoRA adapter (the reference is the model with it switched off); "
+                                "full fine-tuning is not built for RL yet")
+    if config.eval.metric != "reward":
+        raise UserError(f"eval.metric '{config.eval.metric}' is not measured by RL; use eval.metric=reward")
+    functions = [load_reward_function(spec) for spec in rc.reward_functions]
+    if rc.reward_adapter:
+        from mlxft.models.adapters import load_adapter
+
+        load_adapter(rc.reward_adapter, task_type="SEQ_CLS")  # a wrong path or kind fails now
+    return load_prompt_splits(config.data), functions
+
+
+REWARD_MODEL = "reward_model"  # the reward adapter's name among the rewards
+
+
+def reward_names(functions, rc) -> list[str]:
+    return [name for name, _ in functions] + ([REWARD_MODEL] if rc.reward_adapter else [])
+
+
+def reward_table(functions, reward_model, prompts, completions, columns, rows: np.ndarray) -> np.ndarray:
+    """Rewards [rewards, N]: each function's, then the reward model's scores of the rows
+    ([prompt | completion] ids, right-padded) when there is one."""
+    from mlxft.rewards import score
+
+    table = score(functions, prompts, completions, columns)
+    if reward_model is not None:
+        table = np.concatenate([table, np.asarray(reward_model(rows), dtype=np.float64)[None]])
+    return table
+
+
+def encode_prompts(splits, tokenizer, config, echo) -> tuple[list[PromptExample], list[PromptExample], int]:
+    """(train prompts, validation prompts, train prompts cut), with the data line printed."""
+    train_set, truncated = encode_prompt_split(splits.train, tokenizer, config)
+    valid_set, _ = encode_prompt_split(splits.valid, tokenizer, config)
+    echo(f"data {splits.source}: {len(train_set)} train / {len(valid_set)} valid prompts; {truncated} longer than "
+         f"rl.max_prompt_length ({config.rl.max_prompt_length}) kept their end")
+    return train_set, valid_set, truncated
+
+
+def encode_prompt_split(records, tokenizer, config) -> tuple[list[PromptExample], int]:
+    """(prompts, how many were longer than rl.max_prompt_length and lost their beginning)."""
+    from mlxft.data.templates import preference_prompt, resolve_preference_template
+
+    template = resolve_preference_template(config.data.template, records, tokenizer)
+    limit = config.rl.max_prompt_length
+    examples, truncated = [], 0
+    for i, record in enumerate(records):
+        ids = encode_prompt(tokenizer, preference_prompt(record, template, tokenizer, system_prompt=config.data.system_prompt))
+        if limit is not None and len(ids) > limit:
+            ids, truncated = ids[-limit:], truncated + 1
+        prompt = record["prompt"]
+        examples.append(PromptExample(ids, i, prompt if isinstance(prompt, str) else prompt[-1]["content"]))
+    return examples, truncated
+
+
+def iterate_prompt_batches(examples, batch_size: int, pad_id: int, seed: int = 0, shuffle: bool = True,
+                           pad_to_multiple: int = 1):
+    """Batches of prompts in a seeded order (the driver's `iterate`; padding happens after sampling)."""
+    order = np.random.default_rng(seed).permutation(len(examples)) if shuffle else np.arange(len(examples))
+    for start in range(0, len(order), batch_size):
+        index = order[start : start + batch_size]
+        yield PromptBatch([examples[i] for i in index], index)
+
+
+def columns_of(records, rows) -> dict[str, list]:
+    """The rows' fields other than the prompt, one list each, as TRL hands them to reward functions."""
+    names = [k for k in records[rows[0]].fields if k != "prompt"]
+    return {k: [records[r].get(k) for r in rows] for k in names}
+
+
+def stop_ids(tokenizer) -> set[int]:
+    """The tokens that end a completion: the tokenizer's end-of-sequence token(s)."""
+    ids = getattr(tokenizer, "eos_token_ids", None) or tokenizer.eos_token_id  # mlx-lm's wrapper: a set
+    return {int(i) for i in (ids if isinstance(ids, (set, list, tuple)) else [ids]) if i is not None}
+
+
+# --- a rollout -------------------------------------------------------------------------------------
 
 @dataclass
 class Rollout:
@@ -52,65 +169,12 @@ def make_rollout(batch: PromptBatch, sample, tokenizer, records, functions, rc, 
                    completions, table)
 
 
-def group_advantages(rewards: np.ndarray, g: int, algo: str = "grpo", scale_rewards: bool = True) -> np.ndarray:
-    """Advantages [N] of rewards [N] laid out as consecutive groups of g completions of one prompt."""
-    groups = np.asarray(rewards, dtype=np.float64).reshape(-1, g)
-    mean = groups.mean(axis=1, keepdims=True)
-    if algo == "rloo":  # baseline: the mean of the other g - 1
-        return ((groups - mean) * g / (g - 1)).reshape(-1)
-    advantages = groups - mean
-    if scale_rewards:  # the unbiased std, as torch.std and TRL compute it
-        advantages = advantages / (groups.std(axis=1, ddof=1, keepdims=True) + 1e-4)
-    return advantages.reshape(-1)
-
-
-def ppo_advantages(scores, logps, reference, values, weights, rc) -> tuple[np.ndarray, np.ndarray]:
-    """(advantages, returns), each [N, K] float32, of PPO over the completion tokens (`weights` 1,
-    left-aligned, as the loss scores them): the per-token reward −β·(log π_old − log π_ref) plus the
-    completion's score at its last token; GAE(γ, λ) on the rollout's values (0 after the last token);
-    returns = advantages + values; advantages whitened over the batch's tokens (TRL's masked_whiten)."""
-    w = np.asarray(weights, np.float64)
-    values = np.asarray(values, np.float64) * w
-    rewards = -rc.beta * (np.asarray(logps, np.float64) - np.asarray(reference, np.float64)) * w
-    last = np.maximum(w.sum(1).astype(int) - 1, 0)
-    rewards[np.arange(len(last)), last] += np.asarray(scores, np.float64)
-    advantages, running = np.zeros_like(rewards), np.zeros(len(last))
-    for t in reversed(range(w.shape[1])):  # padding sits after the last token: it adds nothing
-        following = values[:, t + 1] if t + 1 < w.shape[1] else 0.0
-        running = rewards[:, t] + rc.gamma * following - values[:, t] + rc.gamma * rc.lam * running
-        advantages[:, t] = running
-    advantages *= w
-    returns = advantages + values
-    n = max(w.sum(), 1.0)
-    mean = advantages.sum() / n
-    variance = (((advantages - mean) * w) ** 2).sum() / max(n - 1, 1.0)  # unbiased, as TRL's masked_var
-    whitened = (advantages - mean) / np.sqrt(variance + 1e-8) * w
-    return whitened.astype(np.float32), returns.astype(np.float32)
-
-
 def advantages_of(rollout: Rollout, old_logps, reference, old_values, weights, rc) -> tuple[np.ndarray, np.ndarray]:
     """(advantages, returns) of a rollout as the loss takes them (numpy): PPO's per token, from the
     rollout forward's log-probs and values; the group advantages [N] otherwise (returns unused: 0)."""
     if rc.algo == "ppo":
         return ppo_advantages(rollout.scores, old_logps, reference, old_values, weights, rc)
     return rollout.advantages, np.zeros(np.shape(weights), np.float32)
-
-
-def row_passes(rows: int, per_pass: int | None) -> list[slice]:
-    """A rollout's rows in passes of at most `per_pass` (rl.completions_per_pass; None: one pass).
-    The policy objective is a sum over rows, so the passes' gradient and statistic sums add up to
-    the single pass's; only the memory of the activations shrinks."""
-    per_pass = per_pass or rows
-    return [slice(start, min(start + per_pass, rows)) for start in range(0, rows, per_pass)]
-
-
-def split_passes(row_arrays: tuple, carried, no_carried, passes: list[slice]) -> list[tuple]:
-    """The trainer's inputs of each pass: every array sliced to the pass's rows, and the rollout's
-    reward sums (`carried`) in the first pass only, so that they are counted once."""
-    return [(*(a[rows] for a in row_arrays), carried if i == 0 else no_carried) for i, rows in enumerate(passes)]
-
-
-# --- validation and the completions log --------------------------------------------------------------
 
 
 def validation_metrics(examples, records, sample_greedy, tokenizer, functions, rc, stop, pad_id: int,

@@ -1,5 +1,5 @@
 """The run driver: what every trainer does around its step, written once for every method and
-backend. A trainer (mlxft.backends.<backend>.<method>) sets up its model, data and step, hands them
+backend. A method (mlxft.methods.<method>) sets up its model, data and step, hands them
 over as a `Trainer`, and gets back what the run did:
 
     fitted = driver.fit(run, config, trainer, train_set, start=start, iterate=iterate_batches,
@@ -38,16 +38,16 @@ from typing import Callable
 
 import numpy as np
 
-from mlxft import memory
 from mlxft.config import HIGHER_IS_BETTER, RunConfig, dump_config
 from mlxft.cpu_share import CpuShare
 from mlxft.data.batching import iterate_batches
-from mlxft.distributed import World, data_digest
 from mlxft.errors import UserError
-from mlxft.first_step import FirstStepCheck
-from mlxft.progress import Progress
-from mlxft.runs import Run
-from mlxft.schedule import learning_rate
+from mlxft.train import memory
+from mlxft.train.distributed import World, data_digest
+from mlxft.train.first_step import FirstStepCheck
+from mlxft.train.progress import Progress
+from mlxft.train.runs import Run
+from mlxft.train.schedule import learning_rate
 
 
 @dataclass
@@ -55,7 +55,7 @@ class StepResult:
     sums: np.ndarray  # the method's statistic sums over the step's micro-batches (see the module docstring)
     grad_norm: float  # before clipping
     learning_rate: float  # as the optimizer applied it (MLX keeps it in float32)
-    probes: list | None = None  # mlxft.first_step.TensorProbe per trainable tensor, when the step was asked to probe
+    probes: list | None = None  # mlxft.train.first_step.TensorProbe per trainable tensor, when the step was asked to probe
 
 
 @dataclass

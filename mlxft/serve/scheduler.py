@@ -11,7 +11,7 @@ The loop, on the model thread (MLX stays on one thread; see mlxft.serve.worker):
     hand each row's text to its connection; drop rows that finished or whose client left
     on a shared Linux CPU, fewer compute threads while other processes take cores (mlxft.cpu_share)
 
-A backend supplies the engine (mlxft.backends.mlx.batch.BatchEngine): start(requests) -> each
+A backend supplies the engine (mlxft.backends.mlx.serve_batch.BatchEngine): start(requests) -> each
 one's first token, or None from an engine that computes a step ahead (MLX's: the first tokens
 then come with the next step); step() -> each row's next token; keep(rows), slot(adapter name),
 detokenizer(), eos_ids. Text, stop strings, token counts and finish reasons are handled here, per
@@ -132,7 +132,7 @@ class BatchScheduler:
 
     def add_adapter(self, name: str, path, default: bool = False) -> None:
         """Serve the adapter at `path` as `name` (read here, put in the batch's layers between steps)."""
-        from mlxft.adapters import load_adapter
+        from mlxft.models.adapters import load_adapter
 
         spec, weights = load_adapter(path)
         self.call(lambda: self.engine.add_adapter(name, spec, weights, str(path), default=default))

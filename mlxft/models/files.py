@@ -21,19 +21,19 @@ HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tik
 
 def resolve_model_dir(name: str) -> Path:
     """The Hugging Face folder of any model name: 'builtin', a local folder, a .gguf file or
-    `ollama:NAME[:TAG]` (converted once into the cache, see mlxft.gguf), or a hub id (downloaded
+    `ollama:NAME[:TAG]` (converted once into the cache, see mlxft.models.gguf), or a hub id (downloaded
     or taken from the hub cache)."""
     if name == BUILTIN:
-        from mlxft.builtin import ensure_builtin
+        from mlxft.models.builtin import ensure_builtin
 
         return ensure_builtin()
     if name.startswith("ollama:"):
-        from mlxft import ollama
-        from mlxft.gguf.read import gguf_folder
+        from mlxft.models import ollama
+        from mlxft.models.gguf.read import gguf_folder
 
         return gguf_folder(ollama.model_file(name))
     if name.lower().endswith(".gguf"):
-        from mlxft.gguf.read import gguf_folder
+        from mlxft.models.gguf.read import gguf_folder
 
         return gguf_folder(name)
     path = Path(name).expanduser()
@@ -58,7 +58,7 @@ def _download(repo_id: str) -> Path:
 def load_tokenizer(name_or_dir: str | Path, *, trust_remote_code: bool = False):
     """A transformers tokenizer for a model name or folder; a clear error when there is none."""
     if str(name_or_dir) == BUILTIN:
-        from mlxft.builtin import ensure_builtin
+        from mlxft.models.builtin import ensure_builtin
 
         folder = ensure_builtin()
     else:

@@ -1,4 +1,4 @@
-"""The PyTorch backend against the MLX one on a 2-layer, 32-wide Llama: same losses on the same
+"""The PyTorch engine against the MLX one on a 2-layer, 32-wide Llama: same losses on the same
 weights, the same optimizer steps, adapters that cross between MLX, mlxft's torch backend and
 plain PEFT, the CLI end to end, resume, and the install hint when torch is missing."""
 
@@ -15,7 +15,6 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from mlxft.adapters import AdapterSpec, apply_adapter, load_adapter
 from mlxft.backends.mlx import lora as mlx_lora
 from mlxft.backends.mlx import model as mlx_model
 from mlxft.backends.mlx import steps as mlx_steps
@@ -28,8 +27,9 @@ from mlxft.config import load_config
 from mlxft.data.batching import collate, scored_targets
 from mlxft.data.encode import Example
 from mlxft.methods import sft
-from mlxft.runs import Run
-from mlxft.schedule import learning_rate
+from mlxft.models.adapters import AdapterSpec, apply_adapter, load_adapter
+from mlxft.train.runs import Run
+from mlxft.train.schedule import learning_rate
 
 CPU = torch.device("cpu")
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
@@ -204,7 +204,7 @@ def test_a_peft_written_adapter_loads_on_both_backends(tiny_model_dir, tmp_path,
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from mlxft.adapters import attach_adapter
+    from mlxft.models.adapters import attach_adapter
 
     torch.manual_seed(0)
     base = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32)
@@ -236,7 +236,7 @@ def test_an_mlx_dora_adapter_loads_in_peft_with_the_same_logits(tiny_model_dir, 
     # lora.use_dora trains a magnitude m per output row beside A and B; PEFT's DoRA on the saved
     # file must give MLX's logits, on the torch backend too, and adapter off is the base exactly.
     from mlxft.errors import UserError
-    from mlxft.saved_check import relative_difference
+    from mlxft.train.saved_check import relative_difference
 
     ids = random_batches(2, [4])[0].input_ids
     config = tiny_config(tiny_model_dir, tmp_path / "mlx", "train.steps=3", "lora.dropout=0.0", "lora.use_dora=true")
@@ -430,8 +430,8 @@ def test_an_mlx_quantized_folder_is_refused_in_one_line(tiny_model_dir, tmp_path
 
     from mlx_lm.utils import quantize_model, save_config, save_model
 
-    from mlxft.builtin import write_model
     from mlxft.errors import UserError
+    from mlxft.models.builtin import write_model
 
     wide = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 1, "num_attention_heads": 2,
             "num_key_value_heads": 2, "max_position_embeddings": 512}  # 64: MLX's smallest quantization group

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mlxft.errors import UserError
-from mlxft.model_files import TOKENIZER_OUTPUTS
+from mlxft.models.files import TOKENIZER_OUTPUTS
 
 # Everything besides the weights and config.json that a model folder needs to load elsewhere:
 # tokenizer files in any of their layouts, generation defaults, and remote code if the model has it.
@@ -74,7 +74,7 @@ def copy_model_files(source: Path, target: Path, config: dict) -> None:
 
 def adapter_and_base_name(adapter, model: str | None) -> tuple:
     """(spec, weights, base model name) of the adapter to fuse: --model, else the base it names."""
-    from mlxft.adapters import load_adapter
+    from mlxft.models.adapters import load_adapter
 
     spec, weights = load_adapter(adapter)
     base_name = model or spec.base_model

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from mlxft.errors import UserError
-from mlxft.gguf.names import architecture, as_written, gguf_name
+from mlxft.models.gguf.names import architecture, as_written, gguf_name
 
 
 def llama_cpp_alpha(spec) -> float:
@@ -26,8 +26,7 @@ def llama_cpp_alpha(spec) -> float:
 
 def write_adapter_gguf(adapter: str | Path, base_folder: str | Path, out: str | Path) -> dict:
     import gguf
-
-    from mlxft.adapters import CONFIG_FILE, AdapterSpec, adapter_folder, load_adapter
+    from mlxft.models.adapters import CONFIG_FILE, AdapterSpec, adapter_folder, load_adapter
 
     where = adapter_folder(adapter)
     spec = AdapterSpec.from_peft(json.loads((where / CONFIG_FILE).read_text()), str(where))

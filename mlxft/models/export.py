@@ -6,10 +6,10 @@ GGUF for llama.cpp and Ollama, certified by llama.cpp itself before it is kept.
     ollama create tallrec -f Modelfile
 
 Types: f32, f16, q8_0 (written by mlxft), q4_0, q4_k_m, q5_k_m, q6_k (llama.cpp's quantizer; they
-need the `llama-cpp` extra). Architectures: see mlxft.gguf.names.
+need the `llama-cpp` extra). Architectures: see mlxft.models.gguf.names.
 
 Order of work: everything is written into a hidden folder beside --out; with llama.cpp installed
-(`pip install 'mlxft[llama-cpp]'`) the file is certified there (mlxft.gguf.certify), and only a
+(`pip install 'mlxft[llama-cpp]'`) the file is certified there (mlxft.models.gguf.certify), and only a
 passed certificate moves the file to --out, with the certificate beside it (FILE.certificate.json)
 and the Modelfile. Without llama.cpp the file is read back by mlxft's own reader where it can, and
 the export says plainly that llama.cpp never ran it. Raises UserError for an existing --out without
@@ -29,7 +29,7 @@ import numpy as np
 
 from mlxft.errors import UserError
 from mlxft.files import write_atomic
-from mlxft.saved_check import FIXED_PROBE, fixed_probe, relative_difference
+from mlxft.train.saved_check import FIXED_PROBE, fixed_probe, relative_difference
 
 # mlxft's own read-back (no llama.cpp): largest |exported - source| logit over the largest |source|
 # logit, per weight type. Measured on SmolLM2-135M-Instruct: f32 0, f16 1.0e-3, q8_0 3.2e-2.
@@ -50,7 +50,7 @@ def check_out(out: Path, force: bool) -> None:
 def export_gguf(source: str | Path, out: str | Path, kind: str = "f16", *, model: str | None = None,
                 ollama_name: str | None = None, force: bool = False, adapter_only: bool = False,
                 base_gguf: str | Path | None = None, echo=print) -> dict:
-    from mlxft.gguf import runtime
+    from mlxft.models.gguf import runtime
 
     source, out = Path(source), Path(out)
     check_out(out, force)
@@ -86,8 +86,8 @@ def export_gguf(source: str | Path, out: str | Path, kind: str = "f16", *, model
 
 
 def _write_model(source: Path, staged: Path, kind: str, model, name, work: Path, echo) -> tuple[dict, Path]:
-    from mlxft.adapters import whole_model_folder
-    from mlxft.gguf.write import write_gguf
+    from mlxft.models.adapters import whole_model_folder
+    from mlxft.models.gguf.write import write_gguf
 
     folder = source if (source / "config.json").exists() else whole_model_folder(source)
     if folder is None:  # an adapter, or a run holding one: fuse it first (MLX, float32 merge)
@@ -100,9 +100,9 @@ def _write_model(source: Path, staged: Path, kind: str, model, name, work: Path,
 
 
 def _write_adapter(source: Path, staged: Path, model, echo) -> tuple[dict, Path]:
-    from mlxft.adapters import CONFIG_FILE, AdapterSpec, adapter_folder
-    from mlxft.gguf.adapter import write_adapter_gguf
-    from mlxft.model_files import resolve_model_dir
+    from mlxft.models.adapters import CONFIG_FILE, AdapterSpec, adapter_folder
+    from mlxft.models.files import resolve_model_dir
+    from mlxft.models.gguf.adapter import write_adapter_gguf
 
     where = adapter_folder(source)
     spec = AdapterSpec.from_peft(json.loads((where / CONFIG_FILE).read_text()), str(where))
@@ -117,8 +117,8 @@ def _write_adapter(source: Path, staged: Path, model, echo) -> tuple[dict, Path]
 
 def _certify(report: dict, staged: Path, folder: Path, kind: str, adapter_only: bool, source: Path, base_gguf, work: Path,
              echo) -> dict:
-    from mlxft.gguf.certify import certify
-    from mlxft.gguf.write import write_gguf
+    from mlxft.models.gguf.certify import certify
+    from mlxft.models.gguf.write import write_gguf
 
     echo("certifying in llama.cpp: tokens, greedy answers and logits against mlxft ...")
     if not adapter_only:
@@ -147,8 +147,8 @@ def check_export(folder: Path, gguf_file: Path, kind: str, scratch: Path) -> dic
     check there is when llama.cpp is not installed (it proves the weights, not the tokenizer)."""
     import gguf
 
-    from mlxft.gguf.names import READABLE
-    from mlxft.gguf.read import convert
+    from mlxft.models.gguf.names import READABLE
+    from mlxft.models.gguf.read import convert
 
     if gguf.GGUFReader(str(gguf_file)).fields["general.architecture"].contents() not in READABLE:
         return {"skipped": "mlxft's reader does not read this architecture back"}
@@ -174,7 +174,7 @@ def _probe_logits(folder: Path) -> np.ndarray:
 def write_modelfile(gguf_file: Path, folder: Path, path: Path, base_gguf=None) -> Path:
     from transformers import AutoTokenizer
 
-    from mlxft.ollama import modelfile
+    from mlxft.models.ollama import modelfile
 
     tokenizer = AutoTokenizer.from_pretrained(str(folder))
     if base_gguf is None:
@@ -192,8 +192,8 @@ def relative_to(file: Path, folder: Path) -> str:
 
 
 def describe(report: dict) -> str:
-    from mlxft.gguf.certify import describe as describe_certificate
-    from mlxft.gguf.runtime import INSTALL
+    from mlxft.models.gguf.certify import describe as describe_certificate
+    from mlxft.models.gguf.runtime import INSTALL
 
     what = (f"LoRA adapter, r {report['r']}, alpha {report['alpha']:g} for llama.cpp" if report["type"] == "lora"
             else f"{report['type']}")

@@ -166,7 +166,7 @@ def plan(config: RunConfig, backend: str, *, method: str = SFT_RECIPES_METHOD, t
     import json
     import os
 
-    from mlxft.model_files import load_tokenizer, pad_id, resolve_model_dir
+    from mlxft.models.files import load_tokenizer, pad_id, resolve_model_dir
 
     if method not in PLANNED:
         raise NotImplementedYet(f"mlxft plan measures SFT (mlxft lora), DPO, reward and RL recipes, not {method} recipes")

@@ -3,7 +3,7 @@
     runs/tallrec-20261121-2130/
       config.yaml        the resolved configuration (recipe + --set), as run; --resume runs it again
       metrics.jsonl      one JSON object per report: step, loss, learning_rate, ... and eval_*
-      tensorboard/ wandb/  the same reports, with train.report_to (mlxft.report_to)
+      tensorboard/ wandb/  the same reports, with train.report_to (mlxft.train.report_to)
       summary.json       final and best metrics, AUC before and after, tokens/s, peak memory
       best/  last/       adapters in the PEFT layout (or full models, for full fine-tuning)
       checkpoint/        adapter + optimizer state + step, for --resume
@@ -30,7 +30,7 @@ from pathlib import Path
 from mlxft.config import RunConfig, dump_config, load_run_config
 from mlxft.errors import UserError
 from mlxft.files import recover_staged, write_atomic
-from mlxft.report_to import Reports, check_installed
+from mlxft.train.report_to import Reports, check_installed
 
 LOCK = ".lock"
 CONFIG = "config.yaml"
@@ -189,7 +189,7 @@ def start(config: RunConfig | None, resume: str | Path | None = None, world=None
     it was started with (`resume_overrides` may change its config.RESUME_SETTINGS). The folder is held for the block; when the block fails before anything was
     trained, a new run's folder is removed, so a mistake leaves no half-made run behind.
 
-    With several ranks (mlxft.distributed.World) rank 0 creates or opens and holds the folder; the
+    With several ranks (mlxft.train.distributed.World) rank 0 creates or opens and holds the folder; the
     others get a Run that reads it (config, checkpoint) once rank 0 has it ready, and write nothing."""
     main = world is None or world.main
     if resume is None:

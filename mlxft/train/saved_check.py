@@ -11,8 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
-from mlxft.adapters import load_adapter
 from mlxft.errors import UserError
+from mlxft.models.adapters import load_adapter
 
 SAVED_TOLERANCE = 1e-5  # relative to the largest logit; float32 adapters reload exactly (measured 0)
 NO_OP = 1e-7  # an adapter whose effect is below this, relative to the largest logit, changes nothing

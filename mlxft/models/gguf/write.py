@@ -1,7 +1,7 @@
 """A Hugging Face folder (full precision) as one GGUF file that llama.cpp and Ollama run.
 
 f32, f16 and q8_0 are written here (the `gguf` package's Q8_0 is llama.cpp's block format); q4_0,
-q4_k_m, q5_k_m and q6_k are made from an f16 file by llama.cpp's own quantizer (mlxft.gguf.runtime),
+q4_k_m, q5_k_m and q6_k are made from an f16 file by llama.cpp's own quantizer (mlxft.models.gguf.runtime),
 which chooses the per-tensor types of a K-quant mix as llama-quantize does. Norms and biases stay f32.
 """
 
@@ -13,9 +13,9 @@ from pathlib import Path
 import numpy as np
 
 from mlxft.errors import UserError
-from mlxft.gguf.names import architecture, as_written, gguf_name
-from mlxft.gguf.runtime import QUANTIZED
-from mlxft.gguf.vocab import add_tokenizer
+from mlxft.models.gguf.names import architecture, as_written, gguf_name
+from mlxft.models.gguf.runtime import QUANTIZED
+from mlxft.models.gguf.vocab import add_tokenizer
 
 WRITTEN = {"f32": "F32", "f16": "F16", "q8_0": "Q8_0"}
 TYPES = [*WRITTEN, *(k for k in QUANTIZED if k not in WRITTEN)]
@@ -38,7 +38,7 @@ def write_gguf(folder: str | Path, out: str | Path, kind: str = "f16", name: str
     renamed. Returns what was written."""
     import tempfile
 
-    from mlxft.gguf import runtime
+    from mlxft.models.gguf import runtime
 
     folder, out = Path(folder), Path(out)
     if kind not in TYPES:
@@ -58,8 +58,9 @@ def write_gguf(folder: str | Path, out: str | Path, kind: str = "f16", name: str
 
 
 def _write(folder: Path, out: Path, kind: str, name: str | None) -> dict:
-    import gguf
     from safetensors.numpy import load_file
+
+    import gguf
 
     config = json.loads((folder / "config.json").read_text())
     arch = architecture(config, str(folder))

@@ -1,5 +1,5 @@
 """Continuous batching on PyTorch for `mlxft serve --backend torch`: the model's side of
-mlxft.serve.batcher, with the interface of mlxft.backends.mlx.batch.BatchEngine, except that it
+mlxft.serve.scheduler, with the interface of mlxft.backends.mlx.serve_batch.BatchEngine, except that it
 computes no step ahead: start() returns the first tokens at once.
 
 The running batch is a list of rows over one transformers DynamicCache whose rows are left-padded
@@ -37,7 +37,7 @@ from mlxft.generation import RunningBatch, Sampling, TextDecoder, length_groups
 
 class StreamingDecoder:
     """mlx-lm's streaming detokenizer interface (add_token, finalize, last_segment: the text since
-    it was last read) over mlxft.generation.TextDecoder, for mlxft.serve.batcher."""
+    it was last read) over mlxft.generation.TextDecoder, for mlxft.serve.scheduler."""
 
     def __init__(self, tokenizer):
         self.decoder, self.pending = TextDecoder(tokenizer), ""

@@ -10,8 +10,8 @@
    tie, reported as such; any other divergence fails f32 and f16. Lower types report agreement.
 3. Logits. llama.cpp's logits on the first prompt against mlxft's, relative to the largest.
 
-`certify` returns the certificate as a dict; the caller decides what a failure costs (mlxft.export
-deletes the file). Raises UserError when llama.cpp is not installed (mlxft.gguf.runtime).
+`certify` returns the certificate as a dict; the caller decides what a failure costs (mlxft.models.export
+deletes the file). Raises UserError when llama.cpp is not installed (mlxft.models.gguf.runtime).
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-from mlxft.gguf.vocab import SPLIT_PROBES
-from mlxft.saved_check import relative_difference
+from mlxft.models.gguf.vocab import SPLIT_PROBES
+from mlxft.train.saved_check import relative_difference
 
 PROMPTS = (
     "What is the capital of France?",
@@ -32,9 +32,11 @@ PROMPTS = (
 MAX_TOKENS = 24
 # Largest |llama.cpp - mlxft| logit over the largest |mlxft| logit that an exact type may show, and
 # the gap between two candidates (same scale) under which a different greedy pick is a near tie.
-# Measured on SmolLM2-135M-Instruct and the built-in model (benchmarks/RESULTS.md).
+# Measured on SmolLM2-135M-Instruct and the built-in model (benchmarks/RESULTS.md). q8_0 is not
+# exact, but its near ties are reported at its own logit error (the export check's bound, 6e-2):
+# a pick that flips inside it says nothing about the file.
 LOGIT_BOUND = {"f32": 2.5e-3, "f16": 6e-3}
-TIE_BOUND = {"f32": 2.5e-3, "f16": 6e-3}
+TIE_BOUND = {"f32": 2.5e-3, "f16": 6e-3, "q8_0": 6e-2}
 EXACT = tuple(LOGIT_BOUND)
 
 
@@ -100,7 +102,7 @@ def certify(gguf_file: str | Path, folder: str | Path, kind: str, *, lora_file: 
 
     from mlxft.backends.mlx import lora
     from mlxft.backends.mlx.model import load
-    from mlxft.gguf.runtime import Runtime, version
+    from mlxft.models.gguf.runtime import Runtime, version
 
     tokenizer = AutoTokenizer.from_pretrained(str(folder))
     runtime = Runtime(gguf_file, lora=lora_file)
@@ -119,7 +121,7 @@ def certify(gguf_file: str | Path, folder: str | Path, kind: str, *, lora_file: 
 
         model, _, _ = load(str(folder))
         if adapter is not None:
-            from mlxft.adapters import attach_adapter
+            from mlxft.models.adapters import attach_adapter
 
             attach_adapter(lora, model, adapter)
         model.eval()
@@ -164,7 +166,11 @@ def certify(gguf_file: str | Path, folder: str | Path, kind: str, *, lora_file: 
         "logits": {"max_relative_difference": logit_difference, "bound": LOGIT_BOUND.get(kind)},
         "greedy": {"prompts": len(answers), "equal": sum(a["equal"] for a in answers),
                    "near_ties": sum(bool(a.get("near_tie")) for a in answers),
-                   "token_agreement": agreeing / total if total else 1.0, "answers": answers},
+                   "token_agreement": agreeing / total if total else 1.0,
+                   # the same, an answer left at a near tie counted as agreeing: what the file decides
+                   "token_agreement_beyond_ties": (sum(a["tokens"] if a.get("near_tie") else a["agreeing_tokens"]
+                                                       for a in answers) / total) if total else 1.0,
+                   "answers": answers},
         "passed": not failures, "failures": failures,
     }
 
