@@ -51,6 +51,8 @@ def run(workload: Workload, backend: str) -> dict:
     engine.lora.apply_lora(model, workload.spec)
     shapes = {path: (b.shape[0], a.shape[1]) for path, (a, b, *_) in engine.lora.adapter_weights(model).items()}  # (out, in)
     engine.lora.set_adapter_weights(model, initial_adapter(shapes, workload.spec.r, tc.seed))
+    if tc.grad_checkpoint:  # as mlxft.train.policy sets it up for a run
+        engine.model.enable_gradient_checkpointing(model, workload.spec.dropout)
     if workload.name == "reward":  # the reward model's scalar head, as mlxft.methods.reward adds it
         engine.add_reward_head(model, init_head(engine.hidden_size(model), tc.seed))
     if workload.name == "rl" and config.rl.algo == "ppo":  # PPO's value head, as mlxft.methods.rl adds it

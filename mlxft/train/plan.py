@@ -19,8 +19,10 @@ against train.memory_limit of the device's memory, and the largest batch and cut
 
 Supports SFT (lora), DPO, reward and RL recipes with LoRA or QLoRA (packed SFT rows are measured
 as plain rows of data.cutoff, without their block mask; for RL one training pass, PPO's value head
-included, not the sampling before it). Raises NotImplementedYet for full fine-tuning, gradient
-checkpointing and KTO, and UserError for a bad recipe or model, or a backend that cannot run here.
+included, not the sampling before it), with or without gradient checkpointing; a run that does
+not fit without it is measured again with it, and the plan says whether that would fit. Raises
+NotImplementedYet for full fine-tuning and KTO, and UserError for a bad recipe or model, or a
+backend that cannot run here.
 """
 
 from __future__ import annotations
@@ -173,8 +175,6 @@ def plan(config: RunConfig, backend: str, *, method: str = SFT_RECIPES_METHOD, t
     if config.lora.full_finetune:
         raise NotImplementedYet("mlxft plan measures LoRA steps for now; full fine-tuning is not measured "
                                 "(--set lora.full_finetune=false plans the LoRA run)")
-    if config.train.grad_checkpoint:
-        raise NotImplementedYet("mlxft plan does not measure gradient checkpointing (train.grad_checkpoint=true) yet")
     if method == "dpo":
         config.dpo.check()
         if config.dpo.loss_type == "kto":
@@ -206,15 +206,24 @@ def plan(config: RunConfig, backend: str, *, method: str = SFT_RECIPES_METHOD, t
     threads = threads or os.cpu_count() or 1
     echo(f"plan: {config.recipe} on {model_dir} ({backend}); measuring 1 and 2 {unit} of {length} tokens and 1 of "
          f"{length // 2}")
-    try:
+
+    def measured_fit(config: RunConfig, where: Path) -> tuple[dict, Fit]:
         measured = measure_peaks(config, model_dir, backend, [(1, length // 2), (1, length), (2, length)], vocab,
-                                 pad_id(tokenizer), folder, threads, method)
+                                 pad_id(tokenizer), where, threads, method)
         peaks = dict(zip(("one_half", "one_full", "two_full"), measured))
+        return peaks, fit(peaks["one_full"], peaks["two_full"], peaks["one_half"], length)
+
+    try:
+        peaks, model = measured_fit(config, folder)
+        limit = share * budget if budget else None
+        checkpointed = None
+        if limit is not None and model.peak(rows, length) > limit and not config.train.grad_checkpoint:
+            checkpointed = checkpointing_config(config, backend)
+            echo("plan: it does not fit; measuring the same steps with gradient checkpointing")
+            checkpointed = (checkpointed, *measured_fit(checkpointed, folder / "grad_checkpoint"))
     finally:
         if out is None:
             shutil.rmtree(folder, ignore_errors=True)
-    model = fit(peaks["one_full"], peaks["two_full"], peaks["one_half"], length)
-    limit = share * budget if budget else None
     need = model.peak(rows, length)
     limit_positions = int(model_config.get("max_position_embeddings") or 0) or None
     result = {"recipe": config.recipe, "backend": backend, "model": str(model_dir), "measured_gb": peaks,
@@ -243,4 +252,25 @@ def plan(config: RunConfig, backend: str, *, method: str = SFT_RECIPES_METHOD, t
         result.update({"largest_batch_size": batch, "largest_cutoff": cutoff})
         echo(f"largest {batch_setting} at {setting} {length - offset}: {batch}; largest {setting} at {batch_setting} "
              f"{rows}: {cutoff}" + (f" (the model's limit is {limit_positions})" if limit_positions else ""))
+    if checkpointed is not None:
+        changed, peaks_then, model_then = checkpointed
+        need_then = model_then.peak(rows, length)
+        batch_then = model_then.largest_batch(length, limit)
+        result["with_grad_checkpoint"] = {"measured_gb": peaks_then, "predicted_peak_gb": need_then,
+                                          "largest_batch_size": batch_then, "fits": need_then <= limit}
+        settings = "--set train.grad_checkpoint=true" + (" --set lora.dropout=0" if changed.lora.dropout != config.lora.dropout else "")
+        echo(f"with gradient checkpointing ({settings}): about {need_then:.2f} GB, which "
+             f"{'fits' if need_then <= limit else 'does not fit either'}; largest {batch_setting} then: {batch_then}")
     return result
+
+
+def checkpointing_config(config: RunConfig, backend: str) -> RunConfig:
+    """The run with train.grad_checkpoint on; on MLX also without LoRA dropout, which its
+    checkpointing refuses (the recomputed forward would draw another mask)."""
+    import copy
+
+    changed = copy.deepcopy(config)
+    changed.train.grad_checkpoint = True
+    if backend == "mlx":
+        changed.lora.dropout = 0.0
+    return changed
