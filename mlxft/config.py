@@ -108,6 +108,10 @@ class TrainConfig:
     epochs: float | None = setting(None, above=0.0)  # when steps is None; default 1
     seed: int = setting(0, low=0)
     grad_checkpoint: bool = False
+    # Shard the weights, gradients and optimizer state of a full fine-tune across the ranks
+    # (PyTorch's FSDP2 fully_shard, under torchrun or --nproc; mlxft.backends.torch.engine), for a
+    # model whose full fine-tune does not fit one device. MLX's ranks each hold the whole model.
+    fsdp: bool = False
     # Scored positions the LM head runs on at a time, so that no step holds logits for all of
     # them (MLX; mlxft.backends.mlx.model.token_scores); null: sized by the vocabulary (a chunk's
     # float32 logits ~128 MB); 0: all positions at once.

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from mlxft.config import load_config
-from mlxft.methods import dpo, sft
+from mlxft.methods import dpo, reward, sft
 from mlxft.models.adapters import AdapterSpec, save_adapter
 from mlxft.train.runs import Run
 
@@ -51,7 +51,7 @@ def train_both(method, recipe, model_dir, tmp_path, *extra, dora=False):
             "train.batch_size=4", "train.steps=6", "train.report_every=1", "train.warmup_steps=2",
             "train.learning_rate=1e-2", "train.weight_decay=0.01", "train.max_grad_norm=0.5", "eval.every=2",
             "eval.generate_examples=0", "lora.dropout=0.0", f"out={tmp_path / name}", *extra])
-        train = {"sft": sft.train, "dpo": dpo.train}[method]
+        train = {"sft": sft.train, "dpo": dpo.train, "reward": reward.train}[method]
         train(config, Run.create(tmp_path / name, config), backend=name, adapter=str(adapter), echo=lambda *a: None)
         records[name] = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
     return records["mlx"], records["torch"]
