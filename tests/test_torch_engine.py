@@ -461,6 +461,6 @@ def test_one_dispatch_gives_each_backend_its_engine():
     from mlxft.errors import UserError
 
     assert engine_for("mlx").name == "mlx" and engine_for("mlx").lora.__name__ == "mlxft.backends.mlx.lora"
-    assert engine_for("torch").evaluate.__module__ == "mlxft.backends.torch.evaluate"
+    assert engine_for("torch").generate_answer.__module__ == "mlxft.backends.torch.generate"
     with pytest.raises(UserError, match="no backend 'auto'"):
         engine_for("auto")

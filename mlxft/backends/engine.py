@@ -41,6 +41,9 @@ class Engine(Protocol):
     name: str  # "mlx" or "torch": what run folders and summaries record
     pad_multiple: int  # batch widths are rounded up to this many tokens
     lora: Any  # the backend's LoRA module (apply_lora, adapter_off, adapter_weights, ...)
+    # whether `distribute` split the weights across ranks (train.fsdp): every rank then saves, and
+    # every rank runs each forward in step (validation over all rows on each)
+    sharded: bool
     model: Any  # the backend's model module (is_quantized, enable_gradient_checkpointing, ...)
 
     # --- setup and model ---------------------------------------------------------------------
@@ -60,6 +63,10 @@ class Engine(Protocol):
     def hidden_size(self, model) -> int: ...
     def add_reward_head(self, model, weight: np.ndarray) -> None: ...  # model.score, trainable
     def add_value_head(self, model, weight: np.ndarray) -> None: ...  # model.value_head, trainable, bias 0
+    # After the weights are set up and before the optimizer: train.fsdp shards them (PyTorch),
+    # else nothing. shards(...) says what this rank holds then ({} unsharded).
+    def distribute(self, model, config: RunConfig, world: World = World()) -> None: ...
+    def shards(self, model, optimizer) -> dict: ...
 
     # --- optimizer and checkpoints -----------------------------------------------------------
     def optimizer(self, model, train: TrainConfig): ...  # AdamW over the trainable tensors

@@ -55,6 +55,7 @@ def _train(method, recipe, model, data_source, out_dir, overrides, quantize, bac
         if config.data.packing and method != "sft":
             raise UserError(f"data.packing applies to SFT (mlxft lora); {method} rows keep their own layout")
         backend = resolve_backend(backend, quantized=bool(config.model.quantize) or is_mlx_quantized(config.model.name))
+        distributed.check_fsdp(config, method, backend)
     launcher = distributed.launched_by()
     if resume_dir and backend == "auto":
         backend = launcher or _checkpoint_backend(resume_dir)
@@ -63,6 +64,8 @@ def _train(method, recipe, model, data_source, out_dir, overrides, quantize, bac
             raise UserError(f"--nproc {nproc}: this process is already one of several ranks; drop --nproc")
         raise SystemExit(distributed.launch(backend, nproc, distributed.without_option(sys.argv[1:], "--nproc")))
     world = distributed.init(backend)
+    if config is not None and config.train.fsdp and world.size < 2:  # a resumed run may go on in one process
+        raise UserError("train.fsdp shards the weights across ranks; start several: --nproc 2 (or torchrun)")
     echo = click.echo if world.main else (lambda *a, **k: None)
     with runs.start(config, resume_dir, world, resume_overrides=list(overrides) if resume_dir else ()) as (config, run):
         if resume_dir:

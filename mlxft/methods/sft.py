@@ -52,8 +52,9 @@ def train(config: RunConfig, run: Run, *, backend: str = "mlx", resume: bool = F
     model, tokenizer, folder = engine.load(config.model)
     split_head = engine.can_split_head(model, folder)
     spec = build_policy(engine, model, config, folder, start_from=run.checkpoint_dir / "weights" if resume else adapter)
+    engine.distribute(model, config, world)  # train.fsdp: the weights split across the ranks
     trainable, line = describe_policy(engine, model, folder, spec, config, where=engine.where)
-    echo(line)
+    echo(line + (f"; sharded across {world.size} ranks (FSDP)" if engine.sharded else ""))
 
     # --- data ------------------------------------------------------------------------------
     train_set, valid_set, report = encode_sft_data(splits, tokenizer, config, echo)
@@ -74,6 +75,7 @@ def train(config: RunConfig, run: Run, *, backend: str = "mlx", resume: bool = F
         save_weights=lambda where: engine.save_weights(where, model, spec, config, folder),
         save_checkpoint=lambda *state: engine.save_checkpoint(run, model, optimizer, spec, config, folder, *state),
         memory=engine.memory_meter(),
+        saves_on_every_rank=engine.sharded,
     )
 
     # --- loop ----------------------------------------------------------------------------------
@@ -91,7 +93,9 @@ def train(config: RunConfig, run: Run, *, backend: str = "mlx", resume: bool = F
                                 model=str(folder), trainable=trainable,
                                 data={"train_rows": examples, "truncated_rows": report.truncated,
                                       **({"packed_rows": len(train_set)} if config.data.packing else {})},
-                                outputs={"saved_check": saved_check, "generations": generations})
+                                outputs={"saved_check": saved_check, "generations": generations,
+                                         **({"fsdp": {"ranks": world.size, **engine.shards(model, optimizer)}}
+                                            if engine.sharded else {})})
 
 
 # --- the pieces of a run that are SFT's own ---------------------------------------------------------

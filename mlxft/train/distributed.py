@@ -187,3 +187,22 @@ def data_digest(examples) -> str:
             if isinstance(field, (list, tuple)):  # token ids, masks, packed lengths; not the origin, a file name
                 digest.update(np.asarray(field, dtype=np.int64).tobytes())
     return digest.hexdigest()
+
+
+def check_fsdp(config, method: str, backend: str) -> None:
+    """What train.fsdp (sharded full fine-tuning) cannot do, said before a model loads."""
+    from mlxft.errors import NotImplementedYet, UserError
+
+    if not config.train.fsdp:
+        return
+    if backend != "torch":
+        raise UserError("train.fsdp shards a full fine-tune across PyTorch ranks (--backend torch with --nproc N or "
+                        "torchrun); MLX's ranks (mx.distributed, --nproc N) run data parallelism, each holding the whole model")
+    if not config.lora.full_finetune:
+        raise UserError("train.fsdp shards full fine-tuning (lora.full_finetune=true); a LoRA adapter is small enough "
+                        "that each rank keeps it whole: drop train.fsdp")
+    if method != "sft":
+        raise NotImplementedYet(f"train.fsdp is built for mlxft lora (SFT) so far, not {method}")
+    if config.eval.generate_examples:
+        raise NotImplementedYet("train.fsdp does not answer held-out rows after training yet (rank 0 alone would run "
+                                "a model whose weights every rank holds a share of): --set eval.generate_examples=0")

@@ -79,6 +79,7 @@ class Trainer:
     save_checkpoint: Callable[[int, dict | None, int, dict], None]  # (step, best, stale, progress), atomically
     memory: MemoryMeter
     waits_for_signal: bool = False  # online RL: a step whose rewards are all equal has no gradient, and is no fault
+    saves_on_every_rank: bool = False  # sharded weights (train.fsdp): every rank gathers, rank 0 writes
 
 
 def memory_over_limit(trainer: Trainer, share: float | None, budget: float | None, where: str,
@@ -207,7 +208,7 @@ def fit(run: Run, config: RunConfig, trainer: Trainer, train_set: list, *, start
             if measured:  # {}: no validation rows
                 record.update(measured)
                 best, stale, improved = track_best(record, best, stale, ec.metric)
-                if improved and world.main:
+                if improved and (world.main or trainer.saves_on_every_rank):
                     trainer.save_weights(run.folder / "best")
             if world.main:
                 run.log(record)
@@ -219,7 +220,7 @@ def fit(run: Run, config: RunConfig, trainer: Trainer, train_set: list, *, start
                 echo(f"early stop at step {step}: no better eval_{ec.metric} for {stale} evaluations")
                 stopped_early = True
         over = memory_over_limit(trainer, tc.memory_limit, *budget, world)  # stop before the next step swaps
-        if (step % tc.checkpoint_every == 0 or stopped_early or over) and world.main:
+        if (step % tc.checkpoint_every == 0 or stopped_early or over) and (world.main or trainer.saves_on_every_rank):
             trainer.save_checkpoint(step, best, stale, {"trained_tokens": trained_tokens, **window.state()})
             saved_at = step
         if over:
@@ -234,9 +235,9 @@ def fit(run: Run, config: RunConfig, trainer: Trainer, train_set: list, *, start
     if after:
         echo("after training:  " + describe(after, "eval_"))
         best, stale, improved = track_best({"step": step, **after}, best, stale, ec.metric)
-        if improved and world.main:
+        if improved and (world.main or trainer.saves_on_every_rank):
             trainer.save_weights(run.folder / "best")
-    if world.main:
+    if world.main or trainer.saves_on_every_rank:
         trainer.save_weights(run.folder / "last")
     return Fitted(step, total_steps, stopped_early, trained_tokens, best, before, after, extra)
 

@@ -34,7 +34,7 @@ from mlxft.losses.dpo import needs_reference, statistic_names
 from mlxft.losses.reward import STATISTICS
 from mlxft.models.files import SPLIT_HEAD_TYPES
 from mlxft.models.heads import TASK_TYPE, saved_head, score_positions
-from mlxft.train.distributed import World
+from mlxft.train.distributed import World, check_fsdp
 from mlxft.train.driver import Start
 
 
@@ -44,6 +44,7 @@ class MLXEngine:
     lora = lora
     model = mlx_model
     where = ""  # the device is MLX's default: the policy line need not say
+    sharded = False  # MLX's ranks each hold the whole model
     evaluate = staticmethod(evaluate)
     generate_answer = staticmethod(generate_answer)
     sample_completions = staticmethod(sample_completions)
@@ -89,6 +90,12 @@ class MLXEngine:
     def add_value_head(self, model, weight: np.ndarray) -> None:
         model.value_head = nn.Linear(weight.shape[1], 1)
         model.value_head.update({"weight": mx.array(weight), "bias": mx.zeros((1,))})
+
+    def distribute(self, model, config, world: World = World()) -> None:
+        check_fsdp(config, "sft", self.name)  # refuses train.fsdp: data parallelism needs nothing here
+
+    def shards(self, model, optimizer) -> dict:
+        return {}
 
     # --- optimizer and checkpoints -----------------------------------------------------------
 

@@ -29,7 +29,7 @@ from mlxft.losses.dpo import needs_reference, statistic_names
 from mlxft.losses.reward import STATISTICS
 from mlxft.models.files import SPLIT_HEAD_TYPES
 from mlxft.models.heads import TASK_TYPE, saved_head, score_positions
-from mlxft.train.distributed import World
+from mlxft.train.distributed import World, check_fsdp
 from mlxft.train.driver import Start
 
 
@@ -38,7 +38,6 @@ class TorchEngine:
     pad_multiple = PAD_MULTIPLE
     lora = lora
     model = torch_model
-    evaluate = staticmethod(evaluate)
     generate_answer = staticmethod(generate_answer)
     sample_completions = staticmethod(sample_completions)
     load_generator = staticmethod(load_generator)  # generate, chat, serve: a model (+ adapter) ready to answer
@@ -47,6 +46,7 @@ class TorchEngine:
     def __init__(self):
         self.torch_device = torch_model.pick_device()
         self.adapter_seed = None
+        self.sharded = False
 
     # --- setup and model ---------------------------------------------------------------------
 
@@ -96,6 +96,47 @@ class TorchEngine:
             model.value_head.weight.copy_(torch.from_numpy(weight))
             model.value_head.bias.zero_()
 
+    def distribute(self, model, config, world: World = World()) -> None:
+        """train.fsdp: each decoder layer's weights, and then the rest, split across the ranks
+        (FSDP2's fully_shard), and with them their gradients and AdamW's moments. A layer's weights
+        are gathered for its forward and backward and freed after; the gradients are averaged
+        across ranks in the backward pass (FSDP's reduce-scatter; gloo has no pre-scaled sum), which
+        the step undoes by dividing by the global count over the ranks (steps.train_step)."""
+        check_fsdp(config, "sft", self.name)
+        if not config.train.fsdp or world.size < 2:  # one rank holds it all: a sharded run resumed in one process
+            return
+        from torch.distributed.fsdp import fully_shard
+
+        for layer in model.model.layers:
+            fully_shard(layer)
+        fully_shard(model)
+        self.sharded = True
+
+    def as_forward(self, model, name: str, fn):
+        """`fn` run as a forward of the sharded model's root (FSDP2's register_fsdp_forward_method).
+        mlxft runs the model's body and head as functions of it, not through its forward, so
+        FSDP would otherwise neither gather the root's own weights (embeddings, final norm, head)
+        before them nor reduce their gradients after. Unsharded, `fn` itself."""
+        if not self.sharded:
+            return fn
+        import types
+
+        from torch.distributed.fsdp import register_fsdp_forward_method
+
+        setattr(model, name, types.MethodType(lambda _, *args, **kwargs: fn(*args, **kwargs), model))
+        register_fsdp_forward_method(model, name)
+        return getattr(model, name)
+
+    def shards(self, model, optimizer) -> dict:
+        """What this rank holds of the sharded weights and AdamW's moments (numbers of values)."""
+        if not self.sharded:
+            return {}
+        local = lambda t: t.to_local().numel() if hasattr(t, "to_local") else t.numel()  # noqa: E731
+        moments = sum(local(v) for state in optimizer.state.values() for v in state.values() if torch.is_tensor(v))
+        return {"parameters": sum(p.numel() for p in model.parameters()),
+                "parameters_on_this_rank": sum(local(p) for p in model.parameters()),
+                "optimizer_state_on_this_rank": moments}
+
     # --- optimizer and checkpoints -----------------------------------------------------------
 
     def optimizer(self, model, train):
@@ -127,7 +168,8 @@ class TorchEngine:
 
     def _step(self, optimizer, loss_of, train, world, statistics: int = 2, **kwargs):
         return steps.train_step(optimizer, loss_of, seed=train.seed, max_grad_norm=train.max_grad_norm, world=world,
-                                statistics=statistics, names=list(optimizer.named or {}) or None, **kwargs)
+                                statistics=statistics, names=list(optimizer.named or {}) or None, sharded=self.sharded,
+                                **kwargs)
 
     def sft_step(self, model, optimizer, config, *, split_head: bool, world: World = World()) -> MethodStep:
         chunk, device = config.train.head_chunk, self.torch_device
@@ -137,7 +179,7 @@ class TorchEngine:
         else:
             def loss_of(batch):
                 return steps.sft_loss(model, batch, split_head=split_head, device=device, chunk=chunk)
-        return MethodStep(self._step(optimizer, loss_of, config.train, world))
+        return MethodStep(self._step(optimizer, self.as_forward(model, "mlxft_sft_loss", loss_of), config.train, world))
 
     def reward_step(self, model, optimizer, config, *, pad_id: int, world: World = World()) -> MethodStep:
         def loss_of(pairs):
@@ -235,6 +277,15 @@ class TorchEngine:
 
         return MethodStep(self._step(optimizer, loss_of, tc, world, statistics, passes_of=passes_of,
                                      updates=rc.num_iterations))
+
+    # --- answers, samples and scores ---------------------------------------------------------
+
+    def evaluate(self, model, examples, *, pad_id: int, split_head: bool, batch_size: int = 32, answer_ids=None,
+                 world: World = World()) -> dict:
+        # Sharded, every forward gathers each layer from every rank: each rank runs all the rows, in step.
+        run = self.as_forward(model, "mlxft_evaluate", evaluate)
+        return run(model, examples, pad_id=pad_id, split_head=split_head, batch_size=batch_size, answer_ids=answer_ids,
+                   world=World() if self.sharded else world)
 
     # --- scores of a reward model ------------------------------------------------------------
 

@@ -31,7 +31,7 @@ from mlxft.train.first_step import TensorProbe, sample_points
 
 
 def train_step(optimizer, loss_of, *, seed: int, max_grad_norm: float | None, world: World = World(), statistics: int = 2,
-               inputs_of=None, updates: int = 1, passes_of=None, names: list[str] | None = None):
+               inputs_of=None, updates: int = 1, passes_of=None, names: list[str] | None = None, sharded: bool = False):
     """The driver's step(step index, micro-batches, learning rate) -> StepResult: `loss_of(inputs)`
     of each micro-batch laid out by `inputs_of(batch)` (default: the batch itself), or of each of
     the passes `passes_of(batch)` lays it out as, one forward and backward each (online RL's
@@ -41,7 +41,10 @@ def train_step(optimizer, loss_of, *, seed: int, max_grad_norm: float | None, wo
     DDP's all-reduce, done once per optimizer step rather than per micro-batch. With `updates` > 1
     (online RL's rl.num_iterations) the micro-batches are laid out once and trained on that many
     times, one optimizer update each; the statistics sum over all of them. `names` name the
-    optimizer's tensors, in its order, for the first steps' probes (mlxft.train.first_step)."""
+    optimizer's tensors, in its order, for the first steps' probes (mlxft.train.first_step). With
+    `sharded` weights (train.fsdp) FSDP has averaged each gradient over the ranks in the backward
+    pass (its reduce-scatter): only the statistic sums are added up here, and the update divides
+    by the global count over the ranks, which gives the same sum over the count."""
     inputs_of = inputs_of or (lambda batch: batch)
     passes_of = passes_of or (lambda batch: [inputs_of(batch)])
     parameters = [p for group in optimizer.param_groups for p in group["params"]]
@@ -66,7 +69,12 @@ def train_step(optimizer, loss_of, *, seed: int, max_grad_norm: float | None, wo
             loss_sum, sums = loss_of(one)
             loss_sum.backward()
             total = sums if total is None else total + sums
-        if world.size > 1:
+        if world.size > 1 and sharded:
+            import torch.distributed as dist
+
+            total = (total if total is not None else torch.zeros(statistics)).float().cpu()
+            dist.all_reduce(total)
+        elif world.size > 1:
             import torch.distributed as dist
 
             device = parameters[0].device
@@ -86,22 +94,30 @@ def train_step(optimizer, loss_of, *, seed: int, max_grad_norm: float | None, wo
             total = flat[offset:]
         sums = total.cpu().numpy()  # one device sync per update
         before = probe_before(parameters) if probe else None
-        grad_norm = update(optimizer, float(sums[0]), rate, max_grad_norm)
+        count = float(sums[0]) / (world.size if sharded else 1)  # FSDP's gradients are already means over the ranks
+        grad_norm = update(optimizer, count, rate, max_grad_norm)
         return sums, grad_norm, probe_after(names, parameters, *before) if probe else None
 
     return step
 
 
+def whole(t: torch.Tensor) -> torch.Tensor:
+    """A tensor whole: FSDP's shard of it (a DTensor) gathered from every rank, which every rank
+    must then call in step; any other tensor as it is."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
 @torch.no_grad()
 def probe_before(parameters) -> tuple:
     """What a probe reads before the update (mlxft.train.first_step): per tensor its largest |gradient|,
-    whether the gradient is finite, and the weights at the sampled points and the largest gradient's."""
+    whether the gradient is finite, and the weights at the sampled points and the largest gradient's.
+    Sharded tensors are read whole: a shard's rows may all be ones the batch never reached."""
     points, values, read = [], [], []
     for p in parameters:
-        g = p.grad.reshape(-1).float().abs() if p.grad is not None else torch.zeros(p.numel(), device=p.device)
+        g = whole(p.grad).reshape(-1).float().abs() if p.grad is not None else torch.zeros(p.numel(), device=p.device)
         at = torch.cat([g.argmax().reshape(1), torch.tensor(list(sample_points(p.numel())), device=p.device)])
         points.append(at)
-        values.append(p.detach().reshape(-1)[at].clone())
+        values.append(whole(p.detach()).reshape(-1)[at].clone())
         read.append(torch.stack([g.max(), torch.isfinite(g).all().float()]))
     return points, values, torch.stack(read).cpu().tolist() if read else []
 
@@ -109,7 +125,7 @@ def probe_before(parameters) -> tuple:
 @torch.no_grad()
 def probe_after(names, parameters, points, before, read) -> list[TensorProbe]:
     """TensorProbes from probe_before's readings and the weights after the update."""
-    moved = [bool((p.detach().reshape(-1)[at] != was).any()) for p, at, was in zip(parameters, points, before)]
+    moved = [bool((whole(p.detach()).reshape(-1)[at] != was).any()) for p, at, was in zip(parameters, points, before)]
     return [TensorProbe(name, gradient, bool(finite), m) for name, (gradient, finite), m in zip(names, read, moved)]
 
 
@@ -123,7 +139,7 @@ def update(optimizer, count: float, rate: float, max_grad_norm: float | None) ->
     for group in optimizer.param_groups:
         group["lr"] = rate
     optimizer.step()
-    return norm.item()
+    return whole(norm).item()
 
 
 # --- supervised fine-tuning ----------------------------------------------------------------------
