@@ -46,7 +46,9 @@ def test_pair_and_rollout_steps_predict_the_peak_of_a_larger_batch(tiny_model_di
     # DPO's step (reference forward, then the policy on both answers, each prompt once) and the
     # reward model's (both rows through the scalar head), on synthetic pairs sharing their prompt;
     # an RL training pass (the reference's log-probs, then GRPO's loss) on [prompt | completion] rows.
-    rollouts = ["rl.max_prompt_length=96", "rl.max_completion_length=32"]
+    # Passes of up to 8 completions: the bench runs the trainer's own RL step, which cuts a rollout
+    # into passes of rl.completions_per_pass (4 by default), and 5 rows must be one pass here.
+    rollouts = ["rl.max_prompt_length=96", "rl.max_completion_length=32", "rl.completions_per_pass=8"]
     recipe, lengths = {"rl": ("grpo", rollouts), "ppo": ("grpo", [*rollouts, "rl.algo=ppo"])}.get(
         method, (method, [f"{method}.max_prompt_length=48"]))
     config = load_config(recipe, [f"model.name={tiny_model_dir}", *lengths])
