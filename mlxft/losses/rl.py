@@ -1,5 +1,5 @@
-"""Online RL from prompts, backend-neutral: rollouts, rewards, advantages and the policy loss, as
-TRL's GRPOTrainer and RLOOTrainer compute them. The run is mlxft.methods.rl, its rollouts
+"""Online RL's math, backend-neutral: advantages and the policy loss, as TRL's GRPOTrainer and
+RLOOTrainer compute them, with the reward sums a step carries. The run is mlxft.methods.rl, its rollouts
 mlxft.methods.rollouts. No mlx and no torch here: numpy, and loss math over an `xp` namespace.
 
 One optimizer step, for each of its micro-batches of prompts:
