@@ -153,8 +153,6 @@ def evaluate_pairs(backend, model: str, adapter: str, source, *, template: str =
         records = mind_preference_records(path)
     else:
         records = preference_records(load_records(path), None)
-    from mlxft.backends import engine_for
-
     tokenizer, score = engine_for(backend).load_scorer(model, adapter, trust_remote_code=trust_remote_code)
     rc = lengths or RewardConfig()
     pairs, _ = encode_preference_records(records, resolve_preference_template(template, records, tokenizer), tokenizer,

@@ -159,6 +159,7 @@ def fit(run: Run, config: RunConfig, trainer: Trainer, train_set: list, *, start
     batches = batch_stream(train_set, tc, pad_id, skip=step * tc.grad_accumulation, pad_to_multiple=pad_multiple,
                            iterate=iterate)
     progress = Progress(total_steps, initial=step, enabled=world.main)
+    saves = world.main or trainer.saves_on_every_rank  # sharded weights: every rank gathers, rank 0 writes
     trained_tokens, window = resume_progress(run) if run.resumed else (0, Window())
     trainer.memory.reset_peak()
     budget = trainer.memory.budget() if tc.memory_limit else (None, "")  # the device's memory does not change
@@ -208,7 +209,7 @@ def fit(run: Run, config: RunConfig, trainer: Trainer, train_set: list, *, start
             if measured:  # {}: no validation rows
                 record.update(measured)
                 best, stale, improved = track_best(record, best, stale, ec.metric)
-                if improved and (world.main or trainer.saves_on_every_rank):
+                if improved and saves:
                     trainer.save_weights(run.folder / "best")
             if world.main:
                 run.log(record)
@@ -220,7 +221,7 @@ def fit(run: Run, config: RunConfig, trainer: Trainer, train_set: list, *, start
                 echo(f"early stop at step {step}: no better eval_{ec.metric} for {stale} evaluations")
                 stopped_early = True
         over = memory_over_limit(trainer, tc.memory_limit, *budget, world)  # stop before the next step swaps
-        if (step % tc.checkpoint_every == 0 or stopped_early or over) and (world.main or trainer.saves_on_every_rank):
+        if (step % tc.checkpoint_every == 0 or stopped_early or over) and saves:
             trainer.save_checkpoint(step, best, stale, {"trained_tokens": trained_tokens, **window.state()})
             saved_at = step
         if over:
@@ -235,9 +236,9 @@ def fit(run: Run, config: RunConfig, trainer: Trainer, train_set: list, *, start
     if after:
         echo("after training:  " + describe(after, "eval_"))
         best, stale, improved = track_best({"step": step, **after}, best, stale, ec.metric)
-        if improved and (world.main or trainer.saves_on_every_rank):
+        if improved and saves:
             trainer.save_weights(run.folder / "best")
-    if world.main or trainer.saves_on_every_rank:
+    if saves:
         trainer.save_weights(run.folder / "last")
     return Fitted(step, total_steps, stopped_early, trained_tokens, best, before, after, extra)
 

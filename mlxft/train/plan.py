@@ -216,11 +216,11 @@ def plan(config: RunConfig, backend: str, *, method: str = SFT_RECIPES_METHOD, t
     try:
         peaks, model = measured_fit(config, folder)
         limit = share * budget if budget else None
-        checkpointed = None
+        checkpointed = None  # (the config, its peaks, its fit) with gradient checkpointing, when measured
         if limit is not None and model.peak(rows, length) > limit and not config.train.grad_checkpoint:
-            checkpointed = checkpointing_config(config, backend)
             echo("plan: it does not fit; measuring the same steps with gradient checkpointing")
-            checkpointed = (checkpointed, *measured_fit(checkpointed, folder / "grad_checkpoint"))
+            changed = checkpointing_config(config, backend)
+            checkpointed = (changed, *measured_fit(changed, folder / "grad_checkpoint"))
     finally:
         if out is None:
             shutil.rmtree(folder, ignore_errors=True)

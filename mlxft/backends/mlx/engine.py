@@ -33,7 +33,7 @@ from mlxft.errors import NotImplementedYet
 from mlxft.losses.dpo import needs_reference, statistic_names
 from mlxft.losses.reward import STATISTICS
 from mlxft.models.files import SPLIT_HEAD_TYPES
-from mlxft.models.heads import TASK_TYPE, saved_head, score_positions
+from mlxft.models.heads import HEAD, TASK_TYPE, saved_head, score_positions
 from mlxft.train.distributed import World, check_fsdp
 from mlxft.train.driver import Start
 
@@ -82,8 +82,6 @@ class MLXEngine:
         return model.args.hidden_size
 
     def add_reward_head(self, model, weight: np.ndarray) -> None:
-        from mlxft.models.heads import HEAD
-
         setattr(model, HEAD, nn.Linear(weight.shape[1], 1, bias=False))  # trainable: build_policy froze the rest
         getattr(model, HEAD).weight = mx.array(weight)
 

@@ -28,7 +28,7 @@ from mlxft.errors import NotImplementedYet
 from mlxft.losses.dpo import needs_reference, statistic_names
 from mlxft.losses.reward import STATISTICS
 from mlxft.models.files import SPLIT_HEAD_TYPES
-from mlxft.models.heads import TASK_TYPE, saved_head, score_positions
+from mlxft.models.heads import HEAD, TASK_TYPE, saved_head, score_positions
 from mlxft.train.distributed import World, check_fsdp
 from mlxft.train.driver import Start
 
@@ -84,8 +84,6 @@ class TorchEngine:
         return model.config.hidden_size
 
     def add_reward_head(self, model, weight: np.ndarray) -> None:
-        from mlxft.models.heads import HEAD
-
         setattr(model, HEAD, torch.nn.Linear(weight.shape[1], 1, bias=False, device=self.torch_device, dtype=torch.float32))
         with torch.no_grad():
             getattr(model, HEAD).weight.copy_(torch.from_numpy(weight))
@@ -119,12 +117,13 @@ class TorchEngine:
         before them nor reduce their gradients after. Unsharded, `fn` itself."""
         if not self.sharded:
             return fn
-        import types
+        if not hasattr(model, name):  # registered once: validation asks for it at every evaluation
+            import types
 
-        from torch.distributed.fsdp import register_fsdp_forward_method
+            from torch.distributed.fsdp import register_fsdp_forward_method
 
-        setattr(model, name, types.MethodType(lambda _, *args, **kwargs: fn(*args, **kwargs), model))
-        register_fsdp_forward_method(model, name)
+            setattr(model, name, types.MethodType(lambda _, *args, **kwargs: fn(*args, **kwargs), model))
+            register_fsdp_forward_method(model, name)
         return getattr(model, name)
 
     def shards(self, model, optimizer) -> dict:
@@ -168,7 +167,7 @@ class TorchEngine:
 
     def _step(self, optimizer, loss_of, train, world, statistics: int = 2, **kwargs):
         return steps.train_step(optimizer, loss_of, seed=train.seed, max_grad_norm=train.max_grad_norm, world=world,
-                                statistics=statistics, names=list(optimizer.named or {}) or None, sharded=self.sharded,
+                                statistics=statistics, names=list(optimizer.named), sharded=self.sharded,
                                 **kwargs)
 
     def sft_step(self, model, optimizer, config, *, split_head: bool, world: World = World()) -> MethodStep:
